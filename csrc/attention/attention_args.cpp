@@ -1,0 +1,82 @@
+#include "attention_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace dalle_fast {
+
+MaskKind parse_kind(const std::string& kind) {
+  if (kind == "row") return MaskKind::Row;
+  if (kind == "column") return MaskKind::Column;
+  if (kind == "conv") return MaskKind::Conv;
+  if (kind == "causal") return MaskKind::Causal;
+  TORCH_CHECK_VALUE(false, "unknown attention kind '", kind, "'; expected row, column, conv or causal");
+}
+
+MaskSpec make_mask_spec(const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel) {
+  TORCH_CHECK_VALUE(text_len >= 1, "text_len must be >= 1, got ", text_len);
+  TORCH_CHECK_VALUE(grid >= 1, "grid must be >= 1, got ", grid);
+  TORCH_CHECK_VALUE(kernel >= 1 && kernel % 2 == 1, "kernel must be a positive odd int, got ", kernel);
+  return MaskSpec{parse_kind(kind), text_len, grid, kernel / 2};
+}
+
+static void check_one(const at::Tensor& t, const char* name, const MaskSpec& mask, const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must have shape [B, H, N, D], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(2) == mask.seq_len(), op, ": ", name, " has N = ", t.size(2),
+                    " but text_len + grid**2 = ", mask.text_len, " + ", mask.grid, "**2 = ", mask.seq_len());
+  TORCH_CHECK_VALUE(t.size(3) >= 1, op, ": ", name, " has head dim 0");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> check_qkv(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const MaskSpec& mask,
+                                                         const char* op) {
+  check_one(q, "q", mask, op);
+  check_one(k, "k", mask, op);
+  check_one(v, "v", mask, op);
+  TORCH_CHECK_VALUE(q.sizes() == k.sizes() && q.sizes() == v.sizes(), op,
+                    ": q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+                    ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+                    ", ", v.scalar_type());
+  TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(), op,
+                    ": q, k, v must be on the same device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  return {last_contig(q), last_contig(k), last_contig(v)};
+}
+
+BHND as_bhnd(const at::Tensor& t) {
+  BHND r;
+  r.ptr = const_cast<void*>(t.data_ptr());
+  r.sb = t.stride(0);
+  r.sh = t.stride(1);
+  r.sn = t.stride(2);
+  return r;
+}
+
+BHN as_bhn(const at::Tensor& t) {
+  BHN r;
+  r.ptr = const_cast<void*>(t.data_ptr());
+  r.heads = t.size(1);
+  r.seq = t.size(2);
+  return r;
+}
+
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const MaskSpec& mask, double scale) {
+  AttnParams p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.seq = q.size(2);
+  p.dim = q.size(3);
+  p.scale = scale;
+  p.mask = mask;
+  p.q = as_bhnd(q);
+  p.k = as_bhnd(k);
+  p.v = as_bhnd(v);
+  return p;
+}
+
+at::ScalarType accum_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace dalle_fast

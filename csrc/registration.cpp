@@ -1,0 +1,87 @@
+// The one list of our ops (TORCH_LIBRARY schemas) and the Python module dalle_fast._C, which
+// carries build information. Device implementations register themselves in their own files
+// with TORCH_LIBRARY_IMPL.
+#include <string>
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "attention/attention_args.h"
+#include "masks.h"
+
+#ifndef DF_CUDA_ARCHS
+#define DF_CUDA_ARCHS ""
+#endif
+#ifndef DF_TORCH_VERSION
+#define DF_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(dalle_fast, m) {
+  // Returns (out [B, H, N, D], lse [B, H, N] in float32, float64 for float64 inputs).
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, str kind, int text_len, int grid, "
+      "int kernel, float scale) -> (Tensor, Tensor)");
+  // Returns (dq, dk, dv).
+  m.def(
+      "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "str kind, int text_len, int grid, int kernel, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// The [N, N] mask as N*N bytes, built from masks.h in one of three ways, so that tests can hold
+// the C++ predicate and both run enumerations against dalle_fast/ops/masks.py.
+pybind11::bytes mask_bytes(const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel,
+                           const std::string& source) {
+  const auto spec = dalle_fast::make_mask_spec(kind, text_len, grid, kernel);
+  const int64_t n = spec.seq_len();
+  std::string out(static_cast<size_t>(n * n), '\0');
+  auto mark = [&](int64_t q, int64_t k) {
+    char& c = out[static_cast<size_t>(q * n + k)];
+    TORCH_CHECK(c == 0, "run enumeration visits (", q, ", ", k, ") twice");
+    c = 1;
+  };
+  if (source == "predicate") {
+    for (int64_t q = 0; q < n; ++q)
+      for (int64_t k = 0; k < n; ++k)
+        if (dalle_fast::allowed(spec, q, k)) mark(q, k);
+  } else if (source == "key_runs") {
+    for (int64_t q = 0; q < n; ++q)
+      dalle_fast::for_each_key_run(spec, q, [&](int64_t lo, int64_t hi, int64_t step) {
+        for (int64_t k = lo; k < hi; k += step) mark(q, k);
+      });
+  } else if (source == "query_runs") {
+    for (int64_t k = 0; k < n; ++k)
+      dalle_fast::for_each_query_run(spec, k, [&](int64_t lo, int64_t hi, int64_t step) {
+        for (int64_t q = lo; q < hi; q += step) mark(q, k);
+      });
+  } else {
+    TORCH_CHECK_VALUE(false, "source must be predicate, key_runs or query_runs, got ", source);
+  }
+  return pybind11::bytes(out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dalle_fast compiled kernels; importing this module registers the torch.ops.dalle_fast ops";
+  pybind11::dict info;
+#ifdef DF_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = DF_CUDA_ARCHS;
+  info["torch_version"] = DF_TORCH_VERSION;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  m.attr("build_info") = info;
+  m.def("mask_bytes", &mask_bytes, "The [N, N] mask from csrc/masks.h as N*N bytes (for tests)",
+        pybind11::arg("kind"), pybind11::arg("text_len"), pybind11::arg("grid"), pybind11::arg("kernel"),
+        pybind11::arg("source"));
+}

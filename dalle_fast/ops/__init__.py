@@ -1,0 +1,18 @@
+"""The fast layers: what users import into their own training scripts."""
+
+from . import reference
+from ._backend import backend, backend_info, current_backend
+from .attention import sparse_attention
+from .masks import KINDS, attention_mask, layer_kinds, mask_density
+
+__all__ = [
+    "KINDS",
+    "attention_mask",
+    "backend",
+    "backend_info",
+    "current_backend",
+    "layer_kinds",
+    "mask_density",
+    "reference",
+    "sparse_attention",
+]

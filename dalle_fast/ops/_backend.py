@@ -1,0 +1,105 @@
+"""Loads the compiled library dalle_fast._C and decides which implementation runs an op.
+
+Backends: "reference" (dense PyTorch, always there), "cpu" and "cuda" (our kernels, when the
+extension was built with them), "auto" (the default: our kernel when one fits the inputs,
+otherwise the reference, with one warning saying why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+
+try:
+    from dalle_fast import _C  # noqa: F401  (importing registers torch.ops.dalle_fast)
+    _LOAD_ERROR: str | None = None
+    BUILD_INFO: dict = dict(_C.build_info)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = f"dalle_fast._C could not be imported ({exc}); build it with `pip install --no-build-isolation -e .`"
+    BUILD_INFO = {}
+
+_selected = "auto"  # process-wide; a plain global so torch.compile can guard on it
+_warned: set[str] = set()
+
+
+def has_kernels() -> bool:
+    return _C is not None
+
+
+def _cpu_status() -> tuple[bool, str]:
+    if _C is None:
+        return False, _LOAD_ERROR or "not built"
+    return True, f"compiled with {BUILD_INFO.get('compiler', '?')} against torch {BUILD_INFO.get('torch_version', '?')}"
+
+
+def _cuda_status() -> tuple[bool, str]:
+    if _C is None:
+        return False, _LOAD_ERROR or "not built"
+    if not BUILD_INFO.get("cuda", False):
+        return False, ("the extension was built without CUDA kernels (no nvcc or CPU-only torch at build "
+                       "time, or DALLE_FAST_CUDA=0)")
+    if not torch.cuda.is_available():
+        return False, f"built for CUDA archs {BUILD_INFO.get('cuda_archs')}, but torch sees no CUDA device"
+    return True, f"built for CUDA archs {BUILD_INFO.get('cuda_archs')}, device: {torch.cuda.get_device_name()}"
+
+
+def backend_info() -> dict:
+    """Which backends can run, and for each missing one, why not."""
+    info = {"selected": _selected, "reference": {"available": True, "why": "dense PyTorch, always available"}}
+    for name, status in (("cpu", _cpu_status), ("cuda", _cuda_status)):
+        ok, why = status()
+        info[name] = {"available": ok, "why": why}
+    info["build"] = dict(BUILD_INFO)
+    return info
+
+
+def current_backend() -> str:
+    return _selected
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Select the implementation inside the block: "auto", "reference", "cpu" or "cuda"."""
+    global _selected
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    previous, _selected = _selected, name
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True to run our compiled kernel for `op` on inputs like `x`, False for the reference."""
+    name = _selected
+    if name == "reference":
+        return False
+    device = x.device.type
+    if device == "cpu":
+        ok, why = _cpu_status()
+        if ok and x.dtype not in cpu_dtypes:
+            ok, why = False, f"the CPU kernel of {op} supports {', '.join(map(str, cpu_dtypes))}, got {x.dtype}"
+    elif device == "cuda":
+        ok, why = _cuda_status()
+    else:
+        ok, why = False, f"no kernel of {op} for device {device}"
+    if name in ("cpu", "cuda") and name != device:
+        raise RuntimeError(f"backend({name!r}) selected, but the inputs of {op} are on {device}")
+    if ok:
+        return True
+    if name != "auto":
+        raise RuntimeError(f"backend({name!r}) cannot run {op}: {why}")
+    _warn_once(f"{op}:{device}:{x.dtype}", f"dalle_fast: {op} falls back to the dense PyTorch reference: {why}")
+    return False
