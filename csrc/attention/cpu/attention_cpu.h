@@ -7,9 +7,6 @@
 
 namespace dalle_fast::cpu {
 
-constexpr int64_t kTile = 32;   // query rows per query tile, key rows per key tile
-constexpr int64_t kChunk = 32;  // keys (or queries) processed per inner step
-
 // Fills p.out and p.lse. T is float or double.
 template <class T>
 void attention_forward(const AttnParams& p);

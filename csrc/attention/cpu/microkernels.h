@@ -19,11 +19,12 @@
 
 namespace dalle_fast::cpu {
 
-// C[m x n] (=, or += when accumulate) A[m x kd] * B[kd x n]; all row-major with leading dims.
+// C[m x n] (=, or += when accumulate) A[m x kd] * B[kd x n]. A is strided (element (i, p) at
+// A[i * ars + p * acs], so a transposed operand costs nothing: its elements are broadcast one
+// at a time); B and C are row-major with leading dimensions ldb, ldc.
 template <class T>
-DF_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t kd, const T* __restrict A, int64_t lda,
-                           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
-                           bool accumulate) {
+DF_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t kd, const T* __restrict A, int64_t ars, int64_t acs,
+                           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
   constexpr int64_t NB = 128 / sizeof(T);  // two 512-bit vectors of columns
   constexpr int64_t MB = 4;                // rows sharing each load of B
   for (int64_t j0 = 0; j0 < n; j0 += NB) {
@@ -37,7 +38,7 @@ DF_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t kd, const T* __restrict
         for (int64_t p = 0; p < kd; ++p) {
           const T* __restrict b = B + p * ldb + j0;
           for (int64_t r = 0; r < MB; ++r) {
-            const T a = A[(i0 + r) * lda + p];
+            const T a = A[(i0 + r) * ars + p * acs];
             for (int64_t j = 0; j < NB; ++j) acc[r][j] += a * b[j];
           }
         }
@@ -50,7 +51,7 @@ DF_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t kd, const T* __restrict
       if (!accumulate)
         for (int64_t j = 0; j < nb; ++j) c[j] = T(0);
       for (int64_t p = 0; p < kd; ++p) {
-        const T a = A[i0 * lda + p];
+        const T a = A[i0 * ars + p * acs];
         const T* __restrict b = B + p * ldb + j0;
         for (int64_t j = 0; j < nb; ++j) c[j] += a * b[j];
       }
