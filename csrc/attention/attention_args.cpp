@@ -1,5 +1,7 @@
 #include "attention_args.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 namespace dalle_fast {
@@ -77,6 +79,57 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 at::ScalarType accum_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+ForwardCall prepare_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel, double scale) {
+  const MaskSpec mask = make_mask_spec(kind, text_len, grid, kernel);
+  ForwardCall c;
+  std::tie(c.q, c.k, c.v) = check_qkv(q_in, k_in, v_in, mask, "sparse_attention");
+  c.out = at::empty(c.q.sizes(), c.q.options().memory_format(at::MemoryFormat::Contiguous));
+  c.lse = at::empty({c.q.size(0), c.q.size(1), c.q.size(2)}, c.q.options().dtype(accum_dtype(c.q.scalar_type())));
+  c.params = make_params(c.q, c.k, c.v, mask, scale);
+  c.params.out = as_bhnd(c.out);
+  c.params.lse = as_bhn(c.lse);
+  return c;
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
+                              const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
+                              const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel,
+                              double scale) {
+  const char* op = "sparse_attention backward";
+  const MaskSpec mask = make_mask_spec(kind, text_len, grid, kernel);
+  BackwardCall c;
+  std::tie(c.q, c.k, c.v) = check_qkv(q_in, k_in, v_in, mask, op);
+  const auto& q = c.q;
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+                    ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
+                    out.sizes());
+  const auto acc = accum_dtype(q.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                        lse.size(2) == q.size(2) && lse.scalar_type() == acc,
+                    op, ": lse must be [B, H, N] of ", acc, ", got ", lse.sizes(), " of ", lse.scalar_type());
+  for (const auto* t : {&grad_out, &out, &lse})
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": grad_out, out and lse must be on ", q.device(),
+                      " like q, got ", t->device());
+  // The kernels read grad_out and out as q's dtype, contiguous.
+  c.grad_out = grad_out.to(q.scalar_type()).contiguous();
+  c.out = out.to(q.scalar_type()).contiguous();
+  c.lse = lse.contiguous();
+  c.dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  c.dk = at::empty_like(c.dq);
+  c.dv = at::empty_like(c.dq);
+  c.delta = at::empty_like(c.lse);
+  c.params = make_params(c.q, c.k, c.v, mask, scale);
+  c.params.out = as_bhnd(c.out);
+  c.params.lse = as_bhn(c.lse);
+  c.params.dout = as_bhnd(c.grad_out);
+  c.params.dq = as_bhnd(c.dq);
+  c.params.dk = as_bhnd(c.dk);
+  c.params.dv = as_bhnd(c.dv);
+  c.params.delta = as_bhn(c.delta);
+  return c;
 }
 
 }  // namespace dalle_fast

@@ -29,4 +29,22 @@ BHN as_bhn(const at::Tensor& t);    // t must be contiguous [B, H, N]
 // The statistics dtype for an input dtype: float64 for float64, else float32.
 at::ScalarType accum_dtype(at::ScalarType t);
 
+// Everything a device implementation needs for one call: validated inputs, allocated outputs
+// and the params pointing at them (the tensors keep the memory alive).
+struct ForwardCall {
+  at::Tensor q, k, v, out, lse;
+  AttnParams params;
+};
+struct BackwardCall {
+  at::Tensor q, k, v, grad_out, out, lse, dq, dk, dv, delta;
+  AttnParams params;
+};
+
+ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& kind,
+                            int64_t text_len, int64_t grid, int64_t kernel, double scale);
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel,
+                              double scale);
+
 }  // namespace dalle_fast

@@ -1,0 +1,74 @@
+// TORCH_LIBRARY_IMPL(dalle_fast, CUDA): tensors in, validated params to the CUDA launchers
+// (attention_cuda.h). Mirrors attention_cpu.cpp; kernels run on the current stream of q's
+// device, with no host synchronisation.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "../attention_args.h"
+#include "attention_cuda.h"
+
+namespace dalle_fast::cuda {
+
+namespace {
+
+DType cuda_dtype(const at::Tensor& q, const char* op) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kDouble:
+      return DType::Float64;
+    case at::kHalf:
+      return DType::Float16;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the CUDA kernel supports float32, float64, float16 and bfloat16, got ",
+                       q.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "sparse_attention: the CUDA kernel needs CUDA tensors, got q on ", q.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           c10::string_view kind, int64_t text_len, int64_t grid, int64_t kernel,
+                                           double scale) {
+  check_cuda(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto c = prepare_forward(q, k, v, std::string(kind), text_len, grid, kernel, scale);
+  const DType dtype = cuda_dtype(c.q, "sparse_attention");
+  if (c.q.numel() > 0) {
+    const char* err = attention_forward(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "sparse_attention: CUDA forward kernel launch failed: ", err);
+  }
+  return {c.out, c.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                        c10::string_view kind, int64_t text_len, int64_t grid,
+                                                        int64_t kernel, double scale) {
+  check_cuda(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto c = prepare_backward(grad_out, q, k, v, out, lse, std::string(kind), text_len, grid, kernel, scale);
+  const DType dtype = cuda_dtype(c.q, "sparse_attention backward");
+  if (c.q.numel() > 0) {
+    const char* err = attention_backward(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "sparse_attention backward: CUDA kernel launch failed: ", err);
+  }
+  return {c.dq, c.dk, c.dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
+  m.impl("sparse_attention_fwd", &forward);
+  m.impl("sparse_attention_bwd", &backward);
+}
+
+}  // namespace dalle_fast::cuda

@@ -1,0 +1,249 @@
+"""sparse_attention: our kernels against the dense reference, values and gradients."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dalle_fast import ops
+from dalle_fast.ops import KINDS, reference
+from tests.conftest import DEVICES, assert_close, requires_kernels
+
+pytestmark = requires_kernels
+
+
+def make_qkv(B, H, T, S, D, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, H, T + S * S, D)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device) for _ in range(3)]
+
+
+def check_against_reference(q, k, v, kind, T, S, kernel, scale=None, backend="auto"):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with ops.backend(backend):
+        out = ops.sparse_attention(q, k, v, kind, T, S, kernel, scale)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    expected = reference.sparse_attention(q, k, v, kind, T, S, kernel, scale)
+    rq, rk, rv = torch.autograd.grad(expected, (q, k, v), grad)
+    what = f"{kind} T={T} S={S} k={kernel} shape={tuple(q.shape)} {q.dtype}"
+    assert_close(out, expected, f"out {what}")
+    assert_close(dq, rq, f"dq {what}")
+    assert_close(dk, rk, f"dk {what}")
+    assert_close(dv, rv, f"dv {what}")
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 40), S=st.integers(1, 9),
+    D=st.sampled_from([1, 3, 8, 16, 33, 64]), kernel=st.sampled_from([1, 3, 5, 11]),
+    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+)
+def test_matches_reference(kind, B, H, T, S, D, kernel, dtype, seed):
+    q, k, v = make_qkv(B, H, T, S, D, dtype, seed=seed)
+    check_against_reference(q, k, v, kind, T, S, kernel, backend="cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T, S, D", [(1, 1, 8), (1, 3, 8), (3, 1, 5), (256, 32, 64), (7, 5, 32), (64, 8, 128)])
+def test_edge_and_paper_sizes(kind, T, S, D):
+    # B*H = 1 runs the backward's two-pass schedule, B*H = 8 the per-head one.
+    for B, H in ((1, 1), (2, 4)):
+        if T == 256 and B * H == 8:
+            H = 1
+        q, k, v = make_qkv(B, H, T, S, D, seed=T + S)
+        check_against_reference(q, k, v, kind, T, S, 11, backend="cpu")
+
+
+def test_scale_and_large_logits():
+    # Scores in the thousands: the online softmax must not overflow. float64, so that the
+    # reference's own rounding (large in float32 here) does not hide an error.
+    q, k, v = make_qkv(2, 2, 5, 4, 16, torch.float64, seed=3)
+    check_against_reference(q * 30, k * 30, v, "conv", 5, 4, 3, scale=0.7, backend="cpu")
+    q, k, v = make_qkv(1, 2, 5, 4, 16, torch.float32, seed=3)
+    with ops.backend("cpu"):
+        assert torch.isfinite(ops.sparse_attention(q * 1e3, k * 1e3, v, "row", 5, 4)).all()
+
+
+def test_non_contiguous_inputs():
+    B, H, T, S, D = 2, 3, 6, 4, 16
+    N = T + S * S
+    base = torch.randn(B, N, H, 3 * D, dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in base.split(D, dim=-1))  # [B, H, N, D], strided
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, "row", T, S, 11, backend="cpu")
+    qt = torch.randn(B, H, D, N, dtype=torch.float64).transpose(-1, -2)  # last dim not contiguous
+    check_against_reference(qt, k, v, "column", T, S, 11, backend="cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 3, 3, 4, torch.float64, seed=1))
+    with ops.backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.sparse_attention(a, b, c, kind, 3, 3, 3), (q, k, v))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(kind):
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 4, 3, 8, seed=2))
+    args = (q, k, v, kind, 4, 3, 3, 0.3)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_fwd.default, args)
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), kind, 4, 3, 3, 0.3)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 4, 3, 8, seed=4)
+
+    def f(q, k, v):
+        return (ops.sparse_attention(q, k, v, "conv", 4, 3, 3) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    comp_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    with ops.backend("cpu"):
+        ye, yc = f(*eager_in), compiled(*comp_in)
+        ye.backward()
+        yc.backward()
+    assert_close(yc, ye, "compiled value")
+    for a, b in zip(comp_in, eager_in):
+        assert_close(a.grad, b.grad, "compiled grad")
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_deterministic(heads):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, heads, 16, 6, 32, seed=5))
+    results = []
+    for _ in range(2):
+        with ops.backend("cpu"):
+            out = ops.sparse_attention(q, k, v, "causal", 16, 6)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_default_scale_is_inverse_sqrt_dim():
+    q, k, v = make_qkv(1, 1, 3, 2, 16, torch.float64, seed=6)
+    with ops.backend("cpu"):
+        a = ops.sparse_attention(q, k, v, "row", 3, 2)
+        b = ops.sparse_attention(q, k, v, "row", 3, 2, scale=1 / math.sqrt(16))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda q, k, v: (q[0], k[0], v[0]), ValueError, r"\[B, H, N, D\]"),
+    (lambda q, k, v: (q[:, :, :-1], k[:, :, :-1], v[:, :, :-1]), ValueError, "text_len \\+ grid\\*\\*2"),
+    (lambda q, k, v: (q, k[:, :1], v), ValueError, "same shape"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, "same dtype"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "floating"),
+    (lambda q, k, v: (q, k, v.to("meta")), ValueError, "same device"),
+])
+def test_bad_inputs(mutate, error, message):
+    q, k, v = make_qkv(1, 2, 4, 3, 8)
+    with pytest.raises(error, match=message):
+        ops.sparse_attention(*mutate(q, k, v), "row", 4, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="diagonal"), "unknown attention kind"),
+    (dict(kernel=4), "odd"),
+    (dict(kernel=0), "odd"),
+    (dict(scale=float("nan")), "scale must be finite"),
+])
+def test_bad_arguments(kwargs, message):
+    q, k, v = make_qkv(1, 2, 4, 3, 8)
+    args = dict(kind="conv", text_len=4, grid=3, kernel=3) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ops.sparse_attention(q, k, v, **args)
+
+
+def test_compiled_op_validates_too():
+    """Direct callers of torch.ops.dalle_fast get the same named errors from C++."""
+    q, k, v = make_qkv(1, 2, 4, 3, 8)
+    with pytest.raises(ValueError, match="text_len \\+ grid\\*\\*2"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 5, 3, 11, 1.0)
+    with pytest.raises(ValueError, match="unknown attention kind"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "diag", 4, 3, 11, 1.0)
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "conv", 4, 3, 2, 1.0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q.half(), k.half(), v.half(), "row", 4, 3, 11, 1.0)
+
+
+def test_backend_selection():
+    q, k, v = make_qkv(1, 1, 4, 3, 8)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    with ops.backend("cpu"), pytest.raises(RuntimeError, match="supports"):
+        ops.sparse_attention(*bf, "row", 4, 3)
+    with pytest.warns(RuntimeWarning, match="falls back to the dense PyTorch reference"):
+        out = ops.sparse_attention(*bf, "row", 4, 3)  # auto: reference for bf16 on CPU
+    assert out.dtype == torch.bfloat16
+    with ops.backend("cuda"), pytest.raises(RuntimeError, match="inputs of sparse_attention are on cpu"):
+        ops.sparse_attention(q, k, v, "row", 4, 3)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.backend("tpu"):
+            pass
+    with ops.backend("reference"):
+        assert ops.current_backend() == "reference"
+    assert ops.current_backend() == "auto"
+
+
+def test_empty_batch():
+    q, k, v = make_qkv(0, 2, 4, 3, 8)
+    with ops.backend("cpu"):
+        assert ops.sparse_attention(q, k, v, "row", 4, 3).shape == q.shape
+
+
+def test_backend_info_names_missing_backends():
+    info = ops.backend_info()
+    assert info["reference"]["available"] and info["cpu"]["available"]
+    assert isinstance(info["cuda"]["why"], str) and info["cuda"]["why"]
+
+
+def test_works_without_compiled_library():
+    """With dalle_fast._C unimportable the package falls back to the reference, warning once."""
+    code = """
+import sys, warnings
+sys.modules["dalle_fast._C"] = None  # makes `from dalle_fast import _C` raise ImportError
+import torch, dalle_fast
+from dalle_fast import ops
+info = dalle_fast.backend_info()
+assert not info["cpu"]["available"] and "could not be imported" in info["cpu"]["why"], info
+q = torch.randn(1, 2, 13, 8, requires_grad=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = ops.sparse_attention(q, q, q, "row", 4, 3)
+    ops.sparse_attention(q, q, q, "row", 4, 3)
+assert len(caught) == 1 and "falls back" in str(caught[0].message), [str(c.message) for c in caught]
+torch.testing.assert_close(out, ops.reference.sparse_attention(q, q, q, "row", 4, 3))
+out.sum().backward()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_kernel_matches_cuda_kernel(kind):
+    q, k, v = make_qkv(2, 3, 16, 8, 64, seed=7)
+    with ops.backend("cpu"):
+        cpu = ops.sparse_attention(q, k, v, kind, 16, 8)
+    with ops.backend("cuda"):
+        gpu = ops.sparse_attention(q.cuda(), k.cuda(), v.cuda(), kind, 16, 8)
+    assert_close(gpu.cpu(), cpu, f"cpu vs cuda {kind}")
+
+
+def test_double_backward_says_unsupported():
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 3, 2, 4, torch.float64))
+    with ops.backend("cpu"):
+        out = ops.sparse_attention(q, k, v, "row", 3, 2)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        dq.sum().backward()
