@@ -48,7 +48,9 @@ def extension():
     with_cuda = want_cuda()
     # Host code: everything but the cuda/ folders; device code: the cuda/ folders.
     srcs = [s for s in sources("csrc/**/*.cpp") if "/cuda/" not in s]
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp at compile time only: at::parallel_for is inline and uses OpenMP pragmas; the
+    # GOMP symbols resolve to the OpenMP runtime torch already loaded (no second copy).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     define = [("DF_TORCH_VERSION", f'"{torch.__version__}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
