@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include "attention/attention_args.h"
+#include "cpu_math.h"
 #include "masks.h"
+#include "philox.h"
 
 #ifndef DF_CUDA_ARCHS
 #define DF_CUDA_ARCHS ""
@@ -25,6 +27,19 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "str kind, int text_len, int grid, int kernel, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // Fused Gumbel-softmax over `dim`. Returns (y, kl, rng_state): y the soft sample (the one-hot of
+  // its argmax when hard), kl = KL(softmax(logits) || uniform) per position when with_kl (else
+  // empty), rng_state the (seed, offset) of the Philox noise, which the backward regenerates.
+  m.def(
+      "gumbel_softmax_fwd(Tensor logits, float tau, int dim, bool hard, bool with_kl, Generator? generator) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_logits from grad_y (straight-through the soft sample when hard) and optional grad_kl.
+  m.def(
+      "gumbel_softmax_bwd(Tensor grad_y, Tensor? grad_kl, Tensor logits, Tensor y, Tensor rng_state, "
+      "float tau, int dim, bool hard) -> Tensor");
+  // The float32 Gumbel noise the kernels add for this rng_state (for tests and references).
+  m.def("gumbel_noise(Tensor logits, Tensor rng_state, int dim) -> Tensor");
 }
 
 namespace {
@@ -61,6 +76,12 @@ pybind11::bytes mask_bytes(const std::string& kind, int64_t text_len, int64_t gr
   return pybind11::bytes(out);
 }
 
+// The Gumbel noise the CPU kernels derive from 32 random bits (for tests of the extremes).
+float gumbel_from_bits(uint32_t bits) {
+  using dalle_fast::cpu::log_pos;
+  return -log_pos(-log_pos(dalle_fast::philox::uniform_open(bits)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -84,4 +105,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("mask_bytes", &mask_bytes, "The [N, N] mask from csrc/masks.h as N*N bytes (for tests)",
         pybind11::arg("kind"), pybind11::arg("text_len"), pybind11::arg("grid"), pybind11::arg("kernel"),
         pybind11::arg("source"));
+  m.def("gumbel_from_bits", &gumbel_from_bits, "Gumbel noise from 32 random bits, as the CPU kernels compute it",
+        pybind11::arg("bits"));
 }

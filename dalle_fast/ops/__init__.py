@@ -3,6 +3,7 @@
 from . import reference
 from ._backend import backend, backend_info, current_backend
 from .attention import sparse_attention
+from .gumbel import gumbel_softmax, gumbel_softmax_kl
 from .masks import KINDS, attention_mask, layer_kinds, mask_density
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "backend",
     "backend_info",
     "current_backend",
+    "gumbel_softmax",
+    "gumbel_softmax_kl",
     "layer_kinds",
     "mask_density",
     "reference",

@@ -81,20 +81,22 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...]) -> bool:
+def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
+               cuda_dtypes: tuple[torch.dtype, ...] | None = None) -> bool:
     """True to run our compiled kernel for `op` on inputs like `x`, False for the reference."""
     name = _selected
     if name == "reference":
         return False
     device = x.device.type
+    dtypes = cpu_dtypes if device == "cpu" else cuda_dtypes
     if device == "cpu":
         ok, why = _cpu_status()
-        if ok and x.dtype not in cpu_dtypes:
-            ok, why = False, f"the CPU kernel of {op} supports {', '.join(map(str, cpu_dtypes))}, got {x.dtype}"
     elif device == "cuda":
         ok, why = _cuda_status()
     else:
         ok, why = False, f"no kernel of {op} for device {device}"
+    if ok and dtypes is not None and x.dtype not in dtypes:
+        ok, why = False, f"the {device} kernel of {op} supports {', '.join(map(str, dtypes))}, got {x.dtype}"
     if name in ("cpu", "cuda") and name != device:
         raise RuntimeError(f"backend({name!r}) selected, but the inputs of {op} are on {device}")
     if ok:

@@ -27,3 +27,37 @@ def sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, kind: str, text_len: 
     mask = attention_mask(kind, text_len, grid, kernel, device=q.device)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Gumbel(0, 1) noise from torch's RNG, uniforms kept strictly inside (0, 1)."""
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32).clamp(tiny, 1.0 - 2.0**-24)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: bool = False,
+                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau) over `dim`; hard: the one-hot of its argmax in the forward
+    pass with the soft sample's gradient (straight-through). `noise` defaults to fresh g."""
+    if noise is None:
+        noise = gumbel_noise(logits.shape, generator, logits.device)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    z = (logits.to(compute) + noise.to(compute)) / tau
+    y = torch.softmax(z, dim=dim)
+    if hard:
+        index = y.argmax(dim=dim, keepdim=True)
+        y_hard = torch.zeros_like(y).scatter_(dim, index, 1.0)
+        y = y_hard - y.detach() + y
+    return y.to(logits.dtype)
+
+
+def gumbel_softmax_kl(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft sample and KL(softmax(logits) || uniform) per position (no noise, no tau)."""
+    y = gumbel_softmax(logits, tau, dim, False, noise, generator)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_p = torch.log_softmax(x, dim=dim)
+    p_log_p = torch.where(log_p == float("-inf"), torch.zeros_like(log_p), log_p.exp() * log_p)
+    kl = p_log_p.sum(dim) + math.log(logits.shape[dim])
+    return y, kl.to(logits.dtype)

@@ -1,21 +1,13 @@
-// Small dense building blocks of the CPU attention kernels: a register-blocked matrix
-// multiply on packed tiles and a vectorisable exp. Written as plain loops with constant trip
-// counts so the compiler vectorises them; the callers are compiled once per instruction set
-// (DF_CPU_CLONES) and picked at run time.
+// The small dense building block of the CPU attention kernels: a register-blocked matrix
+// multiply on packed tiles, written as plain loops with constant trip counts so the compiler
+// vectorises them; the callers are compiled once per instruction set (DF_CPU_CLONES).
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DF_CPU_CLONES
-#endif
+#include "../../cpu_math.h"
 
-#define DF_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace dalle_fast::cpu {
 
@@ -56,28 +48,5 @@ DF_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t kd, const T* __restrict
     }
   }
 }
-
-// exp(x) for x <= 0 (scores minus their running max), exactly 0 for x = -inf. Relative error
-// about 2e-7: 2^x split into 2^n (exponent bits) times a degree-6 series for 2^f, |f| <= 1/2.
-DF_ALWAYS_INLINE float exp_nonpos(float x) {
-  x = std::max(x, -88.0f);  // -inf and tiny results land on exponent 0: exactly 0
-  const float t = x * 1.44269504088896341f;
-  // Round to nearest with the 1.5 * 2^23 trick: unlike std::floor it vectorises without -ffast-math.
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float y = (t - n) * 0.693147180559945309f;
-  float p = 1.0f / 720.0f;
-  p = p * y + 1.0f / 120.0f;
-  p = p * y + 1.0f / 24.0f;
-  p = p * y + 1.0f / 6.0f;
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-DF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
 }  // namespace dalle_fast::cpu

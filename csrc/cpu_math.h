@@ -1,0 +1,97 @@
+// Vectorisable scalar math for the CPU kernels: exp, log and low-precision loads and stores
+// written as branch-free arithmetic, so loops over them vectorise without -ffast-math (which
+// would break the -inf handling the kernels rely on). Functions that contain such loops are
+// compiled once per instruction set with DF_CPU_CLONES and picked at run time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DF_CPU_CLONES
+#endif
+
+#define DF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace dalle_fast::cpu {
+
+DF_ALWAYS_INLINE float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+DF_ALWAYS_INLINE uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+
+// exp(x) for x <= 0 (scores minus their running max), exactly 0 for x = -inf. Relative error
+// about 2e-7: 2^x split into 2^n (exponent bits) times a degree-6 series for 2^f, |f| <= 1/2.
+DF_ALWAYS_INLINE float exp_nonpos(float x) {
+  x = std::max(x, -88.0f);  // -inf and tiny results land on exponent 0: exactly 0
+  const float t = x * 1.44269504088896341f;
+  // Round to nearest with the 1.5 * 2^23 trick: unlike std::floor it vectorises without -ffast-math.
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float y = (t - n) * 0.693147180559945309f;
+  float p = 1.0f / 720.0f;
+  p = p * y + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+DF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
+
+// log(x) for finite x > 0 (normal floats), relative error about 1e-7, accurate near 1:
+// x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m - 1) / (m + 1)) as a series.
+DF_ALWAYS_INLINE float log_pos(float x) {
+  const uint32_t bits = float_to_bits(x);
+  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = (m - 1.0f) / (m + 1.0f);  // |f| <= 0.1716
+  const float f2 = f * f;
+  float s = 1.0f / 9.0f;
+  s = s * f2 + 1.0f / 7.0f;
+  s = s * f2 + 1.0f / 5.0f;
+  s = s * f2 + 1.0f / 3.0f;
+  s = s * f2 + 1.0f;
+  const float ef = static_cast<float>(e);
+  return ef * 0.693145751953125f + (2.0f * f * s + ef * 1.428606820309417e-06f);
+}
+
+// Storage types: loads widen to float, stores round to nearest even.
+struct StoreF32 {
+  using type = float;
+  static DF_ALWAYS_INLINE float load(float x) { return x; }
+  static DF_ALWAYS_INLINE float store(float x) { return x; }
+};
+
+struct StoreBF16 {
+  using type = uint16_t;
+  static DF_ALWAYS_INLINE float load(uint16_t x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }
+  static DF_ALWAYS_INLINE uint16_t store(float x) {
+    const uint32_t bits = float_to_bits(x);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);  // keep NaN a NaN
+  }
+};
+
+struct StoreF16 {
+  using type = _Float16;
+  static DF_ALWAYS_INLINE float load(_Float16 x) { return static_cast<float>(x); }
+  static DF_ALWAYS_INLINE _Float16 store(float x) { return static_cast<_Float16>(x); }
+};
+
+}  // namespace dalle_fast::cpu

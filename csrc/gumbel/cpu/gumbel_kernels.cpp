@@ -1,0 +1,254 @@
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "../../cpu_math.h"
+#include "../../philox.h"
+#include "gumbel_cpu.h"
+
+namespace dalle_fast::cpu {
+
+namespace {
+
+constexpr int64_t P = 16;  // positions per block: one 512-bit vector of floats
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Block b's positions and where their elements live: element (v, lane) at
+// base + v * vstride + lane * pstride, position index pos0 + lane, n valid lanes.
+struct Block {
+  int64_t base, vstride, pstride, pos0, n;
+};
+
+Block block_at(const GumbelParams& p, int64_t b) {
+  if (p.inner == 1) {  // softmax over the last, contiguous dim: lanes are consecutive rows
+    const int64_t o0 = b * P;
+    return {o0 * p.vocab, 1, p.vocab, o0, std::min(P, p.outer - o0)};
+  }
+  const int64_t per_outer = (p.inner + P - 1) / P;
+  const int64_t o = b / per_outer, i0 = (b % per_outer) * P;
+  return {o * p.vocab * p.inner + i0, p.inner, 1, o * p.inner + i0, std::min(P, p.inner - i0)};
+}
+
+int64_t num_blocks(const GumbelParams& p) {
+  return p.inner == 1 ? (p.outer + P - 1) / P : p.outer * ((p.inner + P - 1) / P);
+}
+
+template <class Store>
+DF_ALWAYS_INLINE void load_block(const typename Store::type* src, const Block& k, int64_t V, float* buf) {
+  for (int64_t v = 0; v < V; ++v) {
+    const typename Store::type* row = src + k.base + v * k.vstride;
+    if (k.n == P && k.pstride == 1) {
+      for (int64_t l = 0; l < P; ++l) buf[v * P + l] = Store::load(row[l]);
+    } else {
+      for (int64_t l = 0; l < P; ++l) buf[v * P + l] = l < k.n ? Store::load(row[l * k.pstride]) : 0.0f;
+    }
+  }
+}
+
+template <class Store>
+DF_ALWAYS_INLINE void store_block(typename Store::type* dst, const Block& k, int64_t V, const float* buf) {
+  for (int64_t v = 0; v < V; ++v) {
+    typename Store::type* row = dst + k.base + v * k.vstride;
+    if (k.n == P && k.pstride == 1) {
+      for (int64_t l = 0; l < P; ++l) row[l] = Store::store(buf[v * P + l]);
+    } else {
+      for (int64_t l = 0; l < k.n; ++l) row[l * k.pstride] = Store::store(buf[v * P + l]);
+    }
+  }
+}
+
+// The noise of vocabulary entries 4*v4 .. 4*v4+3 for the block's 16 positions: g[r * P + lane].
+DF_ALWAYS_INLINE void noise4(uint64_t seed, uint64_t offset, int64_t pos0, int64_t v4, float* g) {
+  for (int64_t l = 0; l < P; ++l) {
+    const philox::U32x4 r = philox::gumbel_bits(seed, offset, static_cast<uint64_t>(pos0 + l), static_cast<uint64_t>(v4));
+    g[0 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.x)));
+    g[1 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.y)));
+    g[2 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.z)));
+    g[3 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.w)));
+  }
+}
+
+// buf holds logits; becomes z = (logits + g) / tau.
+DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float tau, uint64_t seed, uint64_t offset, int64_t pos0) {
+  const float inv_tau = 1.0f / tau;
+  float g[4 * P];
+  for (int64_t v4 = 0; v4 * 4 < V; ++v4) {
+    noise4(seed, offset, pos0, v4, g);
+    for (int64_t r = 0; r < 4 && v4 * 4 + r < V; ++r) {
+      float* row = buf + (v4 * 4 + r) * P;
+      for (int64_t l = 0; l < P; ++l) row[l] = (row[l] + g[r * P + l]) * inv_tau;
+    }
+  }
+}
+
+// buf holds z; becomes softmax(z) over v for each lane.
+DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V) {
+  float mx[P], sum[P];
+  for (int64_t l = 0; l < P; ++l) {
+    mx[l] = kNegInf;
+    sum[l] = 0.0f;
+  }
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) mx[l] = std::max(mx[l], buf[v * P + l]);
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) {
+      const float e = exp_nonpos(buf[v * P + l] - mx[l]);
+      buf[v * P + l] = e;
+      sum[l] += e;
+    }
+  for (int64_t l = 0; l < P; ++l) sum[l] = 1.0f / sum[l];
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= sum[l];
+}
+
+// For logits x in buf: per lane max mx, log of sum exp(x - mx), and sum p log p (= KL - log V).
+DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, float* log_sum, float* plogp) {
+  float sum[P], t[P];
+  for (int64_t l = 0; l < P; ++l) {
+    mx[l] = kNegInf;
+    sum[l] = 0.0f;
+    t[l] = 0.0f;
+  }
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) mx[l] = std::max(mx[l], buf[v * P + l]);
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) {
+      const float d = buf[v * P + l] - mx[l];
+      const float e = exp_nonpos(d);
+      sum[l] += e;
+      t[l] += e > 0.0f ? e * d : 0.0f;  // -inf logits: p log p -> 0, not 0 * -inf
+    }
+  for (int64_t l = 0; l < P; ++l) {
+    log_sum[l] = std::log(sum[l]);
+    plogp[l] = t[l] / sum[l] - log_sum[l];
+  }
+}
+
+template <class Store>
+DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t offset, int64_t b, float* buf) {
+  using S = typename Store::type;
+  const Block k = block_at(p, b);
+  const int64_t V = p.vocab;
+  load_block<Store>(static_cast<const S*>(p.logits), k, V, buf);
+  if (p.with_kl) {
+    float mx[P], log_sum[P], plogp[P];
+    softmax_stats(buf, V, mx, log_sum, plogp);
+    S* kl = static_cast<S*>(p.kl) + k.pos0;
+    const float log_v = std::log(static_cast<float>(V));
+    for (int64_t l = 0; l < k.n; ++l) kl[l] = Store::store(plogp[l] + log_v);
+  }
+  add_noise(buf, V, p.tau, seed, offset, k.pos0);
+  if (p.hard) {
+    float best[P];
+    int32_t arg[P];
+    for (int64_t l = 0; l < P; ++l) {
+      best[l] = kNegInf;
+      arg[l] = 0;
+    }
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t l = 0; l < P; ++l) {
+        const bool better = buf[v * P + l] > best[l];  // strict: the first maximum wins
+        best[l] = better ? buf[v * P + l] : best[l];
+        arg[l] = better ? static_cast<int32_t>(v) : arg[l];
+      }
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t l = 0; l < P; ++l) buf[v * P + l] = arg[l] == v ? 1.0f : 0.0f;
+  } else {
+    softmax_block(buf, V);
+  }
+  store_block<Store>(static_cast<S*>(p.y), k, V, buf);
+}
+
+template <class Store>
+DF_CPU_CLONES void backward_block(const GumbelParams& p, uint64_t seed, uint64_t offset, int64_t b, float* ys,
+                                  float* g, float* x) {
+  using S = typename Store::type;
+  const Block k = block_at(p, b);
+  const int64_t V = p.vocab;
+  const float inv_tau = 1.0f / p.tau;
+  if (p.y_soft) {
+    load_block<Store>(static_cast<const S*>(p.y_soft), k, V, ys);
+  } else {  // hard forward: regenerate the soft sample from the same noise
+    load_block<Store>(static_cast<const S*>(p.logits), k, V, ys);
+    add_noise(ys, V, p.tau, seed, offset, k.pos0);
+    softmax_block(ys, V);
+  }
+  load_block<Store>(static_cast<const S*>(p.grad_y), k, V, g);
+  float dot[P];
+  for (int64_t l = 0; l < P; ++l) dot[l] = 0.0f;
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) dot[l] += ys[v * P + l] * g[v * P + l];
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) g[v * P + l] = ys[v * P + l] * (g[v * P + l] - dot[l]) * inv_tau;
+  if (p.grad_kl) {
+    // d KL / d x_v = p_v (log p_v - sum_u p_u log p_u)
+    load_block<Store>(static_cast<const S*>(p.logits), k, V, x);
+    float mx[P], log_sum[P], plogp[P], gkl[P];
+    softmax_stats(x, V, mx, log_sum, plogp);
+    const S* grad_kl = static_cast<const S*>(p.grad_kl) + k.pos0;
+    for (int64_t l = 0; l < P; ++l) gkl[l] = l < k.n ? Store::load(grad_kl[l]) : 0.0f;
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t l = 0; l < P; ++l) {
+        const float logp = x[v * P + l] - mx[l] - log_sum[l];
+        const float pv = exp_nonpos(x[v * P + l] - mx[l] - log_sum[l]);
+        g[v * P + l] += pv > 0.0f ? gkl[l] * pv * (logp - plogp[l]) : 0.0f;
+      }
+  }
+  store_block<Store>(static_cast<S*>(p.grad_logits), k, V, g);
+}
+
+DF_CPU_CLONES void noise_block(const GumbelParams& p, uint64_t seed, uint64_t offset, int64_t b, float* out) {
+  const Block k = block_at(p, b);
+  float g[4 * P];
+  for (int64_t v4 = 0; v4 * 4 < p.vocab; ++v4) {
+    noise4(seed, offset, k.pos0, v4, g);
+    for (int64_t r = 0; r < 4 && v4 * 4 + r < p.vocab; ++r)
+      for (int64_t l = 0; l < k.n; ++l) out[k.base + (v4 * 4 + r) * k.vstride + l * k.pstride] = g[r * P + l];
+  }
+}
+
+template <class Store>
+void forward_impl(const GumbelParams& p, uint64_t seed, uint64_t offset) {
+  at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(p.vocab * P));
+    for (int64_t b = begin; b < end; ++b) forward_block<Store>(p, seed, offset, b, buf.data());
+  });
+}
+
+template <class Store>
+void backward_impl(const GumbelParams& p, uint64_t seed, uint64_t offset) {
+  at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(3 * p.vocab * P));
+    float* ys = buf.data();
+    for (int64_t b = begin; b < end; ++b)
+      backward_block<Store>(p, seed, offset, b, ys, ys + p.vocab * P, ys + 2 * p.vocab * P);
+  });
+}
+
+}  // namespace
+
+void gumbel_forward(const GumbelParams& p, GumbelStorage s, uint64_t seed, uint64_t offset) {
+  switch (s) {
+    case GumbelStorage::F32: return forward_impl<StoreF32>(p, seed, offset);
+    case GumbelStorage::BF16: return forward_impl<StoreBF16>(p, seed, offset);
+    case GumbelStorage::F16: return forward_impl<StoreF16>(p, seed, offset);
+  }
+}
+
+void gumbel_backward(const GumbelParams& p, GumbelStorage s, uint64_t seed, uint64_t offset) {
+  switch (s) {
+    case GumbelStorage::F32: return backward_impl<StoreF32>(p, seed, offset);
+    case GumbelStorage::BF16: return backward_impl<StoreBF16>(p, seed, offset);
+    case GumbelStorage::F16: return backward_impl<StoreF16>(p, seed, offset);
+  }
+}
+
+void gumbel_noise(const GumbelParams& p, uint64_t seed, uint64_t offset, float* out) {
+  at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) noise_block(p, seed, offset, b, out);
+  });
+}
+
+}  // namespace dalle_fast::cpu

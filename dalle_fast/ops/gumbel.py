@@ -1,0 +1,110 @@
+"""dalle_fast.ops.gumbel_softmax and gumbel_softmax_kl: the fused relaxation of the dVAE.
+
+One pass over the logits draws Philox noise keyed by (seed, offset, position, index), so the
+backward regenerates it instead of storing it and a seed repeats a run bit for bit. The seed
+comes from PyTorch's generator (the given one or the default of the logits' device).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _backend, reference
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generator | None) -> int:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if logits.dim() == 0 or logits.numel() == 0:
+        raise ValueError(f"logits must be non-empty with at least one dimension, got shape {tuple(logits.shape)}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -logits.dim() <= dim < logits.dim():
+        raise ValueError(f"dim {dim!r} is out of range for logits of shape {tuple(logits.shape)}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type:
+            raise ValueError(f"generator is on {generator.device}, logits on {logits.device}")
+    return dim
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """y = softmax((logits + g) / tau) along `dim`, g ~ Gumbel(0, 1).
+
+    hard=True returns the one-hot of argmax(y) with the soft sample's gradient (straight
+    through); from the same generator state it draws the same noise as the soft sample.
+    Works on the channel dim of NCHW logits without a permuted copy; -inf logits are never
+    sampled. float32, bfloat16 and float16 run our kernels (float32 math).
+    """
+    dim = _check(logits, tau, dim, generator)
+    if not _backend.use_kernel("gumbel_softmax", logits, _DTYPES, _DTYPES):
+        return reference.gumbel_softmax(logits, tau, dim, hard, generator=generator)
+    y, _, _ = torch.ops.dalle_fast.gumbel_softmax_fwd(logits, float(tau), dim, bool(hard), False, generator)
+    return y
+
+
+def gumbel_softmax_kl(logits: torch.Tensor, tau: float = 1.0, dim: int = 1,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, kl): the soft sample of gumbel_softmax and, from the same read of the logits,
+    KL(softmax(logits) || uniform) per position (the dVAE's KL term), both differentiable."""
+    dim = _check(logits, tau, dim, generator)
+    if not _backend.use_kernel("gumbel_softmax", logits, _DTYPES, _DTYPES):
+        return reference.gumbel_softmax_kl(logits, tau, dim, generator=generator)
+    y, kl, _ = torch.ops.dalle_fast.gumbel_softmax_fwd(logits, float(tau), dim, False, True, generator)
+    return y, kl
+
+
+if _backend.has_kernels():
+
+    def _reduced_shape(logits, dim):
+        shape = list(logits.shape)
+        del shape[dim if dim >= 0 else dim + logits.dim()]
+        return shape
+
+    @torch.library.register_fake("dalle_fast::gumbel_softmax_fwd")
+    def _fwd_fake(logits, tau, dim, hard, with_kl, generator):
+        y = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        kl_shape = _reduced_shape(logits, dim) if with_kl else [0]
+        kl = torch.empty(kl_shape, dtype=logits.dtype, device=logits.device)
+        return y, kl, torch.empty(2, dtype=torch.long, device=logits.device)
+
+    @torch.library.register_fake("dalle_fast::gumbel_softmax_bwd")
+    def _bwd_fake(grad_y, grad_kl, logits, y, rng_state, tau, dim, hard):
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    @torch.library.register_fake("dalle_fast::gumbel_noise")
+    def _noise_fake(logits, rng_state, dim):
+        return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+
+    def _setup_context(ctx, inputs, output):
+        logits, tau, dim, hard, with_kl, _ = inputs
+        y, _, rng_state = output
+        ctx.save_for_backward(logits, y, rng_state)
+        ctx.args = (tau, dim, hard, with_kl)
+
+    def _backward(ctx, grad_y, grad_kl, _grad_rng):
+        logits, y, rng_state = ctx.saved_tensors
+        tau, dim, hard, with_kl = ctx.args
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        grad = torch.ops.dalle_fast.gumbel_softmax_bwd(
+            grad_y, grad_kl if with_kl else None, logits, y, rng_state, tau, dim, hard)
+        return grad, None, None, None, None, None
+
+    torch.library.register_autograd("dalle_fast::gumbel_softmax_fwd", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError("dalle_fast.ops.gumbel_softmax does not support double backward; "
+                                  "use dalle_fast.ops.backend('reference') for higher-order gradients")
+
+    torch.library.register_autograd("dalle_fast::gumbel_softmax_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,227 @@
+"""Fused Gumbel-softmax: our kernels against the formula on the same noise, and the sampler's law."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dalle_fast import ops
+from dalle_fast.ops import reference
+from dalle_fast.ops._backend import _C
+from tests.conftest import DEVICES, requires_kernels
+
+pytestmark = requires_kernels
+fwd = torch.ops.dalle_fast.gumbel_softmax_fwd
+bwd = torch.ops.dalle_fast.gumbel_softmax_bwd
+noise_of = torch.ops.dalle_fast.gumbel_noise
+
+# Storage rounding of the low-precision outputs (math is float32 throughout).
+STORE_TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-2, 1.6e-2), torch.float16: (1e-3, 2e-3)}
+# Gradients, relative to their largest entry: the backward reads y as stored (rounded).
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def kl_reference(x, dim):
+    return reference.gumbel_softmax_kl(x, 1.0, dim, noise=torch.zeros_like(x, dtype=torch.float32))[1]
+
+
+def close(a, b, dtype, what):
+    atol, rtol = STORE_TOL[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+shapes = st.sampled_from([((2, 10, 3, 5), 1), ((4, 7), -1), ((3, 33, 17), 1), ((2, 5, 6), 0), ((1, 3, 2, 19), 3),
+                          ((5, 1), 1), ((2, 64, 4, 4), 1), ((40, 9), 1)])
+
+
+@given(shape_dim=shapes, tau=st.sampled_from([1.0, 0.5, 1 / 16, 3.0]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**20))
+def test_forward_and_backward_match_formula_on_same_noise(shape_dim, tau, dtype, seed):
+    shape, dim = shape_dim
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    y, kl, state = fwd(x, tau, dim, False, True, gen)
+    g = noise_of(x, state, dim)
+    xr = x.float().requires_grad_()
+    yr, klr = reference.gumbel_softmax_kl(xr, tau, dim, noise=g)
+    close(y, yr, dtype, "y")
+    close(kl, klr, dtype, "kl")
+    dy, dkl = torch.randn(shape, generator=gen).to(dtype), torch.randn(kl.shape, generator=gen).to(dtype)
+    got = bwd(dy, dkl, x, y, state, tau, dim, False).double()
+    if dtype == torch.float32:
+        (expected,) = torch.autograd.grad((yr * dy.float()).sum() + (klr * dkl.float()).sum(), xr)
+    else:
+        # The backward reads y as stored; low-precision y makes the autograd of the float32
+        # reference a different function. Hold the kernel to the same formula on its own y.
+        ys, g64, x64 = y.double(), dy.double(), x.double()
+        expected = ys * (g64 - (ys * g64).sum(dim, keepdim=True)) / tau
+        p, logp = torch.softmax(x64, dim), torch.log_softmax(x64, dim)
+        expected = expected + dkl.double().unsqueeze(dim) * p * (logp - (p * logp).sum(dim, keepdim=True))
+    scale = expected.abs().max().item() + 1e-6
+    err = (got - expected.double()).abs().max().item() / scale
+    assert err <= GRAD_TOL[dtype], f"grad: relative error {err} > {GRAD_TOL[dtype]} ({dtype}, {shape}, dim {dim})"
+
+
+@given(shape_dim=shapes, seed=st.integers(0, 2**20))
+def test_hard_is_one_hot_of_the_soft_argmax_with_soft_gradient(shape_dim, seed):
+    shape, dim = shape_dim
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
+    y_hard, _, state = fwd(x, 0.7, dim, True, False, torch.Generator().manual_seed(seed + 1))
+    y_soft, _, state_soft = fwd(x, 0.7, dim, False, False, torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(state, state_soft)  # same generator state -> same noise
+    assert torch.equal(y_hard.sum(dim), torch.ones_like(y_hard.sum(dim)))
+    assert torch.equal(y_hard.argmax(dim), y_soft.argmax(dim))
+    assert set(y_hard.unique().tolist()) <= {0.0, 1.0}
+    dy = torch.randn(shape)
+    assert torch.allclose(bwd(dy, None, x, y_hard, state, 0.7, dim, True),
+                          bwd(dy, None, x, y_soft, state, 0.7, dim, False), atol=1e-6)
+
+
+def test_public_api_gradients_match_reference_autograd():
+    x = torch.randn(2, 12, 3, 3, requires_grad=True)
+    for hard in (False, True):
+        torch.manual_seed(3)
+        y = ops.gumbel_softmax(x, 0.5, hard=hard)
+        torch.manual_seed(3)
+        _, _, state = fwd(x.detach(), 0.5, 1, hard, False, None)
+        xr = x.detach().clone().requires_grad_()
+        yr = reference.gumbel_softmax(xr, 0.5, 1, hard, noise=noise_of(x.detach(), state, 1))
+        dy = torch.randn_like(y)
+        (got,) = torch.autograd.grad(y, x, dy)
+        (expected,) = torch.autograd.grad(yr, xr, dy)
+        torch.testing.assert_close(y, yr, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    y, kl = ops.gumbel_softmax_kl(x, 0.5)
+    (kl.sum() + y[:, 0].sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_same_seed_same_bits_and_fresh_noise_each_call():
+    x = torch.randn(4, 50, 6, 6)
+    torch.manual_seed(7)
+    a = ops.gumbel_softmax(x)
+    b = ops.gumbel_softmax(x)
+    torch.manual_seed(7)
+    assert torch.equal(ops.gumbel_softmax(x), a)
+    assert not torch.equal(a, b)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(ops.gumbel_softmax(x, generator=g1), ops.gumbel_softmax(x, generator=g2))
+    # Threads split the work differently, the noise is keyed by position: same bits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(7)
+        assert torch.equal(ops.gumbel_softmax(x), a)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_argmax_frequencies_follow_softmax():
+    # Gumbel-max: argmax(logits + g) ~ Categorical(softmax(logits)). 120k draws of one
+    # distribution over 8 classes, chi-square with 7 degrees of freedom.
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
+    x = logits.view(1, 8, 1).expand(30, 8, 4000).contiguous()
+    y = ops.gumbel_softmax(x, tau=0.3, dim=1, generator=torch.Generator().manual_seed(11))
+    counts = torch.bincount(y.argmax(1).flatten(), minlength=8).double()
+    expected = torch.softmax(logits.double(), 0) * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 24.32, (chi2, counts, expected)  # p = 0.001 critical value, df = 7
+
+
+def test_extreme_and_infinite_logits():
+    x = torch.randn(3, 16, 5, 5) * 1e4
+    x[0, :, 0, 0] = torch.tensor([1e4] * 8 + [-1e4] * 8)
+    x[:, 3] = float("-inf")
+    for tau in (1.0, 1 / 16):
+        y, kl, state = fwd(x, tau, 1, False, True, None)
+        assert torch.isfinite(y).all() and torch.isfinite(kl).all()
+        assert (y[:, 3] == 0).all()  # -inf is never sampled
+        yh, _, _ = fwd(x, tau, 1, True, False, None)
+        assert (yh[:, 3] == 0).all() and torch.equal(yh.sum(1), torch.ones(3, 5, 5))
+        dx = bwd(torch.randn_like(x), torch.randn_like(kl), x, y, state, tau, 1, False)
+        assert torch.isfinite(dx).all()
+
+
+def test_noise_is_finite_at_the_extreme_uniforms():
+    lo, hi = _C.gumbel_from_bits(0), _C.gumbel_from_bits(0xFFFFFFFF)
+    assert math.isfinite(lo) and math.isfinite(hi)
+    assert lo == pytest.approx(-math.log(-math.log(2.0**-24)), rel=1e-6)
+    assert hi == pytest.approx(-math.log(-math.log1p(-(2.0**-24))), rel=1e-5)
+    bits = [0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 1]
+    u = [((b >> 9) + 0.5) / 2**23 for b in bits]
+    for b, uu in zip(bits, u):
+        assert _C.gumbel_from_bits(b) == pytest.approx(-math.log(-math.log(uu)), rel=2e-6, abs=1e-6)
+
+
+def test_noise_is_standard_gumbel():
+    _, _, state = fwd(torch.zeros(1, 4, 250_000), 1.0, 1, False, False, torch.Generator().manual_seed(2))
+    g = noise_of(torch.zeros(1, 4, 250_000), state, 1).double()
+    assert g.mean().item() == pytest.approx(0.5772156649, abs=0.01)  # Euler-Mascheroni
+    assert g.var().item() == pytest.approx(math.pi**2 / 6, rel=0.02)
+
+
+def test_non_contiguous_logits():
+    x = torch.randn(2, 9, 4, 4).to(memory_format=torch.channels_last)
+    y, kl, state = fwd(x, 1.0, 1, False, True, None)
+    yr, klr = reference.gumbel_softmax_kl(x, 1.0, 1, noise=noise_of(x.contiguous(), state, 1))
+    torch.testing.assert_close(y, yr, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(kl, klr, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_kl, hard", [(False, False), (True, False), (False, True)])
+def test_opcheck(with_kl, hard):
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    # The sample is random, so opcheck's run-twice comparisons need a fixed generator per run:
+    # test_schema and friends call the op repeatedly with the same arguments.
+    torch.library.opcheck(fwd.default, (x, 0.5, 1, hard, with_kl, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    y, kl, state = fwd(x.detach(), 0.5, 1, hard, with_kl, None)
+    grad_kl = torch.randn(2, 3, 3) if with_kl else None
+    torch.library.opcheck(bwd.default, (torch.randn_like(y), grad_kl, x.detach(), y, state, 0.5, 1, hard))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: ops.gumbel_softmax(x, tau=0), ValueError, "tau must be a positive"),
+    (lambda x: ops.gumbel_softmax(x, tau=-1.0), ValueError, "tau must be a positive"),
+    (lambda x: ops.gumbel_softmax(x, tau=float("inf")), ValueError, "tau must be a positive"),
+    (lambda x: ops.gumbel_softmax(x[:0]), ValueError, "non-empty"),
+    (lambda x: ops.gumbel_softmax(x.long()), TypeError, "floating"),
+    (lambda x: ops.gumbel_softmax(x, dim=4), ValueError, "out of range"),
+    (lambda x: ops.gumbel_softmax(x, generator=3), TypeError, "torch.Generator"),
+    (lambda x: fwd(x, 0.0, 1, False, False, None), ValueError, "tau must be a positive"),
+    (lambda x: fwd(x.double(), 1.0, 1, False, False, None), TypeError, "float32, float16 or bfloat16"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.randn(2, 5, 3, 3))
+
+
+def test_float64_falls_back_to_reference():
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        y = ops.gumbel_softmax(x)
+    assert y.dtype == torch.float64
+    with ops.backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda t: reference.gumbel_softmax(t, 0.5, 1, noise=torch.ones_like(t, dtype=torch.float32)), (x,))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_matches_cuda_on_the_same_noise(dtype):
+    x = (torch.randn(3, 40, 8, 8) * 2).to(dtype)
+    _, _, state = fwd(x, 0.5, 1, False, False, None)
+    assert torch.equal(noise_of(x, state, 1), noise_of(x.cuda(), state.cuda(), 1).cpu())
+    y_cuda, kl_cuda, state_cuda = fwd(x.cuda(), 0.5, 1, False, True, None)
+    g = noise_of(x.cuda(), state_cuda, 1).cpu()
+    yr, klr = reference.gumbel_softmax_kl(x.float(), 0.5, 1, noise=g)
+    close(y_cuda.cpu(), yr, dtype, "cuda y")
+    close(kl_cuda.cpu(), klr, dtype, "cuda kl")
+    dy = torch.randn_like(x)
+    cpu_grad = bwd(dy, None, x, yr.to(dtype), state_cuda.cpu(), 0.5, 1, False)
+    cuda_grad = bwd(dy.cuda(), None, x.cuda(), y_cuda, state_cuda, 0.5, 1, False).cpu()
+    close(cuda_grad, cpu_grad, dtype, "cuda grad")
