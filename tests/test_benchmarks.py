@@ -19,3 +19,16 @@ def test_bench_attention_quick_writes_json(tmp_path):
     assert set(data["results"]) == {"row", "conv"}
     assert "ours" in data["results"]["row"]["methods"]
     assert data["environment"]
+
+
+def test_bench_gumbel_quick_writes_json(tmp_path):
+    out = tmp_path / "gumbel.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gumbel.py"), "--device", "cpu", "--quick", "--no-compile",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    methods = data["results"][0]["methods"]
+    assert {"ours", "F.gumbel_softmax"} <= set(methods)
+    assert data["results"][0]["ours_max_err_vs_formula"] < 1e-5

@@ -1,0 +1,139 @@
+"""Benchmark dalle_fast.ops.gumbel_softmax against F.gumbel_softmax and torch.compile of the same formula.
+
+    python benchmarks/bench_gumbel.py --device cpu|cuda [--shape 8,512,32,32] [--dtypes float32,bfloat16] [--json FILE]
+
+Forward and forward+backward times (medians, warm-up and compilation excluded) and the
+effective bandwidth of the forward: bytes of one read of the logits plus one write of the
+sample, over the time. Before timing, our sample is checked against the formula applied to the
+same Philox noise (so a broken kernel cannot post a number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from dalle_fast import ops  # noqa: E402
+from dalle_fast.ops import reference  # noqa: E402
+
+DEFAULTS = {"cpu": dict(shape=(8, 512, 32, 32), dtypes=("float32",), repeats=9, warmup=2),
+            "cuda": dict(shape=(32, 8192, 32, 32), dtypes=("float32", "bfloat16"), repeats=50, warmup=10)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    ap.add_argument("--shape", help="logits shape, comma-separated; softmax over dim 1 "
+                                    "(default: 8,512,32,32 on cpu, 32,8192,32,32 on cuda)")
+    ap.add_argument("--dtypes", help="comma-separated (default: float32 on cpu, float32,bfloat16 on cuda)")
+    ap.add_argument("--tau", type=float, default=1.0, help="temperature")
+    ap.add_argument("--repeats", type=int, help="timed calls per figure, median reported")
+    ap.add_argument("--warmup", type=int, help="untimed calls before each figure")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--quick", action="store_true", help="tiny shape, few repeats: a smoke test")
+    ap.add_argument("--json", type=Path, help="result file (default: benchmarks/results/gumbel_<device>_<time>.json)")
+    args = ap.parse_args(argv)
+    d = DEFAULTS[args.device]
+    args.shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else ((2, 64, 8, 8) if args.quick else d["shape"])
+    args.dtypes = tuple(args.dtypes.split(",")) if args.dtypes else d["dtypes"]
+    args.repeats = args.repeats or (3 if args.quick else d["repeats"])
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else d["warmup"])
+    if len(args.shape) < 2:
+        ap.error("--shape needs at least two dims (softmax runs over dim 1)")
+    return args
+
+
+def formula(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """What F.gumbel_softmax computes (soft), written out so torch.compile can fuse it."""
+    g = -torch.empty_like(x, memory_format=torch.legacy_contiguous_format).exponential_().log()
+    return ((x + g) / tau).softmax(1)
+
+
+def check_ours(x: torch.Tensor, tau: float) -> float:
+    y, _, state = torch.ops.dalle_fast.gumbel_softmax_fwd(x, tau, 1, False, False, None)
+    noise = torch.ops.dalle_fast.gumbel_noise(x, state, 1)
+    expected = reference.gumbel_softmax(x.float(), tau, 1, noise=noise)
+    return common.max_abs_diff(y, expected)
+
+
+def bench_dtype(args, dtype_name: str) -> dict:
+    device, tau = args.device, args.tau
+    dtype = common.DTYPES[dtype_name]
+    x = torch.randn(args.shape, device=device, dtype=dtype) * 2
+    xg = x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    err = check_ours(x, tau)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    if not err <= tol:
+        raise SystemExit(f"ours differs from the formula on its own noise by {err} > {tol} ({dtype_name}): not timing it")
+
+    methods = {"ours": lambda t: ops.gumbel_softmax(t, tau, dim=1),
+               "F.gumbel_softmax": lambda t: F.gumbel_softmax(t, tau, dim=1)}
+    notes = []
+    if not args.no_compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(formula)
+        methods["torch.compile(formula)"] = lambda t: compiled(t, tau)
+
+    results = {}
+    with ops.backend(device):
+        for name, fn in methods.items():
+            try:
+                fwd = common.time_fn(lambda: fn(x), device, args.repeats, args.warmup)
+
+                def fwd_bwd():
+                    (g,) = torch.autograd.grad(fn(xg), xg, dy)
+                    return g
+
+                both = common.time_fn(fwd_bwd, device, args.repeats, args.warmup)
+            except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+                notes.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            nbytes = 2 * x.numel() * x.element_size()
+            results[name] = {"fwd": fwd, "fwd_bwd": both, "fwd_gbps": nbytes / (fwd.median_ms * 1e-3) / 1e9}
+    ours = results.get("ours")
+    for name, r in results.items():
+        if ours and name != "ours":
+            r["ours_speedup_fwd"] = r["fwd"].median_ms / ours["fwd"].median_ms
+            r["ours_speedup_fwd_bwd"] = r["fwd_bwd"].median_ms / ours["fwd_bwd"].median_ms
+    return {"dtype": dtype_name, "ours_max_err_vs_formula": err, "methods": results, "notes": notes}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    env = common.environment(args.device)
+    with common.LoadMonitor() as load:
+        per_dtype = [bench_dtype(args, d) for d in args.dtypes]
+    rows = []
+    for res in per_dtype:
+        for name, r in res["methods"].items():
+            rows.append([f"{res['dtype']} {name}", common.fmt_ms(r["fwd"].median_ms), common.fmt_ms(r["fwd_bwd"].median_ms),
+                         f"{r['fwd_gbps']:.1f}", f"{r.get('ours_speedup_fwd', 1.0):.2f}x / {r.get('ours_speedup_fwd_bwd', 1.0):.2f}x"])
+    print(common.describe(env))
+    print(f"logits {args.shape}, softmax over dim 1, tau {args.tau}; medians of {args.repeats} after {args.warmup} warm-up")
+    print(common.format_table(["method", "fwd ms", "fwd+bwd ms", "fwd GB/s", "ours faster by fwd / f+b"], rows))
+    for res in per_dtype:
+        for note in res["notes"]:
+            print("note:", note)
+    warning = common.load_warning(load.result())
+    if warning:
+        print("PROBLEM:", warning)
+    path = common.write_json(args.json or common.default_result_path("gumbel", args.device), {
+        "benchmark": "gumbel_softmax", "argv": sys.argv[1:], "shape": args.shape, "tau": args.tau,
+        "environment": env, "machine_load": load.result(), "results": per_dtype,
+        "bandwidth_rule": "fwd GB/s = (one read of the logits + one write of the sample) / fwd time"})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
