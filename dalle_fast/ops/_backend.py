@@ -105,3 +105,13 @@ def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
         raise RuntimeError(f"backend({name!r}) cannot run {op}: {why}")
     _warn_once(f"{op}:{device}:{x.dtype}", f"dalle_fast: {op} falls back to the dense PyTorch reference: {why}")
     return False
+
+
+def forbid_double_backward(op: str, public_name: str) -> None:
+    """Register an autograd formula for the backward op `op` that refuses to be differentiated."""
+
+    def _refuse(ctx, *grads):
+        raise NotImplementedError(f"{public_name} does not support double backward; use "
+                                  "dalle_fast.ops.backend('reference') for higher-order gradients")
+
+    torch.library.register_autograd(op, _refuse, setup_context=lambda ctx, inputs, output: None)

@@ -89,9 +89,4 @@ if _backend.has_kernels():
 
     torch.library.register_autograd("dalle_fast::sparse_attention_fwd", _backward, setup_context=_setup_context)
 
-    def _double_backward(ctx, *grads):
-        raise NotImplementedError("dalle_fast.ops.sparse_attention does not support double backward; "
-                                  "use dalle_fast.ops.backend('reference') for higher-order gradients")
-
-    torch.library.register_autograd("dalle_fast::sparse_attention_bwd", _double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    _backend.forbid_double_backward("dalle_fast::sparse_attention_bwd", "dalle_fast.ops.sparse_attention")

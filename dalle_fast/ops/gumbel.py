@@ -102,9 +102,4 @@ if _backend.has_kernels():
 
     torch.library.register_autograd("dalle_fast::gumbel_softmax_fwd", _backward, setup_context=_setup_context)
 
-    def _no_double_backward(ctx, *grads):
-        raise NotImplementedError("dalle_fast.ops.gumbel_softmax does not support double backward; "
-                                  "use dalle_fast.ops.backend('reference') for higher-order gradients")
-
-    torch.library.register_autograd("dalle_fast::gumbel_softmax_bwd", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    _backend.forbid_double_backward("dalle_fast::gumbel_softmax_bwd", "dalle_fast.ops.gumbel_softmax")
