@@ -1,0 +1,155 @@
+"""Image decoding and the crop-and-resize step shared by the folder and tar-shard datasets.
+
+Pillow and numpy only: torchvision is not installable beside our torch build.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+
+
+class UnreadableImage(Exception):
+    """An image that Pillow cannot decode (corrupt, truncated, not an image, too large)."""
+
+
+def load_rgb(source: ImageSource) -> Image.Image:
+    """Decode a path, bytes or file object into a fully loaded RGB image.
+
+    EXIF orientation is applied; transparency is composited on white (web images with alpha
+    mean "paper" there, and black would read as an object in the shapes-style data).
+    Any decoding failure is raised as `UnreadableImage`, so callers can skip one exception.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as im:
+            im = ImageOps.exif_transpose(im)  # returns a loaded copy, so closing the file is safe
+            return _to_rgb(im)
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def to_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
+    """RGB PIL image or uint8 array [H, W, 3] -> contiguous float32 tensor [3, H, W] in [0, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape [H, W, 3], got {array.shape}")
+    chw = np.ascontiguousarray(array.transpose(2, 0, 1))
+    return torch.from_numpy(chw).to(torch.float32).div_(255.0)
+
+
+def _resize(image: Image.Image, size: int, box: tuple[int, int, int, int]) -> Image.Image:
+    if box == (0, 0) + image.size and image.size == (size, size):
+        return image.copy()
+    # reducing_gap=3 first shrinks by an integer factor (fast) and stays visually identical to
+    # a full-quality bicubic resize (Pillow's documented threshold).
+    return image.resize((size, size), resample=Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """The deterministic path: the largest centred square, resized to `size` x `size`."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return _resize(image, size, (left, top, left + side, top + side))
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """A random crop of the image, resized to the target square (the dVAE's augmentation).
+
+    Draw an aspect ratio log-uniformly from `ratio` (width / height), take the largest crop of
+    that ratio that fits the image, and shrink it to a fraction of that crop's area drawn
+    uniformly from `scale`; place it uniformly at random. Unlike torchvision's transform the
+    area is relative to the largest crop of the drawn ratio rather than to the whole image,
+    so every draw fits and the number of random draws per call is fixed (no rejection loop).
+    A crop whose ratio is not 1 is stretched to the square output.
+
+    `RandomResizedCrop.paper()` approximates Listing 1 of the DALL-E paper (the dVAE's
+    augmentation): a square crop whose side is 2/3 to 8/9 of the short side (the paper resizes
+    the short side to 9/8..12/8 of the target, then takes a target-sized crop), plus a random
+    horizontal flip. Flipping makes "left"/"right" in captions wrong, so it is only for
+    training the dVAE, which ignores captions; `hflip` is off by default.
+    """
+
+    scale: tuple[float, float] = (0.75, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        lo, hi = self.ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+    @classmethod
+    def paper(cls) -> "RandomResizedCrop":
+        return cls(scale=((2 / 3) ** 2, (8 / 9) ** 2), ratio=(1.0, 1.0), hflip=True)
+
+    def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The crop (left, top, right, bottom) for an image of `width` x `height`."""
+        aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        area_fraction = rng.uniform(self.scale[0], self.scale[1])
+        max_w = min(float(width), height * aspect)
+        max_h = max_w / aspect
+        crop_w = min(width, max(1, round(max_w * math.sqrt(area_fraction))))
+        crop_h = min(height, max(1, round(max_h * math.sqrt(area_fraction))))
+        left = int(rng.integers(0, width - crop_w + 1))
+        top = int(rng.integers(0, height - crop_h + 1))
+        return left, top, left + crop_w, top + crop_h
+
+    def __call__(self, image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+        out = _resize(image, size, self.box(image.width, image.height, rng))
+        if self.hflip and rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return out
+
+
+def prepare_image(image: Image.Image, size: int, crop: RandomResizedCrop | None,
+                  rng: np.random.Generator) -> torch.Tensor:
+    """Crop (random or centred) and resize to `size`, then convert to a [3, size, size] tensor."""
+    out = center_crop_resize(image, size) if crop is None else crop(image, size, rng)
+    return to_tensor(out)
+
+
+def pick_caption(text: str, rng: np.random.Generator) -> str | None:
+    """One non-empty line of a caption file, chosen with `rng`; None when there is none."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    return lines[int(rng.integers(len(lines)))]
+
+
+def check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    return int(size)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)

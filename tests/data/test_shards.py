@@ -1,0 +1,170 @@
+"""TarShards: every sample once across workers and ranks, determinism, corrupt members."""
+
+import io
+import logging
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dalle_fast.data import RandomResizedCrop, TarShards
+from dalle_fast.data.shards import split_key
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(root, shards, per_shard, ext="png"):
+    """Shards `shard-NN.tar` with samples whose caption names them; returns all captions."""
+    captions = []
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:02d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s:02d}/{i:04d}"
+                caption = f"shard {s} sample {i}"
+                _add(tar, f"{key}.{ext}", _png((s * 20, i * 10, 0)))
+                _add(tar, f"{key}.txt", caption.encode())
+                captions.append(caption)
+    return captions
+
+
+def _consume(dataset):
+    return [caption for _, caption in dataset]
+
+
+@pytest.mark.parametrize("shards,per_shard", [(6, 5), (3, 7), (1, 9)])
+@pytest.mark.parametrize("shuffle_buffer", [0, 4])
+def test_every_sample_once_across_workers_and_ranks(tmp_path, shards, per_shard, shuffle_buffer):
+    expected = write_shards(tmp_path, shards, per_shard)
+    seen = Counter()
+    streams = {}
+    for rank in range(2):
+        for worker in range(2):
+            dataset = TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=shuffle_buffer,
+                                rank=rank, world_size=2, worker=worker, num_workers=2)
+            assert dataset.consumer() == (rank * 2 + worker, 4)
+            streams[rank, worker] = _consume(dataset)
+            seen.update(streams[rank, worker])
+    assert seen == Counter(expected)
+    assert all(streams.values()) or shards * per_shard < 4
+
+
+def test_epochs_reshuffle_and_repeat_exactly(tmp_path):
+    expected = write_shards(tmp_path, 4, 6)
+    dataset = TarShards(sorted(tmp_path.glob("*.tar")), size=8, shuffle_buffer=8, crop=RandomResizedCrop())
+    first = list(dataset)
+    again = list(dataset)
+    assert [c for _, c in first] == [c for _, c in again]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
+    dataset.set_epoch(1)
+    second = _consume(dataset)
+    assert sorted(second) == sorted(expected) and second != [c for _, c in first]
+    assert [c for _, c in first] != expected  # shuffled
+    ordered = TarShards(tmp_path / "shard-00.tar", size=8, shuffle_buffer=0)
+    assert _consume(ordered) == expected[:6]
+
+
+def test_repeat_runs_over_epochs(tmp_path):
+    expected = write_shards(tmp_path, 2, 3)
+    dataset = TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=4, repeat=True)
+    stream = iter(dataset)
+    first, second = [next(stream)[1] for _ in range(6)], [next(stream)[1] for _ in range(6)]
+    assert sorted(first) == sorted(second) == sorted(expected)
+
+
+def test_corrupt_members_are_skipped_and_counted(tmp_path, caplog):
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        _add(tar, "a.jpg", _png((255, 0, 0)))  # PNG bytes named .jpg still decode
+        _add(tar, "a.txt", b"first")
+        _add(tar, "b.jpg", b"\xff\xd8\xff garbage")
+        _add(tar, "b.txt", b"corrupt")
+        _add(tar, "c.png", _png((0, 255, 0)))  # no caption
+        _add(tar, "d.txt", b"no image")
+        _add(tar, "e.webp", _png((0, 0, 255)))
+        _add(tar, "e.json", b"{}")
+        _add(tar, "e.txt", b"\n\n")  # empty caption
+        _add(tar, "._f.png", b"resource fork")
+        _add(tar, "f.PNG", _png((0, 0, 255)))
+        _add(tar, "f.txt", b"last")
+    dataset = TarShards(tmp_path / "mixed.tar", size=8, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
+        assert _consume(dataset) == ["first", "last"]
+    assert dataset.skipped == 2 and dataset.incomplete == 2 and dataset.bad_shards == 0
+    assert any(":b" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_truncated_and_non_tar_shards(tmp_path):
+    write_shards(tmp_path, 1, 8)
+    with tarfile.open(tmp_path / "shard-00.tar") as tar:
+        cut = tar.getmembers()[8].offset_data + 10  # inside sample 4's image
+    data = (tmp_path / "shard-00.tar").read_bytes()
+    (tmp_path / "shard-00.tar").write_bytes(data[:cut])
+    (tmp_path / "shard-01.tar").write_bytes(b"this is not a tar file" * 40)
+    dataset = TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=0)
+    captions = _consume(dataset)
+    assert captions == [f"shard 0 sample {i}" for i in range(4)]
+    assert dataset.bad_shards == 2
+
+
+def test_gzipped_shard_and_output(tmp_path):
+    with tarfile.open(tmp_path / "z.tar.gz", "w:gz") as tar:
+        _add(tar, "x.png", _png((255, 255, 0)))
+        _add(tar, "x.txt", b"yellow\nalso yellow")
+    image, caption = next(iter(TarShards(tmp_path / "z.tar.gz", size=16)))
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert torch.allclose(image[:, 8, 8], torch.tensor([1.0, 1.0, 0.0]))
+    assert caption in ("yellow", "also yellow")
+
+
+def test_dataloader_workers_split_the_shards(tmp_path):
+    expected = write_shards(tmp_path, 4, 5, ext="jpg")
+    dataset = TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=3)
+    loader = DataLoader(dataset, batch_size=3, num_workers=2)
+    captions = [c for _, batch in loader for c in batch]
+    assert Counter(captions) == Counter(expected)
+
+
+def test_rank_from_environment(tmp_path, monkeypatch):
+    write_shards(tmp_path, 1, 2)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert TarShards(tmp_path / "shard-00.tar", size=8).consumer() == (3, 4)
+    assert TarShards(tmp_path / "shard-00.tar", size=8, rank=1, world_size=2).consumer() == (1, 2)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="rank"):
+        TarShards(tmp_path / "shard-00.tar", size=8).consumer()
+
+
+def test_paths_and_arguments(tmp_path):
+    write_shards(tmp_path, 2, 1)
+    assert len(TarShards([tmp_path / "shard-00.tar", str(tmp_path / "*.tar")], size=8).paths) == 2
+    with pytest.raises(FileNotFoundError):
+        TarShards(tmp_path / "missing.tar", size=8)
+    with pytest.raises(FileNotFoundError):
+        TarShards(str(tmp_path / "nothing-*.tar"), size=8)
+    with pytest.raises(FileNotFoundError, match="brace"):
+        TarShards(str(tmp_path / "shard-{00..01}.tar"), size=8)
+    with pytest.raises(ValueError):
+        TarShards([], size=8)
+    with pytest.raises(ValueError):
+        TarShards(tmp_path / "shard-00.tar", size=7)
+    with pytest.raises(ValueError):
+        TarShards(tmp_path / "shard-00.tar", size=8, shuffle_buffer=-1)
+
+
+def test_split_key_follows_webdataset():
+    assert split_key("dir/abc.seg.JPG") == ("dir/abc", "seg.jpg")
+    assert split_key("abc.txt") == ("abc", "txt")
+    assert split_key("abc") == ("abc", "")

@@ -1,0 +1,109 @@
+"""Crop-and-resize, decoding and tensor conversion."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from dalle_fast.data.transforms import (RandomResizedCrop, UnreadableImage, center_crop_resize,
+                                        load_rgb, prepare_image, to_tensor)
+
+
+def _noise_image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@given(width=st.integers(1, 400), height=st.integers(1, 400), seed=st.integers(0, 2**32 - 1),
+       scale_lo=st.floats(0.05, 1.0), ratio_lo=st.floats(0.25, 1.0), ratio_hi=st.floats(1.0, 4.0))
+def test_box_fits_and_follows_the_config(width, height, seed, scale_lo, ratio_lo, ratio_hi):
+    crop = RandomResizedCrop(scale=(scale_lo, 1.0), ratio=(ratio_lo, ratio_hi))
+    left, top, right, bottom = crop.box(width, height, np.random.default_rng(seed))
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    w, h = right - left, bottom - top
+    if min(w, h) >= 20:  # away from rounding: the ratio and the area fraction are honoured
+        assert ratio_lo * 0.9 <= w / h <= ratio_hi * 1.1
+        assert max(w / width, h / height) >= math.sqrt(scale_lo) * 0.9
+
+
+def test_output_size_and_determinism():
+    image = _noise_image(120, 80)
+    crop = RandomResizedCrop()
+    for size in (8, 32, 100, 200):
+        out = crop(image, size, np.random.default_rng(0))
+        assert out.size == (size, size)
+    a = prepare_image(image, 32, crop, np.random.default_rng(123))
+    b = prepare_image(image, 32, crop, np.random.default_rng(123))
+    c = prepare_image(image, 32, crop, np.random.default_rng(124))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_full_scale_square_crop_is_the_identity():
+    image = _noise_image(40, 40)
+    crop = RandomResizedCrop(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    out = crop(image, 40, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_paper_preset_is_square_with_flips():
+    crop = RandomResizedCrop.paper()
+    assert crop.ratio == (1.0, 1.0) and crop.hflip
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        left, top, right, bottom = crop.box(300, 200, rng)
+        side = right - left
+        assert bottom - top == side and 2 / 3 * 200 - 1 <= side <= 8 / 9 * 200 + 1
+    # Left half black, right half white: a flip shows as a bright left column.
+    image = Image.fromarray(np.concatenate([np.zeros((64, 32, 3), np.uint8),
+                                            np.full((64, 32, 3), 255, np.uint8)], axis=1))
+    firsts = {int(np.asarray(crop(image, 16, np.random.default_rng(s)))[8, 0, 0] > 128)
+              for s in range(20)}
+    assert firsts == {0, 1}
+    assert not RandomResizedCrop().hflip
+
+
+@pytest.mark.parametrize("kwargs", [dict(scale=(0.0, 1.0)), dict(scale=(0.8, 0.5)),
+                                    dict(scale=(0.5, 1.5)), dict(ratio=(2.0, 1.0)),
+                                    dict(ratio=(0.0, 1.0))])
+def test_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        RandomResizedCrop(**kwargs)
+
+
+def test_center_crop_resize():
+    # A wide image: the centre square is the middle third of three coloured bands.
+    bands = np.zeros((30, 90, 3), np.uint8)
+    bands[:, :30] = (255, 0, 0)
+    bands[:, 30:60] = (0, 255, 0)
+    bands[:, 60:] = (0, 0, 255)
+    out = np.asarray(center_crop_resize(Image.fromarray(bands), 12))
+    assert out.shape == (12, 12, 3)
+    assert (out[2:-2, 2:-2] == (0, 255, 0)).all()
+    same = _noise_image(16, 16)
+    assert np.array_equal(np.asarray(center_crop_resize(same, 16)), np.asarray(same))
+
+
+def test_to_tensor_and_load_rgb():
+    gray = Image.fromarray(np.full((5, 7), 51, np.uint8))
+    buf = io.BytesIO()
+    gray.save(buf, format="PNG")
+    loaded = load_rgb(buf.getvalue())
+    assert loaded.mode == "RGB" and loaded.size == (7, 5)
+    tensor = to_tensor(loaded)
+    assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor, torch.full_like(tensor, 0.2))
+
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    transparent.save(buf, format="PNG")
+    assert np.asarray(load_rgb(buf.getvalue()))[0, 0].tolist() == [255, 255, 255]
+
+    for junk in (b"", b"not an image", buf.getvalue()[:40]):
+        with pytest.raises(UnreadableImage):
+            load_rgb(junk)
