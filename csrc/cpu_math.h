@@ -1,4 +1,4 @@
-// Vectorisable scalar math for the CPU kernels: exp, log and low-precision loads and stores
+// Vectorisable scalar math for the CPU kernels: exp and low-precision loads and stores
 // written as branch-free arithmetic, so loops over them vectorise without -ffast-math (which
 // would break the -inf handling the kernels rely on). Functions that contain such loops are
 // compiled once per instruction set with DF_CPU_CLONES and picked at run time.
@@ -10,7 +10,8 @@
 #include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// arch=haswell: AVX2 with FMA, so std::fma stays an instruction there.
+#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define DF_CPU_CLONES
 #endif
@@ -50,26 +51,6 @@ DF_ALWAYS_INLINE float exp_nonpos(float x) {
 }
 
 DF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
-
-// log(x) for finite x > 0 (normal floats), relative error about 1e-7, accurate near 1:
-// x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m - 1) / (m + 1)) as a series.
-DF_ALWAYS_INLINE float log_pos(float x) {
-  const uint32_t bits = float_to_bits(x);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float f = (m - 1.0f) / (m + 1.0f);  // |f| <= 0.1716
-  const float f2 = f * f;
-  float s = 1.0f / 9.0f;
-  s = s * f2 + 1.0f / 7.0f;
-  s = s * f2 + 1.0f / 5.0f;
-  s = s * f2 + 1.0f / 3.0f;
-  s = s * f2 + 1.0f;
-  const float ef = static_cast<float>(e);
-  return ef * 0.693145751953125f + (2.0f * f * s + ef * 1.428606820309417e-06f);
-}
 
 // Storage types: loads widen to float, stores round to nearest even.
 struct StoreF32 {

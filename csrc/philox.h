@@ -3,12 +3,14 @@
 // device code share it, so a (seed, offset) gives bit-identical noise on CPU and GPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define DF_PHILOX_HD __host__ __device__ __forceinline__
 #else
-#define DF_PHILOX_HD inline
+#define DF_PHILOX_HD inline __attribute__((always_inline))
 #endif
 
 namespace dalle_fast::philox {
@@ -51,5 +53,61 @@ DF_PHILOX_HD U32x4 gumbel_bits(uint64_t seed, uint64_t offset, uint64_t position
                       static_cast<uint32_t>(offset >> 32) ^ static_cast<uint32_t>(position >> 32)};
   return philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
+
+DF_PHILOX_HD float bits_as_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+DF_PHILOX_HD uint32_t float_as_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+#endif
+}
+
+// One rounding per multiply-add on every device and instruction set, so the noise is the same
+// bits on CPU (any vector width) and GPU.
+DF_PHILOX_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// log(x) for finite normal x > 0, relative error about 1e-7, accurate near 1 (where -log(u)
+// lives for u close to 1): x = 2^e * m with m in [sqrt(1/2), sqrt(2)), and
+// log m = 2 atanh((m - 1) / (m + 1)) as a series. Branch-free, so CPU loops over it vectorise.
+DF_PHILOX_HD float log_pos(float x) {
+  const uint32_t bits = float_as_bits(x);
+  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
+  float m = bits_as_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = (m - 1.0f) / (m + 1.0f);  // |f| <= 0.1716
+  const float f2 = f * f;
+  float s = 1.0f / 9.0f;
+  s = fma_rn(s, f2, 1.0f / 7.0f);
+  s = fma_rn(s, f2, 1.0f / 5.0f);
+  s = fma_rn(s, f2, 1.0f / 3.0f);
+  s = fma_rn(s, f2, 1.0f);
+  const float ef = static_cast<float>(e);
+  const float two_f = 2.0f * f;
+  const float low = ef * 1.428606820309417e-06f;  // ln 2 = 0.693145751953125 + 1.4286068e-06
+  return fma_rn(ef, 0.693145751953125f, fma_rn(two_f, s, low));
+}
+
+// The Gumbel(0, 1) noise of one 32-bit Philox output: -log(-log(u)), always finite.
+DF_PHILOX_HD float gumbel_from_bits(uint32_t bits) { return -log_pos(-log_pos(uniform_open(bits))); }
 
 }  // namespace dalle_fast::philox

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include "attention/attention_args.h"
-#include "cpu_math.h"
 #include "masks.h"
 #include "philox.h"
 
@@ -76,11 +75,8 @@ pybind11::bytes mask_bytes(const std::string& kind, int64_t text_len, int64_t gr
   return pybind11::bytes(out);
 }
 
-// The Gumbel noise the CPU kernels derive from 32 random bits (for tests of the extremes).
-float gumbel_from_bits(uint32_t bits) {
-  using dalle_fast::cpu::log_pos;
-  return -log_pos(-log_pos(dalle_fast::philox::uniform_open(bits)));
-}
+// The Gumbel noise the kernels derive from 32 random bits (for tests of the extremes).
+float gumbel_from_bits(uint32_t bits) { return dalle_fast::philox::gumbel_from_bits(bits); }
 
 }  // namespace
 

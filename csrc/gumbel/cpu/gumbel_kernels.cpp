@@ -63,10 +63,10 @@ DF_ALWAYS_INLINE void store_block(typename Store::type* dst, const Block& k, int
 DF_ALWAYS_INLINE void noise4(uint64_t seed, uint64_t offset, int64_t pos0, int64_t v4, float* g) {
   for (int64_t l = 0; l < P; ++l) {
     const philox::U32x4 r = philox::gumbel_bits(seed, offset, static_cast<uint64_t>(pos0 + l), static_cast<uint64_t>(v4));
-    g[0 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.x)));
-    g[1 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.y)));
-    g[2 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.z)));
-    g[3 * P + l] = -log_pos(-log_pos(philox::uniform_open(r.w)));
+    g[0 * P + l] = philox::gumbel_from_bits(r.x);
+    g[1 * P + l] = philox::gumbel_from_bits(r.y);
+    g[2 * P + l] = philox::gumbel_from_bits(r.z);
+    g[3 * P + l] = philox::gumbel_from_bits(r.w);
   }
 }
 

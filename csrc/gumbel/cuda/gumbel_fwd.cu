@@ -1,0 +1,209 @@
+// CUDA fused Gumbel-softmax forward and the noise kernel.
+//
+// Forward: a block owns a tile of positions and each position's vocabulary is split over
+// `splits` threads (gumbel_cuda.h: Layout). Two sweeps over the vocabulary:
+//   1. load x, draw g (Philox, 4 entries per call), z = (x + g) / tau: an online softmax
+//      normaliser of z (soft) or the first argmax of z (hard), and the KL statistics of x;
+//      the splits' statistics are combined by warp shuffles / shared memory.
+//   2. soft: reload x, redraw the same g, write y = exp(z - max) / sum; hard: write the one-hot
+//      (no loads, no noise).
+// The noise is never stored; sweep 2 recomputes it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../../philox.h"
+#include "../gumbel_params.h"
+#include "gumbel_cuda.h"
+
+namespace dalle_fast::cuda {
+
+namespace {
+
+using namespace gumbel_detail;
+
+struct FwdStats {
+  Soft soft;
+  ArgMax am;
+  Kl kl;
+};
+
+__device__ __forceinline__ FwdStats shfl_xor(const FwdStats& a, int off) {
+  return {gumbel_detail::shfl_xor(a.soft, off), gumbel_detail::shfl_xor(a.am, off),
+          gumbel_detail::shfl_xor(a.kl, off)};
+}
+
+struct FwdMerge {
+  __device__ __forceinline__ FwdStats operator()(const FwdStats& a, const FwdStats& b) const {
+    return {soft_merge(a.soft, b.soft), argmax_merge(a.am, b.am), kl_merge(a.kl, b.kl)};
+  }
+};
+
+template <class T, bool kSplitFast, bool kVec, bool kHard, bool kKl>
+__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams p, int splits, float inv_tau) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FwdStats* smem = reinterpret_cast<FwdStats*>(smem_raw);
+  const Layout l = thread_layout<kSplitFast>(splits);
+  const SeedOffset so = unpack(p.rng);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_state[0] = static_cast<int64_t>(so.seed);
+    p.rng_state[1] = static_cast<int64_t>(so.offset);
+  }
+
+  const int64_t V = p.vocab, inner = p.inner, positions = p.outer * p.inner, J = (V + 3) / 4;
+  const T* logits = static_cast<const T*>(p.logits);
+  T* y = static_cast<T*>(p.y);
+  const int64_t tiles = (positions + l.tile - 1) / l.tile;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t pos = tile * l.tile + l.lane;
+    const bool valid = pos < positions;
+    const int64_t base = valid ? (pos / inner) * V * inner + pos % inner : 0;
+
+    // Sweep 1: statistics.
+    FwdStats st{soft_identity(), argmax_identity(), kl_identity()};
+    if (valid) {
+      for (int64_t j = l.split; j < J; j += l.splits) {
+        const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
+        float x[4], g[4];
+        load4<kVec>(logits + base + 4 * j * inner, inner, n, x);
+        gumbel4(so.seed, so.offset, pos, j, g);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (k < n) {
+            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau);
+            if constexpr (kHard) {
+              argmax_add(st.am, z, 4 * j + k);
+            } else {
+              soft_add(st.soft, z, 0.0f);
+            }
+            if constexpr (kKl) kl_add(st.kl, x[k]);
+          }
+        }
+      }
+    }
+    st = reduce_splits<kSplitFast>(st, l, smem, FwdMerge{});
+
+    if (valid) {
+      if (kKl && l.split == 0) {
+        const float plogp = st.kl.tx / st.kl.sx - logf(st.kl.sx);
+        static_cast<T*>(p.kl)[pos] = from_float<T>(plogp + logf(static_cast<float>(V)));
+      }
+      // Sweep 2: the sample.
+      if constexpr (kHard) {
+        for (int64_t j = l.split; j < J; j += l.splits) {
+          const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
+          float out[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) out[k] = 4 * j + k == st.am.idx ? 1.0f : 0.0f;
+          store4<kVec>(y + base + 4 * j * inner, inner, n, out);
+        }
+      } else {
+        const float m = st.soft.m, inv_s = 1.0f / st.soft.s;
+        for (int64_t j = l.split; j < J; j += l.splits) {
+          const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
+          float x[4], g[4], out[4];
+          load4<kVec>(logits + base + 4 * j * inner, inner, n, x);
+          gumbel4(so.seed, so.offset, pos, j, g);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau);
+            out[k] = z == neg_inf() ? 0.0f : expf(z - m) * inv_s;
+          }
+          store4<kVec>(y + base + 4 * j * inner, inner, n, out);
+        }
+      }
+    }
+    __syncthreads();  // the next tile reuses smem
+  }
+}
+
+// One thread per (position, block of 4 entries); consecutive threads take consecutive positions
+// of one vocabulary row (inner > 1) or consecutive blocks of one row (inner == 1).
+__global__ void __launch_bounds__(256) noise_kernel(int64_t outer, int64_t V, int64_t inner, PhiloxSource rng,
+                                                    float* out) {
+  const SeedOffset so = unpack(rng);
+  const int64_t J = (V + 3) / 4, total = outer * J * inner;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % inner, oj = idx / inner;
+    const int64_t j = oj % J, o = oj / J;
+    float g[4];
+    gumbel4(so.seed, so.offset, o * inner + i, j, g);
+    float* dst = out + (o * V + 4 * j) * inner + i;
+    const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (k < n) dst[k * inner] = g[k];
+  }
+}
+
+template <class T, bool kHard, bool kKl>
+void launch_forward_as(const GumbelParams& p, const LaunchConfig& c, bool vec, float inv_tau, cudaStream_t stream) {
+  const size_t smem = c.smem_entries * sizeof(FwdStats);
+  if (!c.split_fast) {
+    forward_kernel<T, false, false, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+  } else if (vec) {
+    forward_kernel<T, true, true, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+  } else {
+    forward_kernel<T, true, false, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+  }
+}
+
+template <class T>
+const char* launch_forward(const GumbelParams& p, cudaStream_t stream) {
+  const LaunchConfig c = make_config(p);
+  const float inv_tau = 1.0f / p.tau;
+  const bool vec = c.split_fast && p.vocab % 4 == 0 && aligned_for_vec(p.logits, sizeof(T)) &&
+                   aligned_for_vec(p.y, sizeof(T));
+  if (p.hard) {
+    if (p.with_kl) {
+      launch_forward_as<T, true, true>(p, c, vec, inv_tau, stream);
+    } else {
+      launch_forward_as<T, true, false>(p, c, vec, inv_tau, stream);
+    }
+  } else if (p.with_kl) {
+    launch_forward_as<T, false, true>(p, c, vec, inv_tau, stream);
+  } else {
+    launch_forward_as<T, false, false>(p, c, vec, inv_tau, stream);
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream) {
+  if (p.outer * p.inner == 0 || p.vocab == 0) return nullptr;
+  if (p.logits == nullptr || p.y == nullptr || p.rng_state == nullptr || (p.with_kl && p.kl == nullptr))
+    return "gumbel_softmax_fwd: missing buffer";
+  if (!(p.tau > 0.0f)) return "gumbel_softmax_fwd: tau must be positive";
+  switch (dtype) {
+    case GumbelDType::Float32:
+      return launch_forward<float>(p, stream);
+    case GumbelDType::Float16:
+      return launch_forward<__half>(p, stream);
+    case GumbelDType::BFloat16:
+      return launch_forward<__nv_bfloat16>(p, stream);
+  }
+  return "gumbel_softmax_fwd: unknown dtype tag";
+}
+
+const char* gumbel_noise(const GumbelParams& p, float* out, cudaStream_t stream) {
+  const int64_t J = (p.vocab + 3) / 4, total = p.outer * J * p.inner;
+  if (total == 0) return nullptr;
+  if (out == nullptr || p.rng_in == nullptr) return "gumbel_noise: missing buffer";
+  PhiloxSource rng;
+  rng.seed_ptr = p.rng_in;
+  rng.offset_ptr = p.rng_in + 1;
+  int64_t blocks = (total + 255) / 256;
+  const int64_t cap = int64_t(1) << 30;
+  if (blocks > cap) blocks = cap;
+  noise_kernel<<<static_cast<unsigned int>(blocks), 256, 0, stream>>>(p.outer, p.vocab, p.inner, rng, out);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace dalle_fast::cuda
