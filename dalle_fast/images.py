@@ -1,0 +1,55 @@
+"""Image files in and out: grids of tensors as PNG, files as tensors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] float in [0, 1] -> RGB PIL image."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image tensor [3, H, W], got {tuple(image.shape)}")
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """[N, 3, H, W] in [0, 1] -> one PIL image, `nrow` images per row, `pad` black pixels between."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[:, y : y + h, x : x + w] = images[i].detach().float().cpu()
+    return to_pil(canvas)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images, nrow)
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid.save(path)
+    return path
+
+
+def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """An image file -> [3, H, W] float in [0, 1] (center-cropped and resized to size x size if given)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None:
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0

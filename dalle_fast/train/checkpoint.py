@@ -1,0 +1,142 @@
+"""Training checkpoints in safetensors, written atomically, holding everything an exact resume needs.
+
+A checkpoint is one .safetensors file: model and EMA weights, the optimizer's tensors, and the
+RNG states as tensors; step, configuration and the optimizer's hyper-parameters as JSON in the
+file's metadata. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_META_KEY = "dalle_fast"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["plain_state"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """The global CPU and CUDA RNG states, plus any named generators'."""
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    for name, gen in (generators or {}).items():
+        out[f"rng.gen.{name}"] = gen.get_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    for name, gen in (generators or {}).items():
+        key = f"rng.gen.{name}"
+        if key in tensors:
+            gen.set_state(tensors[key])
+
+
+def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None = None, step: int = 0, meta: dict | None = None,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
+    """Write atomically (temporary file in the same folder, then rename): a crash mid-write
+    leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        for name, value in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = value.detach().cpu().contiguous()
+    info: dict[str, Any] = {"step": step, "meta": meta or {}}
+    if optimizer is not None:
+        opt_tensors, info["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
+    tensors.update({k: v.cpu() for k, v in rng_tensors(generators).items()})
+    # safetensors refuses tensors that share memory (tied weights): store copies.
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel() > 0:
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(info)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of a checkpoint (on CPU) and its JSON info (step, meta, optimizer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get(_META_KEY)
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    if raw is None:
+        raise ValueError(f"{path} is not a dalle_fast training checkpoint (no '{_META_KEY}' metadata)")
+    return tensors, json.loads(raw)
+
+
+def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None = None,
+                    generators: dict[str, torch.Generator] | None = None, restore_rng_state: bool = True) -> dict:
+    """Load what save_checkpoint wrote into the given objects; returns the JSON info."""
+    tensors, info = read_checkpoint(path)
+    for prefix, module in modules.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not sub:
+            raise ValueError(f"{path} holds no '{prefix}' weights")
+        module.load_state_dict(sub)
+    if optimizer is not None:
+        if "optimizer" not in info:
+            raise ValueError(f"{path} holds no optimizer state")
+        _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}, info["optimizer"])
+    if restore_rng_state:
+        restore_rng(tensors, generators)
+    return info
+
+
+def load_weights(path: str | Path, prefix: str = "ema") -> dict[str, torch.Tensor]:
+    """Just the weights under `prefix` (e.g. 'ema' or 'model'), for inference."""
+    tensors, _ = read_checkpoint(path)
+    sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if not sub:
+        raise ValueError(f"{path} holds no '{prefix}' weights")
+    return sub

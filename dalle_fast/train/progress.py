@@ -1,0 +1,37 @@
+"""Progress and metrics for the training loops: a tqdm bar on the main rank, JSON lines on disk."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, total: int, start: int, metrics_path: Path, enabled: bool, desc: str):
+        self.enabled = enabled
+        self.metrics_path = metrics_path
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not enabled)
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, metrics: dict[str, float], log: bool) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if log:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in self.bar_keys})
+            record = {"step": step, "time_s": round(time.perf_counter() - self.t0, 3), **metrics}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar_keys = ("loss", "psnr", "perplexity", "tau", "beta", "text_loss", "image_loss", "tokens_per_s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

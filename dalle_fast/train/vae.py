@@ -1,0 +1,199 @@
+"""Stage 1 training: the dVAE on images (SPEC.md section 3), importable and behind `dalle-fast train-vae`.
+
+AdamW, cosine schedules for learning rate, temperature and KL weight, EMA weights, gradient
+clipping, bf16 autocast on GPU, reconstruction grids, safetensors checkpoints with exact resume
+and data-parallel training under torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, IterableDataset
+
+from .. import images as imageio
+from ..data import make_dataset
+from ..dvae import DVAE, DVAEConfig, codebook_perplexity, psnr
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .progress import Progress
+from .sampler import ResumableSampler
+from .schedules import cosine
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainVAEConfig:
+    data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
+    out: str = _f("runs/dvae", "run folder: checkpoint, metrics.jsonl, reconstruction grids")
+    preset: str = _f("small", "model preset (DVAEConfig.preset): paper, small, tiny, ...")
+    steps: int = _f(2000, "total optimizer steps")
+    batch_size: int = _f(32, "images per step per process")
+    lr: float = _f(1e-3, "peak learning rate (the paper: 1e-4 for its 256 px model)")
+    lr_end: float = _f(1.25e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    tau_start: float = _f(1.0, "Gumbel-softmax temperature at step 0")
+    tau_end: float = _f(1 / 16, "temperature at the end of its cosine schedule")
+    tau_steps: int = _f(0, "length of the temperature schedule (0: the whole run)")
+    beta_end: float = _f(6.6, "KL weight reached at the end of its cosine warm-up from 0")
+    beta_steps: int = _f(0, "length of the KL-weight schedule (0: a quarter of the run)")
+    ema: float = _f(0.999, "EMA decay of the weights used for reconstructions and tokens")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    seed: int = _f(0, "seed of the data order, model init and noise")
+    workers: int = _f(0, "DataLoader worker processes")
+    log_every: int = _f(10, "steps between metrics lines")
+    sample_every: int = _f(250, "steps between reconstruction grids")
+    save_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
+    run_steps: int = _f(0, "stop after this many steps in this invocation (0: run to the end); "
+                           "with --resume, for time-sliced jobs")
+    resume: bool = _f(False, "continue from OUT/checkpoint.safetensors if it exists")
+    device: str = _f("auto", "auto, cpu or cuda")
+    amp: bool = _f(True, "bf16 autocast on CUDA")
+
+
+def _loader(dataset, cfg: TrainVAEConfig, info: distributed.DistInfo, sampler: ResumableSampler | None):
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
+
+
+def _batches(dataset, cfg: TrainVAEConfig, info: distributed.DistInfo, step: int):
+    """Batches from `step` on, forever, in the order an uninterrupted run would see them."""
+    if isinstance(dataset, IterableDataset):  # streams restart on resume; order is the shards'
+        while True:
+            for batch in _loader(dataset, cfg, info, None):
+                yield batch
+    sampler = ResumableSampler(len(dataset), cfg.seed, info.rank, info.world_size)
+    per_epoch = sampler.share() // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the {sampler.share()} items per process")
+    epoch, offset = divmod(step, per_epoch)
+    while True:
+        sampler.set_position(epoch, offset * cfg.batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from _loader(dataset, cfg, info, sampler)
+        epoch, offset = epoch + 1, 0
+
+
+def _images(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def train_vae(cfg: TrainVAEConfig) -> Path:
+    """Run (or resume) a dVAE training; returns the checkpoint path."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    info = distributed.setup(cfg.device)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint.safetensors"
+    model_cfg = DVAEConfig.preset(cfg.preset)
+    torch.manual_seed(cfg.seed)
+    model = DVAE(model_cfg).to(info.device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    noise = torch.Generator(device=info.device).manual_seed(cfg.seed * 1000 + info.rank)
+    step = 0
+    if cfg.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, modules={"model": model, "ema": ema}, optimizer=optimizer,
+                                generators={f"noise{info.rank}": noise})
+        step = state["step"]
+        if info.is_main:
+            print(f"resuming from {ckpt} at step {step}")
+    elif info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}, indent=2))
+    distributed.barrier()
+
+    dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed)
+    # DVAE.forward is its loss, so DistributedDataParallel all-reduces the gradients.
+    objective = model
+    if info.enabled:
+        objective = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    tau_steps = cfg.tau_steps or cfg.steps
+    beta_steps = cfg.beta_steps or max(1, cfg.steps // 4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
+    fixed = None  # the batch shown in reconstruction grids
+    progress = Progress(cfg.steps, step, out / "metrics.jsonl", info.is_main, "train-vae")
+    stop = cfg.steps if not cfg.run_steps else min(cfg.steps, step + cfg.run_steps)
+
+    def save():
+        if info.is_main:
+            save_checkpoint(ckpt, modules={"model": model, "ema": ema}, optimizer=optimizer, step=step,
+                            meta={"model_config": dataclasses.asdict(model_cfg), "kind": "dvae"},
+                            generators={f"noise{info.rank}": noise})
+        distributed.barrier()
+
+    def sample_grid(tag: str):
+        if info.is_main and fixed is not None:
+            ema.module.eval()
+            with torch.no_grad():
+                recon = ema.module.decode(ema.module.encode(fixed))
+            imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / f"recon_{tag}.png", nrow=len(fixed), scale=2)
+            imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / "recon_latest.png", nrow=len(fixed), scale=2)
+
+    batches = _batches(dataset, cfg, info, step)
+    model.train()
+    try:
+        while step < stop:
+            images = _images(next(batches)).to(info.device, non_blocking=True)
+            if fixed is None:
+                fixed = images[:8].detach().clone()
+            lr = cosine(step, cfg.lr, cfg.lr_end, cfg.steps)
+            tau = cosine(step, cfg.tau_start, cfg.tau_end, tau_steps)
+            beta = cosine(step, 0.0, cfg.beta_end, beta_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                result = objective(images, tau, beta, noise)
+            result["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update_parameters(model)
+            step += 1
+            log = step % cfg.log_every == 0 or step == stop
+            metrics = {}
+            if log:
+                with torch.no_grad():
+                    tokens = result["tokens"]
+                    stats = torch.tensor([result["loss"].item(), result["nll"].item(), result["kl"].item(),
+                                          psnr(result["recon"].float(), images.float()).item(),
+                                          codebook_perplexity(tokens, model_cfg.vocab).item()], device=info.device)
+                    stats = distributed.mean_over_ranks(stats).tolist()
+                metrics = dict(zip(("loss", "nll", "kl", "psnr", "perplexity"), stats))
+                metrics.update(tau=tau, beta=beta, lr=lr)
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    save()
+                    raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}")
+            progress.update(step, metrics, log)
+            if step % cfg.sample_every == 0:
+                sample_grid(f"{step:06d}")
+            if step % cfg.save_every == 0 and step < stop:
+                save()
+    except KeyboardInterrupt:
+        if info.is_main:
+            print(f"\ninterrupted at step {step}: saving {ckpt}; continue with --resume")
+        save()
+        raise
+    finally:
+        progress.close()
+    save()
+    sample_grid("final" if step >= cfg.steps else f"{step:06d}")
+    distributed.teardown()
+    return ckpt
