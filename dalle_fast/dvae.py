@@ -42,6 +42,7 @@ class DVAEConfig:
     n_init: int = 128  # decoder width after the codebook conv (the code embedding size)
     in_channels: int = 3  # RGB
     logit_laplace_eps: float = LOGIT_LAPLACE_EPS  # pixels are mapped into (eps, 1 - eps)
+    dequantize: bool = True  # likelihood of 8-bit pixels spread over their quantisation step
 
     def __post_init__(self):
         for name in ("image_size", "n_hid", "groups", "blocks_per_group", "vocab", "n_init", "in_channels"):
@@ -312,10 +313,18 @@ class DVAE(nn.Module):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"beta must be a non-negative finite number, got {beta!r}")
         eps = self.config.logit_laplace_eps
-        x = map_pixels(images.to(_compute_dtype(self._dtype)), eps)  # (B, 3, H, W) in (eps, 1 - eps)
+        images = images.to(_compute_dtype(self._dtype))
+        x = map_pixels(images, eps)  # (B, 3, H, W) in (eps, 1 - eps)
         logits = self.encoder(x.to(self._dtype))  # (B, vocab, S, S)
         z, kl = gumbel_softmax_kl(logits, tau, dim=1, generator=generator)  # (B, vocab, S, S), (B, S, S)
         out = self.decoder(z)  # (B, 6, H, W)
+        if self.config.dequantize:
+            # The likelihood is of a continuous variable; 8-bit images are not. Spread each value
+            # uniformly over its quantisation step, else exactly flat regions (synthetic data,
+            # black backgrounds) reward shrinking the scale b without bound and the decoder
+            # learns the background instead of the objects.
+            u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            x = map_pixels(((images * 255.0).round() + u) / 256.0, eps)
         pixels = images[0].numel()
         nll = logit_laplace_nll(x, out) / pixels  # (B,)
         kl = kl.to(nll.dtype).sum(dim=(1, 2)) / pixels  # (B,)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from .. import images as imageio
@@ -61,6 +61,19 @@ class TrainVAEConfig:
     amp: bool = _f(True, "bf16 autocast on CUDA")
 
 
+def ema_with_warmup(decay: float):
+    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)) over
+    the first updates, so a short run's EMA weights are not still its initialisation."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
 def _loader(dataset, cfg: TrainVAEConfig, info: distributed.DistInfo, sampler: ResumableSampler | None):
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                       num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
@@ -100,7 +113,7 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     model_cfg = DVAEConfig.preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     model = DVAE(model_cfg).to(info.device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     noise = torch.Generator(device=info.device).manual_seed(cfg.seed * 1000 + info.rank)
