@@ -92,3 +92,20 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [p.name for p in out.glob("*.safetensors")] == ["checkpoint.safetensors"]
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 3
+
+
+def test_ema_warms_up_then_decays_slowly():
+    from torch.optim.swa_utils import AveragedModel
+
+    from dalle_fast.train.vae import ema_with_warmup
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999))
+    ema.update_parameters(model)  # first update copies
+    for n in range(1, 2000):
+        model.weight.data.fill_(1.0)
+        ema.update_parameters(model)
+        if n == 1:  # decay (1 + 1) / (10 + 1): the average moves most of the way at once
+            assert ema.module.weight.item() == pytest.approx(1 - 2 / 11, rel=1e-6)
+    assert ema.module.weight.item() > 0.99
