@@ -1,11 +1,10 @@
-"""Image files in and out: grids of tensors as PNG, files as tensors."""
+"""Images out: tensors as PIL images and PNG grids (reading files is dalle_fast.data.transforms)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -41,15 +40,3 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     grid.save(path)
     return path
-
-
-def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
-    """An image file -> [3, H, W] float in [0, 1] (center-cropped and resized to size x size if given)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-        array = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0

@@ -68,7 +68,7 @@ GumbelBackwardCall prepare_gumbel_backward(const at::Tensor& grad_y, const std::
   GumbelBackwardCall c;
   c.logits = logits.contiguous();
   c.grad_y = grad_y.to(logits.scalar_type()).contiguous();
-  c.y = y.to(logits.scalar_type()).contiguous();
+  if (!hard) c.y = y.to(logits.scalar_type()).contiguous();  // a hard forward's y is never read
   c.rng_state = rng_state.contiguous();
   c.grad_logits = at::empty_like(c.logits, at::MemoryFormat::Contiguous);
   auto& p = c.params;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     out = Path(cfg.out)
     ckpt = out / "checkpoint.safetensors"
     model_cfg = DVAEConfig.preset(cfg.preset)
+    dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
     torch.manual_seed(cfg.seed)
     model = DVAE(model_cfg).to(info.device)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
@@ -132,7 +134,6 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
             {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}, indent=2))
     distributed.barrier()
 
-    dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed)
     # DVAE.forward is its loss, so DistributedDataParallel all-reduces the gradients.
     objective = model
     if info.enabled:
@@ -156,8 +157,8 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
             ema.module.eval()
             with torch.no_grad():
                 recon = ema.module.decode(ema.module.encode(fixed))
-            imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / f"recon_{tag}.png", nrow=len(fixed), scale=2)
-            imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / "recon_latest.png", nrow=len(fixed), scale=2)
+            path = imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / f"recon_{tag}.png", nrow=len(fixed), scale=2)
+            shutil.copyfile(path, out / "recon_latest.png")
 
     batches = _batches(dataset, cfg, info, step)
     model.train()
