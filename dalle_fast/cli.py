@@ -42,7 +42,16 @@ def _cmd_train_vae(args) -> int:
     return 0
 
 
+def _cmd_train_prior(args) -> int:
+    from .train.prior import TrainPriorConfig, train_prior
+
+    path = train_prior(_config(TrainPriorConfig, args))
+    print(f"checkpoint: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .train.prior import TrainPriorConfig
     from .train.vae import TrainVAEConfig
 
     parser = argparse.ArgumentParser(prog="dalle-fast", description="DALL-E with fast sparse-attention kernels")
@@ -52,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     vae = sub.add_parser("train-vae", help="train the discrete VAE (stage 1); torchrun for several processes")
     _add_dataclass_args(vae, TrainVAEConfig)
     vae.set_defaults(run=_cmd_train_vae)
+    prior = sub.add_parser("train-prior", help="train the transformer prior (stage 2) on a trained dVAE's tokens; "
+                                               "torchrun for several processes")
+    _add_dataclass_args(prior, TrainPriorConfig)
+    prior.set_defaults(run=_cmd_train_prior)
     return parser
 
 

@@ -7,6 +7,7 @@ file's metadata. Loading never unpickles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -134,9 +135,31 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
 
 
 def load_weights(path: str | Path, prefix: str = "ema") -> dict[str, torch.Tensor]:
-    """Just the weights under `prefix` (e.g. 'ema' or 'model'), for inference."""
-    tensors, _ = read_checkpoint(path)
+    """Just the weights under `prefix` (e.g. 'ema' or 'model'), for inference. The EMA copy's
+    AveragedModel wrapper ('module.' and its 'n_averaged' counter) is stripped."""
+    return _weights(read_checkpoint(path)[0], prefix, path)
+
+
+def _weights(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, torch.Tensor]:
     sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     if not sub:
         raise ValueError(f"{path} holds no '{prefix}' weights")
+    if "n_averaged" in sub:
+        sub = {k[len("module."):]: v for k, v in sub.items() if k.startswith("module.")}
     return sub
+
+
+def load_model(path: str | Path, model_cls, config_cls, prefix: str = "ema"):
+    """Rebuild a model from a training checkpoint: its config from the checkpoint's metadata,
+    its weights from `prefix` (the EMA weights by default). Returns the model in eval mode."""
+    tensors, info = read_checkpoint(path)
+    config = info.get("meta", {}).get("model_config")
+    if config is None:
+        raise ValueError(f"{path} records no model_config")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(config) - fields
+    if unknown:
+        raise ValueError(f"{path}: model_config has fields {sorted(unknown)} unknown to {config_cls.__name__}")
+    model = model_cls(config_cls(**config))
+    model.load_state_dict(_weights(tensors, prefix, path))
+    return model.eval()

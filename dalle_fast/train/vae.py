@@ -8,29 +8,20 @@ and data-parallel training under torchrun.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, IterableDataset
 
 from .. import images as imageio
 from ..data import make_dataset
 from ..dvae import DVAE, DVAEConfig, codebook_perplexity, psnr
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
-from .progress import Progress
-from .sampler import ResumableSampler
+from .loop import TrainingRun, batches, ema_with_warmup, option as _f
 from .schedules import cosine
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -62,44 +53,6 @@ class TrainVAEConfig:
     amp: bool = _f(True, "bf16 autocast on CUDA")
 
 
-def ema_with_warmup(decay: float):
-    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)) over
-    the first updates, so a short run's EMA weights are not still its initialisation."""
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        n = float(num_averaged)
-        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(averaged, current, weight)
-
-    return update
-
-
-def _loader(dataset, cfg: TrainVAEConfig, info: distributed.DistInfo, sampler: ResumableSampler | None):
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
-
-
-def _batches(dataset, cfg: TrainVAEConfig, info: distributed.DistInfo, step: int):
-    """Batches from `step` on, forever, in the order an uninterrupted run would see them."""
-    if isinstance(dataset, IterableDataset):  # streams restart on resume; order is the shards'
-        while True:
-            for batch in _loader(dataset, cfg, info, None):
-                yield batch
-    sampler = ResumableSampler(len(dataset), cfg.seed, info.rank, info.world_size)
-    per_epoch = sampler.share() // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the {sampler.share()} items per process")
-    epoch, offset = divmod(step, per_epoch)
-    while True:
-        sampler.set_position(epoch, offset * cfg.batch_size)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        yield from _loader(dataset, cfg, info, sampler)
-        epoch, offset = epoch + 1, 0
-
-
 def _images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
@@ -110,7 +63,6 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
         raise ValueError("steps and batch_size must be >= 1")
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)
-    ckpt = out / "checkpoint.safetensors"
     model_cfg = DVAEConfig.preset(cfg.preset)
     dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
     torch.manual_seed(cfg.seed)
@@ -119,20 +71,11 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     noise = torch.Generator(device=info.device).manual_seed(cfg.seed * 1000 + info.rank)
-    step = 0
-    if cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, modules={"model": model, "ema": ema}, optimizer=optimizer,
-                                generators={f"noise{info.rank}": noise})
-        step = state["step"]
-        if info.is_main:
-            print(f"resuming from {ckpt} at step {step}")
-    elif info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(
-            {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}, indent=2))
-    distributed.barrier()
+    run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer,
+                      generators={f"noise{info.rank}": noise},
+                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "dvae"},
+                      record={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
+                      resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-vae")
 
     # DVAE.forward is its loss, so DistributedDataParallel all-reduces the gradients.
     objective = model
@@ -142,15 +85,6 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     beta_steps = cfg.beta_steps or max(1, cfg.steps // 4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
     fixed = None  # the batch shown in reconstruction grids
-    progress = Progress(cfg.steps, step, out / "metrics.jsonl", info.is_main, "train-vae")
-    stop = cfg.steps if not cfg.run_steps else min(cfg.steps, step + cfg.run_steps)
-
-    def save():
-        if info.is_main:
-            save_checkpoint(ckpt, modules={"model": model, "ema": ema}, optimizer=optimizer, step=step,
-                            meta={"model_config": dataclasses.asdict(model_cfg), "kind": "dvae"},
-                            generators={f"noise{info.rank}": noise})
-        distributed.barrier()
 
     def sample_grid(tag: str):
         if info.is_main and fixed is not None:
@@ -160,28 +94,22 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
             path = imageio.save_grid(torch.cat([fixed, recon]).cpu(), out / f"recon_{tag}.png", nrow=len(fixed), scale=2)
             shutil.copyfile(path, out / "recon_latest.png")
 
-    batches = _batches(dataset, cfg, info, step)
+    data = batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
     model.train()
-    try:
-        while step < stop:
-            images = _images(next(batches)).to(info.device, non_blocking=True)
+    with run.guard():
+        while run.running:
+            step = run.step
+            images = _images(next(data)).to(info.device, non_blocking=True)
             if fixed is None:
                 fixed = images[:8].detach().clone()
             lr = cosine(step, cfg.lr, cfg.lr_end, cfg.steps)
             tau = cosine(step, cfg.tau_start, cfg.tau_end, tau_steps)
             beta = cosine(step, 0.0, cfg.beta_end, beta_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             with autocast:
                 result = objective(images, tau, beta, noise)
-            result["loss"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update_parameters(model)
-            step += 1
-            log = step % cfg.log_every == 0 or step == stop
+            run.update(result["loss"], lr, model, ema, cfg.grad_clip)
+            step = run.step
+            log = run.should_log(cfg.log_every)
             metrics = {}
             if log:
                 with torch.no_grad():
@@ -192,22 +120,12 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
                     stats = distributed.mean_over_ranks(stats).tolist()
                 metrics = dict(zip(("loss", "nll", "kl", "psnr", "perplexity"), stats))
                 metrics.update(tau=tau, beta=beta, lr=lr)
-                if not all(math.isfinite(v) for v in metrics.values()):
-                    save()
-                    raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}")
-            progress.update(step, metrics, log)
+            run.log(metrics, log)
             if step % cfg.sample_every == 0:
                 sample_grid(f"{step:06d}")
-            if step % cfg.save_every == 0 and step < stop:
-                save()
-    except KeyboardInterrupt:
-        if info.is_main:
-            print(f"\ninterrupted at step {step}: saving {ckpt}; continue with --resume")
-        save()
-        raise
-    finally:
-        progress.close()
-    save()
-    sample_grid("final" if step >= cfg.steps else f"{step:06d}")
+            if step % cfg.save_every == 0 and run.running:
+                run.save()
+    ckpt = run.finish()
+    sample_grid("final" if run.complete else f"{run.step:06d}")
     distributed.teardown()
     return ckpt

@@ -85,7 +85,7 @@ def test_sampler_splits_ranks_and_resumes_mid_epoch():
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps", "3",
            "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -97,7 +97,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 def test_ema_warms_up_then_decays_slowly():
     from torch.optim.swa_utils import AveragedModel
 
-    from dalle_fast.train.vae import ema_with_warmup
+    from dalle_fast.train.loop import ema_with_warmup
 
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)

@@ -1,0 +1,150 @@
+"""What the training loops share: resumable batches, the run folder, checkpoints, progress and
+interrupts. Each loop (vae.py, prior.py, ...) keeps only its own model, objective and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, IterableDataset
+
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .progress import Progress
+from .sampler import ResumableSampler
+
+
+def option(default, help: str, **kw):
+    """A config dataclass field with the help text that `dalle-fast`'s flags show."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _loader(dataset, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
+            sampler: Optional[ResumableSampler]) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def batches(dataset, *, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
+            step: int) -> Iterator:
+    """Batches from `step` on, forever, in the order an uninterrupted run would see them."""
+    if isinstance(dataset, IterableDataset):  # streams restart on resume; order is the shards'
+        while True:
+            yield from _loader(dataset, batch_size, seed, workers, info, None)
+    sampler = ResumableSampler(len(dataset), seed, info.rank, info.world_size)
+    per_epoch = sampler.share() // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {sampler.share()} items per process")
+    epoch, offset = divmod(step, per_epoch)
+    while True:
+        sampler.set_position(epoch, offset * batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from _loader(dataset, batch_size, seed, workers, info, sampler)
+        epoch, offset = epoch + 1, 0
+
+
+def ema_with_warmup(decay: float):
+    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)) over
+    the first updates, so a short run's EMA weights are not still its initialisation."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
+class TrainingRun:
+    """A run folder `out` holding checkpoint.safetensors, config.json and metrics.jsonl.
+
+    With `resume` and an existing checkpoint, the modules, optimizer, generators and RNG states
+    are restored and `step` continues; otherwise the folder starts afresh. `guard()` saves on
+    Ctrl-C (then re-raises) and closes the progress bar; `finish()` writes the last checkpoint.
+    """
+
+    def __init__(self, out: str | Path, info: distributed.DistInfo, *, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], meta: dict,
+                 record: dict, resume: bool, steps: int, run_steps: int, desc: str):
+        self.out, self.info = Path(out), info
+        self.ckpt = self.out / "checkpoint.safetensors"
+        self.modules, self.optimizer, self.generators, self.meta = modules, optimizer, generators, meta
+        self.step = 0
+        if resume and self.ckpt.exists():
+            state = load_checkpoint(self.ckpt, modules=modules, optimizer=optimizer, generators=generators)
+            self.step = state["step"]
+            if info.is_main:
+                print(f"resuming from {self.ckpt} at step {self.step}")
+        elif info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if info.is_main:
+            (self.out / "config.json").write_text(json.dumps(record, indent=2))
+        distributed.barrier()
+        self.steps = steps
+        self.stop = steps if not run_steps else min(steps, self.step + run_steps)
+        self.progress = Progress(steps, self.step, self.out / "metrics.jsonl", info.is_main, desc)
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.stop
+
+    @property
+    def complete(self) -> bool:
+        return self.step >= self.steps
+
+    def update(self, loss: torch.Tensor, lr: float, model: torch.nn.Module, ema: Optional[AveragedModel],
+               grad_clip: float) -> None:
+        """One optimizer step on `loss` at learning rate `lr` (gradient norm clipped to `grad_clip`
+        unless 0), then the EMA; advances `step`."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model)
+        self.step += 1
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
+                            meta=self.meta, generators=self.generators)
+        distributed.barrier()
+
+    def log(self, metrics: dict[str, float], log: bool) -> None:
+        """Advance the bar; on a logging step, write the metrics (and stop on a non-finite one)."""
+        if log and not all(math.isfinite(v) for v in metrics.values()):
+            self.save()
+            raise FloatingPointError(f"non-finite metrics at step {self.step}: {metrics}")
+        self.progress.update(self.step, metrics, log)
+
+    def should_log(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.stop
+
+    @contextlib.contextmanager
+    def guard(self):
+        try:
+            yield self
+        except KeyboardInterrupt:
+            if self.info.is_main:
+                print(f"\ninterrupted at step {self.step}: saving {self.ckpt}; continue with --resume")
+            self.save()
+            raise
+        finally:
+            self.progress.close()
+
+    def finish(self) -> Path:
+        self.save()
+        return self.ckpt

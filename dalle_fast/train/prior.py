@@ -1,0 +1,181 @@
+"""Stage 2 training: the transformer prior on cached dVAE tokens (SPEC.md section 4), importable and
+behind `dalle-fast train-prior`.
+
+The dataset is encoded once by a trained dVAE into a token cache (token_cache.py); a BPE is
+trained on its captions unless one is given. AdamW (0.9, 0.96, 1e-8, weight decay 4.5e-2 on
+matrices), linear warm-up then cosine decay, gradient clipping at 4, bf16 autocast on GPU, EMA
+weights, safetensors checkpoints with exact resume, torchrun + DistributedDataParallel with an
+optional PowerSGD gradient-compression hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+
+from ..dvae import DVAE, DVAEConfig
+from ..prior import Prior, PriorConfig
+from ..tokenizer import TextTokenizer
+from . import distributed
+from .checkpoint import load_model
+from .loop import TrainingRun, batches, ema_with_warmup, option as _f
+from .schedules import warmup_cosine
+from .token_cache import TokenCache, build_token_cache
+
+
+@dataclass
+class TrainPriorConfig:
+    dvae: str = _f("runs/dvae/checkpoint.safetensors", "trained dVAE checkpoint (train-vae's output) that makes the image tokens")
+    data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
+    out: str = _f("runs/prior", "run folder: checkpoint, tokenizer, metrics.jsonl")
+    cache: str = _f("", "token cache folder (default: OUT/cache); reused when built from the same inputs")
+    num_images: int = _f(20000, "images to encode into the cache (0: the whole dataset; tar shards need a number)")
+    tokenizer: str = _f("", "a trained tokenizer.json to use (default: train a BPE on the cached captions)")
+    text_vocab: int = _f(16384, "BPE vocabulary size when training one (small corpora stop earlier)")
+    bpe_dropout: float = _f(0.1, "BPE dropout of the cached caption tokenizations used in training")
+    text_variants: int = _f(8, "tokenizations cached per caption (the first without dropout)")
+    preset: str = _f("small", "model preset (PriorConfig.preset): paper, small, tiny")
+    text_len: int = _f(0, "text positions T (0: the preset's)")
+    layers: int = _f(0, "transformer layers (0: the preset's)")
+    d_model: int = _f(0, "model width (0: the preset's)")
+    heads: int = _f(0, "attention heads (0: the preset's)")
+    checkpoint_activations: bool = _f(False, "recompute each block in the backward pass (less memory)")
+    steps: int = _f(3000, "total optimizer steps")
+    batch_size: int = _f(32, "sequences per step per process")
+    lr: float = _f(1e-3, "peak learning rate (the paper: 4.5e-4 for 12B)")
+    lr_end: float = _f(1e-5, "learning rate at the end of the cosine decay")
+    warmup: int = _f(200, "linear warm-up steps")
+    weight_decay: float = _f(4.5e-2, "AdamW weight decay (matrices only)")
+    grad_clip: float = _f(4.0, "gradient norm clip (0: off)")
+    ema: float = _f(0.999, "EMA decay of the weights kept for sampling")
+    powersgd_rank: int = _f(0, "PowerSGD gradient compression rank under torchrun (0: plain all-reduce)")
+    seed: int = _f(0, "seed of the data order and model init")
+    workers: int = _f(0, "DataLoader worker processes")
+    log_every: int = _f(10, "steps between metrics lines")
+    save_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
+    run_steps: int = _f(0, "stop after this many steps in this invocation (0: run to the end)")
+    resume: bool = _f(False, "continue from OUT/checkpoint.safetensors if it exists")
+    device: str = _f("auto", "auto, cpu or cuda")
+    amp: bool = _f(True, "bf16 autocast on CUDA")
+
+
+def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokenizer) -> PriorConfig:
+    overrides = {k: getattr(cfg, k) for k in ("layers", "d_model", "heads") if getattr(cfg, k)}
+    text_len = int(cache.meta["text_len"])
+    return PriorConfig.preset(cfg.preset, text_len=text_len, grid=int(cache.meta["grid"]),
+                              image_vocab=int(cache.meta["image_vocab"]), text_vocab=tokenizer.bpe_vocab_size,
+                              checkpoint_activations=cfg.checkpoint_activations, **overrides)
+
+
+def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCache:
+    """Build the token cache on the main process (the others wait), then open it everywhere."""
+    cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
+    if info.is_main:
+        text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
+        dvae = load_model(cfg.dvae, DVAE, DVAEConfig).to(info.device)
+        tokenizer = TextTokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+        build_token_cache(cache_dir, dvae=dvae, data=cfg.data, text_len=text_len,
+                          num_images=cfg.num_images or None, tokenizer=tokenizer, text_vocab=cfg.text_vocab,
+                          variants=cfg.text_variants, dropout=cfg.bpe_dropout, seed=cfg.seed,
+                          device=info.device, source=str(Path(cfg.dvae).resolve()))
+    distributed.barrier()
+    return TokenCache(cache_dir, seed=cfg.seed)
+
+
+def _optimizer(model: Prior, cfg: TrainPriorConfig) -> torch.optim.AdamW:
+    # Decay matrices (linear and embedding weights); not biases or LayerNorm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+
+
+def _wrap(model: Prior, cfg: TrainPriorConfig, info: distributed.DistInfo):
+    """The module whose forward is the loss: DistributedDataParallel (plus PowerSGD) under torchrun."""
+    if not info.enabled:
+        return model.loss
+    ddp = DistributedDataParallel(_LossModule(model), device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if cfg.powersgd_rank > 0:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+        # Error feedback needs a few uncompressed iterations first (start_powerSGD_iter > 1).
+        state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
+                                       start_powerSGD_iter=2, min_compression_rate=2, random_seed=cfg.seed)
+        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    return ddp
+
+
+class _LossModule(torch.nn.Module):
+    """DDP all-reduces the gradients of what its module's forward computed: make that the loss."""
+
+    def __init__(self, prior: Prior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, text, image):
+        return self.prior.loss(text, image)
+
+
+def train_prior(cfg: TrainPriorConfig) -> Path:
+    """Run (or resume) a prior training; returns the checkpoint path."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    if not 0.0 <= cfg.bpe_dropout < 1.0:
+        raise ValueError(f"bpe_dropout must be in [0, 1), got {cfg.bpe_dropout}")
+    if not Path(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
+        raise FileNotFoundError(f"no dVAE checkpoint at {cfg.dvae} (train one with `dalle-fast train-vae`)")
+    info = distributed.setup(cfg.device)
+    out = Path(cfg.out)
+    cache = prepare_cache(cfg, info)
+    tokenizer = TextTokenizer.load(cache.tokenizer_path)
+    model_cfg = model_config(cfg, cache, tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = Prior(model_cfg).to(info.device)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
+    optimizer = _optimizer(model, cfg)
+    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+              "cache": {**cache.meta, "path": str(cache.root)}}
+    run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer, generators={},
+                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "prior"}, record=record,
+                      resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-prior")
+    if info.is_main:
+        shutil.copyfile(cache.tokenizer_path, out / "tokenizer.json")  # a run folder is self-contained
+        print(f"prior: {model_cfg.num_params() / 1e6:.2f}M parameters, {len(cache)} cached images, "
+              f"image-token unigram entropy {cache.unigram_entropy():.3f} nats")
+    objective = _wrap(model, cfg, info)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
+    data = batches(cache, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
+    tokens_per_step = cfg.batch_size * info.world_size * model_cfg.seq_len
+    model.train()
+    t_last, s_last = time.perf_counter(), run.step
+    with run.guard():
+        while run.running:
+            step = run.step
+            text, image = (t.to(info.device, non_blocking=True) for t in next(data))
+            lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
+            with autocast:
+                result = objective(text, image)
+            run.update(result["loss"], lr, model, ema, cfg.grad_clip)
+            step = run.step
+            log = run.should_log(cfg.log_every)
+            metrics = {}
+            if log:
+                stats = torch.stack([result[k].detach().float() for k in ("loss", "text_loss", "image_loss")])
+                stats = distributed.mean_over_ranks(stats).tolist()
+                now = time.perf_counter()
+                metrics = dict(zip(("loss", "text_loss", "image_loss"), stats))
+                metrics.update(lr=lr, tokens_per_s=tokens_per_step * (step - s_last) / (now - t_last))
+                t_last, s_last = now, step
+            run.log(metrics, log)
+            if step % cfg.save_every == 0 and run.running:
+                run.save()
+    ckpt = run.finish()
+    distributed.teardown()
+    return ckpt

@@ -1,0 +1,179 @@
+"""The prior's training data: a dataset encoded once by a trained dVAE and kept on disk.
+
+A cache folder holds
+- `images.npy`: uint16 [n, S*S], the dVAE's argmax tokens of every image (raster order);
+- `text.npy`: uint16 [n, V, T], V tokenizations of each image's caption with BPE dropout (the
+  tokenizers library draws its dropout from an unseeded RNG, so the draws are made once here and
+  training picks one per access from a seeded generator: seeded runs and resumes repeat exactly);
+- `captions.json`: the captions as read; `tokenizer.json`: the BPE that made `text.npy`;
+- `meta.json`: what was cached and from what (checked before a cache is reused).
+Captions are read once: for a folder whose text files hold several lines, the line drawn when
+the cache is built is the one cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
+
+from ..data import make_dataset
+from ..dvae import DVAE
+from ..tokenizer import TextTokenizer
+
+_STREAM = 0x70C5  # separates this module's random streams from other users of the same seed
+
+
+def _atomic_save(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    _atomic_save(path, write)
+
+
+def _save_json(path: Path, value) -> None:
+    _atomic_save(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+
+
+@torch.no_grad()
+def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int = 64, workers: int = 0,
+                  device: torch.device = torch.device("cpu"), progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Tokens uint16 [n, S*S] and captions of the first `limit` items of `dataset` (all if None)."""
+    total = len(dataset) if not isinstance(dataset, IterableDataset) else None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    if total is None:
+        raise ValueError("a streamed dataset (tar shards) needs a number of images to cache")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
+    tokens, captions = [], []
+    dvae.eval()
+    with tqdm(total=total, desc="encode images", disable=not progress, dynamic_ncols=True) as bar:
+        for images, texts in loader:
+            need = total - len(captions)
+            images, texts = images[:need], list(texts[:need])
+            tokens.append(dvae.encode(images.to(device)).flatten(1).to("cpu", torch.int32).numpy())
+            captions.extend(texts)
+            bar.update(len(texts))
+            if len(captions) >= total:
+                break
+    if not captions:
+        raise ValueError("the dataset yielded no images")
+    return np.concatenate(tokens).astype(np.uint16), captions
+
+
+def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: int, variants: int,
+                      dropout: float) -> tuple[np.ndarray, int]:
+    """uint16 [n, variants, text_len] and the number of captions truncated to fit.
+
+    Variant 0 is the plain tokenization, the others use BPE dropout. Dropout splits words into
+    more tokens; where that would overflow the text positions of a caption that fits without it,
+    the plain tokenization stands in (dropout never truncates a caption)."""
+    if tokenizer.text_vocab_size(text_len) > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"text ids up to {tokenizer.text_vocab_size(text_len)} do not fit uint16")
+    out = np.empty((len(captions), variants, text_len), dtype=np.uint16)
+    before = tokenizer.truncated
+    plain = tokenizer.encode_batch(captions, text_len).numpy()
+    truncated = tokenizer.truncated - before
+    full = plain[:, -1] < tokenizer.bpe_vocab_size  # no pad left: fits exactly or was truncated
+    out[:, 0] = plain
+    for v in range(1, variants):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # overflow is handled below, not a user-facing truncation
+            ids = tokenizer.encode_batch(captions, text_len, dropout=dropout).numpy()
+        overflow = (ids[:, -1] < tokenizer.bpe_vocab_size) & ~full
+        ids[overflow] = plain[overflow]
+        out[:, v] = ids
+    return out, truncated
+
+
+def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int, num_images: Optional[int],
+                      tokenizer: Optional[TextTokenizer] = None, text_vocab: int = 16384, variants: int = 8,
+                      dropout: float = 0.1, seed: int = 0, batch_size: int = 64, workers: int = 0,
+                      device: torch.device = torch.device("cpu"), source: str = "") -> Path:
+    """Encode `data` with `dvae`, train a BPE on its captions unless `tokenizer` is given, write
+    the cache folder and return it. An existing cache built from the same inputs is reused."""
+    cache = Path(cache)
+    if variants < 1:
+        raise ValueError(f"variants must be >= 1, got {variants}")
+    meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
+            "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
+            "image_size": dvae.config.image_size, "dvae": source}
+    if (cache / "meta.json").is_file():
+        old = json.loads((cache / "meta.json").read_text())
+        if {k: old.get(k) for k in meta} == meta:
+            return cache
+        raise ValueError(f"{cache} holds a token cache built from other inputs ({old}); "
+                         "delete it or pass another cache folder")
+    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images)
+    cache.mkdir(parents=True, exist_ok=True)
+    images, captions = encode_images(dvae, dataset, limit=num_images, batch_size=batch_size, workers=workers,
+                                     device=device)
+    if tokenizer is None:
+        tokenizer = TextTokenizer.train(captions, vocab_size=text_vocab)
+    tokenizer.save(cache / "tokenizer.json")
+    text, truncated = tokenize_variants(tokenizer, captions, text_len, variants, dropout)
+    _save_npy(cache / "images.npy", images)
+    _save_npy(cache / "text.npy", text)
+    _save_json(cache / "captions.json", captions)
+    meta.update(count=len(captions), truncated=truncated, bpe_vocab=tokenizer.bpe_vocab_size)
+    _save_json(cache / "meta.json", meta)  # last: its presence marks a complete cache
+    return cache
+
+
+class TokenCache(Dataset):
+    """`(text [T], image [S*S])` int64 pairs from a cache folder; the text is one of the caption's
+    cached tokenizations, drawn from a generator seeded with (seed, epoch, index)."""
+
+    def __init__(self, cache: str | Path, seed: int = 0):
+        self.root = Path(cache)
+        if not (self.root / "meta.json").is_file():
+            raise FileNotFoundError(f"no complete token cache in {self.root} (meta.json missing)")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.images = np.load(self.root / "images.npy", allow_pickle=False)
+        self.text = np.load(self.root / "text.npy", allow_pickle=False)
+        if len(self.images) != len(self.text):
+            raise ValueError(f"{self.root}: {len(self.images)} image rows but {len(self.text)} caption rows")
+        self.seed, self.epoch = seed, 0
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        variants = self.text.shape[1]
+        v = 0 if variants == 1 else int(np.random.default_rng([_STREAM, self.seed, self.epoch, index]).integers(variants))
+        text = torch.from_numpy(self.text[index, v].astype(np.int64))
+        image = torch.from_numpy(self.images[index].astype(np.int64))
+        return text, image
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the image tokens' frequencies: the loss of a model that ignores context."""
+        counts = np.bincount(self.images.ravel(), minlength=int(self.meta["image_vocab"])).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())

@@ -1,0 +1,127 @@
+"""The prior's loop end to end on tiny data: token cache, exact resume, torchrun with PowerSGD."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from dalle_fast.dvae import DVAE, DVAEConfig
+from dalle_fast.tokenizer import TextTokenizer
+from dalle_fast.train.checkpoint import load_model, read_checkpoint, save_checkpoint
+from dalle_fast.train.prior import TrainPriorConfig, train_prior
+from dalle_fast.train.progress import read_metrics
+from dalle_fast.train.token_cache import TokenCache, build_token_cache
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dvae_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny dVAE saved as train-vae saves it (its tokens are arbitrary but fixed)."""
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.preset("tiny"))
+    ema = AveragedModel(model, use_buffers=True)
+    with torch.no_grad():  # training weights differ from the EMA's: loading must pick the EMA
+        for p in model.parameters():
+            p.add_(1.0)
+    path = tmp_path_factory.mktemp("dvae") / "checkpoint.safetensors"
+    save_checkpoint(path, modules={"model": model, "ema": ema},
+                    meta={"model_config": dataclasses.asdict(model.config), "kind": "dvae"})
+    return path
+
+
+def tiny(out, dvae, **kw) -> TrainPriorConfig:
+    base = dict(dvae=str(dvae), data="shapes", out=str(out), cache=str(Path(out).parent / "cache"), num_images=48,
+                preset="tiny", layers=2, d_model=32, heads=2, steps=6, batch_size=4, warmup=2, log_every=1,
+                save_every=100, seed=3, device="cpu")
+    return TrainPriorConfig(**(base | kw))
+
+
+def test_load_model_rebuilds_the_ema_weights(dvae_checkpoint):
+    model = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    tensors, _ = read_checkpoint(dvae_checkpoint)
+    assert not model.training
+    assert torch.equal(model.encoder.blocks.input.weight, tensors["ema.module.encoder.blocks.input.weight"])
+    assert not torch.equal(model.encoder.blocks.input.weight, tensors["model.encoder.blocks.input.weight"])
+
+
+def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint):
+    dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    kw = dict(dvae=dvae, data="shapes", text_len=16, num_images=40, variants=6, dropout=0.5, batch_size=16)
+    cache = build_token_cache(tmp_path / "c", **kw)
+    data = TokenCache(cache, seed=1)
+    assert len(data) == 40 and data.images.dtype == np.uint16 and data.images.shape == (40, 64)
+    captions = json.loads((cache / "captions.json").read_text())
+    from dalle_fast.data import ShapesDataset
+
+    shapes = ShapesDataset("train", size=64, seed=0, length=40)
+    assert captions[:3] == [shapes[i][1] for i in range(3)]
+    images = torch.stack([shapes[i][0] for i in range(4)])
+    assert np.array_equal(data.images[:4], dvae.encode(images).flatten(1).numpy())
+    tok = TextTokenizer.load(cache / "tokenizer.json")
+    for i in range(5):
+        assert torch.equal(torch.from_numpy(data.text[i, 0].astype(np.int64)), tok.encode(captions[i], 16))
+        assert all(tok.decode(data.text[i, v].tolist()) == captions[i] for v in range(6))
+    assert any(not np.array_equal(data.text[i, 0], data.text[i, v]) for i in range(40) for v in range(1, 6))
+    # an access is a pure function of (seed, epoch, index); epochs draw other variants
+    text, image = data[7]
+    assert torch.equal(data[7][0], text) and image.dtype == torch.int64
+    picks = set()
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        picks.add(tuple(data[7][0].tolist()))
+    assert len(picks) > 1
+    # reuse when the inputs match (no rewrite), refuse when they do not
+    stamp = (cache / "images.npy").stat().st_mtime_ns
+    assert build_token_cache(tmp_path / "c", **kw) == cache
+    assert (cache / "images.npy").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other inputs"):
+        build_token_cache(tmp_path / "c", **(kw | dict(num_images=30)))
+    assert 0.0 < data.unigram_entropy() <= np.log(256)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, dvae_checkpoint):
+    train_prior(tiny(tmp_path / "straight", dvae_checkpoint))
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, run_steps=4))
+    assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 4
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, resume=True))
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [m["step"] for m in split] == [m["step"] for m in straight] == list(range(1, 7))
+    for a, b in zip(straight, split):
+        for key in ("loss", "text_loss", "image_loss", "lr"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    assert straight[-1]["loss"] < straight[0]["loss"]
+    w1, _ = read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
+    w2, _ = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        assert torch.equal(w1[key], w2[key]), key
+    assert (tmp_path / "straight" / "tokenizer.json").is_file()
+
+
+def test_missing_dvae_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-vae"):
+        train_prior(tiny(tmp_path / "run", tmp_path / "nothing.safetensors", cache=""))
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_two_processes_gloo_with_powersgd(tmp_path, dvae_checkpoint):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dalle_fast.cli", "train-prior", "--dvae", str(dvae_checkpoint), "--preset", "tiny",
+           "--layers", "2", "--d-model", "32", "--heads", "2", "--num-images", "32", "--steps", "4",
+           "--warmup", "1", "--batch-size", "2", "--log-every", "1", "--powersgd-rank", "1", "--device", "cpu",
+           "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [p.name for p in out.glob("*.safetensors")] == ["checkpoint.safetensors"]
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 4
