@@ -283,26 +283,31 @@ class DVAE(nn.Module):
     # -- training ----------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, tau: float, beta: float,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, usage: float = 0.0) -> dict[str, torch.Tensor]:
         """The loss dict (see `loss`): forward is what DistributedDataParallel wraps, so a
         training loop calls `ddp_model(images, tau, beta)` to get its gradients all-reduced."""
-        return self.loss(images, tau, beta, generator)
+        return self.loss(images, tau, beta, generator, usage)
 
     def loss(self, images: torch.Tensor, tau: float, beta: float,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, usage: float = 0.0) -> dict[str, torch.Tensor]:
         """The training objective on images (B, 3, H, W) in [0, 1] (SPEC section 3).
 
         Per image, divided by its pixel count P = 3 * H * W (every channel of every pixel is one
         logit-Laplace variable, so `nll` is nats per subpixel):
             loss_i = (-log LogitLaplace(x'_i | mu, b) summed over pixels and channels
                       + beta * KL(softmax(logits) || uniform) summed over grid positions) / P
+        plus, when `usage` > 0 (not in the paper), `usage * KL(mean softmax || uniform)`: the
+        batch's average code distribution pulled towards uniform. The per-position KL does not
+        stop codebook collapse (every position can pick the same few codes); on small data the
+        dVAE otherwise settles on a handful of codes and merges colours.
         `loss` is the batch mean of loss_i and carries gradients to encoder and decoder (the
         decoder sees the soft Gumbel-softmax sample at temperature tau; the KL uses the plain
         softmax). Returned, all but `loss` detached:
             loss    scalar, the objective
             nll     scalar, batch mean of NLL_i / P
             kl      scalar, batch mean of KL_i / P, NOT multiplied by beta (so runs compare
-                    across the beta schedule); loss = nll + beta * kl
+                    across the beta schedule); loss = nll + beta * kl (+ usage * usage_kl)
+            usage_kl scalar, KL(batch-mean softmax || uniform) in nats (0: every code equally used)
             recon   (B, 3, H, W) in [0, 1], the decoder mean of the relaxed sample
             logits  (B, vocab, S, S) encoder logits
             tokens  (B, S, S) their argmax, for codebook usage
@@ -310,8 +315,9 @@ class DVAE(nn.Module):
         self._check_images(images)
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"beta must be a non-negative finite number, got {beta!r}")
+        for name, value in (("beta", beta), ("usage", usage)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         eps = self.config.logit_laplace_eps
         images = images.to(_compute_dtype(self._dtype))
         x = map_pixels(images, eps)  # (B, 3, H, W) in (eps, 1 - eps)
@@ -329,10 +335,15 @@ class DVAE(nn.Module):
         nll = logit_laplace_nll(x, out) / pixels  # (B,)
         kl = kl.to(nll.dtype).sum(dim=(1, 2)) / pixels  # (B,)
         loss = (nll + beta * kl).mean()
+        mean_probs = logits.float().softmax(dim=1).mean(dim=(0, 2, 3))  # (vocab,)
+        usage_kl = math.log(self.config.vocab) + (mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+        if usage > 0:
+            loss = loss + usage * usage_kl
         return {
             "loss": loss,
             "nll": nll.detach().mean(),
             "kl": kl.detach().mean(),
+            "usage_kl": usage_kl.detach(),
             "recon": self._unmap_mean(out.detach()),
             "logits": logits.detach(),
             "tokens": logits.detach().argmax(dim=1),

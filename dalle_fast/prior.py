@@ -202,10 +202,12 @@ class Prior(nn.Module):
         if image.dim() != 2 or image.shape[0] != text.shape[0] or image.shape[1] != image_len:
             raise ValueError(f"image must be [B, {image_len}] with B = {text.shape[0]}, got {tuple(image.shape)}")
 
-    def embed_image(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Embeddings of image tokens [B, n] that sit at grid indices start .. start+n-1."""
-        g = torch.arange(start, start + image.shape[1], device=image.device)
-        return self.image_emb(image) + self.row_emb(g // self.config.grid) + self.col_emb(g % self.config.grid)
+    def embed_image(self, image: torch.Tensor, grid_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings of image tokens [B, n] at grid indices `grid_pos` [n] (default 0 .. n-1)."""
+        if grid_pos is None:
+            grid_pos = torch.arange(image.shape[1], device=image.device)
+        s = self.config.grid
+        return self.image_emb(image) + self.row_emb(grid_pos // s) + self.col_emb(grid_pos % s)
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         return self.text_emb(text) + self.text_pos.weight[: text.shape[1]]

@@ -32,3 +32,16 @@ def test_bench_gumbel_quick_writes_json(tmp_path):
     methods = data["results"][0]["methods"]
     assert {"ours", "F.gumbel_softmax"} <= set(methods)
     assert data["results"][0]["ours_max_err_vs_formula"] < 1e-5
+
+
+def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
+    out = tmp_path / "sampling.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--device", "cpu", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"ours", "dense_kv", "recompute"}
+    assert data["skipped"] == {}
+    assert all(r["same_tokens_first_rows"] and r["ms_per_token"] > 0 for r in data["results"].values())

@@ -282,3 +282,25 @@ def test_codebook_perplexity_known_values():
         codebook_perplexity(torch.tensor([0, 2]), 2)
     with pytest.raises(ValueError, match="integer"):
         codebook_perplexity(torch.tensor([0.0]), 2)
+
+
+def test_usage_term_is_the_kl_of_the_mean_code_distribution(tiny):
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seed = lambda: torch.Generator().manual_seed(1)
+    plain = tiny.loss(images, 1.0, 0.5, seed())
+    with_usage = tiny.loss(images, 1.0, 0.5, seed(), usage=2.0)
+    mean = plain["logits"].softmax(1).mean(dim=(0, 2, 3))
+    expected = (mean * (mean * tiny.config.vocab).log()).sum()
+    assert plain["usage_kl"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert with_usage["loss"].item() == pytest.approx((plain["loss"] + 2.0 * plain["usage_kl"]).item(), rel=1e-5)
+    # collapse onto one code costs log(vocab); the gradient of the term spreads the codes
+    with torch.no_grad():
+        tiny.encoder.blocks.output.conv.bias[0] += 50.0
+    try:
+        collapsed = tiny.loss(images, 1.0, 0.0, seed(), usage=1.0)
+        assert collapsed["usage_kl"].item() == pytest.approx(math.log(tiny.config.vocab), rel=1e-3)
+    finally:
+        with torch.no_grad():
+            tiny.encoder.blocks.output.conv.bias[0] -= 50.0
+    with pytest.raises(ValueError, match="usage"):
+        tiny.loss(images, 1.0, 0.5, usage=-1.0)

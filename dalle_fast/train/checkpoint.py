@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -149,10 +149,13 @@ def _weights(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, t
     return sub
 
 
-def load_model(path: str | Path, model_cls, config_cls, prefix: str = "ema"):
-    """Rebuild a model from a training checkpoint: its config from the checkpoint's metadata,
-    its weights from `prefix` (the EMA weights by default). Returns the model in eval mode."""
+def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = None):
+    """Rebuild a model from a checkpoint: its config from the checkpoint's metadata, its weights
+    from `prefix` (default: the EMA weights of a training checkpoint, else the 'model' weights of
+    an exported one). Returns the model in eval mode."""
     tensors, info = read_checkpoint(path)
+    if prefix is None:
+        prefix = "ema" if any(k.startswith("ema.") for k in tensors) else "model"
     config = info.get("meta", {}).get("model_config")
     if config is None:
         raise ValueError(f"{path} records no model_config")

@@ -39,6 +39,8 @@ class TrainVAEConfig:
     tau_steps: int = _f(0, "length of the temperature schedule (0: the whole run)")
     beta_end: float = _f(6.6, "KL weight reached at the end of its cosine warm-up from 0")
     beta_steps: int = _f(0, "length of the KL-weight schedule (0: a quarter of the run)")
+    usage: float = _f(0.0, "weight of KL(batch-mean code distribution || uniform), against codebook collapse "
+                           "(not in the paper; 0: off)")
     ema: float = _f(0.999, "EMA decay of the weights used for reconstructions and tokens")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     seed: int = _f(0, "seed of the data order, model init and noise")
@@ -106,7 +108,7 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
             tau = cosine(step, cfg.tau_start, cfg.tau_end, tau_steps)
             beta = cosine(step, 0.0, cfg.beta_end, beta_steps)
             with autocast:
-                result = objective(images, tau, beta, noise)
+                result = objective(images, tau, beta, noise, cfg.usage)
             run.update(result["loss"], lr, model, ema, cfg.grad_clip)
             step = run.step
             log = run.should_log(cfg.log_every)
@@ -115,10 +117,11 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
                 with torch.no_grad():
                     tokens = result["tokens"]
                     stats = torch.tensor([result["loss"].item(), result["nll"].item(), result["kl"].item(),
+                                          result["usage_kl"].item(),
                                           psnr(result["recon"].float(), images.float()).item(),
                                           codebook_perplexity(tokens, model_cfg.vocab).item()], device=info.device)
                     stats = distributed.mean_over_ranks(stats).tolist()
-                metrics = dict(zip(("loss", "nll", "kl", "psnr", "perplexity"), stats))
+                metrics = dict(zip(("loss", "nll", "kl", "usage_kl", "psnr", "perplexity"), stats))
                 metrics.update(tau=tau, beta=beta, lr=lr)
             run.log(metrics, log)
             if step % cfg.sample_every == 0:

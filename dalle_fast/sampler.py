@@ -1,0 +1,227 @@
+"""Sampling image tokens from the prior with a KV cache (SPEC.md section 6).
+
+The caption (and any priming rows of image tokens) is run once through the model ("prefill"),
+filling a preallocated key/value cache of N positions per layer. Then each step feeds one image
+token per sequence and attends only to the keys its layer's mask allows: the T text keys plus
+the image keys at offsets `d = g - g'` the kind permits. The masks depend on `d` alone
+(`ops.masks.image_offset_allowed`), so each kind has one fixed offset list (row: S + 1 keys,
+column: S, conv: at most h*k + h + 1, causal: all) and a step gathers `g - offsets` from the
+cache: a fixed-shape gather, no per-step index building, so a step is the same kernel sequence
+for every `g`.
+
+Nothing in the loop reads a device value on the host: the position `g` is a device tensor that
+the step advances itself, sampling writes its token into the output buffer on the device, and
+on CUDA the whole step (model, top-k/top-p, sampling, bookkeeping) is captured once in a CUDA
+graph and replayed for every token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ops import attention_mask
+from .ops.masks import image_offset_allowed
+from .prior import Prior
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # logits are divided by it; lower is more conservative
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1: all)
+    cuda_graph: bool = True  # on CUDA, capture one step in a graph and replay it
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+
+
+def key_offsets(kind: str, grid: int, kernel: int) -> torch.Tensor:
+    """The image offsets d = g - g' (ascending, int64) that an image query may see in `kind`."""
+    d = torch.arange(grid * grid)
+    return d[image_offset_allowed(kind, grid, d, kernel)]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. [B, V] -> [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach p (the most likely always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, config: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of [B, V] logits: [B] int64, drawn without a host synchronisation.
+
+    The draw is argmax(p / E) with E ~ Exponential(1) i.i.d. (the exponential race), which picks
+    index i with probability p_i, like torch.multinomial, from a fixed-shape elementwise op."""
+    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+class IncrementalPrior:
+    """A Prior run one position at a time over a KV cache of `batch` sequences.
+
+    `prefill(text, prime)` runs the caption and priming tokens and returns the logits of the
+    next image token; `step(token, g)` feeds image token `g` (at position T + g) and returns
+    the logits of image token g + 1.
+    """
+
+    def __init__(self, prior: Prior, batch: int):
+        self.prior = prior
+        cfg = self.cfg = prior.config
+        param = next(prior.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = (batch, cfg.heads, cfg.seq_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
+        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
+        offsets = {kind: key_offsets(kind, cfg.grid, cfg.kernel).to(self.device) for kind in set(cfg.layer_kinds())}
+        self.offsets = [offsets[block.attn.kind] for block in prior.blocks]
+        self.batch = batch
+
+    @torch.no_grad()
+    def prefill(self, text: torch.Tensor, prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """text [B, T], prime [B, n0] (the first n0 image tokens, or None) -> logits [B, V_image]."""
+        prior, cfg = self.prior, self.cfg
+        if prime is None:
+            prime = text.new_zeros(text.shape[0], 0)
+        prior._check(text, prime, prime.shape[1])
+        if text.shape[0] != self.batch:
+            raise ValueError(f"this cache holds {self.batch} sequences, got a batch of {text.shape[0]}")
+        x = torch.cat([prior.embed_text(text), prior.embed_image(prime)], dim=1)  # (B, n, d)
+        n = x.shape[1]
+        masks = {}
+        for layer, block in enumerate(prior.blocks):
+            kind = block.attn.kind
+            if kind not in masks:
+                masks[kind] = attention_mask(kind, cfg.text_len, cfg.grid, cfg.kernel, device=self.device)[:n, :n]
+            q, k, v = block.attn.split_heads(block.ln_1(x))  # (B, H, n, D)
+            self.keys[layer][:, :, :n] = k
+            self.values[layer][:, :, :n] = v
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[kind])
+            x = x + block.attn.merge_heads(out)
+            x = x + block.mlp(block.ln_2(x))
+        return prior.image_head(prior.ln_f(x[:, -1]))
+
+    def attend(self, layer: int, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The attention of query q [B, H, 1, D] at image position g over the keys its mask allows."""
+        t, scale = self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim)
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        source = g - self.offsets[layer]  # image keys this query may see (negative: none)
+        valid = source >= 0
+        index = t + source.clamp(min=0)
+        k_img, v_img = cache_k.index_select(2, index), cache_v.index_select(2, index)  # (B, H, K, D)
+        k_txt, v_txt = cache_k[:, :, :t], cache_v[:, :, :t]
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least
+        s_txt = (q @ k_txt.transpose(-1, -2)).to(acc) * scale  # (B, H, 1, T)
+        s_img = ((q @ k_img.transpose(-1, -2)).to(acc) * scale).masked_fill(~valid, float("-inf"))
+        p = torch.cat([s_txt, s_img], dim=-1).softmax(-1).to(q.dtype)
+        return p[..., :t] @ v_txt + p[..., t:] @ v_img
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """token [B] int64 = image token g; g a 0-dim int64 tensor on the model's device (0 <= g < S*S - 1)."""
+        prior, cfg = self.prior, self.cfg
+        grid_pos = g.view(1)
+        x = prior.embed_image(token.unsqueeze(1), grid_pos)  # (B, 1, d)
+        for layer, block in enumerate(prior.blocks):
+            q, k, v = block.attn.split_heads(block.ln_1(x))  # (B, H, 1, D)
+            self.keys[layer].index_copy_(2, cfg.text_len + grid_pos, k)
+            self.values[layer].index_copy_(2, cfg.text_len + grid_pos, v)
+            out = self.attend(layer, q, g)  # (B, H, 1, D)
+            x = x + block.attn.merge_heads(out)
+            x = x + block.mlp(block.ln_2(x))
+        return prior.image_head(prior.ln_f(x[:, 0]))
+
+
+class _Loop:
+    """The per-token state on the device and the step that advances it: feed `token` (image token
+    `g`), sample token g + 1, write it to `tokens`, advance `g`."""
+
+    def __init__(self, inc: IncrementalPrior, tokens: torch.Tensor, first: int, config: SamplingConfig,
+                 generator: Optional[torch.Generator]):
+        self.inc, self.tokens, self.config, self.generator = inc, tokens, config, generator
+        self.g = torch.tensor(first, device=tokens.device)
+        self.token = tokens[:, first].clone()
+
+    def advance(self) -> None:
+        logits = self.inc.step(self.token, self.g)
+        nxt = sample_logits(logits, self.config, self.generator)
+        self.g += 1
+        self.tokens.index_copy_(1, self.g.view(1), nxt.unsqueeze(1))
+        self.token.copy_(nxt)
+
+
+def _run_graph(loop: _Loop, count: int) -> None:
+    """Capture one `advance` in a CUDA graph and replay it `count` times."""
+    g0, token0 = loop.g.clone(), loop.token.clone()
+    gen_state = loop.generator.get_state() if loop.generator is not None else torch.cuda.get_rng_state()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (lazy initialisation, workspaces)
+        loop.advance()
+    torch.cuda.current_stream().wait_stream(side)
+    # the warm-up moved the state on: put it back before capturing
+    loop.g.copy_(g0)
+    loop.token.copy_(token0)
+    graph = torch.cuda.CUDAGraph()
+    if loop.generator is not None:
+        loop.generator.set_state(gen_state)
+        graph.register_generator_state(loop.generator)
+    else:
+        torch.cuda.set_rng_state(gen_state)
+    with torch.cuda.graph(graph):
+        loop.advance()
+    for _ in range(count):
+        graph.replay()
+
+
+@torch.no_grad()
+def sample_image_tokens(prior: Prior, text: torch.Tensor, *, prime: Optional[torch.Tensor] = None,
+                        config: Optional[SamplingConfig] = None,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample the image tokens of each caption in text [B, T]: returns [B, S*S] int64.
+
+    `prime` [B, n0] fixes the first n0 image tokens (image priming: n0 = rows * S); the rest are
+    sampled one position at a time. Seeded `generator`s repeat exactly."""
+    config = config or SamplingConfig()
+    cfg = prior.config
+    was_training = prior.training
+    prior.eval()
+    try:
+        inc = IncrementalPrior(prior, text.shape[0])
+        logits = inc.prefill(text, prime)
+        first = 0 if prime is None else prime.shape[1]
+        tokens = torch.zeros(text.shape[0], cfg.image_len, dtype=torch.long, device=text.device)
+        if first:
+            tokens[:, :first] = prime
+        if first == cfg.image_len:
+            return tokens
+        tokens[:, first] = sample_logits(logits, config, generator)
+        loop = _Loop(inc, tokens, first, config, generator)
+        remaining = cfg.image_len - 1 - first
+        if remaining and config.cuda_graph and tokens.is_cuda:
+            _run_graph(loop, remaining)
+        else:
+            for _ in range(remaining):
+                loop.advance()
+        return tokens
+    finally:
+        prior.train(was_training)

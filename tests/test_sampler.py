@@ -1,0 +1,98 @@
+"""Incremental decoding against the full forward pass, sampling filters, seeds and priming."""
+
+import pytest
+import torch
+
+from dalle_fast import ops
+from dalle_fast.prior import Prior, PriorConfig
+from dalle_fast.sampler import (IncrementalPrior, SamplingConfig, filter_logits, key_offsets, sample_image_tokens,
+                                sample_logits)
+from tests.conftest import DEVICES, assert_close
+
+
+def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu") -> Prior:
+    cfg = PriorConfig(text_len=text_len, grid=grid, text_vocab=19, image_vocab=13, d_model=32, heads=2,
+                      layers=len(kinds), kernel=3, kinds=tuple(kinds))
+    torch.manual_seed(seed)
+    return Prior(cfg).to(device=device, dtype=dtype).eval()
+
+
+def tokens_for(cfg, batch=2, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, cfg.text_vocab_total, (batch, cfg.text_len), generator=g).to(device)
+    image = torch.randint(0, cfg.image_vocab, (batch, cfg.image_len), generator=g).to(device)
+    return text, image
+
+
+@pytest.mark.parametrize("kind", ops.KINDS)
+def test_key_offsets_are_the_mask(kind):
+    t, s, k = 3, 5, 3
+    mask = ops.attention_mask(kind, t, s, k)
+    offsets = key_offsets(kind, s, k)
+    for g in range(s * s):
+        allowed = {t + g - int(d) for d in offsets if g - int(d) >= 0}
+        assert allowed == set((mask[t + g, t:].nonzero().ravel() + t).tolist()), (kind, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kinds", [["row"], ["column"], ["conv"], ["causal"], ["row", "column", "row", "conv"]])
+def test_incremental_logits_equal_the_full_forward(kinds, device):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    prior = make_prior(kinds, device=device, dtype=dtype)
+    cfg = prior.config
+    text, image = tokens_for(cfg, device=device)
+    with torch.no_grad(), ops.backend("reference"):
+        _, full = prior(text, image)  # (B, S*S, V): full[:, g] predicts image token g
+    inc = IncrementalPrior(prior, batch=2)
+    assert_close(inc.prefill(text), full[:, 0], "prefill")
+    for g in range(cfg.image_len - 1):
+        logits = inc.step(image[:, g], torch.tensor(g, device=device))
+        assert_close(logits, full[:, g + 1], f"step {g}")
+    # priming: prefill over the first rows gives the logits of the next token directly
+    inc = IncrementalPrior(prior, batch=2)
+    n0 = 2 * cfg.grid
+    assert_close(inc.prefill(text, image[:, :n0]), full[:, n0], "primed prefill")
+    assert_close(inc.step(image[:, n0], torch.tensor(n0, device=device)), full[:, n0 + 1], "step after priming")
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, False, True, False, False]]
+    probs = logits.softmax(-1)[0]  # 0.63, 0.086, 0.23, 0.03, 0.01
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=float(probs[0] + probs[2] + probs[1]) + 1e-3)).sum() == 4
+    assert torch.equal(filter_logits(logits), logits)
+
+
+def test_sampling_follows_the_distribution_and_the_seed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(60000, 4)
+    draws = sample_logits(logits, SamplingConfig(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.01, rtol=0)
+    again = sample_logits(logits, SamplingConfig(), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    cold = sample_logits(logits, SamplingConfig(temperature=0.05), torch.Generator().manual_seed(0))
+    assert (cold == 0).float().mean() > 0.99
+
+
+def test_seeded_generation_repeats_and_priming_keeps_the_rows():
+    prior = make_prior(["row", "column", "conv"], dtype=torch.float32)
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=3)
+    run = lambda seed, **kw: sample_image_tokens(prior, text, generator=torch.Generator().manual_seed(seed), **kw)
+    a, b, c = run(5), run(5), run(6)
+    assert a.shape == (3, cfg.image_len) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < cfg.image_vocab
+    n0 = 2 * cfg.grid
+    primed = run(5, prime=image[:, :n0])
+    assert torch.equal(primed[:, :n0], image[:, :n0])
+    assert torch.equal(run(5, prime=image), image)  # nothing left to sample
+
+
+def test_sampling_config_rejects_bad_values():
+    for bad in (dict(temperature=0.0), dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
+                dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
