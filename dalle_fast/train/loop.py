@@ -25,6 +25,21 @@ def option(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """The options every training command shares (its config dataclass extends this one)."""
+
+    seed: int = option(0, "seed of the data order, initialisation and noise")
+    workers: int = option(0, "DataLoader worker processes")
+    log_every: int = option(10, "steps between metrics lines")
+    save_every: int = option(500, "steps between checkpoints (one is always written at the end)")
+    run_steps: int = option(0, "stop after this many steps in this invocation (0: run to the end); "
+                               "with --resume, for time-sliced jobs")
+    resume: bool = option(False, "continue from OUT/checkpoint.safetensors if it exists")
+    device: str = option("auto", "auto, cpu or cuda")
+    amp: bool = option(True, "bf16 autocast on CUDA")
+
+
 def _loader(dataset, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
             sampler: Optional[ResumableSampler]) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,

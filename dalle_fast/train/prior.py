@@ -25,13 +25,13 @@ from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from .checkpoint import load_model
-from .loop import TrainingRun, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache
 
 
 @dataclass
-class TrainPriorConfig:
+class TrainPriorConfig(RunOptions):
     dvae: str = _f("runs/dvae/checkpoint.safetensors", "trained dVAE checkpoint (train-vae's output) that makes the image tokens")
     data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
     out: str = _f("runs/prior", "run folder: checkpoint, tokenizer, metrics.jsonl")
@@ -56,14 +56,6 @@ class TrainPriorConfig:
     grad_clip: float = _f(4.0, "gradient norm clip (0: off)")
     ema: float = _f(0.999, "EMA decay of the weights kept for sampling")
     powersgd_rank: int = _f(0, "PowerSGD gradient compression rank under torchrun (0: plain all-reduce)")
-    seed: int = _f(0, "seed of the data order and model init")
-    workers: int = _f(0, "DataLoader worker processes")
-    log_every: int = _f(10, "steps between metrics lines")
-    save_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
-    run_steps: int = _f(0, "stop after this many steps in this invocation (0: run to the end)")
-    resume: bool = _f(False, "continue from OUT/checkpoint.safetensors if it exists")
-    device: str = _f("auto", "auto, cpu or cuda")
-    amp: bool = _f(True, "bf16 autocast on CUDA")
 
 
 def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokenizer) -> PriorConfig:

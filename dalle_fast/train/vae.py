@@ -20,12 +20,12 @@ from .. import images as imageio
 from ..data import make_dataset
 from ..dvae import DVAE, DVAEConfig, codebook_perplexity, psnr
 from . import distributed
-from .loop import TrainingRun, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
 from .schedules import cosine
 
 
 @dataclass
-class TrainVAEConfig:
+class TrainVAEConfig(RunOptions):
     data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
     out: str = _f("runs/dvae", "run folder: checkpoint, metrics.jsonl, reconstruction grids")
     preset: str = _f("small", "model preset (DVAEConfig.preset): paper, small, tiny, ...")
@@ -43,16 +43,7 @@ class TrainVAEConfig:
                            "(not in the paper; 0: off)")
     ema: float = _f(0.999, "EMA decay of the weights used for reconstructions and tokens")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
-    seed: int = _f(0, "seed of the data order, model init and noise")
-    workers: int = _f(0, "DataLoader worker processes")
-    log_every: int = _f(10, "steps between metrics lines")
     sample_every: int = _f(250, "steps between reconstruction grids")
-    save_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
-    run_steps: int = _f(0, "stop after this many steps in this invocation (0: run to the end); "
-                           "with --resume, for time-sliced jobs")
-    resume: bool = _f(False, "continue from OUT/checkpoint.safetensors if it exists")
-    device: str = _f("auto", "auto, cpu or cuda")
-    amp: bool = _f(True, "bf16 autocast on CUDA")
 
 
 def _images(batch) -> torch.Tensor:
