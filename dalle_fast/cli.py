@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -50,8 +51,112 @@ def _cmd_train_prior(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from . import images as imageio
+    from .pipeline import generate, load_models
+    from .sampler import SamplingConfig
+
+    if (args.prime is None) != (args.rows is None):
+        raise ValueError("--prime IMAGE and --rows R go together")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    models = load_models(args.model, device=device)
+    load_s = time.perf_counter() - t0
+    result = generate(models, args.prompt, num=args.num, keep=args.keep, seed=args.seed, sampling=sampling,
+                      prime_image=args.prime, prime_rows=args.rows or 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for rank, image in enumerate(result.images):
+        imageio.to_pil(image).save(out / f"rank{rank}.png")
+    imageio.save_grid(result.images, out / "grid.png", scale=args.grid_scale)
+    ranked = "reranked" if result.scores is not None else "in sampling order (the model folder has no reranker)"
+    print(f"{result.num_sampled} candidates sampled, best {len(result.images)} {ranked} -> {out}/rank*.png, "
+          f"{out}/grid.png")
+    print(f"{result.seconds:.2f} s for {result.num_sampled} images: {result.seconds / result.num_sampled * 1e3:.0f} ms "
+          f"per image on {device} (models loaded in {load_s:.2f} s from {models.folder})")
+    return 0
+
+
+def _cmd_export_model(args) -> int:
+    import torch
+
+    from .pipeline import export_model_folder
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    runs = {key: Path(getattr(args, key)) for key in ("dvae", "prior", "reranker") if getattr(args, key)}
+    ckpt = {key: run / "checkpoint.safetensors" if run.is_dir() else run for key, run in runs.items()}
+    tokenizer = Path(args.tokenizer) if args.tokenizer else ckpt["prior"].parent / "tokenizer.json"
+    out = export_model_folder(args.out, dvae=ckpt["dvae"], prior=ckpt["prior"], reranker=ckpt.get("reranker"),
+                              tokenizer=tokenizer, dtype=dtype)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"model folder {out}: {', '.join(sorted(f.name for f in out.iterdir()))} ({size:.1f} MiB)")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="generate images for a text prompt (reranked, best first)")
+    gen.add_argument("prompt", help="the caption of the images to generate")
+    gen.add_argument("--num", type=int, default=16, help="candidates sampled as one batch (default: 16)")
+    gen.add_argument("--keep", type=int, default=4, help="best candidates written out (default: 4)")
+    gen.add_argument("--out", default="samples", help="output folder for rank*.png and grid.png (default: samples)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
+    gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    gen.add_argument("--grid-scale", type=int, default=2, help="pixel scale of grid.png (default: 2)")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    gen.set_defaults(run=_cmd_generate)
+    exp = sub.add_parser("export-model", help="write a model folder for `generate` from training runs")
+    exp.add_argument("--dvae", required=True, help="train-vae run folder or checkpoint")
+    exp.add_argument("--prior", required=True, help="train-prior run folder or checkpoint")
+    exp.add_argument("--reranker", default=None, help="train-reranker run folder or checkpoint (optional)")
+    exp.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the prior run's)")
+    exp.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"),
+                     help="weight precision on disk (default: float16)")
+    exp.add_argument("--out", required=True, help="model folder to write")
+    exp.set_defaults(run=_cmd_export_model)
+
+
+def _cmd_train_reranker(args) -> int:
+    from .train.reranker import TrainRerankerConfig, train_reranker
+
+    path = train_reranker(_config(TrainRerankerConfig, args))
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _cmd_eval_shapes(args) -> int:
+    import torch
+
+    from .evaluate import evaluate_shapes, format_report
+    from .pipeline import load_models
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_models(args.model, device=device)
+    out = Path(args.out)
+
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            print(f"{done}/{total} captions", file=sys.stderr, flush=True)
+
+    report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
+                             out_json=out / "eval.json", out_png=out / "samples.png", progress=progress)
+    print(format_report(report))
+    print(f"-> {out / 'eval.json'}, {out / 'samples.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.prior import TrainPriorConfig
+    from .train.reranker import TrainRerankerConfig
     from .train.vae import TrainVAEConfig
 
     parser = argparse.ArgumentParser(prog="dalle-fast", description="DALL-E with fast sparse-attention kernels")
@@ -65,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                "torchrun for several processes")
     _add_dataclass_args(prior, TrainPriorConfig)
     prior.set_defaults(run=_cmd_train_prior)
+    rerank = sub.add_parser("train-reranker", help="train the contrastive reranker of samples on image-caption "
+                                                   "pairs, with the prior's tokenizer")
+    _add_dataclass_args(rerank, TrainRerankerConfig)
+    rerank.set_defaults(run=_cmd_train_reranker)
+    _add_generate(sub)
+    ev = sub.add_parser("eval-shapes", help="zero-shot accuracy on shapes test captions, seen and held-out pairs, "
+                                            "judged by a pixel detector")
+    ev.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    ev.add_argument("--captions", type=int, default=50, help="captions of each kind, seen and held-out (default: 50)")
+    ev.add_argument("--candidates", type=int, default=8, help="images sampled per caption (default: 8)")
+    ev.add_argument("--seed", type=int, default=0, help="caption selection and sampling seed (default: 0)")
+    ev.add_argument("--out", default="eval-shapes", help="folder for eval.json and samples.png (default: eval-shapes)")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    ev.set_defaults(run=_cmd_eval_shapes)
     return parser
 
 

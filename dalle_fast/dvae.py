@@ -283,13 +283,13 @@ class DVAE(nn.Module):
     # -- training ----------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, tau: float, beta: float,
-                generator: torch.Generator | None = None, usage: float = 0.0) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, usage: float = 0.0, mse: float = 0.0) -> dict[str, torch.Tensor]:
         """The loss dict (see `loss`): forward is what DistributedDataParallel wraps, so a
         training loop calls `ddp_model(images, tau, beta)` to get its gradients all-reduced."""
-        return self.loss(images, tau, beta, generator, usage)
+        return self.loss(images, tau, beta, generator, usage, mse)
 
     def loss(self, images: torch.Tensor, tau: float, beta: float,
-             generator: torch.Generator | None = None, usage: float = 0.0) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, usage: float = 0.0, mse: float = 0.0) -> dict[str, torch.Tensor]:
         """The training objective on images (B, 3, H, W) in [0, 1] (SPEC section 3).
 
         Per image, divided by its pixel count P = 3 * H * W (every channel of every pixel is one
@@ -315,7 +315,7 @@ class DVAE(nn.Module):
         self._check_images(images)
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-        for name, value in (("beta", beta), ("usage", usage)):
+        for name, value in (("beta", beta), ("usage", usage), ("mse", mse)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         eps = self.config.logit_laplace_eps
@@ -339,11 +339,18 @@ class DVAE(nn.Module):
         usage_kl = math.log(self.config.vocab) + (mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
         if usage > 0:
             loss = loss + usage * usage_kl
+        # Squared error of the decoder mean in pixel units, unclamped so that saturated wrong
+        # colours still get a gradient.
+        mean = torch.sigmoid(out[:, : self.config.in_channels].to(images.dtype))
+        mse_value = ((mean - map_pixels(images, eps)) / (1 - 2 * eps)).pow(2).mean()
+        if mse > 0:
+            loss = loss + mse * mse_value
         return {
             "loss": loss,
             "nll": nll.detach().mean(),
             "kl": kl.detach().mean(),
             "usage_kl": usage_kl.detach(),
+            "mse": mse_value.detach(),
             "recon": self._unmap_mean(out.detach()),
             "logits": logits.detach(),
             "tokens": logits.detach().argmax(dim=1),

@@ -19,6 +19,7 @@ from dalle_fast.dvae import (
     psnr,
     unmap_pixels,
 )
+from dalle_fast.ops import gumbel_softmax_kl
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +305,34 @@ def test_usage_term_is_the_kl_of_the_mean_code_distribution(tiny):
             tiny.encoder.blocks.output.conv.bias[0] -= 50.0
     with pytest.raises(ValueError, match="usage"):
         tiny.loss(images, 1.0, 0.5, usage=-1.0)
+
+
+def test_mse_term_is_the_squared_error_of_the_decoder_mean_in_pixels(tiny):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seed = lambda: torch.Generator().manual_seed(1)
+    plain = tiny.loss(images, 1.0, 0.5, seed())
+    with_mse = tiny.loss(images, 1.0, 0.5, seed(), mse=3.0)
+    assert with_mse["loss"].item() == pytest.approx((plain["loss"] + 3.0 * plain["mse"]).item(), rel=1e-5)
+    # the decoder mean unmapped but not clamped: equal to the clamped reconstruction's error
+    # wherever the mean lies inside the mapped range
+    eps = tiny.config.logit_laplace_eps
+    z, _ = gumbel_softmax_kl(tiny.encoder(map_pixels(images, eps)), 1.0, dim=1, generator=seed())
+    mean = torch.sigmoid(tiny.decoder(z)[:, :3])
+    expected = ((mean - map_pixels(images, eps)) / (1 - 2 * eps)).pow(2).mean()
+    assert plain["mse"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # a saturated wrong colour still has a gradient (the clamped reconstruction has none)
+    with torch.no_grad():
+        tiny.decoder.blocks.output.conv.bias[:3] -= 4.0  # the mean under eps: clamped to black
+    try:
+        tiny.zero_grad()
+        tiny.loss(torch.ones(1, 3, 64, 64), 1.0, 0.0, seed(), mse=1.0)["loss"].backward()
+        without = tiny.decoder.blocks.output.conv.bias.grad[:3].clone()
+        tiny.zero_grad()
+        tiny.loss(torch.ones(1, 3, 64, 64), 1.0, 0.0, seed(), mse=0.0)["loss"].backward()
+        assert (without - tiny.decoder.blocks.output.conv.bias.grad[:3]).abs().max() > 0
+    finally:
+        tiny.zero_grad()
+        with torch.no_grad():
+            tiny.decoder.blocks.output.conv.bias[:3] += 4.0
+    with pytest.raises(ValueError, match="mse"):
+        tiny.loss(images, 1.0, 0.5, mse=-1.0)

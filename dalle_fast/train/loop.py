@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -108,6 +109,7 @@ class TrainingRun:
         self.steps = steps
         self.stop = steps if not run_steps else min(steps, self.step + run_steps)
         self.progress = Progress(steps, self.step, self.out / "metrics.jsonl", info.is_main, desc)
+        self._clock = (time.perf_counter(), self.step)
 
     @property
     def running(self) -> bool:
@@ -144,6 +146,19 @@ class TrainingRun:
             self.save()
             raise FloatingPointError(f"non-finite metrics at step {self.step}: {metrics}")
         self.progress.update(self.step, metrics, log)
+
+    def per_second(self, units_per_step: float) -> float:
+        """Throughput (tokens, images, ...) since the previous call, or since the run (re)started."""
+        now, step = time.perf_counter(), self.step
+        then, before = self._clock
+        self._clock = (now, step)
+        return units_per_step * (step - before) / max(now - then, 1e-9)
+
+    def end_step(self, metrics: dict[str, float], log: bool, save_every: int) -> None:
+        """`log`, then a checkpoint every `save_every` steps (the last one is `finish`'s)."""
+        self.log(metrics, log)
+        if self.step % save_every == 0 and self.running:
+            self.save()
 
     def should_log(self, every: int) -> bool:
         return self.step % every == 0 or self.step == self.stop

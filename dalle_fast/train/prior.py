@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +145,6 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     data = batches(cache, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
     tokens_per_step = cfg.batch_size * info.world_size * model_cfg.seq_len
     model.train()
-    t_last, s_last = time.perf_counter(), run.step
     with run.guard():
         while run.running:
             step = run.step
@@ -161,13 +159,9 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
             if log:
                 stats = torch.stack([result[k].detach().float() for k in ("loss", "text_loss", "image_loss")])
                 stats = distributed.mean_over_ranks(stats).tolist()
-                now = time.perf_counter()
                 metrics = dict(zip(("loss", "text_loss", "image_loss"), stats))
-                metrics.update(lr=lr, tokens_per_s=tokens_per_step * (step - s_last) / (now - t_last))
-                t_last, s_last = now, step
-            run.log(metrics, log)
-            if step % cfg.save_every == 0 and run.running:
-                run.save()
+                metrics.update(lr=lr, tokens_per_s=run.per_second(tokens_per_step))
+            run.end_step(metrics, log, cfg.save_every)
     ckpt = run.finish()
     distributed.teardown()
     return ckpt

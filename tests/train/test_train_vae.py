@@ -13,6 +13,8 @@ from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.sampler import ResumableSampler
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
+from .resume import assert_same_run
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,22 +25,26 @@ def tiny(out, **kw) -> TrainVAEConfig:
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
-    train_vae(tiny(tmp_path / "straight"))
-    train_vae(tiny(tmp_path / "split", run_steps=3))
+    recipe = dict(usage=0.1, mse=100.0, logit_init=10.0)  # the bundled model's options (scripts/recipe_shapes.sh)
+    train_vae(tiny(tmp_path / "straight", **recipe))
+    train_vae(tiny(tmp_path / "split", run_steps=3, **recipe))
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 3
-    train_vae(tiny(tmp_path / "split", resume=True))
-    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
-    assert [m["step"] for m in split] == [m["step"] for m in straight] == list(range(1, 7))
-    for a, b in zip(straight, split):
-        for key in ("loss", "nll", "kl", "psnr", "perplexity", "tau", "beta", "lr"):
-            assert a[key] == b[key], (a["step"], key, a[key], b[key])
-    w1, _ = read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
-    w2, _ = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
-    assert w1.keys() == w2.keys()
-    for key in w1:
-        assert torch.equal(w1[key], w2[key]), key
+    train_vae(tiny(tmp_path / "split", resume=True, **recipe))
+    assert_same_run(tmp_path / "straight", tmp_path / "split",
+                    ("loss", "nll", "kl", "usage_kl", "mse", "psnr", "perplexity", "tau", "beta", "lr"), steps=6)
     assert (tmp_path / "straight" / "recon_final.png").exists()
+
+
+def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
+    paths = {}
+    for scale in (1.0, 4.0):
+        paths[scale] = train_vae(tiny(tmp_path / str(scale), steps=1, lr=1e-12, lr_end=1e-12, logit_init=scale))
+    w1, _ = read_checkpoint(paths[1.0])
+    w4, _ = read_checkpoint(paths[4.0])
+    key = "model.encoder.blocks.output.conv.weight"
+    torch.testing.assert_close(w4[key], 4.0 * w1[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="logit_init"):
+        train_vae(tiny(tmp_path / "bad", logit_init=0.0))
 
 
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):

@@ -1,0 +1,163 @@
+"""Text to images: prompt -> tokenizer -> sampler (prior) -> dVAE decoder -> reranker -> images.
+
+A model folder holds everything generation needs, weights only:
+    dvae.safetensors, prior.safetensors, tokenizer.json, and optionally reranker.safetensors
+(`export_model_folder` writes one from training runs). `load_models(None)` opens the model
+bundled with the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data.transforms import center_crop_resize, load_rgb, to_tensor
+from .dvae import DVAE, DVAEConfig
+from .prior import Prior, PriorConfig
+from .rerank import Reranker, RerankerConfig
+from .sampler import SamplingConfig, sample_image_tokens
+from .tokenizer import TextTokenizer
+from .train.checkpoint import load_model, save_checkpoint
+
+BUNDLED = Path(__file__).resolve().parent / "assets" / "model"
+FILES = {"dvae": "dvae.safetensors", "prior": "prior.safetensors", "reranker": "reranker.safetensors",
+         "tokenizer": "tokenizer.json"}
+
+
+@dataclass
+class Models:
+    dvae: DVAE
+    prior: Prior
+    tokenizer: TextTokenizer
+    reranker: Optional[Reranker]
+    folder: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+
+def load_models(folder: Optional[str | Path] = None, device: str | torch.device = "cpu") -> Models:
+    """Open a model folder (None: the bundled model) on `device`."""
+    if folder is None:
+        folder = BUNDLED
+        if not (folder / FILES["prior"]).is_file():
+            raise FileNotFoundError("this installation has no bundled model; pass a model folder "
+                                    "(`dalle-fast export-model` makes one from training runs)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    missing = [name for key, name in FILES.items() if key != "reranker" and not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}")
+    dvae = load_model(folder / FILES["dvae"], DVAE, DVAEConfig).to(device)
+    prior = load_model(folder / FILES["prior"], Prior, PriorConfig).to(device)
+    reranker = None
+    if (folder / FILES["reranker"]).is_file():
+        reranker = load_model(folder / FILES["reranker"], Reranker, RerankerConfig).to(device)
+    tokenizer = TextTokenizer.load(folder / FILES["tokenizer"])
+    if tokenizer.text_vocab_size(prior.config.text_len) != prior.config.text_vocab_total:
+        raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the prior's "
+                         f"text vocabulary of {prior.config.text_vocab}")
+    if (dvae.config.grid, dvae.config.vocab) != (prior.config.grid, prior.config.image_vocab):
+        raise ValueError(f"{folder}: the dVAE makes {dvae.config.grid}x{dvae.config.grid} grids of "
+                         f"{dvae.config.vocab} codes but the prior models {prior.config.grid}x{prior.config.grid} "
+                         f"grids of {prior.config.image_vocab}")
+    return Models(dvae, prior, tokenizer, reranker, folder)
+
+
+def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path, tokenizer: str | Path,
+                        reranker: Optional[str | Path] = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a model folder from training checkpoints: their EMA weights (in `dtype`) and configs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {"dvae": (dvae, DVAE, DVAEConfig), "prior": (prior, Prior, PriorConfig)}
+    if reranker is not None:
+        sources["reranker"] = (reranker, Reranker, RerankerConfig)
+    for key, (path, model_cls, config_cls) in sources.items():
+        model = load_model(path, model_cls, config_cls).to(dtype)
+        save_checkpoint(out / FILES[key], modules={"model": model},
+                        meta={"model_config": dataclasses.asdict(model.config), "kind": key})
+    TextTokenizer.load(tokenizer)  # refuse a broken file before copying it
+    shutil.copyfile(tokenizer, out / FILES["tokenizer"])
+    return out
+
+
+@dataclass
+class Generation:
+    images: torch.Tensor  # [keep, 3, H, W] in [0, 1], best first
+    scores: Optional[torch.Tensor]  # [keep] reranker scores (None without a reranker)
+    tokens: torch.Tensor  # [keep, S*S] image tokens
+    order: torch.Tensor  # [keep] each kept image's index among the num candidates, in sampling order
+    seconds: float  # wall time of sampling, decoding and reranking
+    num_sampled: int
+
+
+def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch.Tensor:
+    """[1, text_len] ids; an empty prompt is an error, an over-long one is truncated (with a warning)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: describe the image to generate, e.g. 'a red circle above a blue square'")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = tokenizer.encode_batch([prompt], text_len)
+    if any("truncat" in str(w.message) for w in caught):
+        warnings.warn(f"the prompt is longer than the model's {text_len - 1} text tokens; only its beginning "
+                      "is used", stacklevel=3)
+    return ids
+
+
+def prime_tokens(dvae: DVAE, image_path: str | Path, rows: int) -> torch.Tensor:
+    """The first `rows` rows of an image's dVAE tokens: [rows * S]."""
+    grid = dvae.config.grid
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= grid:
+        raise ValueError(f"rows must be an int in 1..{grid} (the grid has {grid} rows), got {rows!r}")
+    image = to_tensor(center_crop_resize(load_rgb(image_path), dvae.config.image_size))
+    device = next(dvae.parameters()).device
+    with torch.no_grad():
+        tokens = dvae.encode(image.unsqueeze(0).to(device))  # (1, S, S)
+    return tokens[0, :rows].reshape(-1)
+
+
+@torch.no_grad()
+def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: int = 0,
+             sampling: Optional[SamplingConfig] = None, prime_image: Optional[str | Path] = None,
+             prime_rows: int = 0) -> Generation:
+    """Sample `num` candidates for `prompt` as one batch, rerank them and keep the best `keep`."""
+    for name, value in (("num", num), ("keep", keep)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if keep > num:
+        raise ValueError(f"keep ({keep}) cannot exceed num ({num})")
+    device = models.device
+    text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
+    prime = None
+    if prime_image is not None:
+        prime = prime_tokens(models.dvae, prime_image, prime_rows).to(device).expand(num, -1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = time.perf_counter()
+    tokens = sample_image_tokens(models.prior, text.expand(num, -1), prime=prime, config=sampling,
+                                 generator=generator)
+    grid = models.prior.config.grid
+    images = models.dvae.decode(tokens.view(num, grid, grid)).float()
+    scores = None
+    order = torch.arange(num, device=device)
+    if models.reranker is not None:
+        rr = models.reranker
+        rtext = encode_prompt(models.tokenizer, prompt, rr.config.text_len).to(device)
+        scores = rr.score(rtext, images)
+        order = scores.argsort(descending=True)
+    order = order[:keep]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return Generation(images=images[order].cpu(), scores=None if scores is None else scores[order].cpu(),
+                      tokens=tokens[order].cpu(), order=order.cpu(), seconds=seconds, num_sampled=num)

@@ -1,0 +1,199 @@
+"""Training of the reranker (SPEC.md section 6), importable and behind `dalle-fast train-reranker`.
+
+A CLIP-style contrastive model (rerank.py) on image-caption pairs, with the prior's tokenizer so
+that both read a caption as the same ids. In-batch negatives alone rarely contain the hard
+cases of the shapes data (same two objects, other relation), so with `hard_negatives` each
+caption "A <relation> B" also brings "B <relation> A" as an extra negative text. AdamW (the
+text encoder at a fraction of the learning rate, see _optimizer), linear warm-up then cosine
+decay, gradient clipping, EMA weights, safetensors checkpoints with exact resume; torchrun data
+parallelism (the contrastive batch is each process's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+
+from ..data import make_dataset
+from ..rerank import Reranker, RerankerConfig
+from ..tokenizer import TextTokenizer
+from . import distributed
+from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
+from .schedules import warmup_cosine
+
+
+@dataclass
+class TrainRerankerConfig(RunOptions):
+    data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
+    out: str = _f("runs/reranker", "run folder: checkpoint, tokenizer, metrics.jsonl")
+    tokenizer: str = _f("runs/prior/tokenizer.json", "the prior's tokenizer.json (required: both models must "
+                                                     "tokenize captions alike)")
+    text_len: int = _f(32, "text positions T (BOS + caption tokens + pads)")
+    image_size: int = _f(64, "image side in pixels (a power of two >= 8)")
+    embed_dim: int = _f(128, "joint embedding size")
+    width: int = _f(128, "text transformer width")
+    text_layers: int = _f(4, "text transformer layers")
+    heads: int = _f(4, "text attention heads")
+    image_width: int = _f(32, "channels of the image net's first conv (its stages go up to 4x)")
+    text_lr_scale: float = _f(0.2, "learning rate of the text encoder relative to --lr (see _optimizer)")
+    hard_negatives: bool = _f(True, "add each 'A <relation> B' caption's swap 'B <relation> A' as an extra "
+                                    "negative text")
+    steps: int = _f(2000, "total optimizer steps")
+    batch_size: int = _f(64, "image-caption pairs per step per process (the contrastive batch)")
+    lr: float = _f(1e-3, "peak learning rate")
+    lr_end: float = _f(1e-5, "learning rate at the end of the cosine decay")
+    warmup: int = _f(100, "linear warm-up steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay (matrices only)")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    ema: float = _f(0.999, "EMA decay of the weights kept for reranking")
+
+
+_RELATION = re.compile(r"^(an? \S.*?) (to the left of|to the right of|above|below) (an? \S.*)$", re.IGNORECASE)
+
+
+def swap_relation(caption: str) -> Optional[str]:
+    """The caption with its two objects swapped, "A <relation> B" -> "B <relation> A" (what the
+    image shows, the relation reversed); None for a caption of another form than one relation
+    between two "a ..." phrases."""
+    match = _RELATION.match(caption.strip())
+    if match is None:
+        return None
+    a, relation, b = match.groups()
+    if a.lower() == b.lower() or _RELATION.match(b):  # no change, or a chain of relations
+        return None
+    return f"{b} {relation} {a}"
+
+
+def model_config(cfg: TrainRerankerConfig, tokenizer: TextTokenizer) -> RerankerConfig:
+    return RerankerConfig(image_size=cfg.image_size, text_len=cfg.text_len,
+                          text_vocab=tokenizer.text_vocab_size(cfg.text_len), embed_dim=cfg.embed_dim,
+                          width=cfg.width, text_layers=cfg.text_layers, heads=cfg.heads,
+                          image_width=cfg.image_width)
+
+
+def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, hard_negatives: bool):
+    """Captions -> (text ids [B, T], negatives [K, T] or None, owners: the image of each negative)."""
+    text = tokenizer.encode_batch(list(captions), text_len)
+    swaps = [swap_relation(c) for c in captions] if hard_negatives else []
+    owners = [i for i, s in enumerate(swaps) if s is not None]
+    negatives = tokenizer.encode_batch([swaps[i] for i in owners], text_len) if owners else None
+    return text, negatives, owners
+
+
+_TEXT = ("token_embed", "pos_embed", "text_encoder", "text_norm", "text_proj")
+
+
+class _AdamW(torch.optim.AdamW):
+    """AdamW whose parameter groups may carry an `lr_scale`: TrainingRun.update sets one learning
+    rate on every group, this applies each group's scale to it for the step."""
+
+    def step(self, closure=None):
+        base = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, base):
+                group["lr"] = lr
+
+
+def _optimizer(model: Reranker, cfg: TrainRerankerConfig) -> torch.optim.AdamW:
+    """Decay on matrices (linear, conv and embedding weights), not on biases, norms or the logit
+    scale. The text encoder learns slower: at the full rate it first drifts towards a bag of
+    words (early on the image side cannot tell "A left of B" from "B left of A" either), at 0.2x
+    it keeps its order-aware initial features (Reranker._init_text) while the image side learns
+    where things are. On shapes at 64 px the in-batch relation-swap accuracy reaches 0.94 at
+    step 150 with 0.2x, against 0.52 at step 150 and 0.89 at step 350 with 1x."""
+    groups = []
+    for text in (True, False):
+        params = [p for n, p in model.named_parameters() if n.startswith(_TEXT) == text]
+        scale = cfg.text_lr_scale if text else 1.0
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    return _AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+class _LossModule(torch.nn.Module):
+    """DDP all-reduces the gradients of what its module's forward computed: make that the loss."""
+
+    def __init__(self, reranker: Reranker):
+        super().__init__()
+        self.reranker = reranker
+
+    def forward(self, text, images, negatives):
+        return self.reranker.loss(text, images, negatives)
+
+
+def train_reranker(cfg: TrainRerankerConfig) -> Path:
+    """Run (or resume) a reranker training; returns the checkpoint path."""
+    if cfg.steps < 1 or cfg.batch_size < 2:
+        raise ValueError("steps must be >= 1 and batch_size >= 2 (a contrastive batch needs negatives)")
+    if not 0.0 < cfg.text_lr_scale <= 1.0:
+        raise ValueError(f"text_lr_scale must be in (0, 1], got {cfg.text_lr_scale}")
+    if not Path(cfg.tokenizer).is_file():
+        raise FileNotFoundError(f"no tokenizer at {cfg.tokenizer}: pass the prior's (--tokenizer "
+                                "runs/prior/tokenizer.json) so that both models tokenize captions alike")
+    tokenizer = TextTokenizer.load(cfg.tokenizer)
+    model_cfg = model_config(cfg, tokenizer)
+    dataset = make_dataset(cfg.data, size=cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
+    info = distributed.setup(cfg.device)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    model = Reranker(model_cfg).to(info.device)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
+    optimizer = _optimizer(model, cfg)
+    run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer, generators={},
+                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "reranker"},
+                      record={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
+                      resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-reranker")
+    if info.is_main:
+        if Path(cfg.tokenizer).resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")  # a run folder is self-contained
+        print(f"reranker: {model_cfg.num_params() / 1e6:.2f}M parameters")
+    objective = model.loss
+    if info.enabled:
+        objective = DistributedDataParallel(_LossModule(model),
+                                            device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
+    data = batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
+    model.train()
+    with run.guard():
+        while run.running:
+            step = run.step
+            images, captions = next(data)
+            text, negatives, owners = encode(tokenizer, captions, cfg.text_len, cfg.hard_negatives)
+            images, text = images.to(info.device, non_blocking=True), text.to(info.device)
+            negatives = negatives.to(info.device) if negatives is not None else None
+            lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
+            with autocast:
+                result = objective(text, images, negatives)
+            run.update(result["loss"], lr, model, ema, cfg.grad_clip)
+            step = run.step
+            log = run.should_log(cfg.log_every)
+            metrics = {}
+            if log:
+                # swap_accuracy: how often an image's own caption beats its relation-swapped one
+                logits, rows = result["logits"].detach().float(), torch.tensor(owners, dtype=torch.long, device=info.device)
+                cols = torch.arange(len(owners), device=info.device) + len(captions)
+                wins = (logits[rows, rows] > logits[rows, cols]).float().sum()
+                stats = torch.stack([result["loss"].detach().float(), result["accuracy"], wins,
+                                     torch.tensor(float(len(owners)), device=info.device)])
+                loss, accuracy, wins, swaps = distributed.mean_over_ranks(stats).tolist()
+                metrics = dict(loss=loss, accuracy=accuracy)
+                if swaps > 0:
+                    metrics["swap_accuracy"] = wins / swaps
+                metrics.update(lr=lr, logit_scale=model.scale().item(),
+                               images_per_s=run.per_second(cfg.batch_size * info.world_size))
+            run.end_step(metrics, log, cfg.save_every)
+    ckpt = run.finish()
+    distributed.teardown()
+    return ckpt

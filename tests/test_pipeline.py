@@ -1,0 +1,88 @@
+"""Model folders, prompt handling and `dalle-fast generate` end to end on an untrained tiny model."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from torch.optim.swa_utils import AveragedModel
+
+from dalle_fast.cli import main
+from dalle_fast.data import ShapesDataset
+from dalle_fast.dvae import DVAE, DVAEConfig
+from dalle_fast.pipeline import export_model_folder, generate, load_models
+from dalle_fast.prior import Prior, PriorConfig
+from dalle_fast.tokenizer import TextTokenizer
+from dalle_fast.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """Training checkpoints of a tiny dVAE and prior (untrained), exported as generate reads them."""
+    root = tmp_path_factory.mktemp("models")
+    captions = [ShapesDataset("train", size=64, length=300)[i][1] for i in range(300)]
+    tokenizer = TextTokenizer.train(captions, vocab_size=300)
+    tokenizer.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig.preset("tiny"))
+    prior = Prior(PriorConfig.preset("tiny", text_vocab=tokenizer.bpe_vocab_size, layers=2, d_model=32))
+    for name, model in (("dvae", dvae), ("prior", prior)):
+        save_checkpoint(root / f"{name}.ckpt", modules={"model": model, "ema": AveragedModel(model, use_buffers=True)},
+                        meta={"model_config": dataclasses.asdict(model.config), "kind": name})
+    return export_model_folder(root / "folder", dvae=root / "dvae.ckpt", prior=root / "prior.ckpt",
+                               tokenizer=root / "tokenizer.json", dtype=torch.float16)
+
+
+def test_generate_returns_kept_candidates_and_repeats_with_a_seed(model_folder):
+    models = load_models(model_folder)
+    assert models.reranker is None
+    first = generate(models, "a red circle above a blue square", num=4, keep=2, seed=3)
+    again = generate(models, "a red circle above a blue square", num=4, keep=2, seed=3)
+    assert first.images.shape == (2, 3, 64, 64) and first.tokens.shape == (2, 64)
+    assert 0.0 <= float(first.images.min()) and float(first.images.max()) <= 1.0
+    assert torch.equal(first.tokens, again.tokens)
+    assert not torch.equal(first.tokens, generate(models, "a red circle", num=4, keep=2, seed=4).tokens)
+
+
+def test_prompts_empty_long_and_non_ascii(model_folder):
+    models = load_models(model_folder)
+    for empty in ("", "   \n"):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            generate(models, empty, num=1, keep=1)
+    with pytest.warns(UserWarning, match="only its beginning is used"):
+        generate(models, "a red circle " * 20, num=1, keep=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(models, "ein rötlicher kreis ✓", num=1, keep=1)  # byte-level BPE: any text encodes
+    with pytest.raises(ValueError, match="keep"):
+        generate(models, "a red circle", num=2, keep=3)
+
+
+def test_model_folder_errors(tmp_path, model_folder):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_models(tmp_path / "nothing")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "tokenizer.json").write_bytes((model_folder / "tokenizer.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="lacks dvae.safetensors, prior.safetensors"):
+        load_models(tmp_path / "partial")
+
+
+def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, capsys):
+    out = tmp_path / "samples"
+    code = main(["generate", "a green square", "--model", str(model_folder), "--num", "3", "--keep", "2",
+                 "--out", str(out), "--seed", "1"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png", "rank1.png"]
+    assert Image.open(out / "rank0.png").size == (64, 64)
+    assert "per image" in capsys.readouterr().out
+    # priming with a rendered image keeps its top token rows
+    prime = tmp_path / "prime.png"
+    image, _ = ShapesDataset("test", size=64, length=5)[0]
+    Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(prime)
+    models = load_models(model_folder)
+    result = generate(models, "a green square", num=2, keep=2, prime_image=prime, prime_rows=3)
+    expected = models.dvae.encode(image.unsqueeze(0))[0, :3].reshape(-1)
+    assert torch.equal(result.tokens[:, :24], expected.expand(2, -1))
+    assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
+    assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2

@@ -1,0 +1,131 @@
+"""The reranker's loop end to end on tiny data: CLI, exact resume, hard negatives, learning."""
+
+import pytest
+import torch
+
+from dalle_fast.cli import main
+from dalle_fast.data import make_dataset
+from dalle_fast.rerank import Reranker, RerankerConfig
+from dalle_fast.tokenizer import TextTokenizer
+from dalle_fast.train.checkpoint import load_model
+from dalle_fast.train.progress import read_metrics
+from dalle_fast.train.reranker import TrainRerankerConfig, encode, swap_relation, train_reranker
+
+from .resume import assert_same_run
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    shapes = make_dataset("shapes", 16)
+    captions = [shapes.scene(i).caption for i in range(500)]
+    return TextTokenizer.train(captions, vocab_size=300).save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def tiny(out, tokenizer, **kw) -> TrainRerankerConfig:
+    base = dict(data="shapes", out=str(out), tokenizer=str(tokenizer), text_len=24, image_size=16, embed_dim=16,
+                width=32, text_layers=1, heads=2, image_width=8, steps=6, batch_size=8, warmup=2, log_every=1,
+                save_every=100, seed=3, device="cpu")
+    return TrainRerankerConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("caption, swapped", [
+    ("a red circle to the left of a blue square", "a blue square to the left of a red circle"),
+    ("a green triangle to the right of a red circle", "a red circle to the right of a green triangle"),
+    ("a cyan square above a yellow triangle", "a yellow triangle above a cyan square"),
+    ("a magenta circle below a magenta square", "a magenta square below a magenta circle"),
+    ("A big dog to the left of an old cat ", "an old cat to the left of A big dog"),
+])
+def test_swap_relation_reverses_the_two_objects(caption, swapped):
+    assert swap_relation(caption) == swapped
+    assert swap_relation(swapped).lower() == caption.strip().lower()
+
+
+@pytest.mark.parametrize("caption", [
+    "a red circle", "", "two dogs playing in the snow", "above a red circle", "a red circle above",
+    "a red circle above a red circle", "a red circle above a blue square to the left of a green triangle",
+    "the red circle is above the blue square",
+])
+def test_swap_relation_is_none_for_captions_it_does_not_understand(caption):
+    assert swap_relation(caption) is None
+
+
+def test_encode_adds_a_negative_for_each_relation_caption(tokenizer_path):
+    tok = TextTokenizer.load(tokenizer_path)
+    captions = ["a red square", "a red circle above a blue square", "a green circle below a red triangle"]
+    text, negatives, owners = encode(tok, captions, 24, hard_negatives=True)
+    assert torch.equal(text, tok.encode_batch(captions, 24)) and owners == [1, 2]
+    assert [tok.decode(n) for n in negatives] == ["a blue square above a red circle",
+                                                  "a red triangle below a green circle"]
+    assert encode(tok, captions, 24, hard_negatives=False)[1:] == (None, [])
+    assert encode(tok, captions[:1], 24, hard_negatives=True)[1:] == (None, [])
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizer_path):
+    cfg = tiny(tmp_path / "straight", tokenizer_path)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items() if not isinstance(v, bool)]
+    assert main(["train-reranker", *flags]) == 0  # the CLI is the same call
+    train_reranker(tiny(tmp_path / "split", tokenizer_path, run_steps=3))
+    assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 3
+    train_reranker(tiny(tmp_path / "split", tokenizer_path, resume=True))
+    _, info = assert_same_run(tmp_path / "straight", tmp_path / "split",
+                              ("loss", "accuracy", "swap_accuracy", "lr", "logit_scale"), steps=6)
+    assert info["meta"]["kind"] == "reranker"
+    assert (tmp_path / "straight" / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
+    model = load_model(tmp_path / "straight" / "checkpoint.safetensors", Reranker, RerankerConfig)
+    tok = TextTokenizer.load(tmp_path / "straight" / "tokenizer.json")
+    assert model.config.text_vocab == tok.text_vocab_size(24) and not model.training
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prior's"):
+        train_reranker(tiny(tmp_path / "run", tmp_path / "nothing.json"))
+    assert not (tmp_path / "run").exists()
+    assert main(["train-reranker", "--tokenizer", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, tokenizer_path):
+    from dalle_fast.train.reranker import _optimizer
+
+    model = Reranker(RerankerConfig(image_size=16, text_len=24, text_vocab=324, embed_dim=16, width=32,
+                                    text_layers=1, heads=2, image_width=8))
+    optimizer = _optimizer(model, tiny(tmp_path, tokenizer_path, text_lr_scale=0.25, lr=0.1))
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
+    scales = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    assert scales[id(model.token_embed.weight)] == scales[id(model.text_proj.weight)] == 0.25
+    assert scales[id(model.image_proj.weight)] == scales[id(model.logit_scale)] == 1.0
+    before = model.text_proj.weight.detach().clone(), model.image_proj.weight.detach().clone()
+    model.loss(*[torch.randint(0, 300, (4, 24)), torch.rand(4, 3, 16, 16)])["loss"].backward()
+    optimizer.step()
+    # Adam's first step moves every weight by about lr * scale (plus decoupled weight decay).
+    text_step = (model.text_proj.weight - before[0]).abs().max().item()
+    image_step = (model.image_proj.weight - before[1]).abs().max().item()
+    assert text_step == pytest.approx(0.025, rel=0.05) and image_step == pytest.approx(0.1, rel=0.05)
+    assert all(group["lr"] == 0.1 for group in optimizer.param_groups)
+
+
+def test_captions_without_relations_train_without_extra_negatives(tmp_path, tokenizer_path):
+    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, hard_negatives=False))
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 2 and "swap_accuracy" not in metrics[-1] and metrics[-1]["loss"] > 0
+
+
+def test_a_short_training_tells_a_relation_from_its_swap(tmp_path, tokenizer_path):
+    # 120 steps of 32 pairs at 32 px (~10 s on 2 cores). Over seeds 0-5 the held images' true
+    # caption beat its relation swap 85-96% of the time and another image's caption 98-100%.
+    ckpt = train_reranker(tiny(tmp_path / "run", tokenizer_path, image_size=32, embed_dim=128, width=128,
+                               text_layers=4, heads=4, image_width=32, steps=120, batch_size=32, warmup=20,
+                               log_every=1000, seed=0))
+    model = load_model(ckpt, Reranker, RerankerConfig)
+    tok = TextTokenizer.load(tokenizer_path)
+    held = make_dataset("shapes", 32, seed=99)  # other scenes than the training seed's
+    images, captions = zip(*(held[i] for i in range(240)))
+    images = torch.stack(images)
+    rel = [i for i, c in enumerate(captions) if swap_relation(c)]
+    true = model.score(tok.encode_batch([captions[i] for i in rel], 24), images[rel])
+    swapped = model.score(tok.encode_batch([swap_relation(captions[i]) for i in rel], 24), images[rel])
+    assert len(rel) > 120 and (true > swapped).float().mean() > 0.7  # chance: 0.5 +- 0.04
+    other = [i for i in range(240) if captions[i] != captions[i - 1]]
+    own = model.score(tok.encode_batch([captions[i] for i in other], 24), images[other])
+    theirs = model.score(tok.encode_batch([captions[i - 1] for i in other], 24), images[other])
+    assert (own > theirs).float().mean() > 0.9
