@@ -77,6 +77,8 @@ setup(
     version="0.1.0",
     description="DALL-E (Zero-Shot Text-to-Image Generation) with hand-written sparse attention kernels",
     packages=find_packages(include=["dalle_fast", "dalle_fast.*"]),
+    # The bundled model (scripts/recipe_shapes.sh makes it): `dalle-fast generate` without --model.
+    package_data={"dalle_fast": ["assets/model/*.safetensors", "assets/model/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tokenizers", "pillow", "safetensors", "tqdm"],
     ext_modules=[extension()],

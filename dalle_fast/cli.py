@@ -51,6 +51,26 @@ def _cmd_train_prior(args) -> int:
     return 0
 
 
+def _cmd_train_tokenizer(args) -> int:
+    import itertools
+
+    from .data import make_dataset
+    from .tokenizer import TextTokenizer
+
+    if args.num_captions < 1:
+        raise ValueError(f"--num-captions must be >= 1, got {args.num_captions}")
+    dataset = make_dataset(args.data, size=16, seed=args.seed)  # images are read at the smallest useful size
+    captions = [caption for _, caption in itertools.islice(iter(dataset), args.num_captions)]
+    if not captions:
+        raise ValueError(f"{args.data} holds no image-caption pairs")
+    tokenizer = TextTokenizer.train(captions, vocab_size=args.vocab)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    print(f"tokenizer: {out} ({tokenizer.bpe_vocab_size} BPE ids from {len(captions)} captions)")
+    return 0
+
+
 def _cmd_generate(args) -> int:
     import time
 
@@ -88,11 +108,10 @@ def _cmd_export_model(args) -> int:
     from .pipeline import export_model_folder
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    runs = {key: Path(getattr(args, key)) for key in ("dvae", "prior", "reranker") if getattr(args, key)}
-    ckpt = {key: run / "checkpoint.safetensors" if run.is_dir() else run for key, run in runs.items()}
-    tokenizer = Path(args.tokenizer) if args.tokenizer else ckpt["prior"].parent / "tokenizer.json"
-    out = export_model_folder(args.out, dvae=ckpt["dvae"], prior=ckpt["prior"], reranker=ckpt.get("reranker"),
-                              tokenizer=tokenizer, dtype=dtype)
+    prior = Path(args.prior)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else (prior if prior.is_dir() else prior.parent) / "tokenizer.json"
+    out = export_model_folder(args.out, dvae=args.dvae, prior=prior, reranker=args.reranker, tokenizer=tokenizer,
+                              dtype=dtype)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"model folder {out}: {', '.join(sorted(f.name for f in out.iterdir()))} ({size:.1f} MiB)")
     return 0
@@ -170,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                "torchrun for several processes")
     _add_dataclass_args(prior, TrainPriorConfig)
     prior.set_defaults(run=_cmd_train_prior)
+    tok = sub.add_parser("train-tokenizer", help="train the byte-level BPE on a dataset's captions (train-prior "
+                                                 "and train-reranker take it with --tokenizer)")
+    tok.add_argument("--data", default="shapes", help="dataset: 'shapes', a folder or tar shards (default: shapes)")
+    tok.add_argument("--num-captions", type=int, default=20000, help="captions read (default: 20000)")
+    tok.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary size (default: 16384; small corpora "
+                                                             "stop earlier)")
+    tok.add_argument("--seed", type=int, default=0, help="caption pick of folders with several lines (default: 0)")
+    tok.add_argument("--out", required=True, help="tokenizer.json to write")
+    tok.set_defaults(run=_cmd_train_tokenizer)
     rerank = sub.add_parser("train-reranker", help="train the contrastive reranker of samples on image-caption "
                                                    "pairs, with the prior's tokenizer")
     _add_dataclass_args(rerank, TrainRerankerConfig)

@@ -347,6 +347,28 @@ def select_captions(size: int, num_captions: int, seed: int = 0) -> dict[str, li
                      f"held-out items, fewer than {num_captions} of each")
 
 
+@torch.no_grad()
+def reconstruction_accuracy(dvae, picked: dict[str, list[tuple[int, str]]], batch_size: int = 64) -> dict[str, float]:
+    """The share of the picked test images whose dVAE reconstruction, decode(encode(image)), the
+    detector still reads as their caption: the ceiling of any prior sampling through this dVAE."""
+    size = dvae.config.image_size
+    dataset = ShapesDataset("test", size=size)
+    device = next(dvae.parameters()).device
+    accuracy = {}
+    for kind in KINDS:
+        items = picked[kind]
+        correct = 0
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            images = torch.stack([dataset[index][0] for index, _ in chunk]).to(device)
+            recon = dvae.decode(dvae.encode(images)).float().cpu()
+            correct += sum(score_image(r, caption) for r, (_, caption) in zip(recon, chunk))
+        accuracy[kind] = correct / len(items)
+    accuracy["all"] = (accuracy["seen"] * len(picked["seen"]) + accuracy["held_out"] * len(picked["held_out"])) / (
+        len(picked["seen"]) + len(picked["held_out"]))
+    return accuracy
+
+
 def _verdict(judgement: Judgement) -> dict:
     return {"correct": judgement.correct, "reasons": list(judgement.reasons),
             "found": [f"{d.color} {d.shape}" for d in judgement.detections]}
@@ -362,7 +384,9 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     - "no_rerank": the first candidate sampled (what a model without a reranker shows);
     - "reranked": the reranker's best candidate (None when the folder has no reranker);
     - "mean_candidate": the share of all candidates that are correct (no_rerank's expectation,
-      with less variance; reranked minus it is what reranking adds).
+      with less variance; reranked minus it is what reranking adds);
+    - "reconstruction": the share of the captions' own test images that survive the dVAE
+      (`reconstruction_accuracy`), the ceiling of the other three.
     Writes the result as JSON to `out_json` and a sample sheet to `out_png` (`sheet_rows` captions
     of each kind, candidates best first, each with a green / red bar for the detector's verdict).
     `progress(done, total)` is called after each caption. Returns the JSON's dict.
@@ -374,6 +398,7 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     size = models.dvae.config.image_size
     picked = select_captions(size, num_captions, seed)
     has_reranker = models.reranker is not None
+    ceiling = reconstruction_accuracy(models.dvae, picked)
     start = time.perf_counter()
     sampling_seconds = 0.0
     items, rows = [], []
@@ -414,7 +439,8 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
                         "reranked_correct": best, "candidates_correct": any_candidate}
         accuracy[kind] = {"no_rerank": first / len(mine),
                           "reranked": None if best is None else best / len(mine),
-                          "mean_candidate": any_candidate / (len(mine) * candidates)}
+                          "mean_candidate": any_candidate / (len(mine) * candidates),
+                          "reconstruction": ceiling[kind]}
         failures[kind] = {"no_rerank": histogram(mine, "no_rerank"),
                           "reranked": histogram(mine, "reranked") if has_reranker else None}
     report = {
@@ -474,12 +500,12 @@ def format_report(report: dict) -> str:
     def cell(value):
         return "     -" if value is None else f"{value:6.3f}"
 
-    lines = [f"{'':16}{'no rerank':>10}{'reranked':>10}{'mean cand':>11}"]
+    lines = [f"{'':16}{'no rerank':>10}{'reranked':>10}{'mean cand':>11}{'dVAE recon':>12}"]
     for kind in KINDS + ("all",):
         acc, n = report["accuracy"][kind], report["counts"][kind]["captions"]
         label = f"{kind.replace('_', '-')} ({n})"
         lines.append(f"{label:16}{cell(acc['no_rerank']):>10}{cell(acc['reranked']):>10}"
-                     f"{cell(acc['mean_candidate']):>11}")
+                     f"{cell(acc['mean_candidate']):>11}{cell(acc.get('reconstruction')):>12}")
     for mode in ("no_rerank", "reranked"):
         fails = report["failures"]["all"][mode]
         if fails is not None:

@@ -18,7 +18,8 @@ from dalle_fast.data import ShapesDataset
 from dalle_fast.data.shapes import COLORS, SHAPES, Scene, ShapeObject, render
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.evaluate import (REASONS, CaptionSpec, connected_components, detect, evaluate_shapes, judge,
-                                 judge_detections, parse_caption, score_image, select_captions)
+                                 judge_detections, parse_caption, reconstruction_accuracy, score_image,
+                                 select_captions)
 from dalle_fast.pipeline import export_model_folder, load_models
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.rerank import Reranker, RerankerConfig
@@ -256,6 +257,7 @@ def check_report(report, reranked: bool, captions: int, candidates: int):
         acc, counts = report["accuracy"][kind], report["counts"][kind]
         assert counts["captions"] == (2 * captions if kind == "all" else captions)
         assert 0.0 <= acc["no_rerank"] <= 1.0 and 0.0 <= acc["mean_candidate"] <= 1.0
+        assert 0.0 <= acc["reconstruction"] <= 1.0
         assert (acc["reranked"] is not None) is reranked
         assert (report["failures"][kind]["reranked"] is not None) is reranked
         assert (counts["reranked_correct"] is not None) is reranked
@@ -298,3 +300,26 @@ def test_evaluate_shapes_with_a_reranker(model_folder, tmp_path):
     again = evaluate_shapes(models, num_captions=2, candidates=3, seed=5)
     assert [it["seed"] for it in again["items"]] == [it["seed"] for it in report["items"]]
     assert [it["no_rerank"] for it in again["items"]] == [it["no_rerank"] for it in report["items"]]
+
+
+class _FakeDVAE(torch.nn.Module):
+    """decode(encode(x)) is x itself (perfect) or black (useless)."""
+
+    def __init__(self, perfect: bool):
+        super().__init__()
+        self.config = DVAEConfig.preset("tiny")
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.perfect = perfect
+
+    def encode(self, images):
+        return images
+
+    def decode(self, tokens):
+        return tokens if self.perfect else torch.zeros_like(tokens)
+
+
+def test_reconstruction_accuracy_is_the_detector_on_reconstructions():
+    picked = select_captions(SIZE, 5, seed=3)
+    assert reconstruction_accuracy(_FakeDVAE(True), picked) == {"seen": 1.0, "held_out": 1.0, "all": 1.0}
+    assert reconstruction_accuracy(_FakeDVAE(False), picked, batch_size=2) == {"seen": 0.0, "held_out": 0.0,
+                                                                                 "all": 0.0}

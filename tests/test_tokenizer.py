@@ -220,3 +220,19 @@ def test_round_trip_property(tok, text):
         assert tok.decode(ids) == tok.tokenizer.normalizer.normalize_str(text)
         n = int((ids < tok.bpe_vocab_size).sum())
         assert ids[n:].tolist() == [tok.bpe_vocab_size + p for p in range(n, T)]
+
+
+def test_train_tokenizer_command(tmp_path, capsys):
+    from dalle_fast.cli import main
+    from dalle_fast.data.shapes import ShapesDataset
+
+    out = tmp_path / "sub" / "tokenizer.json"
+    assert main(["train-tokenizer", "--data", "shapes", "--num-captions", "300", "--vocab", "400",
+                 "--out", str(out)]) == 0
+    tok = TextTokenizer.load(out)
+    assert 257 < tok.bpe_vocab_size <= 400
+    caption = ShapesDataset("train", size=16)[0][1]
+    assert tok.decode(tok.encode(caption, 32)) == caption
+    assert len(tok.encode(caption, 64)) == 64 and "300 captions" in capsys.readouterr().out
+    assert main(["train-tokenizer", "--num-captions", "0", "--out", str(out)]) != 0
+    assert "--num-captions must be >= 1" in capsys.readouterr().err

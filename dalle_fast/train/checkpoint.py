@@ -149,10 +149,18 @@ def _weights(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, t
     return sub
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint's path: `path` itself, or a run folder's checkpoint.safetensors."""
+    path = Path(path)
+    return path / "checkpoint.safetensors" if path.is_dir() else path
+
+
 def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = None):
     """Rebuild a model from a checkpoint: its config from the checkpoint's metadata, its weights
     from `prefix` (default: the EMA weights of a training checkpoint, else the 'model' weights of
-    an exported one). Returns the model in eval mode."""
+    an exported one). `path` may be a run folder (its checkpoint.safetensors). Returns the model in
+    eval mode."""
+    path = checkpoint_file(path)
     tensors, info = read_checkpoint(path)
     if prefix is None:
         prefix = "ema" if any(k.startswith("ema.") for k in tensors) else "model"

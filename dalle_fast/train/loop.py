@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -110,10 +112,11 @@ class TrainingRun:
         self.stop = steps if not run_steps else min(steps, self.step + run_steps)
         self.progress = Progress(steps, self.step, self.out / "metrics.jsonl", info.is_main, desc)
         self._clock = (time.perf_counter(), self.step)
+        self._terminated = False
 
     @property
     def running(self) -> bool:
-        return self.step < self.stop
+        return self.step < self.stop and not self._terminated
 
     @property
     def complete(self) -> bool:
@@ -165,6 +168,11 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def guard(self):
+        """Ctrl-C saves a checkpoint and re-raises; SIGTERM (a scheduler's preemption, `kill`)
+        ends the run after the current step, so `finish` saves a state `--resume` continues exactly."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._terminate)
         try:
             yield self
         except KeyboardInterrupt:
@@ -173,7 +181,14 @@ class TrainingRun:
             self.save()
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.progress.close()
+
+    def _terminate(self, signum, frame) -> None:
+        if self.info.is_main and not self._terminated:
+            print(f"\nSIGTERM at step {self.step}: stopping after this step; continue with --resume", flush=True)
+        self._terminated = True
 
     def finish(self) -> Path:
         self.save()

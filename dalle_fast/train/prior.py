@@ -23,7 +23,7 @@ from ..dvae import DVAE, DVAEConfig
 from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
-from .checkpoint import load_model
+from .checkpoint import checkpoint_file, load_model
 from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache
@@ -31,7 +31,7 @@ from .token_cache import TokenCache, build_token_cache
 
 @dataclass
 class TrainPriorConfig(RunOptions):
-    dvae: str = _f("runs/dvae/checkpoint.safetensors", "trained dVAE checkpoint (train-vae's output) that makes the image tokens")
+    dvae: str = _f("runs/dvae", "trained dVAE (train-vae's run folder or checkpoint) that makes the image tokens")
     data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
     out: str = _f("runs/prior", "run folder: checkpoint, tokenizer, metrics.jsonl")
     cache: str = _f("", "token cache folder (default: OUT/cache); reused when built from the same inputs")
@@ -75,7 +75,7 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
         build_token_cache(cache_dir, dvae=dvae, data=cfg.data, text_len=text_len,
                           num_images=cfg.num_images or None, tokenizer=tokenizer, text_vocab=cfg.text_vocab,
                           variants=cfg.text_variants, dropout=cfg.bpe_dropout, seed=cfg.seed,
-                          device=info.device, source=str(Path(cfg.dvae).resolve()))
+                          device=info.device, source=str(checkpoint_file(cfg.dvae).resolve()))
     distributed.barrier()
     return TokenCache(cache_dir, seed=cfg.seed)
 
@@ -120,7 +120,7 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         raise ValueError("steps and batch_size must be >= 1")
     if not 0.0 <= cfg.bpe_dropout < 1.0:
         raise ValueError(f"bpe_dropout must be in [0, 1), got {cfg.bpe_dropout}")
-    if not Path(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
+    if not checkpoint_file(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
         raise FileNotFoundError(f"no dVAE checkpoint at {cfg.dvae} (train one with `dalle-fast train-vae`)")
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)

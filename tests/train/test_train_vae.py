@@ -1,14 +1,17 @@
 """The dVAE loop end to end on tiny data: exact resume, checkpoints, torchrun."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dalle_fast.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from dalle_fast.dvae import DVAE, DVAEConfig
+from dalle_fast.train.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.sampler import ResumableSampler
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
@@ -43,6 +46,9 @@ def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
     w4, _ = read_checkpoint(paths[4.0])
     key = "model.encoder.blocks.output.conv.weight"
     torch.testing.assert_close(w4[key], 4.0 * w1[key], rtol=1e-5, atol=1e-7)
+    # a run folder stands for its checkpoint
+    from_folder = load_model(tmp_path / "4.0", DVAE, DVAEConfig)
+    torch.testing.assert_close(from_folder.encoder.blocks.output.conv.weight, w4["ema.module." + key[len("model."):]])
     with pytest.raises(ValueError, match="logit_init"):
         train_vae(tiny(tmp_path / "bad", logit_init=0.0))
 
@@ -86,6 +92,30 @@ def test_sampler_splits_ranks_and_resumes_mid_epoch():
     assert list(s) == full[0][2:]
     s.set_position(1, 0)
     assert list(s) != full[0]  # a new epoch, a new order
+
+
+def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
+    steps = 60
+    train_vae(tiny(tmp_path / "straight", steps=steps, sample_every=1000))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps",
+           str(steps), "--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--save-every", "100",
+           "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "split")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM at step" in output
+    stopped = read_metrics(metrics)[-1]["step"]
+    assert 2 <= stopped < steps, "the run ended before the signal: make it longer"
+    assert read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == stopped
+    train_vae(tiny(tmp_path / "split", steps=steps, sample_every=1000, resume=True))
+    assert_same_run(tmp_path / "straight", tmp_path / "split", ("loss", "nll", "psnr", "perplexity"), steps=steps)
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
