@@ -78,11 +78,10 @@ def _cmd_generate(args) -> int:
 
     from . import images as imageio
     from .pipeline import generate, load_models
-    from .sampler import SamplingConfig
 
     if (args.prime is None) != (args.rows is None):
         raise ValueError("--prime IMAGE and --rows R go together")
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = _sampling(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     models = load_models(args.model, device=device)
@@ -117,6 +116,18 @@ def _cmd_export_model(args) -> int:
     return 0
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+
+
+def _sampling(args):
+    from .sampler import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images for a text prompt (reranked, best first)")
     gen.add_argument("prompt", help="the caption of the images to generate")
@@ -127,9 +138,7 @@ def _add_generate(sub) -> None:
     gen.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
     gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    _add_sampling_args(gen)
     gen.add_argument("--grid-scale", type=int, default=2, help="pixel scale of grid.png (default: 2)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     gen.set_defaults(run=_cmd_generate)
@@ -167,7 +176,8 @@ def _cmd_eval_shapes(args) -> int:
             print(f"{done}/{total} captions", file=sys.stderr, flush=True)
 
     report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
-                             out_json=out / "eval.json", out_png=out / "samples.png", progress=progress)
+                             sampling=_sampling(args), out_json=out / "eval.json", out_png=out / "samples.png",
+                             progress=progress)
     print(format_report(report))
     print(f"-> {out / 'eval.json'}, {out / 'samples.png'}")
     return 0
@@ -211,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="caption selection and sampling seed (default: 0)")
     ev.add_argument("--out", default="eval-shapes", help="folder for eval.json and samples.png (default: eval-shapes)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    _add_sampling_args(ev)
     ev.set_defaults(run=_cmd_eval_shapes)
     return parser
 

@@ -34,6 +34,7 @@ pairs alike, and scores the first-sampled and the reranker's best candidate with
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -392,6 +393,7 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     `progress(done, total)` is called after each caption. Returns the JSON's dict.
     """
     from .pipeline import generate
+    from .sampler import SamplingConfig
 
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates must be a positive int, got {candidates!r}")
@@ -446,6 +448,7 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     report = {
         "model": str(models.folder), "device": str(models.device), "image_size": size,
         "reranker": has_reranker, "captions_per_kind": num_captions, "candidates": candidates, "seed": seed,
+        "sampling": dataclasses.asdict(sampling if sampling is not None else SamplingConfig()),
         "accuracy": accuracy, "counts": counts, "failures": failures,
         "seconds": {"total": elapsed, "sampling": sampling_seconds,
                     "per_image": sampling_seconds / (total * candidates)},

@@ -2,7 +2,9 @@
 # One entry point for people and CI:
 #   bash scripts/dev.sh setup   create .venv, install the dependencies, build dalle_fast._C
 #   bash scripts/dev.sh test    setup, then run the test suite
-#   bash scripts/dev.sh demo    setup, then run the main job (today: the CPU attention benchmark)
+#   bash scripts/dev.sh demo ["PROMPT" [generate options]]
+#                               setup, then the main job: images for PROMPT from the bundled model
+#                               (samples/rank*.png, samples/grid.png)
 # Environment: PYTHON (default python3), VENV (default .venv), DALLE_FAST_CUDA (0: skip the
 # CUDA kernels, 1: require them, unset: build them when nvcc and a CUDA torch are present),
 # MAX_JOBS (parallel compile jobs, default: all cores).
@@ -51,11 +53,12 @@ case "${1:-}" in
     ;;
   demo)
     setup
-    echo "== main job: sparse attention vs dense attention on this CPU"
-    "$PY" benchmarks/bench_attention.py --device cpu "${@:2}"
+    prompt=${2:-a red circle to the left of a blue square}
+    echo "== main job: dalle-fast generate \"$prompt\" with the bundled model"
+    "$VENV/bin/dalle-fast" generate "$prompt" --out samples "${@:3}"
     ;;
   *)
-    echo "usage: bash scripts/dev.sh setup|test|demo [args passed to pytest or the demo]" >&2
+    echo "usage: bash scripts/dev.sh setup | test [pytest args] | demo [PROMPT [generate options]]" >&2
     exit 2
     ;;
 esac

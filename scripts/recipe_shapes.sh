@@ -3,7 +3,7 @@
 # dataset's training split with the project's own commands, exported (float16) into
 # dalle_fast/assets/model/, then scored by eval-shapes on test captions.
 #
-#   bash scripts/recipe_shapes.sh            # CPU, about an hour on 2 cores with the defaults
+#   bash scripts/recipe_shapes.sh            # CPU: about 1.5 hours on 2 cores with the defaults
 #
 # Environment: RUNS (training run folders, default runs/bundled), MODEL (where the model folder
 # goes, default dalle_fast/assets/model), EVAL (eval-shapes output, default
@@ -19,7 +19,7 @@ RUNS=${RUNS:-runs/bundled}
 MODEL=${MODEL:-dalle_fast/assets/model}
 EVAL=${EVAL:-benchmarks/results/eval_shapes_bundled}
 VAE_STEPS=${VAE_STEPS:-1500}
-PRIOR_STEPS=${PRIOR_STEPS:-3500}
+PRIOR_STEPS=${PRIOR_STEPS:-5000}
 RERANK_STEPS=${RERANK_STEPS:-1500}
 IMAGES=${IMAGES:-20000}
 EVAL_CAPTIONS=${EVAL_CAPTIONS:-50}

@@ -272,8 +272,9 @@ def check_report(report, reranked: bool, captions: int, candidates: int):
 def test_cli_eval_shapes_writes_json_and_sheet(model_folder, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval-shapes", "--model", str(model_folder), "--captions", "2", "--candidates", "2",
-                 "--out", str(out), "--device", "cpu"]) == 0
+                 "--out", str(out), "--device", "cpu", "--top-k", "5", "--temperature", "0.9"]) == 0
     report = json.loads((out / "eval.json").read_text())
+    assert report["sampling"]["top_k"] == 5 and report["sampling"]["temperature"] == 0.9
     check_report(report, reranked=False, captions=2, candidates=2)
     sheet = Image.open(out / "samples.png")
     assert sheet.width >= 2 * 2 * SIZE and sheet.height >= 4 * 2 * SIZE  # 2 + 2 rows of 2 tiles at 2x

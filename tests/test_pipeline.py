@@ -1,4 +1,5 @@
-"""Model folders, prompt handling and `dalle-fast generate` end to end on an untrained tiny model."""
+"""Model folders, prompt handling and `dalle-fast generate` end to end on an untrained tiny model, and the
+bundled model."""
 
 import dataclasses
 import warnings
@@ -11,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from dalle_fast.cli import main
 from dalle_fast.data import ShapesDataset
 from dalle_fast.dvae import DVAE, DVAEConfig
-from dalle_fast.pipeline import export_model_folder, generate, load_models
+from dalle_fast.pipeline import BUNDLED, export_model_folder, generate, load_models
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.train.checkpoint import save_checkpoint
@@ -86,3 +87,17 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     assert torch.equal(result.tokens[:, :24], expected.expand(2, -1))
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2
+
+
+def test_the_bundled_model_loads_fits_and_generates(tmp_path, capsys):
+    """The package ships a model (scripts/recipe_shapes.sh): `generate` without --model uses it."""
+    files = sorted(p.name for p in BUNDLED.iterdir())
+    assert files == ["dvae.safetensors", "prior.safetensors", "reranker.safetensors", "tokenizer.json"]
+    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) <= 30 * 2**20
+    models = load_models(None)
+    assert models.reranker is not None and models.dvae.config.grid == models.prior.config.grid
+    out = tmp_path / "samples"
+    assert main(["generate", "a red circle above a blue square", "--num", "2", "--keep", "1", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png"]
+    assert str(BUNDLED) in capsys.readouterr().out
