@@ -96,12 +96,13 @@ def test_sampler_splits_ranks_and_resumes_mid_epoch():
 
 def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
     steps = 60
-    train_vae(tiny(tmp_path / "straight", steps=steps, sample_every=1000))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # both runs: same threads, same sums
     cmd = [sys.executable, "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps",
            str(steps), "--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--save-every", "100",
-           "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "split")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--seed", "3", "--device", "cpu"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "split")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "split" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -114,7 +115,7 @@ def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
     stopped = read_metrics(metrics)[-1]["step"]
     assert 2 <= stopped < steps, "the run ended before the signal: make it longer"
     assert read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == stopped
-    train_vae(tiny(tmp_path / "split", steps=steps, sample_every=1000, resume=True))
+    subprocess.run([*cmd, "--out", str(tmp_path / "split"), "--resume"], env=env, check=True, capture_output=True)
     assert_same_run(tmp_path / "straight", tmp_path / "split", ("loss", "nll", "psnr", "perplexity"), steps=steps)
 
 
