@@ -351,7 +351,7 @@ class DVAE(nn.Module):
             "kl": kl.detach().mean(),
             "usage_kl": usage_kl.detach(),
             "mse": mse_value.detach(),
-            "recon": self._unmap_mean(out.detach()),
+            "recon": unmap_pixels(mean.detach(), eps),
             "logits": logits.detach(),
             "tokens": logits.detach().argmax(dim=1),
         }

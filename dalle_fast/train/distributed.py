@@ -68,3 +68,24 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class _Loss(torch.nn.Module):
+    """DDP all-reduces the gradients of what its module's forward computed: make that the loss."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.loss(*args)
+
+
+def data_parallel(model: torch.nn.Module, info: DistInfo):
+    """`model.loss` as the callable a training step calls: as is in one process, through
+    DistributedDataParallel (gradients all-reduced) under torchrun."""
+    if not info.enabled:
+        return model.loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_Loss(model), device_ids=[info.local_rank] if info.device.type == "cuda" else None)

@@ -43,6 +43,19 @@ class RunOptions:
     amp: bool = option(True, "bf16 autocast on CUDA")
 
 
+def decay_groups(params, weight_decay: float, **extra) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices (linear, conv and embedding weights), none
+    on biases, norm gains or scalars; `extra` goes into both groups."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+
+
+def autocast(options: RunOptions, info: distributed.DistInfo):
+    """bf16 autocast on CUDA when `--amp` (the default); a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=options.amp and info.device.type == "cuda")
+
+
 def _loader(dataset, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
             sampler: Optional[ResumableSampler]) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from ..dvae import DVAE, DVAEConfig
@@ -24,7 +23,7 @@ from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from .checkpoint import checkpoint_file, load_model
-from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache
 
@@ -81,19 +80,14 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
 
 
 def _optimizer(model: Prior, cfg: TrainPriorConfig) -> torch.optim.AdamW:
-    # Decay matrices (linear and embedding weights); not biases or LayerNorm gains.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    return torch.optim.AdamW(decay_groups(model.parameters(), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96),
+                             eps=1e-8)
 
 
 def _wrap(model: Prior, cfg: TrainPriorConfig, info: distributed.DistInfo):
     """The module whose forward is the loss: DistributedDataParallel (plus PowerSGD) under torchrun."""
-    if not info.enabled:
-        return model.loss
-    ddp = DistributedDataParallel(_LossModule(model), device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    if cfg.powersgd_rank > 0:
+    ddp = distributed.data_parallel(model, info)
+    if info.enabled and cfg.powersgd_rank > 0:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
         # Error feedback needs a few uncompressed iterations first (start_powerSGD_iter > 1).
@@ -101,17 +95,6 @@ def _wrap(model: Prior, cfg: TrainPriorConfig, info: distributed.DistInfo):
                                        start_powerSGD_iter=2, min_compression_rate=2, random_seed=cfg.seed)
         ddp.register_comm_hook(state, powersgd.powerSGD_hook)
     return ddp
-
-
-class _LossModule(torch.nn.Module):
-    """DDP all-reduces the gradients of what its module's forward computed: make that the loss."""
-
-    def __init__(self, prior: Prior):
-        super().__init__()
-        self.prior = prior
-
-    def forward(self, text, image):
-        return self.prior.loss(text, image)
 
 
 def train_prior(cfg: TrainPriorConfig) -> Path:
@@ -141,7 +124,6 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         print(f"prior: {model_cfg.num_params() / 1e6:.2f}M parameters, {len(cache)} cached images, "
               f"image-token unigram entropy {cache.unigram_entropy():.3f} nats")
     objective = _wrap(model, cfg, info)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
     data = batches(cache, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
     tokens_per_step = cfg.batch_size * info.world_size * model_cfg.seq_len
     model.train()
@@ -150,7 +132,7 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
             step = run.step
             text, image = (t.to(info.device, non_blocking=True) for t in next(data))
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
-            with autocast:
+            with autocast(cfg, info):
                 result = objective(text, image)
             run.update(result["loss"], lr, model, ema, cfg.grad_clip)
             step = run.step

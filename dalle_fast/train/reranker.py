@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from ..data import make_dataset
 from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
-from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 
 
@@ -117,20 +116,8 @@ def _optimizer(model: Reranker, cfg: TrainRerankerConfig) -> torch.optim.AdamW:
     for text in (True, False):
         params = [p for n, p in model.named_parameters() if n.startswith(_TEXT) == text]
         scale = cfg.text_lr_scale if text else 1.0
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+        groups += decay_groups(params, cfg.weight_decay, lr_scale=scale)
     return _AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-class _LossModule(torch.nn.Module):
-    """DDP all-reduces the gradients of what its module's forward computed: make that the loss."""
-
-    def __init__(self, reranker: Reranker):
-        super().__init__()
-        self.reranker = reranker
-
-    def forward(self, text, images, negatives):
-        return self.reranker.loss(text, images, negatives)
 
 
 def train_reranker(cfg: TrainRerankerConfig) -> Path:
@@ -140,8 +127,9 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     if not 0.0 < cfg.text_lr_scale <= 1.0:
         raise ValueError(f"text_lr_scale must be in (0, 1], got {cfg.text_lr_scale}")
     if not Path(cfg.tokenizer).is_file():
-        raise FileNotFoundError(f"no tokenizer at {cfg.tokenizer}: pass the prior's (--tokenizer "
-                                "runs/prior/tokenizer.json) so that both models tokenize captions alike")
+        raise FileNotFoundError(f"no tokenizer at {cfg.tokenizer}: pass the prior's (`dalle-fast train-tokenizer` "
+                                "makes one for both, or use runs/prior/tokenizer.json) so that both models "
+                                "tokenize captions alike")
     tokenizer = TextTokenizer.load(cfg.tokenizer)
     model_cfg = model_config(cfg, tokenizer)
     dataset = make_dataset(cfg.data, size=cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
@@ -159,11 +147,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         if Path(cfg.tokenizer).resolve() != (out / "tokenizer.json").resolve():
             shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")  # a run folder is self-contained
         print(f"reranker: {model_cfg.num_params() / 1e6:.2f}M parameters")
-    objective = model.loss
-    if info.enabled:
-        objective = DistributedDataParallel(_LossModule(model),
-                                            device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
+    objective = distributed.data_parallel(model, info)
     data = batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
     model.train()
     with run.guard():
@@ -174,7 +158,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
             images, text = images.to(info.device, non_blocking=True), text.to(info.device)
             negatives = negatives.to(info.device) if negatives is not None else None
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
-            with autocast:
+            with autocast(cfg, info):
                 result = objective(text, images, negatives)
             run.update(result["loss"], lr, model, ema, cfg.grad_clip)
             step = run.step

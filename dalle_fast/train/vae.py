@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from .. import images as imageio
 from ..data import make_dataset
 from ..dvae import DVAE, DVAEConfig, codebook_perplexity, psnr
 from . import distributed
-from .loop import RunOptions, TrainingRun, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, autocast, batches, ema_with_warmup, option as _f
 from .schedules import cosine
 
 
@@ -79,13 +78,9 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
                       record={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
                       resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-vae")
 
-    # DVAE.forward is its loss, so DistributedDataParallel all-reduces the gradients.
-    objective = model
-    if info.enabled:
-        objective = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    objective = distributed.data_parallel(model, info)
     tau_steps = cfg.tau_steps or cfg.steps
     beta_steps = cfg.beta_steps or max(1, cfg.steps // 4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and info.device.type == "cuda")
     fixed = None  # the batch shown in reconstruction grids
 
     def sample_grid(tag: str):
@@ -107,7 +102,7 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
             lr = cosine(step, cfg.lr, cfg.lr_end, cfg.steps)
             tau = cosine(step, cfg.tau_start, cfg.tau_end, tau_steps)
             beta = cosine(step, 0.0, cfg.beta_end, beta_steps)
-            with autocast:
+            with autocast(cfg, info):
                 result = objective(images, tau, beta, noise, cfg.usage, cfg.mse)
             run.update(result["loss"], lr, model, ema, cfg.grad_clip)
             step = run.step
