@@ -159,7 +159,7 @@ void compute_delta(const AttnParams& p, int64_t bh) {
 
 template <class T>
 void attention_backward(const AttnParams& p) {
-  const auto plan = get_tile_plan(p.mask);
+  const auto plan = get_tile_plan(p.mask, kTile);
   const int64_t tiles = plan->num_tiles(), bh = p.batch * p.heads;
   LogicalTensor<T> K(p.k, *plan, p.batch, p.heads, p.dim), V(p.v, *plan, p.batch, p.heads, p.dim);
   LogicalTensor<T> Q(p.q, *plan, p.batch, p.heads, p.dim), dO(p.dout, *plan, p.batch, p.heads, p.dim);

@@ -80,7 +80,7 @@ DF_CPU_CLONES void forward_tile(const AttnParams& p, const TilePlan& plan, const
 
 template <class T>
 void attention_forward(const AttnParams& p) {
-  const auto plan = get_tile_plan(p.mask);
+  const auto plan = get_tile_plan(p.mask, kTile);
   const int64_t tiles = plan->num_tiles(), bh = p.batch * p.heads;
   LogicalTensor<T> K(p.k, *plan, p.batch, p.heads, p.dim), V(p.v, *plan, p.batch, p.heads, p.dim);
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {

@@ -8,10 +8,13 @@
 #include <vector>
 
 #include "../params.h"
+#include "../tile_plan.h"
 #include "microkernels.h"
-#include "tile_plan.h"
 
 namespace dalle_fast::cpu {
+
+constexpr int64_t kTile = 32;   // rows per query tile and per key tile
+constexpr int64_t kChunk = 32;  // keys (or queries) per inner step (the plan's chunk = its tile)
 
 // One head's rows of a [B, H, N, D] tensor in logical order: the tensor itself when the order
 // is the identity, otherwise a permuted copy.
@@ -75,7 +78,7 @@ DF_ALWAYS_INLINE const T* chunk_rows(const LogicalRows<T>& rows, const int32_t* 
 
 // st is (kChunk, kTile): entry j, tile row i. Sets st[j][i] = -inf where bit j of words[i] is 0.
 template <class T>
-DF_ALWAYS_INLINE void mask_chunk(T* st, const uint32_t* words) {
+DF_ALWAYS_INLINE void mask_chunk(T* st, const uint64_t* words) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < kChunk; ++j)
     for (int64_t i = 0; i < kTile; ++i) st[j * kTile + i] = ((words[i] >> j) & 1u) ? st[j * kTile + i] : ninf;

@@ -9,6 +9,7 @@
 
 #include "../attention_args.h"
 #include "attention_cuda.h"
+#include "device_plan.h"
 
 namespace dalle_fast::cuda {
 
@@ -42,7 +43,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   auto c = prepare_forward(q, k, v, std::string(kind), text_len, grid, kernel, scale);
   const DType dtype = cuda_dtype(c.q, "sparse_attention");
   if (c.q.numel() > 0) {
-    const char* err = attention_forward(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+    const char* err = nullptr;
+    if (flash_forward_supported(c.params, dtype)) {
+      const PlanView plan = device_plan(c.params.mask, kFlashTile, q.device().index());
+      err = flash_forward(c.params, plan, dtype, stream);
+    } else {
+      err = attention_forward(c.params, dtype, stream);
+    }
     TORCH_CHECK(err == nullptr, "sparse_attention: CUDA forward kernel launch failed: ", err);
   }
   return {c.out, c.lse};

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "../params.h"
+#include "plan_view.h"
 
 namespace dalle_fast::cuda {
 
@@ -22,6 +23,13 @@ const char* attention_forward(const AttnParams& p, DType dtype, cudaStream_t str
 // statistics type), then p.dq, p.dk, p.dv. p.out, p.lse and p.dout must be set. Same return
 // convention as attention_forward.
 const char* attention_backward(const AttnParams& p, DType dtype, cudaStream_t stream);
+
+// The flash-style tensor-core forward (flash_fwd.cu): fp16/bf16, head dims 32, 64, 128, rows
+// 16-byte aligned. `plan` is device_plan(p.mask, kFlashTile, device). Fills p.out and p.lse
+// like attention_forward, so attention_backward works on its outputs.
+constexpr int64_t kFlashTile = 64;
+bool flash_forward_supported(const AttnParams& p, DType dtype);
+const char* flash_forward(const AttnParams& p, const PlanView& plan, DType dtype, cudaStream_t stream);
 
 }  // namespace dalle_fast::cuda
 

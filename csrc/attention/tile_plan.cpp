@@ -1,11 +1,12 @@
 #include "tile_plan.h"
 
 #include <algorithm>
+#include <stdexcept>
 #include <map>
 #include <mutex>
 #include <tuple>
 
-namespace dalle_fast::cpu {
+namespace dalle_fast {
 
 namespace {
 
@@ -19,7 +20,8 @@ std::vector<int64_t> logical_order(const MaskSpec& m) {
 
 // rows_see(row_pos, entry_pos) is the mask between a tile row and a list entry (physical).
 template <class Runs, class Sees>
-TileLists build_lists(const MaskSpec& m, const std::vector<int64_t>& order, Runs runs, Sees sees) {
+TileLists build_lists(const MaskSpec& m, const std::vector<int64_t>& order, const int64_t kTile, Runs runs,
+                      Sees sees) {
   const int64_t n = m.seq_len();
   const int64_t tiles = (n + kTile - 1) / kTile;
   std::vector<int64_t> logical(static_cast<size_t>(n));
@@ -44,20 +46,20 @@ TileLists build_lists(const MaskSpec& m, const std::vector<int64_t>& order, Runs
     }
     std::sort(found.begin(), found.end());
     const int64_t entries = static_cast<int64_t>(found.size());
-    for (int64_t c0 = 0; c0 < entries; c0 += kChunk) {
-      const int64_t ne = std::min(kChunk, entries - c0);
+    for (int64_t c0 = 0; c0 < entries; c0 += kTile) {
+      const int64_t ne = std::min(kTile, entries - c0);
       bool full = true;
       for (int64_t i = 0; i < kTile; ++i) {
-        uint32_t word = 0;
+        uint64_t word = 0;
         if (i < rows)
           for (int64_t j = 0; j < ne; ++j)
-            if (sees(order[r0 + i], order[found[c0 + j]])) word |= uint32_t(1) << j;
-        const uint32_t want = i < rows ? (ne == 32 ? ~uint32_t(0) : (uint32_t(1) << ne) - 1) : 0;
+            if (sees(order[r0 + i], order[found[c0 + j]])) word |= uint64_t(1) << j;
+        const uint64_t want = i < rows ? (ne == 64 ? ~uint64_t(0) : (uint64_t(1) << ne) - 1) : 0;
         full = full && word == want;
         lists.words.push_back(word);
       }
       // A partial chunk is never full: its padding entries must be masked.
-      lists.full.push_back(full && ne == kChunk ? 1 : 0);
+      lists.full.push_back(full && ne == kTile ? 1 : 0);
     }
     lists.index.insert(lists.index.end(), found.begin(), found.end());
     lists.start.push_back(static_cast<int64_t>(lists.index.size()));
@@ -66,34 +68,36 @@ TileLists build_lists(const MaskSpec& m, const std::vector<int64_t>& order, Runs
   return lists;
 }
 
-std::shared_ptr<const TilePlan> build_plan(const MaskSpec& m) {
+std::shared_ptr<const TilePlan> build_plan(const MaskSpec& m, const int64_t tile) {
   auto plan = std::make_shared<TilePlan>();
   plan->seq = m.seq_len();
+  plan->tile = tile;
   plan->order = logical_order(m);
   plan->keys = build_lists(
-      m, plan->order, [](const MaskSpec& s, int64_t q, auto&& f) { for_each_key_run(s, q, f); },
+      m, plan->order, tile, [](const MaskSpec& s, int64_t q, auto&& f) { for_each_key_run(s, q, f); },
       [&](int64_t q, int64_t k) { return allowed(m, q, k); });
   plan->queries = build_lists(
-      m, plan->order, [](const MaskSpec& s, int64_t k, auto&& f) { for_each_query_run(s, k, f); },
+      m, plan->order, tile, [](const MaskSpec& s, int64_t k, auto&& f) { for_each_query_run(s, k, f); },
       [&](int64_t k, int64_t q) { return allowed(m, q, k); });
   return plan;
 }
 
 }  // namespace
 
-std::shared_ptr<const TilePlan> get_tile_plan(const MaskSpec& m) {
-  using Key = std::tuple<int, int64_t, int64_t, int64_t>;
+std::shared_ptr<const TilePlan> get_tile_plan(const MaskSpec& m, const int64_t tile) {
+  if (tile < 1 || tile > kMaxTile) throw std::invalid_argument("get_tile_plan: tile must be in 1..64");
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t>;
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<const TilePlan>> cache;
   const int64_t half = m.kind == MaskKind::Conv ? m.half : 0;
-  const Key key{static_cast<int>(m.kind), m.text_len, m.grid, half};
+  const Key key{static_cast<int>(m.kind), m.text_len, m.grid, half, tile};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   if (cache.size() >= 64) cache.clear();  // bounded: a model uses a handful of masks
-  auto plan = build_plan(m);
+  auto plan = build_plan(m, tile);
   cache.emplace(key, plan);
   return plan;
 }
 
-}  // namespace dalle_fast::cpu
+}  // namespace dalle_fast

@@ -1,0 +1,32 @@
+"""Small CUDA calls of every kernel, for `compute-sanitizer --tool memcheck` (benchmarks/gpu_check.sh):
+the tensor-core and the one-warp-per-row attention (forward and backward, every kind, tile-edge
+sizes) and the fused Gumbel-softmax. Prints "ok" when every call ran; the sanitizer judges the
+memory accesses."""
+
+import torch
+
+from dalle_fast import ops
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    gen = torch.Generator().manual_seed(0)
+    with ops.backend("cuda"):
+        for dtype, D in ((torch.bfloat16, 64), (torch.float16, 32), (torch.bfloat16, 128), (torch.float32, 40)):
+            for T, S in ((1, 1), (5, 3), (63, 1), (64, 8), (17, 11)):
+                for kind in ops.KINDS:
+                    q, k, v = (torch.randn(2, 2, T + S * S, D, generator=gen).to("cuda", dtype).requires_grad_()
+                               for _ in range(3))
+                    out = ops.sparse_attention(q, k, v, kind, T, S, 3)
+                    out.backward(torch.randn_like(out))
+        logits = torch.randn(2, 37, 5, 3, device="cuda", requires_grad=True)
+        y, kl = ops.gumbel_softmax_kl(logits, 0.7)
+        (y.sum() + kl.sum()).backward()
+        ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
+    torch.cuda.synchronize()
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+// Flash-style sparse-attention forward on tensor cores (fp16 / bf16 storage, fp32 math), head
+// dims 32, 64 and 128.
+//
+// One CTA of 4 warps per (batch, head, query tile of 64 logical rows); warp w owns rows
+// 16w..16w+15. The CTA walks its tile's key list from the tile plan (../tile_plan.h, tile 64):
+// chunks of 64 key rows gathered by index with cp.async into double-buffered shared memory
+// (the next chunk loads while this one computes). Per chunk: S = Q K^T with mma.m16n8k16, the
+// plan's per-row bit masks set -inf (skipped for chunks the plan marks full), an online softmax
+// in exp2 with the scale folded in, then O += P V with P kept in registers. At the end O / l
+// and lse = log sum exp(scale * s) go out, at the rows' physical positions (column layers run
+// in column-major logical order, see the plan).
+//
+// Shared rows are padded by 16 bytes, so the 8 row addresses of every ldmatrix fall in
+// distinct banks. No host synchronisation; the plan is device memory cached by device_plan.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../params.h"
+#include "attention_cuda.h"
+#include "mma.h"
+#include "plan_view.h"
+
+namespace dalle_fast::cuda {
+
+namespace {
+
+constexpr int kBM = static_cast<int>(kFlashTile);  // query rows per CTA, 16 per warp
+constexpr int kBN = static_cast<int>(kFlashTile);  // keys per chunk (the plan's chunk)
+constexpr int kFlashThreads = 128;
+constexpr int kPad = 8;  // 16-bit values of padding per shared row
+
+template <int HD>
+constexpr size_t smem_bytes() {
+  return size_t(kBM + 4 * kBN) * (HD + kPad) * 2;  // Q, 2 x K, 2 x V
+}
+
+__device__ __forceinline__ float ninf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+
+// Queues the copy of `rows` shared rows of HD values: row r < count is row pos(r) of `src`,
+// rows count..rows-1 are zeros (so padding keys contribute 0 * 0, never 0 * garbage).
+template <class T, int HD, class Pos>
+__device__ __forceinline__ void load_rows(T* dst, const BHND& src, int64_t b, int64_t h, int rows, int count,
+                                          Pos pos) {
+  constexpr int kVec = 8;  // 16 bytes
+  constexpr int kPerRow = HD / kVec;
+  const T* fallback = src.row<const T>(b, h, 0);
+  for (int i = threadIdx.x; i < rows * kPerRow; i += kFlashThreads) {
+    const int r = i / kPerRow, col = (i % kPerRow) * kVec;
+    const bool valid = r < count;
+    const T* s = valid ? src.row<const T>(b, h, pos(r)) + col : fallback;
+    mma::cp_async16(dst + r * (HD + kPad) + col, s, valid ? 16 : 0);
+  }
+}
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kFlashThreads) flash_forward_kernel(const AttnParams p, const PlanView plan) {
+  using M = mma::Mma<T>;
+  constexpr int LD = HD + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const Qs = reinterpret_cast<T*>(smem_raw);
+  T* const Ks = Qs + kBM * LD;       // [2][kBN][LD]
+  T* const Vs = Ks + 2 * kBN * LD;   // [2][kBN][LD]
+
+  // All heads of the last query tile first: its key list is the longest (causal, column).
+  const int64_t BH = p.batch * p.heads;
+  const int64_t flat = blockIdx.x;
+  const int tile = plan.tiles - 1 - static_cast<int>(flat / BH);
+  const int64_t bh = flat % BH, b = bh / p.heads, h = bh % p.heads;
+  const int r0 = tile * kBM;
+  const int rows = min(kBM, plan.seq - r0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+
+  const PlanLists& L = plan.keys;
+  const int c_begin = L.chunk_start[tile], c_end = L.chunk_start[tile + 1];
+  const int e_begin = L.start[tile], e_end = L.start[tile + 1];
+
+  auto load_chunk = [&](int c, int buf) {
+    const int e0 = e_begin + (c - c_begin) * kBN;
+    const int count = min(kBN, e_end - e0);
+    auto pos = [&](int r) { return static_cast<int64_t>(plan.order[L.index[e0 + r]]); };
+    load_rows<T, HD>(Ks + buf * kBN * LD, p.k, b, h, kBN, count, pos);
+    load_rows<T, HD>(Vs + buf * kBN * LD, p.v, b, h, kBN, count, pos);
+  };
+
+  load_rows<T, HD>(Qs, p.q, b, h, kBM, rows, [&](int r) { return static_cast<int64_t>(plan.order[r0 + r]); });
+  mma::cp_async_commit();
+  if (c_begin < c_end) load_chunk(c_begin, 0);
+  mma::cp_async_commit();
+  mma::cp_async_wait<1>();  // Q is in
+  __syncthreads();
+
+  uint32_t qf[HD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+    mma::ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane % 16)) * LD + kk * 16 + (lane / 16) * 8);
+
+  const float scale_log2 = static_cast<float>(p.scale) * 1.4426950408889634f;
+  float o[HD / 8][4];
+#pragma unroll
+  for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {ninf(), ninf()};  // running max of the raw scores of rows g and g + 8
+  float l[2] = {0.f, 0.f};        // this thread's part of the running sums
+
+  for (int c = c_begin; c < c_end; ++c) {
+    const int buf = (c - c_begin) & 1;
+    if (c + 1 < c_end) load_chunk(c + 1, buf ^ 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();  // chunk c is in
+    __syncthreads();
+    const T* const Kb = Ks + buf * kBN * LD;
+    const T* const Vb = Vs + buf * kBN * LD;
+
+    // S = Q K^T: 16 rows x 64 keys per warp, as 8 n-tiles of 8 keys.
+    float s[kBN / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t bk[4];
+        mma::ldmatrix_x4(bk, Kb + (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
+        M::run(s[2 * np], qf[kk], bk[0], bk[1]);
+        M::run(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+      }
+    }
+
+    if (!L.full[c]) {
+      const uint64_t w0 = L.words[int64_t(c) * kBN + warp * 16 + g];
+      const uint64_t w1 = L.words[int64_t(c) * kBN + warp * 16 + g + 8];
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + 2 * t4 + e;
+          if (!((w0 >> col) & 1u)) s[j][e] = ninf();
+          if (!((w1 >> col) & 1u)) s[j][2 + e] = ninf();
+        }
+      }
+    }
+
+    // Online softmax; a row's 64 scores live in the 4 threads of a quad.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+    }
+    float ref[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      // A row with nothing allowed yet keeps max -inf: use 0 as the reference so that the
+      // exponentials give 0 instead of exp2(-inf + inf) = nan.
+      ref[i] = mx[i] == ninf() ? 0.f : mx[i] * scale_log2;
+      const float alpha = exp2f(m[i] * scale_log2 - ref[i]);  // 0 while m is -inf
+      m[i] = mx[i];
+      l[i] *= alpha;
+#pragma unroll
+      for (int n = 0; n < HD / 8; ++n) {
+        o[n][2 * i] *= alpha;
+        o[n][2 * i + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -ref[e / 2]));
+      l[0] += s[j][0] + s[j][1];
+      l[1] += s[j][2] + s[j][3];
+    }
+
+    // O += P V, P from the score registers (C layout of two n-tiles = A layout of 16 keys).
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t pa[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
+                              M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; ++dp) {
+        uint32_t bv[4];
+        mma::ldmatrix_x4_trans(bv, Vb + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
+        M::run(o[2 * dp], pa, bv[0], bv[1]);
+        M::run(o[2 * dp + 1], pa, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // everyone is done with buffer `buf` before it is refilled
+  }
+
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    const int row = warp * 16 + g + 8 * i;
+    if (row >= rows) continue;
+    const int64_t phys = plan.order[r0 + row];
+    T* const orow = p.out.row<T>(b, h, phys);
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+      *reinterpret_cast<typename M::Pair*>(orow + 8 * n + 2 * t4) = M::pair(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    if (t4 == 0) p.lse.at<float>(b, h)[phys] = l[i] > 0.f ? m[i] * scale + logf(l[i]) : ninf();
+  }
+}
+
+template <class T, int HD>
+const char* launch(const AttnParams& p, const PlanView& plan, cudaStream_t stream) {
+  const int64_t blocks = int64_t(plan.tiles) * p.batch * p.heads;
+  if (blocks == 0) return nullptr;
+  if (blocks > int64_t(0x7fffffff)) return "sparse_attention: too many (batch, head, tile) blocks for one launch";
+  constexpr size_t smem = smem_bytes<HD>();
+  auto kernel = flash_forward_kernel<T, HD>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  kernel<<<static_cast<unsigned int>(blocks), kFlashThreads, smem, stream>>>(p, plan);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <class T>
+const char* launch_dim(const AttnParams& p, const PlanView& plan, cudaStream_t stream) {
+  switch (p.dim) {
+    case 32:
+      return launch<T, 32>(p, plan, stream);
+    case 64:
+      return launch<T, 64>(p, plan, stream);
+    case 128:
+      return launch<T, 128>(p, plan, stream);
+  }
+  return "sparse_attention: the tensor-core forward supports head dims 32, 64 and 128";
+}
+
+bool aligned16(const BHND& t) {
+  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0;
+}
+
+}  // namespace
+
+bool flash_forward_supported(const AttnParams& p, DType dtype) {
+  if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
+  if (p.dim != 32 && p.dim != 64 && p.dim != 128) return false;
+  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out);
+}
+
+const char* flash_forward(const AttnParams& p, const PlanView& plan, DType dtype, cudaStream_t stream) {
+  if (plan.tile != kFlashTile || plan.seq != p.seq) return "sparse_attention: tile plan does not match the call";
+  if (dtype == DType::Float16) return launch_dim<__half>(p, plan, stream);
+  if (dtype == DType::BFloat16) return launch_dim<__nv_bfloat16>(p, plan, stream);
+  return "sparse_attention: the tensor-core forward supports float16 and bfloat16";
+}
+
+}  // namespace dalle_fast::cuda
