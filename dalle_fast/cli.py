@@ -120,12 +120,16 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    parser.add_argument("--cond-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale: null + s * (caption - null); 1 is off and one "
+                             "pass, > 1 samples a second, empty-caption batch (default: 1.0)")
 
 
 def _sampling(args):
     from .sampler import SamplingConfig
 
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          cond_scale=args.cond_scale)
 
 
 def _add_generate(sub) -> None:

@@ -35,6 +35,9 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0: all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1: all)
     cuda_graph: bool = True  # on CUDA, capture one step in a graph and replay it
+    # classifier-free guidance: logits = null + cond_scale * (caption - null), where "null" is the
+    # prior's prediction for an empty caption (BOS + pads); 1 = off (one pass), > 1 doubles the batch
+    cond_scale: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -43,6 +46,12 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if not (isinstance(self.cond_scale, (int, float)) and math.isfinite(self.cond_scale) and self.cond_scale >= 1):
+            raise ValueError(f"cond_scale must be a number >= 1 (1: no guidance), got {self.cond_scale!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cond_scale != 1.0
 
 
 def key_offsets(kind: str, grid: int, kernel: int) -> torch.Tensor:
@@ -151,11 +160,32 @@ class IncrementalPrior:
         return prior.image_head(prior.ln_f(x[:, 0]))
 
 
+class GuidedPrior:
+    """Classifier-free guidance over an IncrementalPrior of 2B sequences: rows B.. hold the null
+    caption; `prefill` and `step` take and return B rows like IncrementalPrior, with logits
+    null + scale * (caption - null) (computed in fp32 at least)."""
+
+    def __init__(self, prior: Prior, batch: int, null_text: torch.Tensor, scale: float):
+        self.inc = IncrementalPrior(prior, 2 * batch)
+        self.null_text, self.scale, self.batch = null_text, float(scale), batch
+
+    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
+        cond, null = logits.to(torch.promote_types(logits.dtype, torch.float32)).chunk(2)
+        return null + self.scale * (cond - null)
+
+    def prefill(self, text: torch.Tensor, prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        null = self.null_text.to(text.device).expand_as(text)
+        return self._mix(self.inc.prefill(torch.cat([text, null]), None if prime is None else prime.repeat(2, 1)))
+
+    def step(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return self._mix(self.inc.step(token.repeat(2), g))
+
+
 class _Loop:
     """The per-token state on the device and the step that advances it: feed `token` (image token
     `g`), sample token g + 1, write it to `tokens`, advance `g`."""
 
-    def __init__(self, inc: IncrementalPrior, tokens: torch.Tensor, first: int, config: SamplingConfig,
+    def __init__(self, inc, tokens: torch.Tensor, first: int, config: SamplingConfig,
                  generator: Optional[torch.Generator]):
         self.inc, self.tokens, self.config, self.generator = inc, tokens, config, generator
         self.g = torch.tensor(first, device=tokens.device)
@@ -196,17 +226,28 @@ def _run_graph(loop: _Loop, count: int) -> None:
 @torch.no_grad()
 def sample_image_tokens(prior: Prior, text: torch.Tensor, *, prime: Optional[torch.Tensor] = None,
                         config: Optional[SamplingConfig] = None,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                        generator: Optional[torch.Generator] = None,
+                        null_text: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sample the image tokens of each caption in text [B, T]: returns [B, S*S] int64.
 
     `prime` [B, n0] fixes the first n0 image tokens (image priming: n0 = rows * S); the rest are
-    sampled one position at a time. Seeded `generator`s repeat exactly."""
+    sampled one position at a time. Seeded `generator`s repeat exactly. Guided sampling
+    (`config.cond_scale` > 1) needs `null_text` [T], the empty caption's ids
+    (`TextTokenizer.null_text`)."""
     config = config or SamplingConfig()
     cfg = prior.config
+    if config.guided:
+        if null_text is None:
+            raise ValueError("cond_scale > 1 needs null_text, the empty caption's ids (TextTokenizer.null_text)")
+        if null_text.shape != (cfg.text_len,):
+            raise ValueError(f"null_text must have shape ({cfg.text_len},), got {tuple(null_text.shape)}")
     was_training = prior.training
     prior.eval()
     try:
-        inc = IncrementalPrior(prior, text.shape[0])
+        if config.guided:
+            inc = GuidedPrior(prior, text.shape[0], null_text, config.cond_scale)
+        else:
+            inc = IncrementalPrior(prior, text.shape[0])
         logits = inc.prefill(text, prime)
         first = 0 if prime is None else prime.shape[1]
         tokens = torch.zeros(text.shape[0], cfg.image_len, dtype=torch.long, device=text.device)

@@ -146,6 +146,13 @@ class TextTokenizer:
             raise ValueError(f"position must be an int in [0, {text_len}), got {position!r}")
         return self._bpe_vocab_size + position
 
+    def null_text(self, text_len: int) -> torch.LongTensor:
+        """The empty caption: BOS then pads, [text_len] (the unconditional input of guided sampling)."""
+        _check_text_len(text_len)
+        out = torch.arange(text_len, dtype=torch.long) + self._bpe_vocab_size
+        out[0] = self._bos_id
+        return out
+
     def text_vocab_size(self, text_len: int) -> int:
         _check_text_len(text_len)
         return self._bpe_vocab_size + text_len

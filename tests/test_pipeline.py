@@ -72,7 +72,7 @@ def test_model_folder_errors(tmp_path, model_folder):
 def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, capsys):
     out = tmp_path / "samples"
     code = main(["generate", "a green square", "--model", str(model_folder), "--num", "3", "--keep", "2",
-                 "--out", str(out), "--seed", "1"])
+                 "--out", str(out), "--seed", "1", "--cond-scale", "2"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png", "rank1.png"]
     assert Image.open(out / "rank0.png").size == (64, 64)
@@ -86,6 +86,7 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     expected = models.dvae.encode(image.unsqueeze(0))[0, :3].reshape(-1)
     assert torch.equal(result.tokens[:, :24], expected.expand(2, -1))
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
+    assert main(["generate", "x", "--model", str(model_folder), "--cond-scale", "0.5"]) == 2
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2
 
 

@@ -5,9 +5,9 @@ import torch
 
 from dalle_fast import ops
 from dalle_fast.prior import Prior, PriorConfig
-from dalle_fast.sampler import (IncrementalPrior, SamplingConfig, filter_logits, key_offsets, sample_image_tokens,
-                                sample_logits)
-from tests.conftest import DEVICES, assert_close
+from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, filter_logits, key_offsets,
+                                sample_image_tokens, sample_logits)
+from tests.conftest import DEVICES, assert_close, requires_cuda
 
 
 def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu") -> Prior:
@@ -93,6 +93,58 @@ def test_seeded_generation_repeats_and_priming_keeps_the_rows():
 
 def test_sampling_config_rejects_bad_values():
     for bad in (dict(temperature=0.0), dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
-                dict(top_p=1.5)):
+                dict(top_p=1.5), dict(cond_scale=0.5), dict(cond_scale=float("inf"))):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def null_text_for(cfg):
+    return torch.arange(cfg.text_len) + cfg.text_vocab  # BOS stand-in at 0 is not needed here
+
+
+def test_guided_logits_mix_the_caption_and_the_null_caption():
+    prior = make_prior(["row", "column", "conv", "causal"])
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=2)
+    null = null_text_for(cfg)
+    scale = 2.5
+    guided = GuidedPrior(prior, 2, null, scale)
+    cond, free = IncrementalPrior(prior, 2), IncrementalPrior(prior, 2)
+    prime = image[:, :3]
+    mix = lambda c, f: f + scale * (c - f)
+    assert_close(guided.prefill(text, prime), mix(cond.prefill(text, prime), free.prefill(null.expand(2, -1), prime)))
+    for g in range(3, 7):
+        g_t = torch.tensor(g - 1)
+        token = image[:, g - 1]
+        want = mix(cond.step(token, g_t), free.step(token, g_t))
+        assert_close(guided.step(token, g_t), want, f"guided step {g}")
+
+
+def test_guided_sampling_needs_the_null_caption_and_scale_one_is_unguided():
+    prior = make_prior(["row", "conv"], dtype=torch.float32)
+    cfg = prior.config
+    text, _ = tokens_for(cfg, batch=2)
+    run = lambda config, **kw: sample_image_tokens(prior, text, config=config,
+                                                   generator=torch.Generator().manual_seed(3), **kw)
+    with pytest.raises(ValueError, match="null_text"):
+        run(SamplingConfig(cond_scale=3.0))
+    with pytest.raises(ValueError, match="shape"):
+        run(SamplingConfig(cond_scale=3.0), null_text=null_text_for(cfg)[:-1])
+    plain = run(SamplingConfig())
+    assert torch.equal(run(SamplingConfig(cond_scale=1.0), null_text=null_text_for(cfg)), plain)
+    guided = run(SamplingConfig(cond_scale=3.0), null_text=null_text_for(cfg))
+    assert guided.shape == plain.shape and torch.equal(guided, run(SamplingConfig(cond_scale=3.0),
+                                                                    null_text=null_text_for(cfg)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_cuda_graph_sampling_equals_the_eager_loop(cond_scale):
+    prior = make_prior(["row", "column", "conv", "causal"], dtype=torch.float32, device="cuda")
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=3, device="cuda")
+    null = null_text_for(cfg).cuda()
+    run = lambda graph: sample_image_tokens(
+        prior, text, prime=image[:, :2], config=SamplingConfig(cuda_graph=graph, cond_scale=cond_scale),
+        generator=torch.Generator(device="cuda").manual_seed(11), null_text=null)
+    assert torch.equal(run(True), run(False))

@@ -79,6 +79,13 @@ def test_empty_caption(tok):
     assert tok.decode(ids) == ""
 
 
+def test_null_text_is_the_empty_caption(tok):
+    for n in (1, 5, 32):
+        assert torch.equal(tok.null_text(n), tok.encode("", n))
+    with pytest.raises(ValueError):
+        tok.null_text(0)
+
+
 @pytest.mark.filterwarnings("ignore:caption truncated")
 def test_text_len_one_is_bos_only(fresh):
     assert fresh.encode("a red circle", 1).tolist() == [fresh.bos_id]

@@ -54,6 +54,10 @@ class TrainPriorConfig(RunOptions):
     grad_clip: float = _f(4.0, "gradient norm clip (0: off)")
     ema: float = _f(0.999, "EMA decay of the weights kept for sampling")
     powersgd_rank: int = _f(0, "PowerSGD gradient compression rank under torchrun (0: plain all-reduce)")
+    null_caption: float = _f(0.0, "probability that a sequence's caption is replaced by the empty one (BOS + "
+                                  "pads), which teaches the model for guided sampling (--cond-scale); 0: off")
+    init: str = _f("", "start from this prior's weights (a run folder or checkpoint of the same architecture), "
+                       "e.g. to fine-tune with --null-caption; ignored on --resume")
 
 
 def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokenizer) -> PriorConfig:
@@ -77,6 +81,22 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
                           device=info.device, source=str(checkpoint_file(cfg.dvae).resolve()))
     distributed.barrier()
     return TokenCache(cache_dir, seed=cfg.seed)
+
+
+def drop_captions(text: torch.Tensor, null_text: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """text [B, T] with each row replaced by `null_text` [T] with probability `prob`."""
+    drop = torch.rand(text.shape[0], 1, device=text.device, generator=generator) < prob
+    return torch.where(drop, null_text, text)
+
+
+def _load_init(model: Prior, path: str) -> None:
+    """Copy the weights of a prior checkpoint of the same architecture into `model`."""
+    source = load_model(path, Prior, PriorConfig)
+    if source.config != model.config:
+        diff = {k: (v, getattr(model.config, k)) for k, v in dataclasses.asdict(source.config).items()
+                if getattr(model.config, k) != v}
+        raise ValueError(f"--init {path}: its architecture differs from this run's (checkpoint vs run): {diff}")
+    model.load_state_dict(source.state_dict())
 
 
 def _optimizer(model: Prior, cfg: TrainPriorConfig) -> torch.optim.AdamW:
@@ -103,6 +123,10 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         raise ValueError("steps and batch_size must be >= 1")
     if not 0.0 <= cfg.bpe_dropout < 1.0:
         raise ValueError(f"bpe_dropout must be in [0, 1), got {cfg.bpe_dropout}")
+    if not 0.0 <= cfg.null_caption < 1.0:
+        raise ValueError(f"null_caption must be in [0, 1), got {cfg.null_caption}")
+    if cfg.init and not checkpoint_file(cfg.init).is_file():
+        raise FileNotFoundError(f"--init: no prior checkpoint at {cfg.init}")
     if not checkpoint_file(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
         raise FileNotFoundError(f"no dVAE checkpoint at {cfg.dvae} (train one with `dalle-fast train-vae`)")
     info = distributed.setup(cfg.device)
@@ -112,11 +136,16 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     model_cfg = model_config(cfg, cache, tokenizer)
     torch.manual_seed(cfg.seed)
     model = Prior(model_cfg).to(info.device)
+    if cfg.init:
+        _load_init(model, cfg.init)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = _optimizer(model, cfg)
     record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
               "cache": {**cache.meta, "path": str(cache.root)}}
-    run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer, generators={},
+    null_gen = torch.Generator(device=info.device).manual_seed(cfg.seed * 1000 + 7 + info.rank)
+    null_text = tokenizer.null_text(model_cfg.text_len).to(info.device)
+    run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer,
+                      generators={f"null{info.rank}": null_gen},
                       meta={"model_config": dataclasses.asdict(model_cfg), "kind": "prior"}, record=record,
                       resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-prior")
     if info.is_main:
@@ -131,6 +160,8 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         while run.running:
             step = run.step
             text, image = (t.to(info.device, non_blocking=True) for t in next(data))
+            if cfg.null_caption > 0:
+                text = drop_captions(text, null_text, cfg.null_caption, null_gen)
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
             with autocast(cfg, info):
                 result = objective(text, image)

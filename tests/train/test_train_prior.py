@@ -13,9 +13,10 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from dalle_fast.dvae import DVAE, DVAEConfig
+from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.train.checkpoint import load_model, read_checkpoint, save_checkpoint
-from dalle_fast.train.prior import TrainPriorConfig, train_prior
+from dalle_fast.train.prior import TrainPriorConfig, drop_captions, train_prior
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.token_cache import TokenCache, build_token_cache
 
@@ -90,14 +91,41 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, dvae_checkpoint):
-    train_prior(tiny(tmp_path / "straight", dvae_checkpoint))
-    train_prior(tiny(tmp_path / "split", dvae_checkpoint, run_steps=4))
+    # with caption dropout on: its generator is checkpointed and resumed too
+    train_prior(tiny(tmp_path / "straight", dvae_checkpoint, null_caption=0.3))
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, run_steps=4, null_caption=0.3))
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 4
-    train_prior(tiny(tmp_path / "split", dvae_checkpoint, resume=True))
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, resume=True, null_caption=0.3))
     straight, _ = assert_same_run(tmp_path / "straight", tmp_path / "split",
                                   ("loss", "text_loss", "image_loss", "lr"), steps=6)
     assert straight[-1]["loss"] < straight[0]["loss"]
     assert (tmp_path / "straight" / "tokenizer.json").is_file()
+
+
+def test_drop_captions_replaces_whole_rows():
+    text = torch.arange(60).view(20, 3)
+    null = torch.tensor([-1, -2, -3])
+    gen = torch.Generator().manual_seed(0)
+    out = drop_captions(text, null, 0.5, gen)
+    dropped = (out == null).all(1)
+    assert 0 < int(dropped.sum()) < 20
+    assert torch.equal(out[~dropped], text[~dropped])
+    assert torch.equal(drop_captions(text, null, 0.0, gen), text)
+
+
+def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dvae_checkpoint):
+    first = train_prior(tiny(tmp_path / "first", dvae_checkpoint, steps=3))
+    tuned = train_prior(tiny(tmp_path / "tuned", dvae_checkpoint, steps=1, lr=1e-12, warmup=0,
+                             init=str(tmp_path / "first"), null_caption=0.5))
+    a = load_model(first, Prior, PriorConfig).state_dict()
+    b = load_model(tuned, Prior, PriorConfig).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # one step at lr 1e-12 from the same weights
+    with pytest.raises(ValueError, match="architecture"):
+        train_prior(tiny(tmp_path / "wide", dvae_checkpoint, d_model=64, init=str(tmp_path / "first")))
+    with pytest.raises(FileNotFoundError, match="--init"):
+        train_prior(tiny(tmp_path / "none", dvae_checkpoint, init=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="null_caption"):
+        train_prior(tiny(tmp_path / "bad", dvae_checkpoint, null_caption=1.0))
 
 
 def test_missing_dvae_is_a_clear_error(tmp_path):
