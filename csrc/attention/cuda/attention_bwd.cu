@@ -164,13 +164,23 @@ cudaError_t launch_grads(const AttnParams& p, dim3 grid, dim3 block, cudaStream_
 }
 
 template <class T>
-const char* launch(const AttnParams& p, cudaStream_t stream) {
+const char* launch_delta(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.seq;
   if (rows == 0 || p.dim == 0) return nullptr;
   const dim3 grid(grid_for_rows(rows)), block(kThreads);
   delta_kernel<T><<<grid, block, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cudaGetErrorString(err);
+  return nullptr;
+}
+
+template <class T>
+const char* launch(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads * p.seq;
+  if (rows == 0 || p.dim == 0) return nullptr;
+  if (const char* msg = launch_delta<T>(p, stream)) return msg;
+  const dim3 grid(grid_for_rows(rows)), block(kThreads);
+  cudaError_t err = cudaSuccess;
   switch (dims_per_lane(p.dim)) {
     case 1:
       err = launch_grads<T, 1>(p, grid, block, stream);
@@ -189,6 +199,20 @@ const char* launch(const AttnParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+const char* attention_delta(const AttnParams& p, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float32:
+      return launch_delta<float>(p, stream);
+    case DType::Float64:
+      return launch_delta<double>(p, stream);
+    case DType::Float16:
+      return launch_delta<__half>(p, stream);
+    case DType::BFloat16:
+      return launch_delta<__nv_bfloat16>(p, stream);
+  }
+  return "sparse_attention_bwd: unknown dtype tag";
+}
 
 const char* attention_backward(const AttnParams& p, DType dtype, cudaStream_t stream) {
   switch (dtype) {

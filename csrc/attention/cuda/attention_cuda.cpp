@@ -2,6 +2,7 @@
 // (attention_cuda.h). Mirrors attention_cpu.cpp; kernels run on the current stream of q's
 // device, with no host synchronisation.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -66,7 +67,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   auto c = prepare_backward(grad_out, q, k, v, out, lse, std::string(kind), text_len, grid, kernel, scale);
   const DType dtype = cuda_dtype(c.q, "sparse_attention backward");
   if (c.q.numel() > 0) {
-    const char* err = attention_backward(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+    const char* err = nullptr;
+    if (flash_backward_supported(c.params, dtype)) {
+      const PlanView plan = device_plan(c.params.mask, kFlashTile, q.device().index());
+      err = attention_delta(c.params, dtype, stream);
+      if (err == nullptr) {
+        at::Tensor dq_acc = at::zeros(c.q.sizes(), c.q.options().dtype(at::kFloat));
+        err = flash_backward(c.params, plan, dq_acc.data_ptr<float>(), dtype, stream);
+        if (err == nullptr) c.dq.copy_(dq_acc);
+      }
+    } else {
+      err = attention_backward(c.params, dtype, stream);
+    }
     TORCH_CHECK(err == nullptr, "sparse_attention backward: CUDA kernel launch failed: ", err);
   }
   return {c.dq, c.dk, c.dv};

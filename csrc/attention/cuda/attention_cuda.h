@@ -24,12 +24,19 @@ const char* attention_forward(const AttnParams& p, DType dtype, cudaStream_t str
 // convention as attention_forward.
 const char* attention_backward(const AttnParams& p, DType dtype, cudaStream_t stream);
 
-// The flash-style tensor-core forward (flash_fwd.cu): fp16/bf16, head dims 32, 64, 128, rows
-// 16-byte aligned. `plan` is device_plan(p.mask, kFlashTile, device). Fills p.out and p.lse
-// like attention_forward, so attention_backward works on its outputs.
+// Only the first of those: p.delta = rowsum(p.dout * p.out).
+const char* attention_delta(const AttnParams& p, DType dtype, cudaStream_t stream);
+
+// The flash-style tensor-core kernels (flash_fwd.cu, flash_bwd.cu): fp16/bf16, head dims 32,
+// 64, 128, rows 16-byte aligned. `plan` is device_plan(p.mask, kFlashTile, device). The forward
+// fills p.out and p.lse like attention_forward. The backward needs p.delta (attention_delta),
+// writes p.dk and p.dv, and adds dq into `dq_acc`, a zeroed contiguous fp32 [B, H, N, D].
 constexpr int64_t kFlashTile = 64;
 bool flash_forward_supported(const AttnParams& p, DType dtype);
 const char* flash_forward(const AttnParams& p, const PlanView& plan, DType dtype, cudaStream_t stream);
+bool flash_backward_supported(const AttnParams& p, DType dtype);
+const char* flash_backward(const AttnParams& p, const PlanView& plan, float* dq_acc, DType dtype,
+                           cudaStream_t stream);
 
 }  // namespace dalle_fast::cuda
 

@@ -18,45 +18,21 @@
 
 #include <cstdint>
 
-#include "../params.h"
-#include "attention_cuda.h"
-#include "mma.h"
-#include "plan_view.h"
+#include "flash_common.h"
 
 namespace dalle_fast::cuda {
 
 namespace {
 
-constexpr int kBM = static_cast<int>(kFlashTile);  // query rows per CTA, 16 per warp
-constexpr int kBN = static_cast<int>(kFlashTile);  // keys per chunk (the plan's chunk)
-constexpr int kFlashThreads = 128;
-constexpr int kPad = 8;  // 16-bit values of padding per shared row
+using namespace flash;
 
 template <int HD>
 constexpr size_t smem_bytes() {
   return size_t(kBM + 4 * kBN) * (HD + kPad) * 2;  // Q, 2 x K, 2 x V
 }
 
-__device__ __forceinline__ float ninf() { return __int_as_float(static_cast<int>(0xff800000u)); }
-
-// Queues the copy of `rows` shared rows of HD values: row r < count is row pos(r) of `src`,
-// rows count..rows-1 are zeros (so padding keys contribute 0 * 0, never 0 * garbage).
-template <class T, int HD, class Pos>
-__device__ __forceinline__ void load_rows(T* dst, const BHND& src, int64_t b, int64_t h, int rows, int count,
-                                          Pos pos) {
-  constexpr int kVec = 8;  // 16 bytes
-  constexpr int kPerRow = HD / kVec;
-  const T* fallback = src.row<const T>(b, h, 0);
-  for (int i = threadIdx.x; i < rows * kPerRow; i += kFlashThreads) {
-    const int r = i / kPerRow, col = (i % kPerRow) * kVec;
-    const bool valid = r < count;
-    const T* s = valid ? src.row<const T>(b, h, pos(r)) + col : fallback;
-    mma::cp_async16(dst + r * (HD + kPad) + col, s, valid ? 16 : 0);
-  }
-}
-
 template <class T, int HD>
-__global__ void __launch_bounds__(kFlashThreads) flash_forward_kernel(const AttnParams p, const PlanView plan) {
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParams p, const PlanView plan) {
   using M = mma::Mma<T>;
   constexpr int LD = HD + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -97,7 +73,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_forward_kernel(const Attn
   for (int kk = 0; kk < HD / 16; ++kk)
     mma::ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane % 16)) * LD + kk * 16 + (lane / 16) * 8);
 
-  const float scale_log2 = static_cast<float>(p.scale) * 1.4426950408889634f;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float o[HD / 8][4];
 #pragma unroll
   for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -215,11 +191,8 @@ const char* launch(const AttnParams& p, const PlanView& plan, cudaStream_t strea
   if (blocks > int64_t(0x7fffffff)) return "sparse_attention: too many (batch, head, tile) blocks for one launch";
   constexpr size_t smem = smem_bytes<HD>();
   auto kernel = flash_forward_kernel<T, HD>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  kernel<<<static_cast<unsigned int>(blocks), kFlashThreads, smem, stream>>>(p, plan);
+  if (const char* err = allow_smem(kernel, smem)) return err;
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p, plan);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -237,16 +210,11 @@ const char* launch_dim(const AttnParams& p, const PlanView& plan, cudaStream_t s
   return "sparse_attention: the tensor-core forward supports head dims 32, 64 and 128";
 }
 
-bool aligned16(const BHND& t) {
-  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0;
-}
 
 }  // namespace
 
 bool flash_forward_supported(const AttnParams& p, DType dtype) {
-  if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
-  if (p.dim != 32 && p.dim != 64 && p.dim != 128) return false;
-  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out);
+  return flash::supported(p, dtype) && flash::aligned16(p.out);
 }
 
 const char* flash_forward(const AttnParams& p, const PlanView& plan, DType dtype, cudaStream_t stream) {
