@@ -24,7 +24,7 @@ from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
 from .sampler import SamplingConfig, sample_image_tokens
 from .tokenizer import TextTokenizer
-from .train.checkpoint import load_model, save_checkpoint
+from .checkpoint import load_model, save_checkpoint
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "model"
 FILES = {"dvae": "dvae.safetensors", "prior": "prior.safetensors", "reranker": "reranker.safetensors",

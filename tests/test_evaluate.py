@@ -24,7 +24,7 @@ from dalle_fast.pipeline import export_model_folder, load_models
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
-from dalle_fast.train.checkpoint import save_checkpoint
+from dalle_fast.checkpoint import save_checkpoint
 
 SIZE = 64
 PER_SPLIT = 300

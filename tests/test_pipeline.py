@@ -15,7 +15,7 @@ from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.pipeline import BUNDLED, export_model_folder, generate, load_models
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.tokenizer import TextTokenizer
-from dalle_fast.train.checkpoint import save_checkpoint
+from dalle_fast.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from ..dvae import DVAE, DVAEConfig
 from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
-from .checkpoint import checkpoint_file, load_model
+from ..checkpoint import checkpoint_file, load_model
 from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache

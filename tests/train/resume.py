@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.train.checkpoint import read_checkpoint
+from dalle_fast.checkpoint import read_checkpoint
 from dalle_fast.train.progress import read_metrics
 
 

@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.tokenizer import TextTokenizer
-from dalle_fast.train.checkpoint import load_model, read_checkpoint, save_checkpoint
+from dalle_fast.checkpoint import load_model, read_checkpoint, save_checkpoint
 from dalle_fast.train.prior import TrainPriorConfig, drop_captions, train_prior
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.token_cache import TokenCache, build_token_cache

@@ -7,7 +7,7 @@ from dalle_fast.cli import main
 from dalle_fast.data import make_dataset
 from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
-from dalle_fast.train.checkpoint import load_model
+from dalle_fast.checkpoint import load_model
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.reranker import TrainRerankerConfig, encode, swap_relation, train_reranker
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dalle_fast.dvae import DVAE, DVAEConfig
-from dalle_fast.train.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from dalle_fast.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.sampler import ResumableSampler
 from dalle_fast.train.vae import TrainVAEConfig, train_vae

@@ -1,4 +1,5 @@
-"""Training checkpoints in safetensors, written atomically, holding everything an exact resume needs.
+"""Checkpoints in safetensors, written atomically: training checkpoints hold everything an exact
+resume needs; model folders (pipeline.py) hold weights and configs. Shared by training and generation.
 
 A checkpoint is one .safetensors file: model and EMA weights, the optimizer's tensors, and the
 RNG states as tensors; step, configuration and the optimizer's hyper-parameters as JSON in the
