@@ -55,24 +55,16 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
   T* const dSs = Gs + 2 * kBN * LD;                // [kBM][kLdS]: dS^T, keys x queries
   float* const stats = reinterpret_cast<float*>(dSs + kBM * kLdS);  // [2][lse, delta][kBN]
 
-  // Key tiles in order: the first (text) tiles have the longest query lists.
-  const int64_t BH = p.batch * p.heads;
-  const int64_t flat = blockIdx.x;
-  const int tile = static_cast<int>(flat / BH);
-  const int64_t bh = flat % BH, b = bh / p.heads, h = bh % p.heads;
-  const int r0 = tile * kBM;
-  const int rows = min(kBM, plan.seq - r0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-
   const PlanLists& L = plan.queries;
-  const int c_begin = L.chunk_start[tile], c_end = L.chunk_start[tile + 1];
-  const int e_begin = L.start[tile], e_end = L.start[tile + 1];
+  const CtaWork cta(p, plan, L, /*last_first=*/false);
+  const int64_t b = cta.b, h = cta.h;
+  const int r0 = cta.r0, rows = cta.rows, c_begin = cta.c_begin, c_end = cta.c_end;
+  const int warp = cta.warp, lane = cta.lane, g = cta.g, t4 = cta.t4;
   const float* const lse = p.lse.at<float>(b, h);
   const float* const delta = p.delta.at<float>(b, h);
 
   auto load_chunk = [&](int c, int buf) {
-    const int e0 = e_begin + (c - c_begin) * kBN;
-    const int count = min(kBN, e_end - e0);
+    const int e0 = cta.first(c), count = cta.count(c);
     auto pos = [&](int r) { return static_cast<int64_t>(plan.order[L.index[e0 + r]]); };
     load_rows<T, HD>(Qs + buf * kBN * LD, p.q, b, h, kBN, count, pos);
     load_rows<T, HD>(Gs + buf * kBN * LD, p.dout, b, h, kBN, count, pos);
@@ -117,20 +109,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
 
     // S^T = K Q^T: this warp's 16 keys x 64 queries.
     float s[kBN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t ka[4];
-      mma::ldmatrix_x4(ka, Ks + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t qb[4];
-        mma::ldmatrix_x4(qb, Qb + (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-        M::run(s[2 * np], ka, qb[0], qb[1]);
-        M::run(s[2 * np + 1], ka, qb[2], qb[3]);
-      }
-    }
+    rows_times_rows<T, HD>(s, Ks + warp * 16 * LD, Qb, lane);
 
     // P^T = exp(scale S^T - lse[query]); entries the mask forbids are 0.
     uint64_t w[2] = {~uint64_t(0), ~uint64_t(0)};
@@ -149,55 +128,18 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
     }
 
     // dV += P^T dO (P^T from the score registers, as the forward's P).
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
-                              M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < HD / 16; ++dp) {
-        uint32_t gb[4];
-        mma::ldmatrix_x4_trans(gb, Gb + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
-        M::run(dv[2 * dp], pa, gb[0], gb[1]);
-        M::run(dv[2 * dp + 1], pa, gb[2], gb[3]);
-      }
-    }
+    probs_times_rows<T, HD>(dv, s, Gb, lane);
 
     // dP^T = V dO^T, then dS^T = P^T (dP^T - delta[query]).
     float ds[kBN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t va[4];
-      mma::ldmatrix_x4(va, Vs + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t gb[4];
-        mma::ldmatrix_x4(gb, Gb + (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-        M::run(ds[2 * np], va, gb[0], gb[1]);
-        M::run(ds[2 * np + 1], va, gb[2], gb[3]);
-      }
-    }
+    rows_times_rows<T, HD>(ds, Vs + warp * 16 * LD, Gb, lane);
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[j][e] = s[j][e] * (ds[j][e] - delta_s[8 * j + 2 * t4 + (e & 1)]);
 
     // dK += dS^T Q (scaled at the end).
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t da[4] = {M::pack(ds[2 * kk][0], ds[2 * kk][1]), M::pack(ds[2 * kk][2], ds[2 * kk][3]),
-                              M::pack(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                              M::pack(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < HD / 16; ++dp) {
-        uint32_t qb[4];
-        mma::ldmatrix_x4_trans(qb, Qb + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
-        M::run(dk[2 * dp], da, qb[0], qb[1]);
-        M::run(dk[2 * dp + 1], da, qb[2], qb[3]);
-      }
-    }
+    probs_times_rows<T, HD>(dk, ds, Qb, lane);
 
     // dS^T to shared memory (rows = keys), for dQ = dS K over all 64 keys of the tile.
 #pragma unroll
@@ -223,8 +165,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
         M::run(dq[2 * dp + 1], a, kb[2], kb[3]);
       }
     }
-    const int e0 = e_begin + (c - c_begin) * kBN;
-    const int count = min(kBN, e_end - e0);
+    const int e0 = cta.first(c), count = cta.count(c);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = warp * 16 + g + 8 * i;

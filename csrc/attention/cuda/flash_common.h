@@ -21,6 +21,39 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float ninf() { return __int_as_float(static_cast<int>(0xff800000u)); }
 
+// What a CTA works on: (batch, head) and one tile of the plan, with its list's chunk and entry
+// ranges. Blocks run tile-major; `last_first` starts with the last tile (the longest key lists
+// of the forward), else with the first (the longest query lists of the backward).
+struct CtaWork {
+  int64_t b, h;
+  int tile, r0, rows;
+  int c_begin, c_end, e_begin, e_end;
+  int warp, lane, g, t4;  // g = lane / 4, t4 = lane % 4: the mma fragment coordinates
+
+  __device__ __forceinline__ CtaWork(const AttnParams& p, const PlanView& plan, const PlanLists& lists,
+                                     bool last_first) {
+    const int64_t BH = p.batch * p.heads, flat = blockIdx.x;
+    tile = static_cast<int>(flat / BH);
+    if (last_first) tile = plan.tiles - 1 - tile;
+    const int64_t bh = flat % BH;
+    b = bh / p.heads;
+    h = bh % p.heads;
+    r0 = tile * kBM;
+    rows = min(kBM, plan.seq - r0);
+    c_begin = lists.chunk_start[tile];
+    c_end = lists.chunk_start[tile + 1];
+    e_begin = lists.start[tile];
+    e_end = lists.start[tile + 1];
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    g = lane / 4;
+    t4 = lane % 4;
+  }
+  // Entries of chunk c: [first(c), first(c) + count(c)) of the list.
+  __device__ __forceinline__ int first(int c) const { return e_begin + (c - c_begin) * kBN; }
+  __device__ __forceinline__ int count(int c) const { return min(kBN, e_end - first(c)); }
+};
+
 // Queues the copy of `rows` shared rows of HD values: row r < count is row pos(r) of `src`,
 // rows count..rows-1 are zeros (so padding rows contribute 0 * 0, never 0 * garbage).
 template <class T, int HD, class Pos>
@@ -34,6 +67,49 @@ __device__ __forceinline__ void load_rows(T* dst, const BHND& src, int64_t b, in
     const bool valid = r < count;
     const T* s = valid ? src.row<const T>(b, h, pos(r)) + col : fallback;
     mma::cp_async16(dst + r * (HD + kPad) + col, s, valid ? 16 : 0);
+  }
+}
+
+// acc[j] (16 x 8 tile j) = A B^T for this warp: A = 16 shared rows at `a` (row stride HD + kPad),
+// B = kBN shared rows at `b`, both HD long; the result is 16 x kBN in C fragments.
+template <class T, int HD>
+__device__ __forceinline__ void rows_times_rows(float (&acc)[kBN / 8][4], const T* a, const T* b, int lane) {
+  using M = mma::Mma<T>;
+  constexpr int LD = HD + kPad;
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t af[4];
+    mma::ldmatrix_x4(af, a + (lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int np = 0; np < kBN / 16; ++np) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, b + (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
+      M::run(acc[2 * np], af, bf[0], bf[1]);
+      M::run(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x HD) += P B for this warp: P = 16 x kBN in C fragments (converted to T, the C
+// layout of two 8-column tiles being the A layout of 16 columns), B = kBN shared rows at `b`.
+template <class T, int HD>
+__device__ __forceinline__ void probs_times_rows(float (&acc)[HD / 8][4], const float (&p)[kBN / 8][4], const T* b,
+                                                 int lane) {
+  using M = mma::Mma<T>;
+  constexpr int LD = HD + kPad;
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const uint32_t pa[4] = {M::pack(p[2 * kk][0], p[2 * kk][1]), M::pack(p[2 * kk][2], p[2 * kk][3]),
+                            M::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), M::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4_trans(bf, b + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
+      M::run(acc[2 * dp], pa, bf[0], bf[1]);
+      M::run(acc[2 * dp + 1], pa, bf[2], bf[3]);
+    }
   }
 }
 

@@ -40,38 +40,22 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
   T* const Ks = Qs + kBM * LD;       // [2][kBN][LD]
   T* const Vs = Ks + 2 * kBN * LD;   // [2][kBN][LD]
 
-  // All heads of the last query tile first: its key list is the longest (causal, column).
-  const int64_t BH = p.batch * p.heads;
-  const int64_t flat = blockIdx.x;
-  const int tile = plan.tiles - 1 - static_cast<int>(flat / BH);
-  const int64_t bh = flat % BH, b = bh / p.heads, h = bh % p.heads;
-  const int r0 = tile * kBM;
-  const int rows = min(kBM, plan.seq - r0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-
   const PlanLists& L = plan.keys;
-  const int c_begin = L.chunk_start[tile], c_end = L.chunk_start[tile + 1];
-  const int e_begin = L.start[tile], e_end = L.start[tile + 1];
+  const CtaWork cta(p, plan, L, /*last_first=*/true);
+  const int64_t b = cta.b, h = cta.h;
+  const int r0 = cta.r0, rows = cta.rows, c_begin = cta.c_begin, c_end = cta.c_end;
+  const int warp = cta.warp, lane = cta.lane, g = cta.g, t4 = cta.t4;
 
   auto load_chunk = [&](int c, int buf) {
-    const int e0 = e_begin + (c - c_begin) * kBN;
-    const int count = min(kBN, e_end - e0);
+    const int e0 = cta.first(c), count = cta.count(c);
     auto pos = [&](int r) { return static_cast<int64_t>(plan.order[L.index[e0 + r]]); };
     load_rows<T, HD>(Ks + buf * kBN * LD, p.k, b, h, kBN, count, pos);
     load_rows<T, HD>(Vs + buf * kBN * LD, p.v, b, h, kBN, count, pos);
   };
 
   load_rows<T, HD>(Qs, p.q, b, h, kBM, rows, [&](int r) { return static_cast<int64_t>(plan.order[r0 + r]); });
-  mma::cp_async_commit();
   if (c_begin < c_end) load_chunk(c_begin, 0);
   mma::cp_async_commit();
-  mma::cp_async_wait<1>();  // Q is in
-  __syncthreads();
-
-  uint32_t qf[HD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk)
-    mma::ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane % 16)) * LD + kk * 16 + (lane / 16) * 8);
 
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float o[HD / 8][4];
@@ -84,25 +68,14 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
     const int buf = (c - c_begin) & 1;
     if (c + 1 < c_end) load_chunk(c + 1, buf ^ 1);
     mma::cp_async_commit();
-    mma::cp_async_wait<1>();  // chunk c is in
+    mma::cp_async_wait<1>();  // chunk c (and Q) is in
     __syncthreads();
     const T* const Kb = Ks + buf * kBN * LD;
     const T* const Vb = Vs + buf * kBN * LD;
 
     // S = Q K^T: 16 rows x 64 keys per warp, as 8 n-tiles of 8 keys.
     float s[kBN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t bk[4];
-        mma::ldmatrix_x4(bk, Kb + (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-        M::run(s[2 * np], qf[kk], bk[0], bk[1]);
-        M::run(s[2 * np + 1], qf[kk], bk[2], bk[3]);
-      }
-    }
+    rows_times_rows<T, HD>(s, Qs + warp * 16 * LD, Kb, lane);
 
     if (!L.full[c]) {
       const uint64_t w0 = L.words[int64_t(c) * kBN + warp * 16 + g];
@@ -150,20 +123,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
       l[1] += s[j][2] + s[j][3];
     }
 
-    // O += P V, P from the score registers (C layout of two n-tiles = A layout of 16 keys).
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
-                              M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < HD / 16; ++dp) {
-        uint32_t bv[4];
-        mma::ldmatrix_x4_trans(bv, Vb + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
-        M::run(o[2 * dp], pa, bv[0], bv[1]);
-        M::run(o[2 * dp + 1], pa, bv[2], bv[3]);
-      }
-    }
+    // O += P V, P from the score registers.
+    probs_times_rows<T, HD>(o, s, Vb, lane);
     __syncthreads();  // everyone is done with buffer `buf` before it is refilled
   }
 
