@@ -149,31 +149,36 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
     }
     __syncthreads();
 
-    // dQ of queries 16w..16w+15 of the chunk: A = dS (queries x keys) read transposed from dS^T.
-    float dq[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      uint32_t a[4];
-      mma::ldmatrix_x4_trans(a, dSs + (kk * 16 + (lane / 16) * 8 + lane % 8) * kLdS + warp * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-      for (int dp = 0; dp < HD / 16; ++dp) {
-        uint32_t kb[4];
-        mma::ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dp * 16 + (lane / 16) * 8);
-        M::run(dq[2 * dp], a, kb[0], kb[1]);
-        M::run(dq[2 * dp + 1], a, kb[2], kb[3]);
-      }
-    }
+    // dQ of queries 16w..16w+15 of the chunk: A = dS (queries x keys) read transposed from dS^T;
+    // at most 64 dims at a time, which keeps D = 128 within the register budget.
     const int e0 = cta.first(c), count = cta.count(c);
+    constexpr int kCols = HD < 64 ? HD : 64;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = warp * 16 + g + 8 * i;
-      if (row >= count) continue;
-      const int64_t n = plan.order[L.index[e0 + row]];
-      float* const dst = dq_acc + ((b * p.heads + h) * p.seq + n) * HD;
+    for (int d0 = 0; d0 < HD; d0 += kCols) {
+      float dq[kCols / 8][4];
 #pragma unroll
-      for (int j = 0; j < HD / 8; ++j) add_pair(dst + 8 * j + 2 * t4, dq[j][2 * i] * scale, dq[j][2 * i + 1] * scale);
+      for (int n = 0; n < kCols / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        uint32_t a[4];
+        mma::ldmatrix_x4_trans(a, dSs + (kk * 16 + (lane / 16) * 8 + lane % 8) * kLdS + warp * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int dp = 0; dp < kCols / 16; ++dp) {
+          uint32_t kb[4];
+          mma::ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + d0 + dp * 16 + (lane / 16) * 8);
+          M::run(dq[2 * dp], a, kb[0], kb[1]);
+          M::run(dq[2 * dp + 1], a, kb[2], kb[3]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = warp * 16 + g + 8 * i;
+        if (row >= count) continue;
+        const int64_t n = plan.order[L.index[e0 + row]];
+        float* const dst = dq_acc + ((b * p.heads + h) * p.seq + n) * HD + d0;
+#pragma unroll
+        for (int j = 0; j < kCols / 8; ++j) add_pair(dst + 8 * j + 2 * t4, dq[j][2 * i] * scale, dq[j][2 * i + 1] * scale);
+      }
     }
     __syncthreads();  // dS^T and buffer `buf` are rewritten next
   }
