@@ -30,7 +30,7 @@ DATA_SPEC_HELP = ("'shapes' or 'shapes:train' / 'shapes:test' (synthetic), a dir
 
 def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = None, seed: int = 0,
                  length: Optional[int] = None, shuffle_buffer: int = 1000,
-                 repeat: bool = False) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
+                 repeat: bool = False, all_captions: bool = False) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
     """Map a `--data` string to a dataset.
 
     - `shapes`, `shapes:train`, `shapes:test` -> ShapesDataset(split, size, seed, length).
@@ -40,6 +40,8 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
     - paths or globs ending in `.tar`, `.tar.gz` or `.tgz` (comma-separated for several) -> TarShards(...,
       shuffle_buffer, repeat).
     `length` only applies to shapes, `shuffle_buffer` and `repeat` only to tar shards.
+    `all_captions`: a folder's or shard's caption is all its non-empty lines joined by newlines
+    (the token cache keeps them all) instead of one line drawn per access; shapes have one.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"data spec must be a string, got {type(spec).__name__}")
@@ -52,7 +54,7 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
     expanded = os.path.expanduser(spec)
     if os.path.isdir(expanded):
         try:
-            return ImageTextFolder(expanded, size=size, crop=crop, seed=seed)
+            return ImageTextFolder(expanded, size=size, crop=crop, seed=seed, all_captions=all_captions)
         except ValueError as exc:
             if any(glob.glob(os.path.join(glob.escape(expanded), "*" + s)) for s in TAR_SUFFIXES):
                 raise ValueError(f"{exc}; for the tar shards in it pass a glob such as "
@@ -61,7 +63,7 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if parts and all(p.lower().endswith(TAR_SUFFIXES) for p in parts):
         return TarShards(parts, size=size, crop=crop, seed=seed, shuffle_buffer=shuffle_buffer,
-                         repeat=repeat)
+                         repeat=repeat, all_captions=all_captions)
     if not os.path.exists(expanded) and not any(ch in spec for ch in "*?["):
         raise ValueError(f"data {spec!r}: no such directory or file; expected {DATA_SPEC_HELP}")
     raise ValueError(f"data {spec!r} is not a dataset this tool reads; expected {DATA_SPEC_HELP}")

@@ -65,7 +65,7 @@ class ImageTextFolder(Dataset):
     """
 
     def __init__(self, root: Union[str, os.PathLike], size: int = 256,
-                 crop: Optional[RandomResizedCrop] = None, seed: int = 0):
+                 crop: Optional[RandomResizedCrop] = None, seed: int = 0, all_captions: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageTextFolder: {str(self.root)!r} is not a directory")
@@ -74,6 +74,7 @@ class ImageTextFolder(Dataset):
         self.size = check_size(size)
         self.crop = crop
         self.seed = check_seed(seed)
+        self.all_captions = bool(all_captions)
         self.epoch = 0
         self.pairs, self.missing_captions = scan_pairs(self.root)
         if not self.pairs:
@@ -96,7 +97,7 @@ class ImageTextFolder(Dataset):
             text = caption_path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise UnreadableImage(f"caption {caption_path}: {exc}") from exc
-        caption = pick_caption(text, rng)
+        caption = pick_caption(text, rng, self.all_captions)
         if caption is None:
             raise UnreadableImage(f"caption file {caption_path} is empty")
         image = load_rgb(image_path)

@@ -102,8 +102,9 @@ class TarShards(IterableDataset):
     def __init__(self, paths: PathsLike, size: int = 256, crop: Optional[RandomResizedCrop] = None,
                  seed: int = 0, shuffle_buffer: int = 1000, repeat: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 worker: Optional[int] = None, num_workers: Optional[int] = None):
+                 worker: Optional[int] = None, num_workers: Optional[int] = None, all_captions: bool = False):
         super().__init__()
+        self.all_captions = bool(all_captions)
         self.paths = expand_shards(paths)
         if crop is not None and not isinstance(crop, RandomResizedCrop):
             raise TypeError(f"crop must be a RandomResizedCrop or None, got {type(crop).__name__}")
@@ -166,7 +167,7 @@ class TarShards(IterableDataset):
         if shuffle:
             samples = _shuffled(samples, self.shuffle_buffer, shuffle_rng)
         for key, image_bytes, text in samples:
-            caption = pick_caption(text, augment_rng)
+            caption = pick_caption(text, augment_rng, self.all_captions)
             if caption is None:
                 self.skipped += 1
                 log.warning("skipping %s: empty caption", key)

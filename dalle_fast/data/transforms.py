@@ -134,12 +134,19 @@ def prepare_image(image: Image.Image, size: int, crop: RandomResizedCrop | None,
     return to_tensor(out)
 
 
-def pick_caption(text: str, rng: np.random.Generator) -> str | None:
-    """One non-empty line of a caption file, chosen with `rng`; None when there is none."""
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+def caption_lines(text: str) -> list[str]:
+    """The non-empty lines of a caption file, stripped: one caption each."""
+    return [line for line in (raw.strip() for raw in text.splitlines()) if line]
+
+
+def pick_caption(text: str, rng: np.random.Generator, all_lines: bool = False) -> str | None:
+    """One non-empty line of a caption file, chosen with `rng` (or, with `all_lines`, every
+    non-empty line joined by newlines, `rng` unused); None when there is none."""
+    lines = caption_lines(text)
     if not lines:
         return None
+    if all_lines:
+        return "\n".join(lines)
     return lines[int(rng.integers(len(lines)))]
 
 

@@ -2,13 +2,14 @@
 
 A cache folder holds
 - `images.npy`: uint16 [n, S*S], the dVAE's argmax tokens of every image (raster order);
-- `text.npy`: uint16 [n, V, T], V tokenizations of each image's caption with BPE dropout (the
-  tokenizers library draws its dropout from an unseeded RNG, so the draws are made once here and
-  training picks one per access from a seeded generator: seeded runs and resumes repeat exactly);
-- `captions.json`: the captions as read; `tokenizer.json`: the BPE that made `text.npy`;
+- `text.npy`: uint16 [n, V, T], V tokenizations of each image's captions: an image whose caption
+  file holds L lines (captions) gets variant v from line v mod L, plain the first time a line
+  comes up and with BPE dropout after that (the tokenizers library draws its dropout from an
+  unseeded RNG, so the draws are made once here and training picks one per access from a
+  seeded generator: seeded runs and resumes repeat exactly). Use V >= L to keep every line;
+- `captions.json`: each image's captions as read (lines joined by newlines);
+  `tokenizer.json`: the BPE that made `text.npy`;
 - `meta.json`: what was cached and from what (checked before a cache is reused).
-Captions are read once: for a folder whose text files hold several lines, the line drawn when
-the cache is built is the one cached.
 """
 
 from __future__ import annotations
@@ -83,26 +84,34 @@ def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int 
 
 def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: int, variants: int,
                       dropout: float) -> tuple[np.ndarray, int]:
-    """uint16 [n, variants, text_len] and the number of captions truncated to fit.
+    """uint16 [n, variants, text_len] and the number of caption lines truncated to fit.
 
-    Variant 0 is the plain tokenization, the others use BPE dropout. Dropout splits words into
-    more tokens; where that would overflow the text positions of a caption that fits without it,
-    the plain tokenization stands in (dropout never truncates a caption)."""
+    `captions[i]` holds image i's captions, one per line. Variant v of image i tokenizes line
+    v mod L_i: plainly for v < L_i, with BPE dropout after that. Dropout splits words into more
+    tokens; where that would overflow the text positions of a line that fits without it, the
+    plain tokenization stands in (dropout never truncates a caption)."""
     if tokenizer.text_vocab_size(text_len) > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"text ids up to {tokenizer.text_vocab_size(text_len)} do not fit uint16")
-    out = np.empty((len(captions), variants, text_len), dtype=np.uint16)
+    lines = [c.split("\n") for c in captions]
+    flat = [line for group in lines for line in group]
+    first = np.cumsum([0] + [len(group) for group in lines[:-1]])  # image i's lines start at flat[first[i]]
+    counts = np.array([len(group) for group in lines])
     before = tokenizer.truncated
-    plain = tokenizer.encode_batch(captions, text_len).numpy()
+    plain = tokenizer.encode_batch(flat, text_len).numpy()
     truncated = tokenizer.truncated - before
     full = plain[:, -1] < tokenizer.bpe_vocab_size  # no pad left: fits exactly or was truncated
-    out[:, 0] = plain
-    for v in range(1, variants):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # overflow is handled below, not a user-facing truncation
-            ids = tokenizer.encode_batch(captions, text_len, dropout=dropout).numpy()
-        overflow = (ids[:, -1] < tokenizer.bpe_vocab_size) & ~full
-        ids[overflow] = plain[overflow]
-        out[:, v] = ids
+    out = np.empty((len(captions), variants, text_len), dtype=np.uint16)
+    for v in range(variants):
+        row = first + v % counts  # the line of each image this variant uses
+        out[:, v] = plain[row]
+        again = np.nonzero(v >= counts)[0]  # images whose line comes up again: dropout
+        if len(again):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # overflow is handled below, not a user-facing truncation
+                ids = tokenizer.encode_batch([flat[r] for r in row[again]], text_len, dropout=dropout).numpy()
+            overflow = (ids[:, -1] < tokenizer.bpe_vocab_size) & ~full[row[again]]
+            ids[overflow] = plain[row[again]][overflow]
+            out[again, v] = ids
     return out, truncated
 
 
@@ -117,19 +126,19 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
         raise ValueError(f"variants must be >= 1, got {variants}")
     meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
             "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
-            "image_size": dvae.config.image_size, "dvae": source}
+            "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines"}
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
         if {k: old.get(k) for k in meta} == meta:
             return cache
         raise ValueError(f"{cache} holds a token cache built from other inputs ({old}); "
                          "delete it or pass another cache folder")
-    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images)
+    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True)
     cache.mkdir(parents=True, exist_ok=True)
     images, captions = encode_images(dvae, dataset, limit=num_images, batch_size=batch_size, workers=workers,
                                      device=device)
     if tokenizer is None:
-        tokenizer = TextTokenizer.train(captions, vocab_size=text_vocab)
+        tokenizer = TextTokenizer.train([line for c in captions for line in c.split("\n")], vocab_size=text_vocab)
     tokenizer.save(cache / "tokenizer.json")
     text, truncated = tokenize_variants(tokenizer, captions, text_len, variants, dropout)
     _save_npy(cache / "images.npy", images)

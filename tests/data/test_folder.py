@@ -50,6 +50,8 @@ def test_caption_choice_is_random_and_reproducible(tmp_path):
     again = ImageTextFolder(tmp_path, size=8, seed=1)
     again.set_epoch(3)
     assert again[0][1] == draws[3]
+    every = ImageTextFolder(tmp_path, size=8, seed=1, all_captions=True)
+    assert every[0][1] == "one\ntwo\nthree"
 
 
 def test_formats_modes_and_crops(tmp_path):

@@ -90,6 +90,28 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
     assert 0.0 < data.unigram_entropy() <= np.log(256)
 
 
+def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpoint):
+    from PIL import Image
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = {"a": ["a red circle", "a round red thing", "red disc"], "b": ["a blue square"]}
+    for name, caps in lines.items():
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("\n".join(caps) + "\n\n")
+    dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    cache = build_token_cache(tmp_path / "c", dvae=dvae, data=str(folder), text_len=16, num_images=None,
+                              variants=5, dropout=0.5, text_vocab=300)
+    data = TokenCache(cache)
+    tok = TextTokenizer.load(cache / "tokenizer.json")
+    assert json.loads((cache / "captions.json").read_text()) == ["\n".join(lines["a"]), lines["b"][0]]
+    decoded_a = [tok.decode(data.text[0, v].tolist()) for v in range(5)]
+    assert decoded_a == lines["a"] + lines["a"][:2]  # every line, then dropout variants of the first ones
+    for v in range(3):
+        assert torch.equal(torch.from_numpy(data.text[0, v].astype(np.int64)), tok.encode(lines["a"][v], 16))
+    assert all(tok.decode(data.text[1, v].tolist()) == lines["b"][0] for v in range(5))
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, dvae_checkpoint):
     # with caption dropout on: its generator is checkpointed and resumed too
     train_prior(tiny(tmp_path / "straight", dvae_checkpoint, null_caption=0.3))
