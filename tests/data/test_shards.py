@@ -126,6 +126,7 @@ def test_gzipped_shard_and_output(tmp_path):
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert torch.allclose(image[:, 8, 8], torch.tensor([1.0, 1.0, 0.0]))
     assert caption in ("yellow", "also yellow")
+    assert next(iter(TarShards(tmp_path / "z.tar.gz", size=16, all_captions=True)))[1] == "yellow\nalso yellow"
 
 
 def test_dataloader_workers_split_the_shards(tmp_path):
