@@ -185,7 +185,7 @@ def sample_scene(split: str, seed: int, index: int, size: int) -> Scene:
     sizes = [float(rng.uniform(MIN_OBJECT_SIZE, MAX_OBJECT_SIZE)) for _ in range(count)]
 
     if count == 1:
-        (color, shape), d = pairs[0], sizes[0]
+        (_, shape), d = pairs[0], sizes[0]
         width, height = _extent(shape, d)
         off_x, off_y = _centroid_offset(shape, d)
         centers = [(rng.uniform(0, 1 - width) + off_x, rng.uniform(0, 1 - height) + off_y)]

@@ -1,8 +1,6 @@
 """Fused Gumbel-softmax: our kernels against the formula on the same noise, and the sampler's law."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
