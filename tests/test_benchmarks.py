@@ -45,3 +45,15 @@ def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
     assert set(data["results"]) == {"ours", "dense_kv", "recompute"}
     assert data["skipped"] == {}
     assert all(r["same_tokens_first_rows"] and r["ms_per_token"] > 0 for r in data["results"].values())
+
+
+def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
+    out = tmp_path / "plots"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"attention_cpu.png", "gumbel_cpu.png", "sampling_cpu.png"}
+    assert "attention_cpu_20261126-144121.json" in result.stdout  # the newer of the two attention runs
+    empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(tmp_path)],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert empty.returncode == 1 and "no benchmark results" in empty.stderr
