@@ -2,8 +2,9 @@
 
 A CLIP-style contrastive model (rerank.py) on image-caption pairs, with the prior's tokenizer so
 that both read a caption as the same ids. In-batch negatives alone rarely contain the hard
-cases of the shapes data (same two objects, other relation), so with `hard_negatives` each
-caption "A <relation> B" also brings "B <relation> A" as an extra negative text. AdamW (the
+cases (same objects, other relation; same words, other binding), so each caption also brings
+extra negative texts (negatives.py): with `hard_negatives` "A <relation> B" brings
+"B <relation> A", with `word_negatives` one caption a word swap or replacement away. AdamW (the
 text encoder at a fraction of the learning rate, see _optimizer), linear warm-up then cosine
 decay, gradient clipping, EMA weights, safetensors checkpoints with exact resume; torchrun data
 parallelism (the contrastive batch is each process's own).
@@ -12,12 +13,13 @@ parallelism (the contrastive batch is each process's own).
 from __future__ import annotations
 
 import dataclasses
-import re
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -25,6 +27,7 @@ from ..data import make_dataset
 from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
+from .negatives import WordPairs, swap_relation
 from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 
@@ -45,6 +48,10 @@ class TrainRerankerConfig(RunOptions):
     text_lr_scale: float = _f(0.2, "learning rate of the text encoder relative to --lr (see _optimizer)")
     hard_negatives: bool = _f(True, "add each 'A <relation> B' caption's swap 'B <relation> A' as an extra "
                                     "negative text")
+    word_negatives: bool = _f(True, "add one caption with two words swapped or one word replaced as an extra "
+                                    "negative text, kept only if all its adjacent word pairs occur in the "
+                                    "training captions (see train/negatives.py)")
+    pair_captions: int = _f(5000, "training captions read to collect those word pairs")
     steps: int = _f(2000, "total optimizer steps")
     batch_size: int = _f(64, "image-caption pairs per step per process (the contrastive batch)")
     lr: float = _f(1e-3, "peak learning rate")
@@ -55,22 +62,6 @@ class TrainRerankerConfig(RunOptions):
     ema: float = _f(0.999, "EMA decay of the weights kept for reranking")
 
 
-_RELATION = re.compile(r"^(an? \S.*?) (to the left of|to the right of|above|below) (an? \S.*)$", re.IGNORECASE)
-
-
-def swap_relation(caption: str) -> Optional[str]:
-    """The caption with its two objects swapped, "A <relation> B" -> "B <relation> A" (what the
-    image shows, the relation reversed); None for a caption of another form than one relation
-    between two "a ..." phrases."""
-    match = _RELATION.match(caption.strip())
-    if match is None:
-        return None
-    a, relation, b = match.groups()
-    if a.lower() == b.lower() or _RELATION.match(b):  # no change, or a chain of relations
-        return None
-    return f"{b} {relation} {a}"
-
-
 def model_config(cfg: TrainRerankerConfig, tokenizer: TextTokenizer) -> RerankerConfig:
     return RerankerConfig(image_size=cfg.image_size, text_len=cfg.text_len,
                           text_vocab=tokenizer.text_vocab_size(cfg.text_len), embed_dim=cfg.embed_dim,
@@ -78,14 +69,31 @@ def model_config(cfg: TrainRerankerConfig, tokenizer: TextTokenizer) -> Reranker
                           image_width=cfg.image_width)
 
 
-def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, hard_negatives: bool):
-    """Captions -> (text ids [B, T], negatives [K, T] or None, owners: the image of each negative)."""
+def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, hard_negatives: bool,
+           word_pairs: Optional[WordPairs] = None, rng: Optional[np.random.Generator] = None):
+    """Captions -> (text ids [B, T], negatives [K, T] or None, owners: the image of each negative,
+    swaps: how many of the negatives, the first ones, are relation swaps; the others are word
+    negatives from `word_pairs`, drawn with `rng`)."""
     text = tokenizer.encode_batch(list(captions), text_len)
-    swaps = [swap_relation(c) for c in captions] if hard_negatives else []
-    owners = [i for i, s in enumerate(swaps) if s is not None]
-    negatives = tokenizer.encode_batch([swaps[i] for i in owners], text_len) if owners else None
-    return text, negatives, owners
+    relation = [swap_relation(c) for c in captions] if hard_negatives else [None] * len(captions)
+    words = [word_pairs.negative(c, rng) for c in captions] if word_pairs is not None else [None] * len(captions)
+    owners, texts = [], []
+    for kind in (relation, words):
+        for i, negative in enumerate(kind):
+            if negative is not None:
+                owners.append(i)
+                texts.append(negative)
+    swaps = sum(n is not None for n in relation)
+    negatives = tokenizer.encode_batch(texts, text_len) if texts else None
+    return text, negatives, owners, swaps
 
+
+def collect_word_pairs(dataset, count: int) -> WordPairs:
+    """The adjacent word pairs of the first `count` captions of `dataset`."""
+    return WordPairs(caption for _, caption in itertools.islice(iter(dataset), count))
+
+
+_NEGATIVES = 0x4E47  # the word negatives' random stream, drawn per (seed, step, rank): resumes repeat
 
 _TEXT = ("token_embed", "pos_embed", "text_encoder", "text_norm", "text_proj")
 
@@ -147,6 +155,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         if Path(cfg.tokenizer).resolve() != (out / "tokenizer.json").resolve():
             shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")  # a run folder is self-contained
         print(f"reranker: {model_cfg.num_params() / 1e6:.2f}M parameters")
+    word_pairs = collect_word_pairs(dataset, cfg.pair_captions) if cfg.word_negatives else None
     objective = distributed.data_parallel(model, info)
     data = batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, info=info, step=run.step)
     model.train()
@@ -154,7 +163,9 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         while run.running:
             step = run.step
             images, captions = next(data)
-            text, negatives, owners = encode(tokenizer, captions, cfg.text_len, cfg.hard_negatives)
+            rng = np.random.default_rng([_NEGATIVES, cfg.seed, step, info.rank])
+            text, negatives, owners, swaps = encode(tokenizer, captions, cfg.text_len, cfg.hard_negatives,
+                                                    word_pairs, rng)
             images, text = images.to(info.device, non_blocking=True), text.to(info.device)
             negatives = negatives.to(info.device) if negatives is not None else None
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
@@ -165,16 +176,19 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
             log = run.should_log(cfg.log_every)
             metrics = {}
             if log:
-                # swap_accuracy: how often an image's own caption beats its relation-swapped one
+                # how often an image's own caption beats its relation swap / its word negative
                 logits, rows = result["logits"].detach().float(), torch.tensor(owners, dtype=torch.long, device=info.device)
                 cols = torch.arange(len(owners), device=info.device) + len(captions)
-                wins = (logits[rows, rows] > logits[rows, cols]).float().sum()
-                stats = torch.stack([result["loss"].detach().float(), result["accuracy"], wins,
-                                     torch.tensor(float(len(owners)), device=info.device)])
-                loss, accuracy, wins, swaps = distributed.mean_over_ranks(stats).tolist()
+                won = (logits[rows, rows] > logits[rows, cols]).float()
+                stats = torch.stack([result["loss"].detach().float(), result["accuracy"], won[:swaps].sum(),
+                                     torch.tensor(float(swaps), device=info.device), won[swaps:].sum(),
+                                     torch.tensor(float(len(owners) - swaps), device=info.device)])
+                loss, accuracy, swap_wins, swap_count, word_wins, word_count = distributed.mean_over_ranks(stats).tolist()
                 metrics = dict(loss=loss, accuracy=accuracy)
-                if swaps > 0:
-                    metrics["swap_accuracy"] = wins / swaps
+                if swap_count > 0:
+                    metrics["swap_accuracy"] = swap_wins / swap_count
+                if word_count > 0:
+                    metrics["word_negative_accuracy"] = word_wins / word_count
                 metrics.update(lr=lr, logit_scale=model.scale().item(),
                                images_per_s=run.per_second(cfg.batch_size * info.world_size))
             run.end_step(metrics, log, cfg.save_every)

@@ -1,5 +1,6 @@
 """The reranker's loop end to end on tiny data: CLI, exact resume, hard negatives, learning."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.checkpoint import load_model
 from dalle_fast.train.progress import read_metrics
-from dalle_fast.train.reranker import TrainRerankerConfig, encode, swap_relation, train_reranker
+from dalle_fast.train.negatives import WordPairs, swap_relation
+from dalle_fast.train.reranker import TrainRerankerConfig, collect_word_pairs, encode, train_reranker
 
 from .resume import assert_same_run
 
@@ -52,12 +54,46 @@ def test_swap_relation_is_none_for_captions_it_does_not_understand(caption):
 def test_encode_adds_a_negative_for_each_relation_caption(tokenizer_path):
     tok = TextTokenizer.load(tokenizer_path)
     captions = ["a red square", "a red circle above a blue square", "a green circle below a red triangle"]
-    text, negatives, owners = encode(tok, captions, 24, hard_negatives=True)
-    assert torch.equal(text, tok.encode_batch(captions, 24)) and owners == [1, 2]
+    text, negatives, owners, swaps = encode(tok, captions, 24, hard_negatives=True)
+    assert torch.equal(text, tok.encode_batch(captions, 24)) and owners == [1, 2] and swaps == 2
     assert [tok.decode(n) for n in negatives] == ["a blue square above a red circle",
                                                   "a red triangle below a green circle"]
-    assert encode(tok, captions, 24, hard_negatives=False)[1:] == (None, [])
-    assert encode(tok, captions[:1], 24, hard_negatives=True)[1:] == (None, [])
+    assert encode(tok, captions, 24, hard_negatives=False)[1:] == (None, [], 0)
+    assert encode(tok, captions[:1], 24, hard_negatives=True)[1:] == (None, [], 0)
+    # word negatives come after the relation swaps, one per caption that has any
+    pairs = WordPairs(captions + ["a green square", "a blue circle"])
+    _, negatives, owners, swaps = encode(tok, captions, 24, True, pairs, np.random.default_rng(0))
+    assert swaps == 2 and owners[:2] == [1, 2] and owners[2:] == [0, 1, 2]
+    for owner, ids in zip(owners[2:], negatives[2:]):
+        assert tok.decode(ids) in pairs.edits(captions[owner])
+
+
+def test_word_negatives_are_one_edit_away_and_use_only_seen_word_pairs():
+    corpus = ["a red circle", "a red square", "a blue square", "a blue circle above a red square",
+              "a red circle below a blue circle", "a green square"]
+    pairs = WordPairs(corpus)
+    edits = pairs.edits("a red circle above a blue square")
+    assert "a red circle below a blue square" in edits       # a word replaced
+    assert "a blue circle above a red square" in edits       # two words swapped
+    assert "a red circle above a blue square" not in edits   # never the caption itself
+    for edit in edits:
+        words = ["<s>"] + edit.split() + ["</s>"]
+        assert all(pair in pairs.pairs for pair in zip(words, words[1:]))
+        differ = sum(a != b for a, b in zip(edit.split(), "a red circle above a blue square".split()))
+        assert len(edit.split()) == 7 and differ in (1, 2)
+    assert "a green circle" not in pairs.edits("a red circle")  # "green circle" never seen
+    assert "a green square" in pairs.edits("a red square") and "a green circle" not in pairs.edits("a blue circle")
+    assert pairs.edits("unknown words here") == []
+    rng = np.random.default_rng(5)
+    assert pairs.negative("a red circle", rng) in pairs.edits("a red circle")
+    assert pairs.negative("zzz", rng) is None
+
+
+def test_collect_word_pairs_reads_the_first_captions(tokenizer_path):
+    data = make_dataset("shapes", 16)
+    pairs = collect_word_pairs(data, 50)
+    expected = WordPairs(data[i][1] for i in range(50))
+    assert pairs.pairs == expected.pairs
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizer_path):
@@ -68,7 +104,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizer_p
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 3
     train_reranker(tiny(tmp_path / "split", tokenizer_path, resume=True))
     _, info = assert_same_run(tmp_path / "straight", tmp_path / "split",
-                              ("loss", "accuracy", "swap_accuracy", "lr", "logit_scale"), steps=6)
+                              ("loss", "accuracy", "swap_accuracy", "word_negative_accuracy", "lr", "logit_scale"),
+                              steps=6)
     assert info["meta"]["kind"] == "reranker"
     assert (tmp_path / "straight" / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
     model = load_model(tmp_path / "straight" / "checkpoint.safetensors", Reranker, RerankerConfig)
@@ -105,9 +142,10 @@ def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, token
 
 
 def test_captions_without_relations_train_without_extra_negatives(tmp_path, tokenizer_path):
-    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, hard_negatives=False))
+    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, hard_negatives=False, word_negatives=False))
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert len(metrics) == 2 and "swap_accuracy" not in metrics[-1] and metrics[-1]["loss"] > 0
+    assert len(metrics) == 2 and metrics[-1]["loss"] > 0
+    assert "swap_accuracy" not in metrics[-1] and "word_negative_accuracy" not in metrics[-1]
 
 
 def test_a_short_training_tells_a_relation_from_its_swap(tmp_path, tokenizer_path):
