@@ -126,3 +126,28 @@ def test_runs_on_a_side_stream_without_host_sync():
                 torch.cuda.set_sync_debug_mode("default")
         stream.synchronize()
         assert_close(out, ops.sparse_attention(q, k, v, "row", 16, 8), "side stream")
+
+
+def test_one_warp_per_row_path_matches_the_tensor_core_path(tmp_path):
+    # DALLE_FAST_FLASH=0 is read once per process: compare in a child process.
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from dalle_fast import ops
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 3, 20 + 49, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+with ops.backend("cuda"):
+    torch.save([ops.sparse_attention(q, k, v, kind, 20, 7).cpu() for kind in ops.KINDS], "OUT")
+"""
+    outs = []
+    for flag in ("1", "0"):
+        path = str(tmp_path / f"flash_{flag}.pt")
+        env = dict(__import__("os").environ, DALLE_FAST_FLASH=flag)
+        result = subprocess.run([sys.executable, "-c", code.replace("OUT", path)], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs.append(torch.load(path, weights_only=True))
+    for kind, a, b in zip(KINDS, *outs):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{kind}: {m}")

@@ -26,7 +26,7 @@ def tokenizer_path(tmp_path_factory):
 def tiny(out, tokenizer, **kw) -> TrainRerankerConfig:
     base = dict(data="shapes", out=str(out), tokenizer=str(tokenizer), text_len=24, image_size=16, embed_dim=16,
                 width=32, text_layers=1, heads=2, image_width=8, steps=6, batch_size=8, warmup=2, log_every=1,
-                save_every=100, seed=3, device="cpu")
+                save_every=100, seed=3, device="cpu", word_negatives=True)
     return TrainRerankerConfig(**(base | kw))
 
 
@@ -98,7 +98,8 @@ def test_collect_word_pairs_reads_the_first_captions(tokenizer_path):
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizer_path):
     cfg = tiny(tmp_path / "straight", tokenizer_path)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items() if not isinstance(v, bool)]
+    flags = [f"--{k.replace('_', '-')}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+             for k, v in vars(cfg).items()]
     assert main(["train-reranker", *flags]) == 0  # the CLI is the same call
     train_reranker(tiny(tmp_path / "split", tokenizer_path, run_steps=3))
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 3

@@ -8,6 +8,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../attention_args.h"
 #include "attention_cuda.h"
 #include "device_plan.h"
@@ -32,6 +35,16 @@ DType cuda_dtype(const at::Tensor& q, const char* op) {
   }
 }
 
+// DALLE_FAST_FLASH=0 in the environment keeps every call on the one-warp-per-row kernels (to
+// compare the two paths or to bisect a problem); read once per process.
+bool flash_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("DALLE_FAST_FLASH");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 void check_cuda(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.is_cuda(), "sparse_attention: the CUDA kernel needs CUDA tensors, got q on ", q.device());
 }
@@ -46,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   if (c.q.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
     const char* err = nullptr;
-    if (flash_forward_supported(c.params, dtype)) {
+    if (flash_enabled() && flash_forward_supported(c.params, dtype)) {
       const PlanView plan = device_plan(c.params.mask, kFlashTile, q.device().index());
       err = flash_forward(c.params, plan, dtype, stream);
     } else {
@@ -69,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   if (c.q.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
     const char* err = nullptr;
-    if (flash_backward_supported(c.params, dtype)) {
+    if (flash_enabled() && flash_backward_supported(c.params, dtype)) {
       const PlanView plan = device_plan(c.params.mask, kFlashTile, q.device().index());
       err = attention_delta(c.params, dtype, stream);
       if (err == nullptr) {
