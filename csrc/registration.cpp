@@ -27,6 +27,13 @@ TORCH_LIBRARY(dalle_fast, m) {
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "str kind, int text_len, int grid, int kernel, float scale) -> (Tensor, Tensor, Tensor)");
 
+  // One sampling step's attention over a KV cache (dalle_fast/ops/decode.py): q [B, H, D] at image
+  // position g (0-dim int64 tensor, read on the device) over the text keys and the image keys
+  // g - offsets[i] >= 0 of cache_k / cache_v [B, H, N, D]. Returns [B, H, D]. No autograd.
+  m.def(
+      "sparse_decode(Tensor q, Tensor cache_k, Tensor cache_v, Tensor offsets, Tensor g, int text_len, "
+      "float scale) -> Tensor");
+
   // Fused Gumbel-softmax over `dim`. Returns (y, kl, rng_state): y the soft sample (the one-hot of
   // its argmax when hard), kl = KL(softmax(logits) || uniform) per position when with_kl (else
   // empty), rng_state the (seed, offset) of the Philox noise, which the backward regenerates.

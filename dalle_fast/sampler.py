@@ -5,9 +5,10 @@ filling a preallocated key/value cache of N positions per layer. Then each step 
 token per sequence and attends only to the keys its layer's mask allows: the T text keys plus
 the image keys at offsets `d = g - g'` the kind permits. The masks depend on `d` alone
 (`ops.masks.image_offset_allowed`), so each kind has one fixed offset list (row: S + 1 keys,
-column: S, conv: at most h*k + h + 1, causal: all) and a step gathers `g - offsets` from the
-cache: a fixed-shape gather, no per-step index building, so a step is the same kernel sequence
-for every `g`.
+column: S, conv: at most h*k + h + 1, causal: all) and a step reads `g - offsets` from the
+cache with `ops.sparse_decode` (one kernel per layer for scores, softmax and values; the
+PyTorch fallback is a fixed-shape gather): no per-step index building, so a step is the same
+kernel sequence for every `g`.
 
 Nothing in the loop reads a device value on the host: the position `g` is a device tensor that
 the step advances itself, sampling writes its token into the output buffer on the device, and
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import attention_mask
+from .ops import attention_mask, sparse_decode
 from .ops.masks import image_offset_allowed
 from .prior import Prior
 
@@ -130,19 +131,11 @@ class IncrementalPrior:
         return prior.image_head(prior.ln_f(x[:, -1]))
 
     def attend(self, layer: int, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The attention of query q [B, H, 1, D] at image position g over the keys its mask allows."""
-        t, scale = self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim)
-        cache_k, cache_v = self.keys[layer], self.values[layer]
-        source = g - self.offsets[layer]  # image keys this query may see (negative: none)
-        valid = source >= 0
-        index = t + source.clamp(min=0)
-        k_img, v_img = cache_k.index_select(2, index), cache_v.index_select(2, index)  # (B, H, K, D)
-        k_txt, v_txt = cache_k[:, :, :t], cache_v[:, :, :t]
-        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least
-        s_txt = (q @ k_txt.transpose(-1, -2)).to(acc) * scale  # (B, H, 1, T)
-        s_img = ((q @ k_img.transpose(-1, -2)).to(acc) * scale).masked_fill(~valid, float("-inf"))
-        p = torch.cat([s_txt, s_img], dim=-1).softmax(-1).to(q.dtype)
-        return p[..., :t] @ v_txt + p[..., t:] @ v_img
+        """The attention of query q [B, H, 1, D] at image position g over the keys its mask allows
+        (`ops.sparse_decode`: our kernel when it fits, else the same gather in PyTorch)."""
+        out = sparse_decode(q.squeeze(2), self.keys[layer], self.values[layer], self.offsets[layer], g,
+                            self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim))
+        return out.unsqueeze(2)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from . import reference
 from ._backend import backend, backend_info, current_backend
 from .attention import sparse_attention
+from .decode import sparse_decode
 from .gumbel import gumbel_softmax, gumbel_softmax_kl
 from .masks import KINDS, attention_mask, layer_kinds, mask_density
 
@@ -18,4 +19,5 @@ __all__ = [
     "mask_density",
     "reference",
     "sparse_attention",
+    "sparse_decode",
 ]

@@ -29,6 +29,26 @@ def sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, kind: str, text_len: 
     return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
+def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,
+                  g: torch.Tensor, text_len: int, scale: float) -> torch.Tensor:
+    """One decoding step's attention: query q [B, H, D] at image position g (a 0-dim int64
+    tensor) over the T = text_len text keys and the image keys g - d of the cache [B, H, N, D]
+    for each offset d in `offsets` [K] with g - d >= 0 (the mask's keys; the cache must hold
+    position T + g already). Softmax in float32 at least. Returns [B, H, D] in q's dtype."""
+    t = text_len
+    source = g - offsets  # image keys this query may see (negative: none)
+    valid = source >= 0
+    index = t + source.clamp(min=0)
+    k_img, v_img = cache_k.index_select(2, index), cache_v.index_select(2, index)  # (B, H, K, D)
+    k_txt, v_txt = cache_k[:, :, :t], cache_v[:, :, :t]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qq = q.unsqueeze(2)  # (B, H, 1, D)
+    s_txt = (qq @ k_txt.transpose(-1, -2)).to(acc) * scale  # (B, H, 1, T)
+    s_img = ((qq @ k_img.transpose(-1, -2)).to(acc) * scale).masked_fill(~valid, float("-inf"))
+    p = torch.cat([s_txt, s_img], dim=-1).softmax(-1).to(q.dtype)
+    return (p[..., :t] @ v_txt + p[..., t:] @ v_img).squeeze(2)
+
+
 def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Gumbel(0, 1) noise from torch's RNG, uniforms kept strictly inside (0, 1)."""
     tiny = torch.finfo(torch.float32).tiny

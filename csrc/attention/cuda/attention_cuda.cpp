@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../attention_args.h"
+#include "../decode_args.h"
 #include "attention_cuda.h"
 #include "device_plan.h"
 
@@ -45,8 +46,8 @@ bool flash_enabled() {
   return enabled;
 }
 
-void check_cuda(const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "sparse_attention: the CUDA kernel needs CUDA tensors, got q on ", q.device());
+void check_cuda(const at::Tensor& q, const char* op = "sparse_attention") {
+  TORCH_CHECK_VALUE(q.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, got q on ", q.device());
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -98,11 +99,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   return {c.dq, c.dk, c.dv};
 }
 
+at::Tensor decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
+                  const at::Tensor& g, int64_t text_len, double scale) {
+  check_cuda(q, "sparse_decode");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
+  const DType dtype = cuda_dtype(c.q, "sparse_decode");
+  if (c.q.numel() > 0) {
+    const char* err = sparse_decode(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "sparse_decode: CUDA kernel launch failed: ", err);
+  }
+  return c.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
   m.impl("sparse_attention_fwd", &forward);
   m.impl("sparse_attention_bwd", &backward);
+  m.impl("sparse_decode", &decode);
 }
 
 }  // namespace dalle_fast::cuda

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../decode_params.h"
 #include "../params.h"
 #include "plan_view.h"
 
@@ -26,6 +27,9 @@ const char* attention_backward(const AttnParams& p, DType dtype, cudaStream_t st
 
 // Only the first of those: p.delta = rowsum(p.dout * p.out).
 const char* attention_delta(const AttnParams& p, DType dtype, cudaStream_t stream);
+
+// One sampling step's attention (decode.cu): float32, float16, bfloat16; p.g in device memory.
+const char* sparse_decode(const DecodeParams& p, DType dtype, cudaStream_t stream);
 
 // The flash-style tensor-core kernels (flash_fwd.cu, flash_bwd.cu): fp16/bf16, head dims 32,
 // 64, 128, rows 16-byte aligned. `plan` is device_plan(p.mask, kFlashTile, device). The forward

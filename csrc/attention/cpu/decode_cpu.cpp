@@ -1,0 +1,71 @@
+// sparse_decode on the CPU: one (batch, head) per work item; the step's key list is the same
+// for all of them, so it is built once. Scores, softmax and the value sum in the accumulate
+// type (double for double, else float).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../decode_args.h"
+
+namespace dalle_fast::cpu {
+
+namespace {
+
+template <class T>
+void decode(const DecodeParams& p) {
+  const int64_t g = *p.g, D = p.dim;
+  std::vector<int64_t> keys;
+  for (int64_t j = 0; j < p.num_keys(); ++j)
+    if (const int64_t key = p.key(j, g); key >= 0) keys.push_back(key);
+  const int64_t n = static_cast<int64_t>(keys.size());
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> prob(static_cast<size_t>(n)), acc(static_cast<size_t>(D));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const T* q = static_cast<const T*>(p.q) + bh * D;
+      T top = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        const T* k = p.k.row<const T>(b, h, keys[j]);
+        T s = 0;
+        for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+        prob[j] = s * scale;
+        top = std::max(top, prob[j]);
+      }
+      T sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (prob[j] = std::exp(prob[j] - top));
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const T* v = p.v.row<const T>(b, h, keys[j]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += prob[j] * v[d];
+      }
+      T* out = static_cast<T*>(p.out) + bh * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / sum;
+    }
+  });
+}
+
+at::Tensor sparse_decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                         const at::Tensor& offsets, const at::Tensor& g, int64_t text_len, double scale) {
+  auto c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
+  TORCH_CHECK_TYPE(c.q.scalar_type() == at::kFloat || c.q.scalar_type() == at::kDouble,
+                   "sparse_decode: the CPU kernel supports float32 and float64, got ", c.q.scalar_type());
+  if (c.q.numel() > 0) {
+    if (c.q.scalar_type() == at::kDouble)
+      decode<double>(c.params);
+    else
+      decode<float>(c.params);
+  }
+  return c.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) { m.impl("sparse_decode", &sparse_decode); }
+
+}  // namespace dalle_fast::cpu

@@ -1,0 +1,56 @@
+#include "decode_args.h"
+
+#include <cmath>
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include "attention_args.h"
+
+namespace dalle_fast {
+
+DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                          const at::Tensor& offsets, const at::Tensor& g, int64_t text_len, double scale) {
+  const char* op = "sparse_decode";
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), op,
+                    ": the caches must be [B, H, N, D] of one shape, got ", cache_k.sizes(), " and ", cache_v.sizes());
+  TORCH_CHECK_VALUE(cache_k.size(0) == q.size(0) && cache_k.size(1) == q.size(1) && cache_k.size(3) == q.size(2),
+                    op, ": q ", q.sizes(), " does not match the caches ", cache_k.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(), op,
+                   ": q and the caches must share one dtype, got ", q.scalar_type(), ", ", cache_k.scalar_type(),
+                   ", ", cache_v.scalar_type());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && offsets.dim() == 1, op,
+                   ": offsets must be a 1-D int64 tensor, got ", offsets.sizes(), " ", offsets.scalar_type());
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kLong && g.dim() == 0, op, ": g must be a 0-dim int64 tensor");
+  for (const auto* t : {&cache_k, &cache_v, &offsets, &g})
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": all inputs must be on ", q.device(), ", got ", t->device());
+  TORCH_CHECK_VALUE(text_len >= 1 && text_len <= cache_k.size(2), op, ": text_len must be in [1, N = ",
+                    cache_k.size(2), "], got ", text_len);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+
+  DecodeCall c;
+  c.q = q.contiguous();
+  c.k = cache_k.stride(3) == 1 ? cache_k : cache_k.contiguous();
+  c.v = cache_v.stride(3) == 1 ? cache_v : cache_v.contiguous();
+  c.offsets = offsets.contiguous();
+  c.g = g;
+  c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  DecodeParams& p = c.params;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.dim = q.size(2);
+  p.seq = cache_k.size(2);
+  p.text_len = text_len;
+  p.num_offsets = offsets.size(0);
+  p.scale = scale;
+  p.q = c.q.data_ptr();
+  p.k = as_bhnd(c.k);
+  p.v = as_bhnd(c.v);
+  p.offsets = c.offsets.data_ptr<int64_t>();
+  p.g = c.g.data_ptr<int64_t>();
+  p.out = c.out.data_ptr();
+  return c;
+}
+
+}  // namespace dalle_fast

@@ -1,0 +1,62 @@
+"""dalle_fast.ops.sparse_decode: the attention of one sampling step over a KV cache.
+
+Each layer's mask depends only on the raster offset between query and key (SPEC.md section 2),
+so a step at image position g reads the T text keys and the image keys g - d for a fixed list
+of offsets d (sampler.key_offsets). The compiled op `torch.ops.dalle_fast.sparse_decode` does
+that in one kernel per layer (scores, softmax and the weighted sum of values), reading g from a
+device tensor so that a CUDA graph replays it for every position. Inference only: no autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, reference
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
+    for name, t in (("q", q), ("cache_k", cache_k), ("cache_v", cache_v), ("offsets", offsets), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3 or cache_k.dim() != 4:
+        raise ValueError(f"q must be [B, H, D] and the caches [B, H, N, D], got {tuple(q.shape)} and "
+                         f"{tuple(cache_k.shape)}")
+    if cache_k.shape != cache_v.shape or cache_k.shape[:2] != q.shape[:2] or cache_k.shape[3] != q.shape[2]:
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, cache_k {tuple(cache_k.shape)}, "
+                         f"cache_v {tuple(cache_v.shape)}")
+    if not (q.dtype == cache_k.dtype == cache_v.dtype) or not q.is_floating_point():
+        raise TypeError(f"q and the caches must share one floating dtype, got {q.dtype}, {cache_k.dtype}, "
+                        f"{cache_v.dtype}")
+    if offsets.dim() != 1 or offsets.dtype != torch.long or g.dim() != 0 or g.dtype != torch.long:
+        raise TypeError("offsets must be a 1-D int64 tensor and g a 0-dim int64 tensor")
+    if len({t.device for t in (q, cache_k, cache_v, offsets, g)}) != 1:
+        raise ValueError("q, the caches, offsets and g must be on one device")
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or not 1 <= text_len <= cache_k.shape[2]:
+        raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
+
+
+def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,
+                  g: torch.Tensor, text_len: int, scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, H, D] at image position g (0-dim int64 tensor, 0 <= g < N - text_len)
+    over the text keys and the image keys g - d (d in `offsets` [K], int64, those >= 0) of the
+    caches [B, H, N, D], whose position text_len + g must already hold this step's key and value.
+    Returns [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
+    _check(q, cache_k, cache_v, offsets, g, text_len)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES):
+        return reference.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
+    return torch.ops.dalle_fast.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
+
+
+if _backend.has_kernels():
+
+    @torch.library.register_fake("dalle_fast::sparse_decode")
+    def _decode_fake(q, cache_k, cache_v, offsets, g, text_len, scale):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)

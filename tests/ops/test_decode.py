@@ -1,0 +1,95 @@
+"""sparse_decode: one sampling step's attention over a KV cache, kernels against the reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dalle_fast import ops
+from dalle_fast.ops import KINDS, reference
+from dalle_fast.sampler import key_offsets
+from tests.conftest import DEVICES, assert_close, requires_cuda, requires_kernels
+
+pytestmark = requires_kernels
+
+
+def make_step(B, H, T, S, D, g, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, D, generator=gen, dtype=torch.float64).to(device, dtype)
+    k, v = (torch.randn(B, H, T + S * S, D, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(2))
+    return q, k, v, torch.tensor(g, device=device)
+
+
+@given(kind=st.sampled_from(KINDS), B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 20),
+       S=st.integers(1, 7), D=st.sampled_from([1, 5, 16, 64]), kernel=st.sampled_from([1, 3, 5]),
+       where=st.floats(0, 1), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_cpu_kernel_matches_reference(kind, B, H, T, S, D, kernel, where, dtype, seed):
+    g = min(int(where * S * S), S * S - 1)
+    q, k, v, g_t = make_step(B, H, T, S, D, g, dtype, seed=seed)
+    offsets = key_offsets(kind, S, kernel)
+    with ops.backend("cpu"):
+        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, reference.sparse_decode(q, k, v, offsets, g_t, T, 1 / math.sqrt(D)), f"{kind} g={g}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_is_one_row_of_sparse_attention(kind):
+    # The decode step's attention is row T + g of the full masked attention.
+    B, H, T, S, D, kernel = 2, 2, 5, 4, 8, 3
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T + S * S, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    full = reference.sparse_attention(q, k, v, kind, T, S, kernel)
+    offsets = key_offsets(kind, S, kernel)
+    for g in range(S * S):
+        step = ops.sparse_decode(q[:, :, T + g], k, v, offsets, torch.tensor(g), T)
+        assert_close(step, full[:, :, T + g], f"{kind} g={g}")
+
+
+def test_bad_inputs():
+    q, k, v, g = make_step(1, 2, 3, 2, 4, 1)
+    offsets = key_offsets("row", 2, 1)
+    cases = [
+        (dict(q=q[..., :3]), ValueError, "shapes"),
+        (dict(q=q.unsqueeze(2)), ValueError, r"\[B, H, D\]"),
+        (dict(cache_v=v.double()), TypeError, "dtype"),
+        (dict(offsets=offsets.int()), TypeError, "int64"),
+        (dict(g=g.view(1)), TypeError, "0-dim"),
+        (dict(text_len=0), ValueError, "text_len"),
+        (dict(text_len=99), ValueError, "text_len"),
+    ]
+    base = dict(q=q, cache_k=k, cache_v=v, offsets=offsets, g=g, text_len=3)
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.sparse_decode(**(base | change))
+    with pytest.raises(ValueError, match="finite"):
+        ops.sparse_decode(**base, scale=float("nan"))
+
+
+def test_opcheck():
+    q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_decode.default, (q, k, v, key_offsets("conv", 3, 3), g, 3, 0.3))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_kernel_matches_reference_and_replays_in_a_graph(kind, dtype):
+    B, H, T, S, D = 3, 4, 17, 6, 64
+    q, k, v, g = make_step(B, H, T, S, D, 0, dtype, device="cuda", seed=2)
+    offsets = key_offsets(kind, S, 3).cuda()
+    scale = 1 / math.sqrt(D)
+    out = torch.empty_like(q)
+    with ops.backend("cuda"):
+        ops.sparse_decode(q, k, v, offsets, g, T)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(ops.sparse_decode(q, k, v, offsets, g, T))
+    for position in range(S * S):  # the same graph, g moved on the device
+        g.fill_(position)
+        graph.replay()
+        want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g, T, scale)
+        torch.testing.assert_close(out.float(), want, atol=2e-2 if dtype != torch.float32 else 1e-5,
+                                   rtol=2e-2 if dtype != torch.float32 else 1e-4)
