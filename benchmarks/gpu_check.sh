@@ -41,7 +41,7 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DALLE_FAST_CUDA=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
 step sanitize 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda --json "$OUT/attention_d64.json"
 step attention_more 300 bash -c "'$PY' benchmarks/bench_attention.py --device cuda --dim 128 --json '$OUT/attention_d128.json'; \
