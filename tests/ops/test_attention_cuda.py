@@ -103,14 +103,17 @@ def test_opcheck_cuda(kind, dtype):
     torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default, bwd)
 
 
+@pytest.mark.parametrize("scale", [0.125, -0.3, 0.0])
 @pytest.mark.parametrize("kind", KINDS)
-def test_lse_matches_reference(kind):
+def test_output_and_lse_for_any_finite_scale(kind, scale):
     from dalle_fast.ops import reference
 
     q, k, v = make_qkv(2, 2, 20, 7, 64, torch.bfloat16, seed=3)
-    _, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, 20, 7, 5, 0.125)
-    want = reference.sparse_attention_lse(q.float(), k.float(), kind, 20, 7, 5, 0.125)
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, 20, 7, 5, scale)
+    want = reference.sparse_attention_lse(q.float(), k.float(), kind, 20, 7, 5, scale)
     torch.testing.assert_close(lse, want, atol=3e-2, rtol=1e-2)
+    expected = reference.sparse_attention(q.float(), k.float(), v.float(), kind, 20, 7, 5, scale)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
 
 def test_runs_on_a_side_stream_without_host_sync():

@@ -6,7 +6,8 @@
 // chunks of 64 key rows gathered by index with cp.async into double-buffered shared memory
 // (the next chunk loads while this one computes). Per chunk: S = Q K^T with mma.m16n8k16, the
 // plan's per-row bit masks set -inf (skipped for chunks the plan marks full), an online softmax
-// in exp2 with the scale folded in, then O += P V with P kept in registers. At the end O / l
+// in exp2 with the scale folded in (scores scaled before masking, so any finite scale works),
+// then O += P V with P kept in registers. At the end O / l
 // and lse = log sum exp(scale * s) go out, at the rows' physical positions (column layers run
 // in column-major logical order, see the plan).
 //
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
   float o[HD / 8][4];
 #pragma unroll
   for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {ninf(), ninf()};  // running max of the raw scores of rows g and g + 8
+  float m[2] = {ninf(), ninf()};  // running max of rows g and g + 8, in scale * log2(e) units
   float l[2] = {0.f, 0.f};        // this thread's part of the running sums
 
   for (int c = c_begin; c < c_end; ++c) {
@@ -73,9 +74,14 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
     const T* const Kb = Ks + buf * kBN * LD;
     const T* const Vb = Vs + buf * kBN * LD;
 
-    // S = Q K^T: 16 rows x 64 keys per warp, as 8 n-tiles of 8 keys.
+    // S = Q K^T: 16 rows x 64 keys per warp, as 8 n-tiles of 8 keys; then scaled into the log2
+    // domain before masking (so any finite scale works, negative ones too).
     float s[kBN / 8][4];
     rows_times_rows<T, HD>(s, Qs + warp * 16 * LD, Kb, lane);
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
 
     if (!L.full[c]) {
       const uint64_t w0 = L.words[int64_t(c) * kBN + warp * 16 + g];
@@ -105,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
       // A row with nothing allowed yet keeps max -inf: use 0 as the reference so that the
       // exponentials give 0 instead of exp2(-inf + inf) = nan.
-      ref[i] = mx[i] == ninf() ? 0.f : mx[i] * scale_log2;
-      const float alpha = exp2f(m[i] * scale_log2 - ref[i]);  // 0 while m is -inf
+      ref[i] = mx[i] == ninf() ? 0.f : mx[i];
+      const float alpha = exp2f(m[i] - ref[i]);  // 0 while m is -inf
       m[i] = mx[i];
       l[i] *= alpha;
 #pragma unroll
@@ -118,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -ref[e / 2]));
+      for (int e = 0; e < 4; ++e) s[j][e] = exp2f(s[j][e] - ref[e / 2]);
       l[0] += s[j][0] + s[j][1];
       l[1] += s[j][2] + s[j][3];
     }
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
     __syncthreads();  // everyone is done with buffer `buf` before it is refilled
   }
 
-  const float scale = static_cast<float>(p.scale);
+  constexpr float kLn2 = 0.6931471805599453f;  // lse = ln(2) * m + ln(l): m is in log2 units
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -141,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n)
       *reinterpret_cast<typename M::Pair*>(orow + 8 * n + 2 * t4) = M::pair(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-    if (t4 == 0) p.lse.at<float>(b, h)[phys] = l[i] > 0.f ? m[i] * scale + logf(l[i]) : ninf();
+    if (t4 == 0) p.lse.at<float>(b, h)[phys] = l[i] > 0.f ? m[i] * kLn2 + logf(l[i]) : ninf();
   }
 }
 
