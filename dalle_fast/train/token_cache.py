@@ -131,6 +131,11 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
         old = json.loads((cache / "meta.json").read_text())
         if {k: old.get(k) for k in meta} == meta:
             return cache
+        if "captions" not in old and {k: old.get(k) for k in meta if k != "captions"} == \
+                {k: v for k, v in meta.items() if k != "captions"}:
+            warnings.warn(f"{cache} was built before token caches kept every caption line: it holds one "
+                          "line per image (the same for one-line captions); delete it to rebuild", stacklevel=2)
+            return cache
         raise ValueError(f"{cache} holds a token cache built from other inputs ({old}); "
                          "delete it or pass another cache folder")
     dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True)

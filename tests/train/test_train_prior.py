@@ -87,6 +87,11 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
     assert (cache / "images.npy").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other inputs"):
         build_token_cache(tmp_path / "c", **(kw | dict(num_images=30)))
+    # a cache from before every caption line was kept is reused, with a warning
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "captions"}))
+    with pytest.warns(UserWarning, match="one line per image"):
+        assert build_token_cache(tmp_path / "c", **kw) == cache
     assert 0.0 < data.unigram_entropy() <= np.log(256)
 
 
