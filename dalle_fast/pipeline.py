@@ -144,7 +144,8 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
         prime = prime_tokens(models.dvae, prime_image, prime_rows).to(device).expand(num, -1)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    null = models.tokenizer.null_text(models.prior.config.text_len).to(device)
+    guided = sampling is not None and sampling.guided
+    null = models.tokenizer.null_text(models.prior.config.text_len).to(device) if guided else None
     tokens = sample_image_tokens(models.prior, text.expand(num, -1), prime=prime, config=sampling,
                                  generator=generator, null_text=null)
     grid = models.prior.config.grid

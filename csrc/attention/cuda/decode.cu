@@ -2,7 +2,8 @@
 // read from device memory, so a captured CUDA graph replays the same launch for every step.
 // Warps compute the scores of the step's keys (lanes over the head dim), the block reduces
 // max and sum, then threads over the head dim add up the values. Scores live in shared memory
-// (4 bytes per key: T + K keys).
+// with each key's row (8 bytes per key: T + K keys), so the value sum reads neither the offsets
+// nor the position again.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,7 +33,7 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
-  extern __shared__ float scores[];  // [num_keys]
+  extern __shared__ float scores[];  // [num_keys], then the keys' rows as int32 [num_keys]
   __shared__ float scratch[kWarpsPerBlock];
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -40,9 +41,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const T* q = static_cast<const T*>(p.q) + bh * D;
   const float scale = static_cast<float>(p.scale);
   const float ninf = neg_inf(0.f);
+  int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
 
   for (int64_t j = warp; j < n; j += kWarpsPerBlock) {
     const int64_t key = p.key(j, g);
+    if (lane == 0) rows[j] = static_cast<int32_t>(key);
     float s = 0.f;
     if (key >= 0) {
       const T* k = p.k.row<const T>(b, h, key);
@@ -70,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     float acc = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       const float w = scores[j];
-      if (w != 0.f) acc += w * to_acc(p.v.row<const T>(b, h, p.key(j, g))[d]);
+      if (w != 0.f) acc += w * to_acc(p.v.row<const T>(b, h, rows[j])[d]);
     }
     out[d] = Store<T>::from(acc * inv);
   }
@@ -81,7 +84,8 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
   const int64_t blocks = p.batch * p.heads;
   if (blocks == 0 || p.dim == 0) return nullptr;
   if (blocks > int64_t(0x7fffffff)) return "sparse_decode: too many (batch, head) pairs for one launch";
-  const size_t smem = size_t(p.num_keys()) * sizeof(float);
+  if (p.seq > int64_t(0x7fffffff)) return "sparse_decode: sequence too long for 32-bit key rows";
+  const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
