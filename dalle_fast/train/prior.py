@@ -92,8 +92,10 @@ def drop_captions(text: torch.Tensor, null_text: torch.Tensor, prob: float, gene
 def _load_init(model: Prior, path: str) -> None:
     """Copy the weights of a prior checkpoint of the same architecture into `model`."""
     source = load_model(path, Prior, PriorConfig)
-    if source.config != model.config:
-        diff = {k: (v, getattr(model.config, k)) for k, v in dataclasses.asdict(source.config).items()
+    # activation checkpointing is how a run trains, not part of the architecture
+    theirs = dataclasses.replace(source.config, checkpoint_activations=model.config.checkpoint_activations)
+    if theirs != model.config:
+        diff = {k: (v, getattr(model.config, k)) for k, v in dataclasses.asdict(theirs).items()
                 if getattr(model.config, k) != v}
         raise ValueError(f"--init {path}: its architecture differs from this run's (checkpoint vs run): {diff}")
     model.load_state_dict(source.state_dict())
