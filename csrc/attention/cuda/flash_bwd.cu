@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
       if (i < count) {
         const int64_t n = pos(i);
         l = lse[n];
+        if (l == ninf()) l = -ninf();  // no finite score in the forward (out = 0): P = 0, not NaN
         d = delta[n];
       }
       stats[(2 * buf) * kBN + i] = l;
@@ -182,6 +183,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
     }
     __syncthreads();  // dS^T and buffer `buf` are rewritten next
   }
+  mma::cp_async_wait<0>();  // no copy outlives the CTA (a tile without query chunks: none today)
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -227,8 +229,10 @@ const char* launch_dim(const AttnParams& p, const PlanView& plan, float* dq_acc,
 }  // namespace
 
 bool flash_backward_supported(const AttnParams& p, DType dtype) {
-  return flash::supported(p, dtype) && flash::aligned16(p.dout) && flash::aligned16(p.dk) &&
-         flash::aligned16(p.dv);
+  if (!(flash::supported(p, dtype) && flash::aligned16(p.dout) && flash::aligned16(p.dk) &&
+        flash::aligned16(p.dv)))
+    return false;
+  return flash::device_fits(p.dim == 32 ? smem_bytes<32>() : p.dim == 64 ? smem_bytes<64>() : smem_bytes<128>());
 }
 
 const char* flash_backward(const AttnParams& p, const PlanView& plan, float* dq_acc, DType dtype,

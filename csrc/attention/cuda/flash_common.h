@@ -123,6 +123,24 @@ inline bool supported(const AttnParams& p, DType dtype) {
          aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
 }
 
+// Whether the current device runs these kernels (mma.m16n8k16 and cp.async need sm_80) with
+// `bytes` of dynamic shared memory per CTA: the D=128 backward's 112 KiB exceed the 99 KiB that
+// sm_86/89/120 cards allow, and such calls take the one-warp-per-row kernels instead of failing.
+// Cached per device: two attribute queries are cheap, but not free on every launch.
+inline bool device_fits(size_t bytes) {
+  constexpr int kMaxDevices = 64;
+  static int optin[kMaxDevices];  // 0: not asked yet; -1: not sm_80+; else the opt-in limit
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  if (optin[dev] == 0) {
+    int major = 0, limit = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    optin[dev] = major >= 8 && limit > 0 ? limit : -1;
+  }
+  return optin[dev] > 0 && bytes <= size_t(optin[dev]);
+}
+
 // Sets the dynamic shared memory limit a launch needs beyond the default 48 KiB.
 template <class Kernel>
 inline const char* allow_smem(Kernel kernel, size_t bytes) {

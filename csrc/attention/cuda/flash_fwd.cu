@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
     probs_times_rows<T, HD>(o, s, Vb, lane);
     __syncthreads();  // everyone is done with buffer `buf` before it is refilled
   }
+  mma::cp_async_wait<0>();  // no copy outlives the CTA (a tile without key chunks: none today)
 
   constexpr float kLn2 = 0.6931471805599453f;  // lse = ln(2) * m + ln(l): m is in log2 units
 #pragma unroll
@@ -181,7 +182,8 @@ const char* launch_dim(const AttnParams& p, const PlanView& plan, cudaStream_t s
 }  // namespace
 
 bool flash_forward_supported(const AttnParams& p, DType dtype) {
-  return flash::supported(p, dtype) && flash::aligned16(p.out);
+  if (!(flash::supported(p, dtype) && flash::aligned16(p.out))) return false;
+  return flash::device_fits(p.dim == 32 ? smem_bytes<32>() : p.dim == 64 ? smem_bytes<64>() : smem_bytes<128>());
 }
 
 const char* flash_forward(const AttnParams& p, const PlanView& plan, DType dtype, cudaStream_t stream) {
