@@ -118,8 +118,9 @@ class Reranker(nn.Module):
         S = self.config.image_size
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images))}")
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
-            raise ValueError(f"images must have shape [B, 3, {S}, {S}], got {tuple(images.shape)}")
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or images.shape[2] < 1:
+            raise ValueError(f"images must have shape [B, 3, {S}, {S}] (or another square size, resized to "
+                             f"{S}), got {tuple(images.shape)}")
         if images.numel() and not (images.min() >= 0 and images.max() <= 1):  # NaN fails too
             raise ValueError(f"images must lie in [0, 1], got [{float(images.min())}, {float(images.max())}]")
 
@@ -133,8 +134,13 @@ class Reranker(nn.Module):
         return F.normalize(self.text_proj(x), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] in [0, 1] -> [B, E], unit norm."""
+        """images [B, 3, H, H] in [0, 1] -> [B, E], unit norm. Images of another size than the
+        config's are resized to it first (bilinear, antialiased), so a reranker can score the
+        output of a dVAE that works at another resolution."""
         self._check_images(images)
+        S = self.config.image_size
+        if images.shape[-1] != S:
+            images = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
         x = self.image_encoder(images * 2 - 1)
         return F.normalize(self.image_proj(x), dim=-1)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dalle_fast.rerank import Reranker, RerankerConfig
 
@@ -46,6 +47,16 @@ def test_embeddings_are_unit_vectors_and_num_params_counts_the_model(size):
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(i.norm(dim=-1), torch.ones(3))
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_images_of_another_size_are_resized_to_the_configs(model):
+    # A dVAE at 48 px with a reranker trained at 64 px: the candidates are resized, not refused.
+    _, images = inputs(model.config, batch=2)
+    S = model.config.image_size
+    for size in (S // 2, S + S // 2):
+        other = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        back = F.interpolate(other, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(model.encode_image(other), model.encode_image(back))
 
 
 def test_image_embedding_keeps_where_things_are(model):
@@ -117,6 +128,8 @@ def test_bad_inputs_are_clear_errors(model):
         model.encode_image((images * 255).to(torch.uint8))
     with pytest.raises(ValueError, match=r"shape \[B, 3, 16, 16\]"):
         model.encode_image(images[:, :, :8])
+    with pytest.raises(ValueError, match=r"shape \[B, 3, 16, 16\]"):
+        model.encode_image(images[:, :2])
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
         model.encode_image(images * 2 - 1)
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
