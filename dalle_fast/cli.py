@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -35,12 +36,21 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _training_exit_code() -> int:
+    """0 for a run that ended at its step budget (or --run-steps), 143 (128 + SIGTERM) for one
+    stopped by SIGTERM: its checkpoint is written, and a scheduler that requeues on a nonzero
+    exit code runs it again (with --resume it continues where it stopped)."""
+    from .train.loop import terminated_by_signal
+
+    return 128 + signal.SIGTERM if terminated_by_signal() else 0
+
+
 def _cmd_train_vae(args) -> int:
     from .train.vae import TrainVAEConfig, train_vae
 
     path = train_vae(_config(TrainVAEConfig, args))
     print(f"checkpoint: {path}")
-    return 0
+    return _training_exit_code()
 
 
 def _cmd_train_prior(args) -> int:
@@ -48,7 +58,7 @@ def _cmd_train_prior(args) -> int:
 
     path = train_prior(_config(TrainPriorConfig, args))
     print(f"checkpoint: {path}")
-    return 0
+    return _training_exit_code()
 
 
 def _cmd_train_tokenizer(args) -> int:
@@ -162,7 +172,7 @@ def _cmd_train_reranker(args) -> int:
 
     path = train_reranker(_config(TrainRerankerConfig, args))
     print(f"checkpoint: {path}")
-    return 0
+    return _training_exit_code()
 
 
 def _cmd_eval_shapes(args) -> int:

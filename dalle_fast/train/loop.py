@@ -95,6 +95,17 @@ def ema_with_warmup(decay: float):
     return update
 
 
+# Set by the SIGTERM handler of any run in this process: the command line then exits with
+# 128 + SIGTERM (143) after the checkpoint is written, as schedulers that requeue preempted jobs
+# expect, instead of 0 (a finished run).
+_terminated_by_signal = False
+
+
+def terminated_by_signal() -> bool:
+    """Whether a run in this process stopped early on SIGTERM (its checkpoint is saved)."""
+    return _terminated_by_signal
+
+
 class TrainingRun:
     """A run folder `out` holding checkpoint.safetensors, config.json and metrics.jsonl.
 
@@ -182,7 +193,8 @@ class TrainingRun:
     @contextlib.contextmanager
     def guard(self):
         """Ctrl-C saves a checkpoint and re-raises; SIGTERM (a scheduler's preemption, `kill`)
-        ends the run after the current step, so `finish` saves a state `--resume` continues exactly."""
+        ends the run after the current step, so `finish` saves a state `--resume` continues exactly
+        (and the command line exits with 143: `terminated_by_signal`)."""
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, self._terminate)
@@ -199,6 +211,8 @@ class TrainingRun:
             self.progress.close()
 
     def _terminate(self, signum, frame) -> None:
+        global _terminated_by_signal
+        _terminated_by_signal = True
         if self.info.is_main and not self._terminated:
             print(f"\nSIGTERM at step {self.step}: stopping after this step; continue with --resume", flush=True)
         self._terminated = True
