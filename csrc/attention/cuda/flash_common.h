@@ -141,12 +141,20 @@ inline bool device_fits(size_t bytes) {
   return optin[dev] > 0 && bytes <= size_t(optin[dev]);
 }
 
-// Sets the dynamic shared memory limit a launch needs beyond the default 48 KiB.
-template <class Kernel>
-inline const char* allow_smem(Kernel kernel, size_t bytes) {
+// Sets the dynamic shared memory limit a launch of `Kernel` needs beyond the default 48 KiB,
+// once per device (the attribute stays set; each kernel always asks for the same bytes).
+template <auto Kernel>
+inline const char* allow_smem(size_t bytes) {
   if (bytes <= 48 * 1024) return nullptr;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  constexpr int kMaxDevices = 64;
+  static bool done[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  if (dev >= 0 && dev < kMaxDevices && done[dev]) return nullptr;
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (dev >= 0 && dev < kMaxDevices) done[dev] = true;
+  return nullptr;
 }
 
 }  // namespace dalle_fast::cuda::flash
