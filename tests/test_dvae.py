@@ -46,14 +46,14 @@ def test_paper_preset_matches_openai_parameter_counts():
     assert num_params(model) == num_params(model.encoder) + num_params(model.decoder)
 
 
-@pytest.mark.parametrize("name, grid", [("paper", 32), ("small", 16), ("tiny", 8)])
+@pytest.mark.parametrize("name, grid", [("paper", 32), ("small", 16), ("fine", 24), ("tiny", 8)])
 def test_preset_grids(name, grid):
     cfg = DVAEConfig.preset(name)
     assert cfg.grid == grid == cfg.image_size // 2 ** (cfg.groups - 1)
 
 
 def test_all_presets_are_tested():
-    assert set(PRESETS) == {"paper", "small", "tiny"}
+    assert set(PRESETS) == {"paper", "small", "fine", "tiny"}
 
 
 def test_preset_overrides_and_copies():
