@@ -10,6 +10,12 @@
 // 16 columns they cover (what lets P stay in registers between S = Q K^T and O += P V).
 #pragma once
 
+// One check for both builds (setup.py's TORCH_CUDA_ARCH_LIST, CMake's CMAKE_CUDA_ARCHITECTURES):
+// an older architecture would otherwise fail deep inside ptxas on .bf16 and .m16n8k16.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "dalle_fast's CUDA kernels need compute capability 8.0 or newer: drop older architectures from TORCH_CUDA_ARCH_LIST / CMAKE_CUDA_ARCHITECTURES, or build without CUDA (DALLE_FAST_CUDA=0)"
+#endif
+
 #include <cstdint>
 
 #include <cuda_bf16.h>
