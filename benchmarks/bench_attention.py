@@ -332,6 +332,8 @@ def bench_kind(cfg: Config, kind: str, notes: list[str]) -> dict:
                     notes.append(f"{kind}/{n}: {phase} timing failed, {why}")
         for n, t in timings.items():
             results[n][phase] = t.to_dict()
+        # One line per phase as soon as it is timed: a run cut off later still leaves these figures.
+        log(f"  {kind:7s} {phase:6s} medians: " + ", ".join(f"{n} {fmt_ms(t.median_ms)}" for n, t in timings.items()))
     for n in timed:  # a method is only "ok" with both figures
         if results[n]["status"] == "ok" and not ("fwd" in results[n] and "fwdbwd" in results[n]):
             results[n]["status"] = "skipped"

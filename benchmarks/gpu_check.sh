@@ -4,7 +4,12 @@
 #   bash benchmarks/gpu_check.sh first    build for sm_90, CUDA tests, compute-sanitizer on small
 #                                         shapes, the attention benchmark at B=8 H=16 D=64 (< 10 min)
 #   bash benchmarks/gpu_check.sh second   attention at D=128 and at B=32, Gumbel, sampling
+#   bash benchmarks/gpu_check.sh session  one call for a session with 15 device minutes in all:
+#                                         build, CUDA tests, D=64 attention, Gumbel, sampling,
+#                                         sanitizer, then D=128 attention while time is left
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
+# DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
+# skips steps that would get under 20 s, so the summary and logs are written in time.
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
@@ -15,17 +20,24 @@ mkdir -p "$OUT"
 case "${1:-all}" in
   first) default="build tests sanitize attention" ;;
   second) default="attention_more gumbel sampling" ;;
+  session) default="build tests attention gumbel sampling sanitize attention_d128" ;;
   all) default="build tests sanitize attention attention_more gumbel sampling" ;;
   *) echo "usage: $0 [first|second|all]" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+DEADLINE=${DEADLINE:-0}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  if (( DEADLINE > 0 )); then
+    local left=$((DEADLINE - SECONDS - 5))
+    if (( left < 20 )); then echo "$name skipped: ${left}s before DEADLINE" | tee -a "$OUT/summary.txt"; return 0; fi
+    (( left < limit )) && limit=$left
+  fi
   local start=$SECONDS
   echo "== $name (limit ${limit} s)"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -42,10 +54,11 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py; a=\$?; \
   '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step sanitize 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda --json "$OUT/attention_d64.json"
-step attention_more 300 bash -c "'$PY' benchmarks/bench_attention.py --device cuda --dim 128 --json '$OUT/attention_d128.json'; \
-  '$PY' benchmarks/bench_attention.py --device cuda --batch 32 --json '$OUT/attention_b32.json'"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 step sampling 150 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
+step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
+step attention_more 300 bash -c "'$PY' benchmarks/bench_attention.py --device cuda --dim 128 --json '$OUT/attention_d128.json'; \
+  '$PY' benchmarks/bench_attention.py --device cuda --batch 32 --json '$OUT/attention_b32.json'"
+step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 --json "$OUT/attention_d128.json"
 cat "$OUT/summary.txt"
