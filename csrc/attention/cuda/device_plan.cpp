@@ -30,12 +30,17 @@ const Out* upload(std::vector<at::Tensor>& keep, const std::vector<In>& host, in
   return static_cast<const Out*>(keep.back().data_ptr());
 }
 
-PlanLists upload_lists(std::vector<at::Tensor>& keep, const TileLists& lists, int device) {
+// The lists go up with their entries as physical positions (order[index[e]]): a kernel gathers
+// a row with one dependent load instead of two.
+PlanLists upload_lists(std::vector<at::Tensor>& keep, const TileLists& lists, const std::vector<int64_t>& order,
+                       int device) {
   for (const auto v : {lists.start.back(), static_cast<int64_t>(lists.index.size())})
     TORCH_CHECK(v < (int64_t(1) << 31), "sparse_attention: the tile plan is too large for 32-bit indices");
+  std::vector<int32_t> phys(lists.index.size());
+  for (size_t e = 0; e < phys.size(); ++e) phys[e] = static_cast<int32_t>(order[lists.index[e]]);
   PlanLists out;
   out.start = upload<int32_t>(keep, lists.start, device);
-  out.index = upload<int32_t>(keep, lists.index, device);
+  out.pos = upload<int32_t>(keep, phys, device);
   out.chunk_start = upload<int32_t>(keep, lists.chunk_start, device);
   out.words = upload<uint64_t>(keep, lists.words, device);
   out.full = upload<uint8_t>(keep, lists.full, device);
@@ -61,8 +66,8 @@ PlanView device_plan(const MaskSpec& mask, int64_t tile, int device) {
   view.tile = static_cast<int32_t>(plan->tile);
   view.tiles = static_cast<int32_t>(plan->num_tiles());
   view.order = upload<int32_t>(stored.tensors, plan->order, device);
-  view.keys = upload_lists(stored.tensors, plan->keys, device);
-  view.queries = upload_lists(stored.tensors, plan->queries, device);
+  view.keys = upload_lists(stored.tensors, plan->keys, plan->order, device);
+  view.queries = upload_lists(stored.tensors, plan->queries, plan->order, device);
   // Never evicted (a model uses a handful of masks): kernels already queued may read any view.
   return cache.emplace(key, std::move(stored)).first->second.view;
 }

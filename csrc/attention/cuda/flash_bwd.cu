@@ -42,7 +42,7 @@ __device__ __forceinline__ void add_pair(float* dst, float x, float y) {
 }
 
 template <class T, int HD>
-__global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnParams p, const PlanView plan,
+__global__ void __launch_bounds__(kThreads, HD == 128 ? 1 : 3) flash_backward_kernel(const AttnParams p, const PlanView plan,
                                                                   float* __restrict__ dq_acc) {
   using M = mma::Mma<T>;
   using Pair = typename M::Pair;
@@ -63,22 +63,23 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
   const float* const lse = p.lse.at<float>(b, h);
   const float* const delta = p.delta.at<float>(b, h);
 
-  auto load_chunk = [&](int c, int buf) {
-    const int e0 = cta.first(c), count = cta.count(c);
-    auto pos = [&](int r) { return static_cast<int64_t>(plan.order[L.index[e0 + r]]); };
-    load_rows<T, HD>(Qs + buf * kBN * LD, p.q, b, h, kBN, count, pos);
-    load_rows<T, HD>(Gs + buf * kBN * LD, p.dout, b, h, kBN, count, pos);
-    // Plain loads: the stores are ordered before the consumers by the loop's __syncthreads.
-    for (int i = threadIdx.x; i < kBN; i += kThreads) {
-      float l = 0.f, d = 0.f;
-      if (i < count) {
-        const int64_t n = pos(i);
-        l = lse[n];
-        if (l == ninf()) l = -ninf();  // no finite score in the forward (out = 0): P = 0, not NaN
-        d = delta[n];
-      }
-      stats[(2 * buf) * kBN + i] = l;
-      stats[(2 * buf + 1) * kBN + i] = d;
+  // As in the forward: chunk c + 1's query positions (and their lse, delta positions) and chunk
+  // c's mask are fetched while chunk c - 1 computes; chunk c + 1 is copied while chunk c computes.
+  static_assert(kBN <= kThreads, "one thread per query of a chunk copies its lse and delta");
+  ChunkRows<HD> next_rows;
+  int next_stat = -1;  // the physical position of query threadIdx.x of the chunk, -1: padding
+  ChunkMask mask, next_mask;
+  auto fetch = [&](int c) {
+    next_rows.fetch(L.pos + cta.first(c), cta.count(c));
+    next_stat = static_cast<int>(threadIdx.x) < cta.count(c) ? L.pos[cta.first(c) + threadIdx.x] : -1;
+  };
+  auto copy = [&](int buf) {
+    next_rows.template copy<T>(Qs + buf * kBN * LD, p.q, b, h);
+    next_rows.template copy<T>(Gs + buf * kBN * LD, p.dout, b, h);
+    if (threadIdx.x < kBN) {  // padding queries get lse = delta = 0, and P = 0 from the mask
+      const int n = next_stat >= 0 ? next_stat : 0, bytes = next_stat >= 0 ? 4 : 0;
+      mma::cp_async4(stats + (2 * buf) * kBN + threadIdx.x, lse + n, bytes);
+      mma::cp_async4(stats + (2 * buf + 1) * kBN + threadIdx.x, delta + n, bytes);
     }
   };
 
@@ -86,8 +87,13 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
   load_rows<T, HD>(Ks, p.k, b, h, kBM, rows, key_pos);
   load_rows<T, HD>(Vs, p.v, b, h, kBM, rows, key_pos);
   mma::cp_async_commit();
-  if (c_begin < c_end) load_chunk(c_begin, 0);
+  if (c_begin < c_end) {
+    fetch(c_begin);
+    copy(0);
+    next_mask.fetch(L, c_begin, warp, g);
+  }
   mma::cp_async_commit();
+  if (c_begin + 1 < c_end) fetch(c_begin + 1);
 
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = scale * kLog2e;
@@ -99,8 +105,11 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
 
   for (int c = c_begin; c < c_end; ++c) {
     const int buf = (c - c_begin) & 1;
-    if (c + 1 < c_end) load_chunk(c + 1, buf ^ 1);
+    if (c + 1 < c_end) copy(buf ^ 1);
     mma::cp_async_commit();
+    if (c + 2 < c_end) fetch(c + 2);
+    mask = next_mask;
+    if (c + 1 < c_end) next_mask.fetch(L, c + 1, warp, g);
     mma::cp_async_wait<1>();  // K, V and chunk c are in
     __syncthreads();
     const T* const Qb = Qs + buf * kBN * LD;
@@ -112,19 +121,17 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
     float s[kBN / 8][4];
     rows_times_rows<T, HD>(s, Ks + warp * 16 * LD, Qb, lane);
 
-    // P^T = exp(scale S^T - lse[query]); entries the mask forbids are 0.
-    uint64_t w[2] = {~uint64_t(0), ~uint64_t(0)};
-    if (!L.full[c]) {
-      w[0] = L.words[int64_t(c) * kBN + warp * 16 + g];
-      w[1] = L.words[int64_t(c) * kBN + warp * 16 + g + 8];
-    }
+    // P^T = exp(scale S^T - lse[query]); entries the mask forbids are 0, and so are those of a
+    // query whose lse is -inf (no finite score in the forward: out = 0), not NaN.
+    const uint64_t w[2] = {mask.full ? ~uint64_t(0) : mask.w[0], mask.full ? ~uint64_t(0) : mask.w[1]};
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t4 + (e & 1);
-        const bool on = (w[e / 2] >> col) & 1u;
-        s[j][e] = on ? exp2f(fmaf(s[j][e], scale_log2, -lse_s[col] * kLog2e)) : 0.f;
+        const float l = lse_s[col];
+        const bool on = ((w[e / 2] >> col) & 1u) && l != ninf();
+        s[j][e] = on ? exp2f(fmaf(s[j][e], scale_log2, -l * kLog2e)) : 0.f;
       }
     }
 
@@ -175,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const AttnPara
       for (int i = 0; i < 2; ++i) {
         const int row = warp * 16 + g + 8 * i;
         if (row >= count) continue;
-        const int64_t n = plan.order[L.index[e0 + row]];
+        const int64_t n = L.pos[e0 + row];
         float* const dst = dq_acc + ((b * p.heads + h) * p.seq + n) * HD + d0;
 #pragma unroll
         for (int j = 0; j < kCols / 8; ++j) add_pair(dst + 8 * j + 2 * t4, dq[j][2 * i] * scale, dq[j][2 * i + 1] * scale);

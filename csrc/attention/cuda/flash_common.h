@@ -70,6 +70,50 @@ __device__ __forceinline__ void load_rows(T* dst, const BHND& src, int64_t b, in
   }
 }
 
+// The rows of one chunk of a tile's list, gathered a chunk ahead: fetch() reads the chunk's
+// physical positions into registers with plain loads, whose latency the current chunk's math
+// hides; copy() later queues the cp.async of those rows (padding rows: zeros). Thread t handles
+// the 16-byte pieces t, t + kThreads, ... of the chunk's kBN x HD values.
+template <int HD>
+struct ChunkRows {
+  static constexpr int kPerRow = HD / 8;
+  static constexpr int kCount = kBN * kPerRow / kThreads;
+  static_assert(kBN * kPerRow % kThreads == 0, "a chunk's pieces must split evenly over the threads");
+  int pos[kCount];  // -1: a padding row
+
+  __device__ __forceinline__ void fetch(const int32_t* list, int count) {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int r = (static_cast<int>(threadIdx.x) + i * kThreads) / kPerRow;
+      pos[i] = r < count ? list[r] : -1;
+    }
+  }
+  template <class T>
+  __device__ __forceinline__ void copy(T* dst, const BHND& src, int64_t b, int64_t h) const {
+    const T* fallback = src.row<const T>(b, h, 0);
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int j = static_cast<int>(threadIdx.x) + i * kThreads, r = j / kPerRow, col = (j % kPerRow) * 8;
+      const bool valid = pos[i] >= 0;
+      mma::cp_async16(dst + r * (HD + kPad) + col, valid ? src.row<const T>(b, h, pos[i]) + col : fallback,
+                      valid ? 16 : 0);
+    }
+  }
+};
+
+// A chunk's mask bits for this thread's two fragment rows (tile rows 16 warp + g and + 8), and
+// whether the chunk needs none; loaded a chunk ahead like ChunkRows. Bit k of w[i]: key k allowed.
+struct ChunkMask {
+  uint64_t w[2];
+  bool full;
+
+  __device__ __forceinline__ void fetch(const PlanLists& lists, int c, int warp, int g) {
+    full = lists.full[c] != 0;
+    w[0] = lists.words[int64_t(c) * kBN + warp * 16 + g];
+    w[1] = lists.words[int64_t(c) * kBN + warp * 16 + g + 8];
+  }
+};
+
 // acc[j] (16 x 8 tile j) = A B^T for this warp: A = 16 shared rows at `a` (row stride HD + kPad),
 // B = kBN shared rows at `b`, both HD long; the result is 16 x kBN in C fragments.
 template <class T, int HD>

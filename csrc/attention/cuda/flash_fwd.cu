@@ -33,7 +33,7 @@ constexpr size_t smem_bytes() {
 }
 
 template <class T, int HD>
-__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParams p, const PlanView plan) {
+__global__ void __launch_bounds__(kThreads, HD == 128 ? 2 : 4) flash_forward_kernel(const AttnParams p, const PlanView plan) {
   using M = mma::Mma<T>;
   constexpr int LD = HD + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -47,16 +47,24 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
   const int r0 = cta.r0, rows = cta.rows, c_begin = cta.c_begin, c_end = cta.c_end;
   const int warp = cta.warp, lane = cta.lane, g = cta.g, t4 = cta.t4;
 
-  auto load_chunk = [&](int c, int buf) {
-    const int e0 = cta.first(c), count = cta.count(c);
-    auto pos = [&](int r) { return static_cast<int64_t>(plan.order[L.index[e0 + r]]); };
-    load_rows<T, HD>(Ks + buf * kBN * LD, p.k, b, h, kBN, count, pos);
-    load_rows<T, HD>(Vs + buf * kBN * LD, p.v, b, h, kBN, count, pos);
+  // Chunk c + 1's key positions and chunk c's mask are fetched while chunk c - 1 computes, and
+  // chunk c + 1's rows are copied while chunk c computes: no dependent load stalls the math.
+  ChunkRows<HD> next_rows;
+  ChunkMask mask, next_mask;
+  auto fetch = [&](int c) { next_rows.fetch(L.pos + cta.first(c), cta.count(c)); };
+  auto copy = [&](int buf) {
+    next_rows.template copy<T>(Ks + buf * kBN * LD, p.k, b, h);
+    next_rows.template copy<T>(Vs + buf * kBN * LD, p.v, b, h);
   };
 
   load_rows<T, HD>(Qs, p.q, b, h, kBM, rows, [&](int r) { return static_cast<int64_t>(plan.order[r0 + r]); });
-  if (c_begin < c_end) load_chunk(c_begin, 0);
+  if (c_begin < c_end) {
+    fetch(c_begin);
+    copy(0);
+    next_mask.fetch(L, c_begin, warp, g);
+  }
   mma::cp_async_commit();
+  if (c_begin + 1 < c_end) fetch(c_begin + 1);
 
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float o[HD / 8][4];
@@ -67,8 +75,11 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
 
   for (int c = c_begin; c < c_end; ++c) {
     const int buf = (c - c_begin) & 1;
-    if (c + 1 < c_end) load_chunk(c + 1, buf ^ 1);
+    if (c + 1 < c_end) copy(buf ^ 1);
     mma::cp_async_commit();
+    if (c + 2 < c_end) fetch(c + 2);
+    mask = next_mask;
+    if (c + 1 < c_end) next_mask.fetch(L, c + 1, warp, g);
     mma::cp_async_wait<1>();  // chunk c (and Q) is in
     __syncthreads();
     const T* const Kb = Ks + buf * kBN * LD;
@@ -83,9 +94,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const AttnParam
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
 
-    if (!L.full[c]) {
-      const uint64_t w0 = L.words[int64_t(c) * kBN + warp * 16 + g];
-      const uint64_t w1 = L.words[int64_t(c) * kBN + warp * 16 + g + 8];
+    if (!mask.full) {
+      const uint64_t w0 = mask.w[0], w1 = mask.w[1];
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll

@@ -7,8 +7,8 @@
 namespace dalle_fast::cuda {
 
 struct PlanLists {
-  const int32_t* start = nullptr;        // tile t owns entries [start[t], start[t+1]) of index
-  const int32_t* index = nullptr;        // logical positions
+  const int32_t* start = nullptr;        // tile t owns entries [start[t], start[t+1]) of pos
+  const int32_t* pos = nullptr;          // the entries' physical positions (order[] applied on upload)
   const int32_t* chunk_start = nullptr;  // tile t owns chunks [chunk_start[t], chunk_start[t+1])
   const uint64_t* words = nullptr;       // chunk c, tile row i: words[c * tile + i]
   const uint8_t* full = nullptr;         // chunk c needs no masking
