@@ -1,6 +1,6 @@
 """Small CUDA calls of every kernel, for `compute-sanitizer --tool memcheck` (benchmarks/gpu_check.sh):
 the tensor-core and the one-warp-per-row attention (forward and backward, every kind, tile-edge
-sizes), the decode kernel and the fused Gumbel-softmax. Prints "ok" when every call ran; the sanitizer judges the
+sizes), both decode kernels and the fused Gumbel-softmax. Prints "ok" when every call ran; the sanitizer judges the
 memory accesses."""
 
 import torch
@@ -21,11 +21,12 @@ def main() -> None:
                                for _ in range(3))
                     out = ops.sparse_attention(q, k, v, kind, T, S, 3)
                     out.backward(torch.randn_like(out))
-        for kind in ops.KINDS:  # the decode kernel at the first, a middle and the last position
-            q, k, v = (torch.randn(2, 3, *shape, generator=gen).to("cuda", torch.bfloat16)
-                       for shape in ((40,), (7 + 25, 40), (7 + 25, 40)))
-            for g in (0, 12, 24):
-                ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7)
+        for kind in ops.KINDS:  # both decode kernels (D=64: the fast one) at the first, a middle and the last position
+            for D in (40, 64):
+                q, k, v = (torch.randn(2, 3, *shape, generator=gen).to("cuda", torch.bfloat16)
+                           for shape in ((D,), (7 + 25, D), (7 + 25, D)))
+                for g in (0, 12, 24):
+                    ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7)
         logits = torch.randn(2, 37, 5, 3, device="cuda", requires_grad=True)
         y, kl = ops.gumbel_softmax_kl(logits, 0.7)
         (y.sum() + kl.sum()).backward()

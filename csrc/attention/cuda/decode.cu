@@ -1,12 +1,20 @@
 // sparse_decode on CUDA: one block of 128 threads per (batch, head). The query's position g is
 // read from device memory, so a captured CUDA graph replays the same launch for every step.
-// Warps compute the scores of the step's keys (lanes over the head dim), the block reduces
-// max and sum, then threads over the head dim add up the values. Scores live in shared memory
-// with each key's row (8 bytes per key: T + K keys), so the value sum reads neither the offsets
-// nor the position again.
+// Scores live in shared memory with each key's row (8 bytes per key: T + K keys), so the value
+// sum reads neither the offsets nor the position again. Two kernels:
+//   decode_fast_kernel (fp16 / bf16, head dim 32, 64 or 128, 16-byte aligned rows; what the
+//     sampler runs): a thread per key computes its whole score from 16-byte loads, so every key
+//     of the step is in flight at once; for the values, warp w sums keys w, w + 4, ..., each lane
+//     D / 32 dims of a key's row (a coalesced row read per key, no branch, unrolled so several
+//     rows are in flight), and the 4 warps' sums are added in shared memory.
+//   decode_kernel (any dtype and head dim): warps over keys with lanes over the head dim for
+//     the scores, threads over the head dim for the values.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "../decode_params.h"
 #include "attention_cuda.h"
@@ -79,21 +87,124 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
 }
 
+// HD / 32 consecutive values (1, 2 or 4 of a 16-bit type) from one aligned load.
+template <class T, int kPer>
+__device__ __forceinline__ void load_values(const T* src, float (&out)[kPer]) {
+  if constexpr (kPer == 1) {
+    out[0] = to_acc(*src);
+  } else {
+    using Word = std::conditional_t<kPer == 2, uint32_t, uint2>;
+    const Word w = *reinterpret_cast<const Word*>(src);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) out[i] = to_acc(e[i]);
+  }
+}
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParams p) {
+  extern __shared__ float scores[];  // [num_keys], then the keys' rows as int32 [num_keys]
+  __shared__ float qs[HD];
+  __shared__ float partial[kWarpsPerBlock][HD];
+  __shared__ float scratch[kWarpsPerBlock];
+  constexpr int kPer = HD / kWarp;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t g = *p.g;
+  const int n = static_cast<int>(p.num_keys());
+  const float scale = static_cast<float>(p.scale);
+  const float ninf = neg_inf(0.f);
+  int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
+
+  const T* q = static_cast<const T*>(p.q) + bh * HD;
+  for (int d = threadIdx.x; d < HD; d += kThreads) qs[d] = to_acc(q[d]);
+  __syncthreads();
+
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    const int64_t key = p.key(j, g);
+    float s = ninf;
+    if (key >= 0) {
+      const uint4* k = reinterpret_cast<const uint4*>(p.k.row<const T>(b, h, key));
+      uint4 w[HD / 8];
+#pragma unroll
+      for (int c = 0; c < HD / 8; ++c) w[c] = k[c];
+      float acc = 0.f;
+#pragma unroll
+      for (int c = 0; c < HD / 8; ++c) {
+        const T* e = reinterpret_cast<const T*>(&w[c]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(qs[8 * c + i], to_acc(e[i]), acc);
+      }
+      s = acc * scale;
+    }
+    scores[j] = s;
+    rows[j] = key >= 0 ? static_cast<int32_t>(key) : 0;  // a readable row; its weight is 0
+  }
+  __syncthreads();
+
+  float top = ninf;
+  for (int j = threadIdx.x; j < n; j += kThreads) top = fmaxf(top, scores[j]);
+  top = block_reduce(top, scratch, [](float a, float c) { return fmaxf(a, c); });
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    const float e = scores[j] == ninf ? 0.f : __expf(scores[j] - top);
+    scores[j] = e;
+    sum += e;
+  }
+  sum = block_reduce(sum, scratch, [](float a, float c) { return a + c; });  // its barrier publishes scores
+
+  float acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
+#pragma unroll 4
+  for (int j = warp; j < n; j += kWarpsPerBlock) {
+    const float w = scores[j];
+    float v[kPer];
+    load_values<T, kPer>(p.v.row<const T>(b, h, rows[j]) + lane * kPer, v);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc[i] += w != 0.f ? w * v[i] : 0.f;  // a masked row's values may be anything
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) partial[warp][lane * kPer + i] = acc[i];
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + bh * HD;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int d = threadIdx.x; d < HD; d += kThreads) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) total += partial[w][d];
+    out[d] = Store<T>::from(total * inv);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool rows_aligned16(const BHND& t) { return aligned16(t.ptr) && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0; }
+
+template <auto Kernel>
+const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
+  const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  Kernel<<<static_cast<unsigned int>(p.batch * p.heads), kThreads, smem, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 template <class T>
 const char* launch(const DecodeParams& p, cudaStream_t stream) {
   const int64_t blocks = p.batch * p.heads;
   if (blocks == 0 || p.dim == 0) return nullptr;
   if (blocks > int64_t(0x7fffffff)) return "sparse_decode: too many (batch, head) pairs for one launch";
   if (p.seq > int64_t(0x7fffffff)) return "sparse_decode: sequence too long for 32-bit key rows";
-  const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
+  if constexpr (sizeof(T) == 2) {
+    const bool fast = aligned16(p.q) && aligned16(p.out) && rows_aligned16(p.k) && rows_aligned16(p.v);
+    if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>>(p, stream);
+    if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>>(p, stream);
+    if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>>(p, stream);
   }
-  decode_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_kernel<decode_kernel<T>>(p, stream);
 }
 
 }  // namespace
