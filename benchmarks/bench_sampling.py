@@ -4,13 +4,18 @@ the two ways it is usually done.
   ours        dalle_fast.sampler: KV cache, each step reads only the keys its layer's mask allows
               (CUDA: the step is captured once in a CUDA graph and replayed)
   dense_kv    the same KV cache, but each step attends over every cached position with the
-              layer's mask row applied (what a cache without sparse decoding does)
+              layer's mask row applied (what a cache without sparse decoding does); on CUDA
+              captured and replayed like ours, so the two differ in the attention alone
   recompute   no cache: a full forward pass over the sequence for every new token, its logits
-              read at the position being sampled (how several public DALL-E ports sample)
+              read at the position being sampled (how several public DALL-E ports sample).
+              Every step costs the same full pass, so on CUDA it is timed over its first
+              --recompute-steps steps and the per-image figures are that rate times S*S.
 
-All three sample with the same seed and draw the same tokens (checked: the first image's tokens
-must agree, else the method is reported and not timed). Figures: ms per image token step, images
-per second, peak memory (CUDA: max_memory_allocated; CPU: not measured).
+All three sample with the same seed and draw the same tokens (checked in float32, on a float32
+copy of the model when the benchmark runs in lower precision, where rounding flips near-tied
+draws: the first two image rows must agree, else the method is reported and not timed).
+Figures: ms per image token step, images per second, peak memory (CUDA: max_memory_allocated;
+CPU: not measured).
 
     PYTHONPATH=. python benchmarks/bench_sampling.py --device cpu
     PYTHONPATH=. python benchmarks/bench_sampling.py --device cuda
@@ -20,6 +25,7 @@ per second, peak memory (CUDA: max_memory_allocated; CPU: not measured).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -32,7 +38,7 @@ import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
 from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
-from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, sample_image_tokens, sample_logits  # noqa: E402
+from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, _run_graph, sample_image_tokens, sample_logits  # noqa: E402
 
 # cpu: the small preset (16x16 grid, 8 layers, d 256); cuda: issue 7's 12-layer d 512 1280-token prior
 CONFIGS = {
@@ -60,21 +66,28 @@ class DenseKV(IncrementalPrior):
 
 
 @torch.no_grad()
-def sample_dense_kv(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+def sample_dense_kv(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator, steps: int = 0) -> torch.Tensor:
+    """The first `steps` image tokens (0: all) with the dense KV cache; replayed from a CUDA graph
+    when `config.cuda_graph` and on CUDA, as ours is."""
+    steps = steps or prior.config.image_len
     inc = DenseKV(prior, text.shape[0])
     logits = inc.prefill(text)
     tokens = torch.zeros(text.shape[0], prior.config.image_len, dtype=torch.long, device=text.device)
     tokens[:, 0] = sample_logits(logits, config, generator)
     loop = _Loop(inc, tokens, 0, config, generator)
-    for _ in range(prior.config.image_len - 1):
-        loop.advance()
+    if config.cuda_graph and tokens.is_cuda and steps > 1:
+        _run_graph(loop, steps - 1)
+    else:
+        for _ in range(steps - 1):
+            loop.advance()
     return tokens
 
 
 @torch.no_grad()
-def sample_recompute(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+def sample_recompute(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator, steps: int = 0) -> torch.Tensor:
+    """The first `steps` image tokens (0: all), a full forward pass for each."""
     tokens = torch.zeros(text.shape[0], prior.config.image_len, dtype=torch.long, device=text.device)
-    for g in range(prior.config.image_len):
+    for g in range(steps or prior.config.image_len):
         _, image_logits = prior(text, tokens)  # positions after g see garbage, but nothing before g does
         tokens[:, g] = sample_logits(image_logits[:, g], config, generator)
     return tokens
@@ -97,16 +110,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="images sampled together (0: the config's)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: the config's)")
     parser.add_argument("--methods", default="ours,dense_kv,recompute", help="comma-separated subset")
+    parser.add_argument("--recompute-steps", type=int, default=-1,
+                        help="token steps recompute is timed over (0: all; default: 64 on cuda, all on cpu)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round (for tests)")
     parser.add_argument("--json", default=None, help="result path (default: benchmarks/results/sampling_<device>_<time>.json)")
     args = parser.parse_args(argv)
     prior, text, spec = build(args)
     cfg = prior.config
+    if args.recompute_steps < 0:
+        args.recompute_steps = 64 if args.device == "cuda" else 0
+    recompute_steps = min(args.recompute_steps, cfg.image_len) or cfg.image_len
+    steps_of = {"ours": cfg.image_len, "dense_kv": cfg.image_len, "recompute": recompute_steps}
     config = SamplingConfig(top_k=0)
-    methods = {
-        "ours": lambda gen: sample_image_tokens(prior, text, config=config, generator=gen),
-        "dense_kv": lambda gen: sample_dense_kv(prior, text, config, gen),
-        "recompute": lambda gen: sample_recompute(prior, text, config, gen),
+    methods = {  # fn(model, config, generator, steps) -> tokens
+        "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
+        "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
+        "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(chosen) - set(methods)
@@ -122,22 +141,29 @@ def main(argv=None) -> int:
         return torch.Generator(device=device).manual_seed(7)
 
     # Check: with one seed every method must draw the same tokens (identical sampling code; the
-    # logits agree to rounding, so a rare near-tie may flip a draw: compare the first rows only).
-    # The reference is ours without a CUDA graph: a graph draws its noise from other offsets of
-    # the same generator, so the graph run is checked for valid tokens instead.
+    # logits agree to rounding, so a rare near-tie may flip a draw: compare the first rows only,
+    # in float32). The reference is ours without a CUDA graph (a graph draws its noise from
+    # other offsets of the same generator), the others run eagerly too; the timed graph run of
+    # ours is checked for valid tokens.
     results, skipped = {}, {}
+    check_model = prior if spec["dtype"] == "float32" else copy.deepcopy(prior).float()
     eager = SamplingConfig(top_k=config.top_k, cuda_graph=False)
-    reference = sample_image_tokens(prior, text, config=eager, generator=generator())
     rows_checked = min(cfg.grid, 2) * cfg.grid
+    reference = sample_image_tokens(check_model, text, config=eager, generator=generator())
     for name in chosen:
-        tokens = methods[name](generator())
-        same = bool(torch.equal(tokens[:, :rows_checked], reference[:, :rows_checked]))
-        if name == "ours" and device == "cuda" and config.cuda_graph:
+        if name == "ours":
+            tokens = methods[name](prior, config, generator(), 0)
             same = bool(tokens.min() >= 0 and tokens.max() < cfg.image_vocab)
-        results[name] = {"same_tokens_first_rows": same}
+        else:
+            tokens = methods[name](check_model, eager, generator(), rows_checked)
+            same = bool(torch.equal(tokens[:, :rows_checked], reference[:, :rows_checked]))
+        results[name] = {"same_tokens_first_rows": same, "timed_steps": steps_of[name]}
         if not same:
-            skipped[name] = "drew other tokens than ours from the same seed"
-    timed = {name: (lambda fn=methods[name]: fn(generator())) for name in chosen if name not in skipped}
+            skipped[name] = ("drew invalid tokens" if name == "ours" else
+                             "drew other tokens than ours from the same seed (float32)")
+    del check_model
+    timed = {name: (lambda fn=methods[name], n=steps_of[name]: fn(prior, config, generator(), n))
+             for name in chosen if name not in skipped}
     repeats = args.repeats or spec["repeats"]
     with common.LoadMonitor() as load:
         if device == "cuda":
@@ -151,8 +177,9 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() / 2**20
             t = timings[name]
-            results[name].update(timing=t, ms_per_token=t.median_ms / cfg.image_len,
-                                 images_per_s=text.shape[0] / (t.median_ms / 1e3), peak_mib=peak)
+            per_token = t.median_ms / steps_of[name]
+            results[name].update(timing=t, ms_per_token=per_token, ms_per_batch=per_token * cfg.image_len,
+                                 images_per_s=text.shape[0] / (per_token * cfg.image_len / 1e3), peak_mib=peak)
     warning = common.load_warning(load.result())
     base = timings.get("ours")
     rows = []
@@ -161,8 +188,9 @@ def main(argv=None) -> int:
         if name in skipped:
             rows.append([name, "skipped: " + skipped[name], "", "", "", ""])
             continue
-        speed = f"{r['timing'].median_ms / base.median_ms:.1f}x" if base and name != "ours" else ""
-        rows.append([name, common.fmt_ms(r["timing"].median_ms), f"{r['ms_per_token']:.3f}",
+        speed = f"{r['ms_per_batch'] / results['ours']['ms_per_batch']:.1f}x" if base and name != "ours" else ""
+        label = name if steps_of[name] == cfg.image_len else f"{name} (timed on {steps_of[name]} steps)"
+        rows.append([label, common.fmt_ms(r["ms_per_batch"]), f"{r['ms_per_token']:.3f}",
                      f"{r['images_per_s']:.2f}", f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a", speed])
     print(common.format_table(["method", "ms / batch", "ms / token step", "images / s", "peak MiB",
                                "ours is faster by"], rows))

@@ -3,10 +3,12 @@
 # 10 minutes; the machine keeps the build between calls while it stays warm):
 #   bash benchmarks/gpu_check.sh first    build for sm_90, CUDA tests, compute-sanitizer on small
 #                                         shapes, the attention benchmark at B=8 H=16 D=64 (< 10 min)
-#   bash benchmarks/gpu_check.sh second   attention at D=128 and at B=32, Gumbel, sampling
+#   bash benchmarks/gpu_check.sh second   attention at D=128 and at B=32, Gumbel, sampling and
+#                                         its per-kernel profile
 #   bash benchmarks/gpu_check.sh session  one call for a session with 15 device minutes in all:
-#                                         build, CUDA tests, D=64 attention, Gumbel, sampling,
-#                                         sanitizer, then D=128 attention while time is left
+#                                         build, CUDA tests, D=64 attention, Gumbel, sampling and
+#                                         its profile, sanitizer, then attention at B=32 and
+#                                         D=128 while time is left (with DEADLINE)
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
@@ -19,10 +21,10 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 case "${1:-all}" in
   first) default="build tests sanitize attention" ;;
-  second) default="attention_more gumbel sampling" ;;
-  session) default="build tests attention gumbel sampling sanitize attention_d128" ;;
-  all) default="build tests sanitize attention attention_more gumbel sampling" ;;
-  *) echo "usage: $0 [first|second|all]" >&2; exit 2 ;;
+  second) default="attention_d128 attention_b32 gumbel sampling profile_sampling" ;;
+  session) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
+  all) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
+  *) echo "usage: $0 [first|second|session|all]" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default}
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -57,8 +59,8 @@ step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_at
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 step sampling 150 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
+step profile_sampling 60 "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
-step attention_more 300 bash -c "'$PY' benchmarks/bench_attention.py --device cuda --dim 128 --json '$OUT/attention_d128.json'; \
-  '$PY' benchmarks/bench_attention.py --device cuda --batch 32 --json '$OUT/attention_b32.json'"
+step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 --json "$OUT/attention_b32.json"
 step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 --json "$OUT/attention_d128.json"
 cat "$OUT/summary.txt"
