@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
+# ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
+# runs only the decode and sampler CUDA tests (after a change to those alone).
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
@@ -29,6 +31,7 @@ esac
 STEPS=${STEPS:-$default}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 DEADLINE=${DEADLINE:-0}
+ATTENTION_ARGS=${ATTENTION_ARGS:-}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 
@@ -56,11 +59,12 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py; a=\$?; \
   '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step attention 160 "$PY" benchmarks/bench_attention.py --device cuda --json "$OUT/attention_d64.json"
+step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/test_sampler.py -k cuda
+step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 step sampling 150 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
 step profile_sampling 60 "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
-step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 --json "$OUT/attention_b32.json"
-step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 --json "$OUT/attention_d128.json"
+step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"
+step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 $ATTENTION_ARGS --json "$OUT/attention_d128.json"
 cat "$OUT/summary.txt"

@@ -124,11 +124,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n, d] -> q, k, v stacked as one view [3, B, H, n, D] of the projection."""
+        b, n, _ = x.shape
+        return self.qkv(x).view(b, n, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, n, d] -> q, k, v, each [B, H, n, D]."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.cfg.heads, self.cfg.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return self.qkv_heads(x).unbind(0)
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] -> projected [B, n, d]."""

@@ -99,9 +99,11 @@ class IncrementalPrior:
         cfg = self.cfg = prior.config
         param = next(prior.parameters())
         self.device, self.dtype = param.device, param.dtype
-        shape = (batch, cfg.heads, cfg.seq_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
-        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
+        # One [2, B, H, N, D] buffer per layer, keys then values: a step writes both with one copy.
+        shape = (2, batch, cfg.heads, cfg.seq_len, cfg.head_dim)
+        self.cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
+        self.keys = [c[0] for c in self.cache]
+        self.values = [c[1] for c in self.cache]
         offsets = {kind: key_offsets(kind, cfg.grid, cfg.kernel).to(self.device) for kind in set(cfg.layer_kinds())}
         self.offsets = [offsets[block.attn.kind] for block in prior.blocks]
         self.batch = batch
@@ -142,12 +144,12 @@ class IncrementalPrior:
         """token [B] int64 = image token g; g a 0-dim int64 tensor on the model's device (0 <= g < S*S - 1)."""
         prior, cfg = self.prior, self.cfg
         grid_pos = g.view(1)
+        position = cfg.text_len + grid_pos  # of this step's key and value in the cache
         x = prior.embed_image(token.unsqueeze(1), grid_pos)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
-            q, k, v = block.attn.split_heads(block.ln_1(x))  # (B, H, 1, D)
-            self.keys[layer].index_copy_(2, cfg.text_len + grid_pos, k)
-            self.values[layer].index_copy_(2, cfg.text_len + grid_pos, v)
-            out = self.attend(layer, q, g)  # (B, H, 1, D)
+            qkv = block.attn.qkv_heads(block.ln_1(x))  # (3, B, H, 1, D)
+            self.cache[layer].index_copy_(3, position, qkv[1:])
+            out = self.attend(layer, qkv[0], g)  # (B, H, 1, D)
             x = x + block.attn.merge_heads(out)
             x = x + block.mlp(block.ln_2(x))
         return prior.image_head(prior.ln_f(x[:, 0]))

@@ -30,7 +30,7 @@ DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& cache_k, const 
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
   DecodeCall c;
-  c.q = q.contiguous();
+  c.q = q.stride(2) == 1 ? q : q.contiguous();
   c.k = cache_k.stride(3) == 1 ? cache_k : cache_k.contiguous();
   c.v = cache_v.stride(3) == 1 ? cache_v : cache_v.contiguous();
   c.offsets = offsets.contiguous();
@@ -45,6 +45,8 @@ DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& cache_k, const 
   p.num_offsets = offsets.size(0);
   p.scale = scale;
   p.q = c.q.data_ptr();
+  p.q_sb = c.q.stride(0);
+  p.q_sh = c.q.stride(1);
   p.k = as_bhnd(c.k);
   p.v = as_bhnd(c.v);
   p.offsets = c.offsets.data_ptr<int64_t>();

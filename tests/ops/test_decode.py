@@ -117,3 +117,21 @@ def test_cuda_kernels_match_reference(kind, B, H, T, S, D, kernel, where, dtype,
     low = dtype != torch.float32
     torch.testing.assert_close(out.float(), want, atol=2e-2 if low else 1e-5, rtol=2e-2 if low else 1e-4,
                                msg=lambda m: f"{kind} T={T} S={S} g={g} D={D} {dtype} padded={padded_rows}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_may_be_a_strided_view(device, dtype):
+    # The sampler passes q as a view of its [B, 1, 3, H, D] projection: batch stride 3 * H * D.
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the CPU kernel takes float32 and float64")
+    B, H, T, S, D, g = 3, 2, 9, 4, 64, 7
+    _, k, v, g_t = make_step(B, H, T, S, D, g, dtype, device=device, seed=5)
+    qkv = torch.randn(B, 3, H, D, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    q = qkv[:, 0]
+    assert not q.is_contiguous()
+    offsets = key_offsets("conv", S, 3).to(device)
+    with ops.backend(device):
+        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+        want = ops.sparse_decode(q.contiguous(), k, v, offsets, g_t, T)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -29,7 +29,7 @@ void decode(const DecodeParams& p) {
     std::vector<T> prob(static_cast<size_t>(n)), acc(static_cast<size_t>(D));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
-      const T* q = static_cast<const T*>(p.q) + bh * D;
+      const T* q = p.q_row<T>(b, h);
       T top = -std::numeric_limits<T>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         const T* k = p.k.row<const T>(b, h, keys[j]);

@@ -3,10 +3,12 @@
 // Scores live in shared memory with each key's row (8 bytes per key: T + K keys), so the value
 // sum reads neither the offsets nor the position again. Two kernels:
 //   decode_fast_kernel (fp16 / bf16, head dim 32, 64 or 128, 16-byte aligned rows; what the
-//     sampler runs): a thread per key computes its whole score from 16-byte loads, so every key
-//     of the step is in flight at once; for the values, warp w sums keys w, w + 4, ..., each lane
-//     D / 32 dims of a key's row (a coalesced row read per key, no branch, unrolled so several
-//     rows are in flight), and the 4 warps' sums are added in shared memory.
+//     sampler runs): blocks of 512 threads, as a step's few (batch, head) pairs leave most of
+//     the GPU idle and the kernel is bound by load latency. A thread per key computes its whole
+//     score from 16-byte loads, so every key of a step (text + image keys: ~300 at 32x32) is in
+//     flight at once; for the values, warp w of 16 sums keys w, w + 16, ..., each lane D / 32
+//     dims of a key's row (a coalesced row read per key, no branch, unrolled so several rows
+//     are in flight), and the warps' sums are added in shared memory.
 //   decode_kernel (any dtype and head dim): warps over keys with lanes over the head dim for
 //     the scores, threads over the head dim for the values.
 #include <cuda_bf16.h>
@@ -25,8 +27,9 @@ namespace {
 
 using namespace detail;
 
-// Block-wide reduction (max or sum) of one float per thread; every thread gets the result.
-template <class Op>
+// Block-wide reduction (max or sum) of one float per thread of kWarps warps; every thread gets
+// the result.
+template <int kWarps = kWarpsPerBlock, class Op>
 __device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
@@ -34,7 +37,7 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   x = scratch[0];
-  for (int w = 1; w < kWarpsPerBlock; ++w) x = op(x, scratch[w]);
+  for (int w = 1; w < kWarps; ++w) x = op(x, scratch[w]);
   __syncthreads();  // scratch is reused by the next reduction
   return x;
 }
@@ -46,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t g = *p.g, n = p.num_keys(), D = p.dim;
-  const T* q = static_cast<const T*>(p.q) + bh * D;
+  const T* q = p.q_row<T>(b, h);
   const float scale = static_cast<float>(p.scale);
   const float ninf = neg_inf(0.f);
   int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
@@ -101,12 +104,15 @@ __device__ __forceinline__ void load_values(const T* src, float (&out)[kPer]) {
   }
 }
 
+constexpr int kFastWarps = 16;
+constexpr int kFastThreads = kFastWarps * kWarp;
+
 template <class T, int HD>
-__global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeParams p) {
   extern __shared__ float scores[];  // [num_keys], then the keys' rows as int32 [num_keys]
   __shared__ float qs[HD];
-  __shared__ float partial[kWarpsPerBlock][HD];
-  __shared__ float scratch[kWarpsPerBlock];
+  __shared__ float partial[kFastWarps][HD];
+  __shared__ float scratch[kFastWarps];
   constexpr int kPer = HD / kWarp;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -116,11 +122,11 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParam
   const float ninf = neg_inf(0.f);
   int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
 
-  const T* q = static_cast<const T*>(p.q) + bh * HD;
-  for (int d = threadIdx.x; d < HD; d += kThreads) qs[d] = to_acc(q[d]);
+  const T* q = p.q_row<T>(b, h);
+  for (int d = threadIdx.x; d < HD; d += kFastThreads) qs[d] = to_acc(q[d]);
   __syncthreads();
 
-  for (int j = threadIdx.x; j < n; j += kThreads) {
+  for (int j = threadIdx.x; j < n; j += kFastThreads) {
     const int64_t key = p.key(j, g);
     float s = ninf;
     if (key >= 0) {
@@ -143,21 +149,21 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParam
   __syncthreads();
 
   float top = ninf;
-  for (int j = threadIdx.x; j < n; j += kThreads) top = fmaxf(top, scores[j]);
-  top = block_reduce(top, scratch, [](float a, float c) { return fmaxf(a, c); });
+  for (int j = threadIdx.x; j < n; j += kFastThreads) top = fmaxf(top, scores[j]);
+  top = block_reduce<kFastWarps>(top, scratch, [](float a, float c) { return fmaxf(a, c); });
   float sum = 0.f;
-  for (int j = threadIdx.x; j < n; j += kThreads) {
+  for (int j = threadIdx.x; j < n; j += kFastThreads) {
     const float e = scores[j] == ninf ? 0.f : __expf(scores[j] - top);
     scores[j] = e;
     sum += e;
   }
-  sum = block_reduce(sum, scratch, [](float a, float c) { return a + c; });  // its barrier publishes scores
+  sum = block_reduce<kFastWarps>(sum, scratch, [](float a, float c) { return a + c; });  // its barrier publishes scores
 
   float acc[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
 #pragma unroll 4
-  for (int j = warp; j < n; j += kWarpsPerBlock) {
+  for (int j = warp; j < n; j += kFastWarps) {
     const float w = scores[j];
     float v[kPer];
     load_values<T, kPer>(p.v.row<const T>(b, h, rows[j]) + lane * kPer, v);
@@ -169,10 +175,10 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParam
   __syncthreads();
   T* out = static_cast<T*>(p.out) + bh * HD;
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  for (int d = threadIdx.x; d < HD; d += kThreads) {
+  for (int d = threadIdx.x; d < HD; d += kFastThreads) {
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) total += partial[w][d];
+    for (int w = 0; w < kFastWarps; ++w) total += partial[w][d];
     out[d] = Store<T>::from(total * inv);
   }
 }
@@ -180,14 +186,14 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const DecodeParam
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 bool rows_aligned16(const BHND& t) { return aligned16(t.ptr) && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0; }
 
-template <auto Kernel>
+template <auto Kernel, int kBlock>
 const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
   const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
-  Kernel<<<static_cast<unsigned int>(p.batch * p.heads), kThreads, smem, stream>>>(p);
+  Kernel<<<static_cast<unsigned int>(p.batch * p.heads), kBlock, smem, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -199,12 +205,12 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
   if (blocks > int64_t(0x7fffffff)) return "sparse_decode: too many (batch, head) pairs for one launch";
   if (p.seq > int64_t(0x7fffffff)) return "sparse_decode: sequence too long for 32-bit key rows";
   if constexpr (sizeof(T) == 2) {
-    const bool fast = aligned16(p.q) && aligned16(p.out) && rows_aligned16(p.k) && rows_aligned16(p.v);
-    if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>>(p, stream);
-    if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>>(p, stream);
-    if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>>(p, stream);
+    const bool fast = rows_aligned16(p.k) && rows_aligned16(p.v);  // q and out are read and written by element
+    if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>, kFastThreads>(p, stream);
+    if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>, kFastThreads>(p, stream);
+    if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>, kFastThreads>(p, stream);
   }
-  return launch_kernel<decode_kernel<T>>(p, stream);
+  return launch_kernel<decode_kernel<T>, kThreads>(p, stream);
 }
 
 }  // namespace
