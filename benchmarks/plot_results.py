@@ -1,7 +1,8 @@
 """Bar charts of the saved benchmark results, for the README.
 
 For each benchmark (attention, gumbel_softmax, sampling) and each device, the newest JSON under
-`--results` (by the date its environment records) becomes one PNG under `--out`:
+`--results` (by the date its environment records) at the benchmark's default shapes (runs with
+--batch, --dim and the like are left to their JSON) becomes one PNG under `--out`:
 
     attention_<device>.png   forward and forward+backward ms per mask kind, ours beside every
                              baseline of the same run (log scale)
@@ -30,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 NAMES = {"attention": "attention", "gumbel_softmax": "gumbel", "sampling": "sampling"}
+OTHER_SHAPES = ("--batch", "--dim", "--heads", "--text-len", "--grid", "--shape", "--quick")
 
 
 def newest_runs(folder: Path) -> dict[tuple[str, str], dict]:
@@ -42,6 +44,8 @@ def newest_runs(folder: Path) -> dict[tuple[str, str], dict]:
             continue
         if not isinstance(data, dict) or data.get("benchmark") not in NAMES or "environment" not in data:
             continue
+        if any(flag in (data.get("argv") or []) for flag in OTHER_SHAPES):
+            continue  # the plots show each benchmark's default shapes (the issues' targets)
         key = (NAMES[data["benchmark"]], device_of(data))
         data["_path"] = str(path)
         if key not in newest or data["environment"]["date"] > newest[key]["environment"]["date"]:
