@@ -3,6 +3,10 @@ the two ways it is usually done.
 
   ours        dalle_fast.sampler: KV cache, each step reads only the keys its layer's mask allows
               (CUDA: the step is captured once in a CUDA graph and replayed)
+  ours_compiled  the same with SamplingConfig(compile_step=True): the model step compiled by
+              torch.compile (its small kernels fused), then graph-captured; checked by its
+              logits against the eager step on the same tokens (default on CUDA only: it
+              compiles for seconds to a minute)
   dense_kv    the same KV cache, but each step attends over every cached position with the
               layer's mask row applied (what a cache without sparse decoding does); on CUDA
               captured and replayed like ours, so the two differ in the attention alone
@@ -93,6 +97,22 @@ def sample_recompute(prior: Prior, text: torch.Tensor, config: SamplingConfig, g
     return tokens
 
 
+def compiled_step_error(prior: Prior, text: torch.Tensor, steps: int = 4) -> tuple[float, float]:
+    """Max abs difference between the compiled and the eager step's logits over the first `steps`
+    image tokens (fed the eager argmax), and the tolerance: 1e-4 of the largest logit in float32,
+    5e-2 in lower precision (rounding compounds over the layers)."""
+    eager, compiled = IncrementalPrior(prior, text.shape[0]), IncrementalPrior(prior, text.shape[0], compile_step=True)
+    logits = eager.prefill(text)
+    compiled.prefill(text)
+    err, scale = 0.0, 1.0
+    for g in range(steps):
+        token, position = logits.argmax(-1), torch.tensor(g, device=text.device)
+        logits, got = eager.step(token, position), compiled.step(token, position)
+        err = max(err, (got.float() - logits.float()).abs().max().item())
+        scale = max(scale, logits.float().abs().max().item())
+    return err, (1e-4 if logits.dtype == torch.float32 else 5e-2) * scale
+
+
 def build(args):
     spec = QUICK if args.quick else CONFIGS[args.device]
     cfg = PriorConfig.preset(spec["preset"], **spec["overrides"])
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch", type=int, default=0, help="images sampled together (0: the config's)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: the config's)")
-    parser.add_argument("--methods", default="ours,dense_kv,recompute", help="comma-separated subset")
+    parser.add_argument("--methods", default="", help="comma-separated subset of ours, ours_compiled, dense_kv, "
+                        "recompute (default: all on cuda, all but ours_compiled on cpu)")
     parser.add_argument("--recompute-steps", type=int, default=-1,
                         help="token steps recompute is timed over (0: all; default: 64 on cuda, all on cpu)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round (for tests)")
@@ -120,14 +141,18 @@ def main(argv=None) -> int:
     if args.recompute_steps < 0:
         args.recompute_steps = 64 if args.device == "cuda" else 0
     recompute_steps = min(args.recompute_steps, cfg.image_len) or cfg.image_len
-    steps_of = {"ours": cfg.image_len, "dense_kv": cfg.image_len, "recompute": recompute_steps}
+    steps_of = {"ours": cfg.image_len, "ours_compiled": cfg.image_len, "dense_kv": cfg.image_len,
+                "recompute": recompute_steps}
     config = SamplingConfig(top_k=0)
+    compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
+        "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
         "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    default = "ours,ours_compiled,dense_kv,recompute" if args.device == "cuda" else "ours,dense_kv,recompute"
+    chosen = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     unknown = set(chosen) - set(methods)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(methods)}")
@@ -151,14 +176,21 @@ def main(argv=None) -> int:
     rows_checked = min(cfg.grid, 2) * cfg.grid
     reference = sample_image_tokens(check_model, text, config=eager, generator=generator())
     for name in chosen:
-        if name == "ours":
+        if name == "ours_compiled":  # compiles here, outside the timing
+            err, tol = compiled_step_error(prior, text)
+            tokens = methods[name](prior, config, generator(), 0)
+            same = bool(err <= tol and tokens.min() >= 0 and tokens.max() < cfg.image_vocab)
+            results[name] = {"step_logits_max_abs_err": err, "tol": tol}
+            if err > tol:
+                skipped[name] = f"compiled step logits off the eager step's by {err:.3g} > {tol:.3g}"
+        elif name == "ours":
             tokens = methods[name](prior, config, generator(), 0)
             same = bool(tokens.min() >= 0 and tokens.max() < cfg.image_vocab)
         else:
             tokens = methods[name](check_model, eager, generator(), rows_checked)
             same = bool(torch.equal(tokens[:, :rows_checked], reference[:, :rows_checked]))
-        results[name] = {"same_tokens_first_rows": same, "timed_steps": steps_of[name]}
-        if not same:
+        results.setdefault(name, {}).update(same_tokens_first_rows=same, timed_steps=steps_of[name])
+        if not same and name not in skipped:
             skipped[name] = ("drew invalid tokens" if name == "ours" else
                              "drew other tokens than ours from the same seed (float32)")
     del check_model

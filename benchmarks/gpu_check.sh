@@ -62,7 +62,7 @@ step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_at
 step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/test_sampler.py -k cuda
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
-step sampling 150 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
+step sampling 240 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
 step profile_sampling 60 "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
 step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"

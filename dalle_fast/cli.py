@@ -133,13 +133,16 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cond-scale", type=float, default=1.0,
                         help="classifier-free guidance scale: null + s * (caption - null); 1 is off and one "
                              "pass, > 1 samples a second, empty-caption batch (default: 1.0)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the prior's sampling step (fuses its small kernels; the first "
+                             "call compiles for seconds to a minute, so it pays off for large batches or many calls)")
 
 
 def _sampling(args):
     from .sampler import SamplingConfig
 
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          cond_scale=args.cond_scale)
+                          cond_scale=args.cond_scale, compile_step=args.compile)
 
 
 def _add_generate(sub) -> None:

@@ -36,6 +36,9 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0: all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1: all)
     cuda_graph: bool = True  # on CUDA, capture one step in a graph and replay it
+    # torch.compile the model's step (fuses its many small kernels: layer norms, residual adds,
+    # GELUs, cache writes); the first step compiles, which takes seconds to a minute
+    compile_step: bool = False
     # classifier-free guidance: logits = null + cond_scale * (caption - null), where "null" is the
     # prior's prediction for an empty caption (BOS + pads); 1 = off (one pass), > 1 doubles the batch
     cond_scale: float = 1.0
@@ -94,7 +97,7 @@ class IncrementalPrior:
     the logits of image token g + 1.
     """
 
-    def __init__(self, prior: Prior, batch: int):
+    def __init__(self, prior: Prior, batch: int, compile_step: bool = False):
         self.prior = prior
         cfg = self.cfg = prior.config
         param = next(prior.parameters())
@@ -107,6 +110,7 @@ class IncrementalPrior:
         offsets = {kind: key_offsets(kind, cfg.grid, cfg.kernel).to(self.device) for kind in set(cfg.layer_kinds())}
         self.offsets = [offsets[block.attn.kind] for block in prior.blocks]
         self.batch = batch
+        self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()
     def prefill(self, text: torch.Tensor, prime: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,6 +146,9 @@ class IncrementalPrior:
     @torch.no_grad()
     def step(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """token [B] int64 = image token g; g a 0-dim int64 tensor on the model's device (0 <= g < S*S - 1)."""
+        return self._step(token, g)
+
+    def _step_eager(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         prior, cfg = self.prior, self.cfg
         grid_pos = g.view(1)
         position = cfg.text_len + grid_pos  # of this step's key and value in the cache
@@ -160,8 +167,8 @@ class GuidedPrior:
     caption; `prefill` and `step` take and return B rows like IncrementalPrior, with logits
     null + scale * (caption - null) (computed in fp32 at least)."""
 
-    def __init__(self, prior: Prior, batch: int, null_text: torch.Tensor, scale: float):
-        self.inc = IncrementalPrior(prior, 2 * batch)
+    def __init__(self, prior: Prior, batch: int, null_text: torch.Tensor, scale: float, compile_step: bool = False):
+        self.inc = IncrementalPrior(prior, 2 * batch, compile_step)
         self.null_text, self.scale, self.batch = null_text, float(scale), batch
 
     def _mix(self, logits: torch.Tensor) -> torch.Tensor:
@@ -240,9 +247,9 @@ def sample_image_tokens(prior: Prior, text: torch.Tensor, *, prime: Optional[tor
     prior.eval()
     try:
         if config.guided:
-            inc = GuidedPrior(prior, text.shape[0], null_text, config.cond_scale)
+            inc = GuidedPrior(prior, text.shape[0], null_text, config.cond_scale, config.compile_step)
         else:
-            inc = IncrementalPrior(prior, text.shape[0])
+            inc = IncrementalPrior(prior, text.shape[0], config.compile_step)
         logits = inc.prefill(text, prime)
         first = 0 if prime is None else prime.shape[1]
         tokens = torch.zeros(text.shape[0], cfg.image_len, dtype=torch.long, device=text.device)

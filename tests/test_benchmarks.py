@@ -53,8 +53,11 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--out", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert {p.name for p in out.iterdir()} == {"attention_cpu.png", "gumbel_cpu.png", "sampling_cpu.png"}
+    assert {p.name for p in out.iterdir()} == {f"{b}_{d}.png" for b in ("attention", "gumbel", "sampling")
+                                               for d in ("cpu", "cuda")}
     assert "attention_cpu_20261126-144121.json" in result.stdout  # the newer of the two attention runs
+    # the newest CUDA attention run at the default shape, not the newer --batch 32 one
+    assert "attention_cuda_20261127-075723.json" in result.stdout
     empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(tmp_path)],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert empty.returncode == 1 and "no benchmark results" in empty.stderr
