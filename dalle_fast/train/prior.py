@@ -56,6 +56,9 @@ class TrainPriorConfig(RunOptions):
     powersgd_rank: int = _f(0, "PowerSGD gradient compression rank under torchrun (0: plain all-reduce)")
     null_caption: float = _f(0.0, "probability that a sequence's caption is replaced by the empty one (BOS + "
                                   "pads), which teaches the model for guided sampling (--cond-scale); 0: off")
+    word_dropout: float = _f(0.0, "probability that one caption token (a random one of BOS's followers, not a "
+                                  "pad) is deleted from a sequence, so that the model also learns each word's "
+                                  "effect alone; 0: off")
     init: str = _f("", "start from this prior's weights (a run folder or checkpoint of the same architecture), "
                        "e.g. to fine-tune with --null-caption; ignored on --resume")
 
@@ -87,6 +90,23 @@ def drop_captions(text: torch.Tensor, null_text: torch.Tensor, prob: float, gene
     """text [B, T] with each row replaced by `null_text` [T] with probability `prob`."""
     drop = torch.rand(text.shape[0], 1, device=text.device, generator=generator) < prob
     return torch.where(drop, null_text, text)
+
+
+def drop_words(text: torch.Tensor, bpe_vocab: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """text [B, T] (BOS, BPE tokens, then the position pads bpe_vocab + p) with, in each row with
+    probability `prob`, one random BPE token after BOS deleted: the rest moves up a position and
+    the freed positions get their own pads."""
+    b, t = text.shape
+    position = torch.arange(t, device=text.device)
+    is_word = (text < bpe_vocab) & (position > 0)
+    pick = torch.rand(b, t, device=text.device, generator=generator).masked_fill(~is_word, -1.0).argmax(1)
+    rows = (torch.rand(b, device=text.device, generator=generator) < prob) & is_word.any(1)
+    dropped = rows[:, None] & (position == pick[:, None])
+    order = torch.argsort(dropped.long() * t + position, dim=1)  # kept tokens first, in order
+    out = text.gather(1, order)
+    freed = out >= bpe_vocab
+    freed |= rows[:, None] & (position == t - 1)  # where the deleted token went
+    return torch.where(freed, bpe_vocab + position, out)
 
 
 def _load_init(model: Prior, path: str) -> None:
@@ -127,6 +147,8 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         raise ValueError(f"bpe_dropout must be in [0, 1), got {cfg.bpe_dropout}")
     if not 0.0 <= cfg.null_caption < 1.0:
         raise ValueError(f"null_caption must be in [0, 1), got {cfg.null_caption}")
+    if not 0.0 <= cfg.word_dropout < 1.0:
+        raise ValueError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
     if cfg.init and not checkpoint_file(cfg.init).is_file():
         raise FileNotFoundError(f"--init: no prior checkpoint at {cfg.init}")
     if not checkpoint_file(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
@@ -162,6 +184,8 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         while run.running:
             step = run.step
             text, image = (t.to(info.device, non_blocking=True) for t in next(data))
+            if cfg.word_dropout > 0:
+                text = drop_words(text, tokenizer.bpe_vocab_size, cfg.word_dropout, null_gen)
             if cfg.null_caption > 0:
                 text = drop_captions(text, null_text, cfg.null_caption, null_gen)
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.optim.swa_utils import AveragedModel
 
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.checkpoint import load_model, read_checkpoint, save_checkpoint
-from dalle_fast.train.prior import TrainPriorConfig, drop_captions, train_prior
+from dalle_fast.train.prior import TrainPriorConfig, drop_captions, drop_words, train_prior
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.token_cache import TokenCache, build_token_cache
 
@@ -118,11 +120,12 @@ def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpo
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, dvae_checkpoint):
-    # with caption dropout on: its generator is checkpointed and resumed too
-    train_prior(tiny(tmp_path / "straight", dvae_checkpoint, null_caption=0.3))
-    train_prior(tiny(tmp_path / "split", dvae_checkpoint, run_steps=4, null_caption=0.3))
+    # with caption and word dropout on: their generator is checkpointed and resumed too
+    drop = dict(null_caption=0.3, word_dropout=0.3)
+    train_prior(tiny(tmp_path / "straight", dvae_checkpoint, **drop))
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, run_steps=4, **drop))
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 4
-    train_prior(tiny(tmp_path / "split", dvae_checkpoint, resume=True, null_caption=0.3))
+    train_prior(tiny(tmp_path / "split", dvae_checkpoint, resume=True, **drop))
     straight, _ = assert_same_run(tmp_path / "straight", tmp_path / "split",
                                   ("loss", "text_loss", "image_loss", "lr"), steps=6)
     assert straight[-1]["loss"] < straight[0]["loss"]
@@ -138,6 +141,27 @@ def test_drop_captions_replaces_whole_rows():
     assert 0 < int(dropped.sum()) < 20
     assert torch.equal(out[~dropped], text[~dropped])
     assert torch.equal(drop_captions(text, null, 0.0, gen), text)
+
+
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8), seed=st.integers(0, 2**16))
+def test_drop_words_deletes_one_token_and_repads(lengths, seed):
+    vocab, t = 50, 7  # BOS = 0, words 1..49, pad(p) = 50 + p
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        words = torch.randint(1, vocab, (n,), generator=gen).tolist()
+        rows.append([0] + words + [vocab + p for p in range(1 + n, t)])
+    text = torch.tensor(rows)
+    out = drop_words(text, vocab, 1.0, gen)
+    for before, after, n in zip(text.tolist(), out.tolist(), lengths):
+        assert after[0] == 0
+        assert after[1 + max(n - 1, 0):] == [vocab + p for p in range(1 + max(n - 1, 0), t)]
+        kept = after[1:1 + max(n - 1, 0)]
+        if n == 0:
+            assert after == before
+        else:  # the words in order with exactly one of them missing
+            assert any(kept == before[1:1 + n][:i] + before[1:1 + n][i + 1:] for i in range(n))
+    assert torch.equal(drop_words(text, vocab, 0.0, gen), text)
 
 
 def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dvae_checkpoint):
