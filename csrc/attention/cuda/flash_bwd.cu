@@ -3,8 +3,9 @@
 //
 // One CTA of 4 warps per (batch, head, key tile of 64 logical keys); warp w owns keys
 // 16w..16w+15 and keeps their dK, dV in registers. The CTA walks the tile's query list from the
-// tile plan (plan.queries: the queries that see its keys), 64 queries a chunk, Q and dO
-// gathered with cp.async into double-buffered shared memory. Per chunk, per warp, all
+// tile plan (plan.queries: the queries that see its keys), 64 queries a chunk, Q, dO and their
+// lse, delta gathered with cp.async into double-buffered shared memory, positions and mask words
+// a chunk ahead as in the forward. Per chunk, per warp, all
 // transposed so that the warp's keys are the rows:
 //   S^T = K Q^T,  P^T = exp(scale S^T - lse) (masked entries 0),  dV += P^T dO,
 //   dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q,
@@ -41,9 +42,11 @@ __device__ __forceinline__ void add_pair(float* dst, float x, float y) {
 #endif
 }
 
+// At least 3 CTAs per SM below D = 128 (what shared memory allows; the compiler would otherwise
+// take registers enough for 2), 1 at D = 128.
 template <class T, int HD>
-__global__ void __launch_bounds__(kThreads, HD == 128 ? 1 : 3) flash_backward_kernel(const AttnParams p, const PlanView plan,
-                                                                  float* __restrict__ dq_acc) {
+__global__ void __launch_bounds__(kThreads, HD == 128 ? 1 : 3)
+    flash_backward_kernel(const AttnParams p, const PlanView plan, float* __restrict__ dq_acc) {
   using M = mma::Mma<T>;
   using Pair = typename M::Pair;
   constexpr int LD = HD + kPad;

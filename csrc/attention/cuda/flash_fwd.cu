@@ -4,7 +4,9 @@
 // One CTA of 4 warps per (batch, head, query tile of 64 logical rows); warp w owns rows
 // 16w..16w+15. The CTA walks its tile's key list from the tile plan (../tile_plan.h, tile 64):
 // chunks of 64 key rows gathered by index with cp.async into double-buffered shared memory
-// (the next chunk loads while this one computes). Per chunk: S = Q K^T with mma.m16n8k16, the
+// (the next chunk loads while this one computes, and the physical positions of the chunk after
+// it and the next chunk's mask words are read into registers meanwhile: flash_common.h's
+// ChunkRows and ChunkMask, so no dependent global load stands before a chunk's math). Per chunk: S = Q K^T with mma.m16n8k16, the
 // plan's per-row bit masks set -inf (skipped for chunks the plan marks full), an online softmax
 // in exp2 with the scale folded in (scores scaled before masking, so any finite scale works),
 // then O += P V with P kept in registers. At the end O / l
@@ -32,6 +34,8 @@ constexpr size_t smem_bytes() {
   return size_t(kBM + 4 * kBN) * (HD + kPad) * 2;  // Q, 2 x K, 2 x V
 }
 
+// At least 4 CTAs per SM below D = 128 (shared memory allows 4 at D = 64; the compiler would
+// otherwise take registers enough for 3), 2 at D = 128.
 template <class T, int HD>
 __global__ void __launch_bounds__(kThreads, HD == 128 ? 2 : 4) flash_forward_kernel(const AttnParams p, const PlanView plan) {
   using M = mma::Mma<T>;
