@@ -210,7 +210,21 @@ def _git_state() -> dict:
 
     commit = run("rev-parse", "HEAD")
     status = run("status", "--porcelain")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "source_sha256": source_digest()}
+
+
+SOURCE_GLOBS = ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "dalle_fast/**/*.py", "benchmarks/*.py")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """SHA-256 (16 hex digits) of the source files' paths and contents: which code produced a
+    figure even where the checkout's git state is stale or absent (a copied working tree, as on
+    a lent GPU machine). `python -c "import benchmarks.common as c; print(c.source_digest())"`
+    in a checkout of a candidate commit gives the digest to compare."""
+    h = hashlib.sha256()
+    for path in sorted({p for pattern in SOURCE_GLOBS for p in root.glob(pattern) if p.is_file()}):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _library_identity(module: Any) -> dict | None:
@@ -283,7 +297,7 @@ def describe(env: dict) -> str:
     return (f"device: {env['device_name']} | cpu: {cpu['model']} ({cpu['physical_cores']} cores, "
             f"{cpu['torch_threads']} torch threads) | torch {env['torch']} | python {env['python']} | "
             f"dalle_fast build: {build or 'not built'} | git {str(env['git'].get('commit'))[:10]}"
-            f"{' (dirty)' if env['git'].get('dirty') else ''}")
+            f"{' (dirty)' if env['git'].get('dirty') else ''}, sources {env['git'].get('source_sha256')}")
 
 
 # --------------------------------------------------------------------------- output

@@ -61,3 +61,22 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(tmp_path)],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert empty.returncode == 1 and "no benchmark results" in empty.stderr
+
+
+def test_source_digest_follows_the_sources(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "dalle_fast").mkdir()
+    (tmp_path / "csrc" / "k.cu").write_text("a")
+    (tmp_path / "dalle_fast" / "m.py").write_text("b")
+    (tmp_path / "notes.txt").write_text("not source")
+    first = common.source_digest(tmp_path)
+    assert common.source_digest(tmp_path) == first
+    (tmp_path / "notes.txt").write_text("changed")
+    assert common.source_digest(tmp_path) == first
+    (tmp_path / "csrc" / "k.cu").write_text("a2")
+    assert common.source_digest(tmp_path) != first
