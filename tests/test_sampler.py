@@ -179,3 +179,15 @@ def test_compiled_step_replays_in_the_cuda_graph():
     assert tokens.shape == (3, cfg.image_len) and 0 <= tokens.min() and tokens.max() < cfg.image_vocab
     # the same draws as the eager loop, but for near-ties that fused rounding may flip
     assert (tokens == run(False, True)).float().mean() > 0.9
+
+
+def test_compiled_guided_sampling_draws_the_eager_tokens():
+    torch._dynamo.reset()
+    prior = make_prior(["row", "conv"])  # float64: no near-tie can flip between the two
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=2)
+    null = null_text_for(cfg)
+    run = lambda compile_step: sample_image_tokens(
+        prior, text, prime=image[:, :3], config=SamplingConfig(cond_scale=3.0, compile_step=compile_step),
+        generator=torch.Generator().manual_seed(5), null_text=null)
+    assert torch.equal(run(True), run(False))
