@@ -106,6 +106,12 @@ __device__ __forceinline__ A warp_sum(A x) {
   return x;
 }
 
+// Rows of 16 bytes' alignment everywhere, for 16-bit storage (base pointer and every stride a
+// multiple of 8 elements): what 16-byte vector loads and cp.async of 16 bytes need.
+inline bool aligned16(const BHND& t) {
+  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0;
+}
+
 // Blocks for `rows` warps-rows (kernels loop grid-stride, so any cap is correct).
 inline unsigned int grid_for_rows(int64_t rows) {
   int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;

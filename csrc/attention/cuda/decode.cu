@@ -183,9 +183,6 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-bool rows_aligned16(const BHND& t) { return aligned16(t.ptr) && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0; }
-
 template <auto Kernel, int kBlock>
 const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
   const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
@@ -205,7 +202,7 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
   if (blocks > int64_t(0x7fffffff)) return "sparse_decode: too many (batch, head) pairs for one launch";
   if (p.seq > int64_t(0x7fffffff)) return "sparse_decode: sequence too long for 32-bit key rows";
   if constexpr (sizeof(T) == 2) {
-    const bool fast = rows_aligned16(p.k) && rows_aligned16(p.v);  // q and out are read and written by element
+    const bool fast = aligned16(p.k) && aligned16(p.v);  // q and out are read and written by element
     if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>, kFastThreads>(p, stream);
     if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>, kFastThreads>(p, stream);
     if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>, kFastThreads>(p, stream);

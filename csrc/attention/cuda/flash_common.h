@@ -157,10 +157,7 @@ __device__ __forceinline__ void probs_times_rows(float (&acc)[HD / 8][4], const 
   }
 }
 
-// Rows of 16 bytes' alignment everywhere: what cp.async of 16 bytes needs.
-inline bool aligned16(const BHND& t) {
-  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0;
-}
+using detail::aligned16;  // attention_cuda.h
 
 inline bool supported(const AttnParams& p, DType dtype) {
   return (dtype == DType::Float16 || dtype == DType::BFloat16) && (p.dim == 32 || p.dim == 64 || p.dim == 128) &&
