@@ -141,6 +141,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def _sampling(args):
     from .sampler import SamplingConfig
 
+    if args.compile:  # the first step compiles silently for seconds to a minute: say so
+        print("--compile: compiling the prior's sampling step (seconds to a minute, first call only)", file=sys.stderr, flush=True)
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           cond_scale=args.cond_scale, compile_step=args.compile)
 
