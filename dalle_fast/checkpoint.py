@@ -69,9 +69,11 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
 
 def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None = None, step: int = 0, meta: dict | None = None,
-                    generators: dict[str, torch.Generator] | None = None) -> Path:
+                    generators: dict[str, torch.Generator] | None = None, rng: bool = True) -> Path:
     """Write atomically (temporary file in the same folder, then rename): a crash mid-write
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. `rng`: also store the RNG states, which resuming a
+    training needs; an exported model leaves them out, so that the same weights export to the
+    same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -82,7 +84,8 @@ def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
     if optimizer is not None:
         opt_tensors, info["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
-    tensors.update({k: v.cpu() for k, v in rng_tensors(generators).items()})
+    if rng:
+        tensors.update({k: v.cpu() for k, v in rng_tensors(generators).items()})
     # safetensors refuses tensors that share memory (tied weights): store copies.
     seen: set[int] = set()
     for k, v in tensors.items():

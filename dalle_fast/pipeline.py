@@ -84,7 +84,7 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     for key, (path, model_cls, config_cls) in sources.items():
         model = load_model(path, model_cls, config_cls).to(dtype)
         save_checkpoint(out / FILES[key], modules={"model": model},
-                        meta={"model_config": dataclasses.asdict(model.config), "kind": key})
+                        meta={"model_config": dataclasses.asdict(model.config), "kind": key}, rng=False)
     TextTokenizer.load(tokenizer)  # refuse a broken file before copying it
     shutil.copyfile(tokenizer, out / FILES["tokenizer"])
     return out

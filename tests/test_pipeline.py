@@ -60,6 +60,16 @@ def test_prompts_empty_long_and_non_ascii(model_folder):
         generate(models, "a red circle", num=2, keep=3)
 
 
+def test_exporting_the_same_checkpoints_twice_writes_the_same_bytes(tmp_path, model_folder):
+    # A model folder holds weights and configs only, not the RNG state of the exporting process.
+    root = model_folder.parent
+    torch.manual_seed(123)  # another global RNG state than the first export's
+    again = export_model_folder(tmp_path / "again", dvae=root / "dvae.ckpt", prior=root / "prior.ckpt",
+                                tokenizer=root / "tokenizer.json", dtype=torch.float16)
+    for name in ("dvae.safetensors", "prior.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (model_folder / name).read_bytes(), name
+
+
 def test_model_folder_errors(tmp_path, model_folder):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_models(tmp_path / "nothing")
