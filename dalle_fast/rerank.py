@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _MAX_LOGIT_SCALE = math.log(100.0)
+IMAGE_ENCODERS = ("joint", "split")
 
 
 @dataclass
@@ -35,10 +36,14 @@ class RerankerConfig:
     text_layers: int = 4  # with 2, relations came about half as fast on shapes (see _init_text)
     heads: int = 4
     image_width: int = 32  # channels of the first conv; stages double it up to 4x
+    # "joint": one conv net over RGB. "split": shape and colour apart (see SplitImageEncoder),
+    # so that a colour and a shape never seen together still embed as that colour + that shape.
+    image_encoder: str = "joint"
+    colour_width: int = 16  # "split" only: per-pixel colour features
 
     def __post_init__(self):
         for name in ("image_size", "text_len", "text_vocab", "embed_dim", "width", "text_layers", "heads",
-                     "image_width"):
+                     "image_width", "colour_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"RerankerConfig.{name} must be a positive int, got {value!r}")
@@ -46,6 +51,8 @@ class RerankerConfig:
             raise ValueError(f"RerankerConfig.image_size must be a power of two >= 8, got {self.image_size}")
         if self.width % self.heads:
             raise ValueError(f"RerankerConfig.width {self.width} must be divisible by heads {self.heads}")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(f"RerankerConfig.image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
         if self.text_vocab <= self.text_len:
             raise ValueError(f"RerankerConfig.text_vocab {self.text_vocab} must exceed text_len {self.text_len} "
                              "(it is the BPE vocabulary plus one pad id per position)")
@@ -57,11 +64,11 @@ class RerankerConfig:
         return sum(p.numel() for p in model.parameters())
 
 
-def _image_encoder(cfg: RerankerConfig) -> tuple[nn.Sequential, int]:
-    """[B, 3, H, W] -> [B, C * 4 * 4] (and that size): a stride-2 4x4 stem, then stride-2 stages
-    down to 4x4. The shapes' objects are >= 19 px wide, so halving at once loses nothing, and
-    on CPU it makes the net about 5x cheaper than a full-resolution stem."""
-    layers: list[nn.Module] = [nn.Conv2d(3, cfg.image_width, 4, stride=2, padding=1), nn.GELU()]
+def _conv_stages(in_channels: int, cfg: RerankerConfig) -> tuple[nn.Sequential, int]:
+    """[B, in_channels, H, W] -> [B, C * 4 * 4] (and that size): a stride-2 4x4 stem, then
+    stride-2 stages down to 4x4. The shapes' objects are >= 19 px wide, so halving at once loses
+    nothing, and on CPU it makes the net about 5x cheaper than a full-resolution stem."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, cfg.image_width, 4, stride=2, padding=1), nn.GELU()]
     channels, size = cfg.image_width, cfg.image_size // 2
     while size > 4:
         out = min(channels * 2, cfg.image_width * 4)
@@ -70,6 +77,42 @@ def _image_encoder(cfg: RerankerConfig) -> tuple[nn.Sequential, int]:
                    nn.GELU()]
         channels, size = out, size // 2
     return nn.Sequential(*layers, nn.Flatten()), channels * 4 * 4
+
+
+COLOUR_GRID = 8  # the split encoder's colour map: COLOUR_GRID x COLOUR_GRID cells
+
+
+class SplitImageEncoder(nn.Module):
+    """[B, 3, H, W] in [-1, 1] -> [B, F]: two streams that meet only in the final linear map.
+
+    - shape: the conv stages over the brightness max(r, g, b) alone, so its features are the
+      same for a red triangle and a green one;
+    - colour: a per-pixel MLP over RGB (no spatial filter, so it cannot learn shapes), averaged
+      over COLOUR_GRID x COLOUR_GRID cells: which colours lie where.
+
+    The embedding is then (linear in) shape features + colour features, and binding a colour to
+    a shape goes through location, which both maps keep. A joint net learns conjunctions
+    instead: trained on shapes without red triangles, it read a red triangle as "a red circle"
+    (see README)."""
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        self.shape, self.shape_size = _conv_stages(1, cfg)
+        self.colour = nn.Sequential(nn.Conv2d(3, cfg.colour_width, 1), nn.GELU(),
+                                    nn.Conv2d(cfg.colour_width, cfg.colour_width, 1), nn.GELU(),
+                                    nn.AdaptiveAvgPool2d(COLOUR_GRID), nn.Flatten())
+        self.size = self.shape_size + cfg.colour_width * COLOUR_GRID ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.shape(x.amax(1, keepdim=True)), self.colour(x)], dim=1)
+
+
+def _image_encoder(cfg: RerankerConfig) -> tuple[nn.Module, int]:
+    """The image net (see RerankerConfig.image_encoder) and its output size."""
+    if cfg.image_encoder == "split":
+        net = SplitImageEncoder(cfg)
+        return net, net.size
+    return _conv_stages(3, cfg)
 
 
 class Reranker(nn.Module):

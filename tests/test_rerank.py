@@ -1,12 +1,14 @@
 """The reranker model: embeddings, the contrastive loss, scoring and ranking, input checks."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_fast.rerank import Reranker, RerankerConfig
+from dalle_fast.checkpoint import load_model, save_checkpoint
+from dalle_fast.rerank import COLOUR_GRID, IMAGE_ENCODERS, Reranker, RerankerConfig
 
 
 def small_config(**kw) -> RerankerConfig:
@@ -22,24 +24,26 @@ def inputs(cfg: RerankerConfig, batch: int = 4, seed: int = 0):
     return text, images
 
 
-@pytest.fixture
-def model() -> Reranker:
+@pytest.fixture(params=IMAGE_ENCODERS)
+def model(request) -> Reranker:
     torch.manual_seed(0)
-    return Reranker(small_config()).eval()
+    return Reranker(small_config(image_encoder=request.param)).eval()
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(image_size=24), "power of two"), (dict(image_size=4), "power of two"), (dict(width=30, heads=4), "divisible"),
     (dict(text_layers=0), "positive"), (dict(embed_dim=True), "positive"), (dict(text_vocab=8), "exceed text_len"),
+    (dict(image_encoder="rgb"), "image_encoder"), (dict(colour_width=0), "positive"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         small_config(**bad)
 
 
+@pytest.mark.parametrize("encoder", IMAGE_ENCODERS)
 @pytest.mark.parametrize("size", [8, 16, 64])
-def test_embeddings_are_unit_vectors_and_num_params_counts_the_model(size):
-    cfg = small_config(image_size=size)
+def test_embeddings_are_unit_vectors_and_num_params_counts_the_model(size, encoder):
+    cfg = small_config(image_size=size, image_encoder=encoder)
     model = Reranker(cfg)
     text, images = inputs(cfg, batch=3)
     t, i = model.encode_text(text), model.encode_image(images)
@@ -66,9 +70,10 @@ def test_image_embedding_keeps_where_things_are(model):
     assert ((a * b).sum(-1) < 0.999).all()
 
 
-def test_loss_at_init_is_near_log_batch_and_every_parameter_learns():
+@pytest.mark.parametrize("encoder", IMAGE_ENCODERS)
+def test_loss_at_init_is_near_log_batch_and_every_parameter_learns(encoder):
     torch.manual_seed(0)
-    model = Reranker(small_config(embed_dim=128))
+    model = Reranker(small_config(embed_dim=128, image_encoder=encoder))
     text, images = inputs(model.config, batch=16)
     result = model.loss(text, images)
     assert result["logits"].shape == (16, 16)
@@ -78,6 +83,54 @@ def test_loss_at_init_is_near_log_batch_and_every_parameter_learns():
     assert 0.0 <= result["accuracy"].item() <= 1.0
     result["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def _disc(size: int, centre: tuple[float, float], radius: float, rgb: tuple[float, float, float]) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    inside = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius ** 2).float()
+    return torch.tensor(rgb)[:, None, None] * inside
+
+
+def test_split_encoder_sees_shape_apart_from_colour():
+    torch.manual_seed(0)
+    model = Reranker(small_config(image_size=32, image_encoder="split")).eval()
+    encoder = model.image_encoder
+    red, green = _disc(32, (12, 12), 6, (1, 0, 0)), _disc(32, (12, 12), 6, (0, 1, 0))
+    square = torch.zeros(3, 32, 32)
+    square[0, 6:18, 6:18] = 1.0
+    images = torch.stack([red, green, square]) * 2 - 1
+    with torch.no_grad():
+        features = encoder(images)
+    assert features.shape == (3, encoder.size)
+    shape, colour = features[:, :encoder.shape_size], features[:, encoder.shape_size:]
+    # The shape stream reads brightness only: a red and a green disc are the same to it, a
+    # square is not.
+    torch.testing.assert_close(shape[0], shape[1])
+    assert not torch.allclose(shape[0], shape[2])
+    # The colour stream has no spatial filter: within a cell, where a pixel lies does not matter,
+    # so a disc and a square of the same colour and area per cell read alike; colours do not.
+    cell = 32 // COLOUR_GRID
+    shuffled = images.clone()
+    perm = torch.randperm(cell * cell)
+    blocks = shuffled.unfold(2, cell, cell).unfold(3, cell, cell)  # [B, 3, G, G, cell, cell]
+    blocks = blocks.reshape(*blocks.shape[:4], -1)[..., perm].reshape(*blocks.shape[:4], cell, cell)
+    shuffled = blocks.permute(0, 1, 2, 4, 3, 5).reshape(images.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(shuffled)[:, encoder.shape_size:], colour)
+    assert not torch.allclose(colour[0], colour[1])
+
+
+def test_checkpoints_from_before_the_split_encoder_load_as_joint(tmp_path):
+    torch.manual_seed(0)
+    old = Reranker(small_config())
+    meta = dataclasses.asdict(old.config)
+    del meta["image_encoder"], meta["colour_width"]  # what a checkpoint written before them records
+    path = save_checkpoint(tmp_path / "old.safetensors", modules={"model": old},
+                           meta={"model_config": meta, "kind": "reranker"})
+    loaded = load_model(path, Reranker, RerankerConfig)
+    assert loaded.config.image_encoder == "joint"
+    text, images = inputs(old.config, batch=2)
+    torch.testing.assert_close(loaded.score(text[:1], images), old.eval().score(text[:1], images))
 
 
 def test_loss_adds_negatives_and_masks_texts_equal_to_the_own_caption(model):

@@ -45,6 +45,9 @@ class TrainRerankerConfig(RunOptions):
     text_layers: int = _f(4, "text transformer layers")
     heads: int = _f(4, "text attention heads")
     image_width: int = _f(32, "channels of the image net's first conv (its stages go up to 4x)")
+    image_encoder: str = _f("joint", "image net: 'joint' (one conv net over RGB) or 'split' (shape from brightness "
+                                     "and per-pixel colour apart, joined linearly: generalises to colour-shape "
+                                     "pairs never seen together)")
     text_lr_scale: float = _f(0.2, "learning rate of the text encoder relative to --lr (see _optimizer)")
     hard_negatives: bool = _f(True, "add each 'A <relation> B' caption's swap 'B <relation> A' as an extra "
                                     "negative text")
@@ -67,7 +70,7 @@ def model_config(cfg: TrainRerankerConfig, tokenizer: TextTokenizer) -> Reranker
     return RerankerConfig(image_size=cfg.image_size, text_len=cfg.text_len,
                           text_vocab=tokenizer.text_vocab_size(cfg.text_len), embed_dim=cfg.embed_dim,
                           width=cfg.width, text_layers=cfg.text_layers, heads=cfg.heads,
-                          image_width=cfg.image_width)
+                          image_width=cfg.image_width, image_encoder=cfg.image_encoder)
 
 
 def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, hard_negatives: bool,
