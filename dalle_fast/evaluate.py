@@ -370,6 +370,51 @@ def reconstruction_accuracy(dvae, picked: dict[str, list[tuple[int, str]]], batc
     return accuracy
 
 
+def caption_text(spec: CaptionSpec) -> str:
+    """The dataset's caption for `spec` (parse_caption's inverse)."""
+    phrases = [f"a {colour} {shape}" for colour, shape in spec.objects]
+    return phrases[0] if spec.relation is None else f"{phrases[0]} {spec.relation} {phrases[1]}"
+
+
+def one_attribute_away(spec: CaptionSpec) -> list[str]:
+    """The captions that differ from `spec` in one object's colour or shape (never two objects
+    of the same colour and shape, which the dataset does not draw)."""
+    out = []
+    for k, (colour, shape) in enumerate(spec.objects):
+        others = [(c, shape) for c in COLORS if c != colour] + [(colour, g) for g in SHAPES if g != shape]
+        for obj in others:
+            objects = spec.objects[:k] + (obj,) + spec.objects[k + 1:]
+            if len(set(objects)) == len(objects):
+                out.append(caption_text(CaptionSpec(objects, spec.relation)))
+    return out
+
+
+@torch.no_grad()
+def reranker_accuracy(models, picked: dict[str, list[tuple[int, str]]]) -> dict[str, float]:
+    """The share of the picked test images (the dataset's own renders) for which the reranker
+    scores the true caption above every caption one attribute away (`one_attribute_away`): for
+    held-out pairs, whether it reads a colour and a shape it never saw together. Rendered at the
+    dVAE's resolution, as the candidates are."""
+    reranker, tokenizer = models.reranker, models.tokenizer
+    dataset = ShapesDataset("test", size=models.dvae.config.image_size)
+    device = next(reranker.parameters()).device
+    from .pipeline import encode_prompt
+
+    accuracy = {}
+    for kind in KINDS:
+        correct = 0
+        for index, caption in picked[kind]:
+            texts = [caption] + one_attribute_away(parse_caption(caption))
+            ids = torch.cat([encode_prompt(tokenizer, t, reranker.config.text_len) for t in texts]).to(device)
+            image = dataset[index][0][None].to(device)
+            scores = reranker.score(ids, image.expand(len(texts), -1, -1, -1))
+            correct += bool(scores[0] > scores[1:].max())
+        accuracy[kind] = correct / len(picked[kind])
+    accuracy["all"] = (accuracy["seen"] * len(picked["seen"]) + accuracy["held_out"] * len(picked["held_out"])) / (
+        len(picked["seen"]) + len(picked["held_out"]))
+    return accuracy
+
+
 def _verdict(judgement: Judgement) -> dict:
     return {"correct": judgement.correct, "reasons": list(judgement.reasons),
             "found": [f"{d.color} {d.shape}" for d in judgement.detections]}
@@ -389,7 +434,9 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     - "any_candidate": the share of captions with at least one correct candidate (what a perfect
       reranker would reach: the gap to "reranked" is the reranker's, the rest the generator's);
     - "reconstruction": the share of the captions' own test images that survive the dVAE
-      (`reconstruction_accuracy`), the ceiling of the other three.
+      (`reconstruction_accuracy`), the ceiling of the other three;
+    - "reranker_on_renders": the share of those test images whose true caption the reranker
+      prefers to every caption one attribute away (`reranker_accuracy`; None without a reranker).
     Writes the result as JSON to `out_json` and a sample sheet to `out_png` (`sheet_rows` captions
     of each kind, candidates best first, each with a green / red bar for the detector's verdict).
     `progress(done, total)` is called after each caption. Returns the JSON's dict.
@@ -403,6 +450,7 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
     picked = select_captions(size, num_captions, seed)
     has_reranker = models.reranker is not None
     ceiling = reconstruction_accuracy(models.dvae, picked)
+    reading = reranker_accuracy(models, picked) if has_reranker else None
     start = time.perf_counter()
     sampling_seconds = 0.0
     items, rows = [], []
@@ -446,7 +494,8 @@ def evaluate_shapes(models, *, num_captions: int = 50, candidates: int = 8, seed
                           "reranked": None if best is None else best / len(mine),
                           "mean_candidate": correct / (len(mine) * candidates),
                           "any_candidate": covered / len(mine),
-                          "reconstruction": ceiling[kind]}
+                          "reconstruction": ceiling[kind],
+                          "reranker_on_renders": None if reading is None else reading[kind]}
         failures[kind] = {"no_rerank": histogram(mine, "no_rerank"),
                           "reranked": histogram(mine, "reranked") if has_reranker else None}
     report = {
@@ -507,13 +556,14 @@ def format_report(report: dict) -> str:
     def cell(value):
         return "     -" if value is None else f"{value:6.3f}"
 
-    lines = [f"{'':16}{'no rerank':>10}{'reranked':>10}{'mean cand':>11}{'any cand':>10}{'dVAE recon':>12}"]
+    lines = [f"{'':16}{'no rerank':>10}{'reranked':>10}{'mean cand':>11}{'any cand':>10}{'dVAE recon':>12}"
+             f"{'rerank renders':>16}"]
     for kind in KINDS + ("all",):
         acc, n = report["accuracy"][kind], report["counts"][kind]["captions"]
         label = f"{kind.replace('_', '-')} ({n})"
         lines.append(f"{label:16}{cell(acc['no_rerank']):>10}{cell(acc['reranked']):>10}"
                      f"{cell(acc['mean_candidate']):>11}{cell(acc.get('any_candidate')):>10}"
-                     f"{cell(acc.get('reconstruction')):>12}")
+                     f"{cell(acc.get('reconstruction')):>12}{cell(acc.get('reranker_on_renders')):>16}")
     for mode in ("no_rerank", "reranked"):
         fails = report["failures"]["all"][mode]
         if fails is not None:

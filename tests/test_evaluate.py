@@ -19,6 +19,7 @@ from dalle_fast.data.shapes import COLORS, SHAPES, Scene, ShapeObject, render
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.evaluate import (REASONS, CaptionSpec, connected_components, detect, evaluate_shapes, judge,
                                  judge_detections, parse_caption, reconstruction_accuracy, score_image,
+                                 caption_text, one_attribute_away, reranker_accuracy,
                                  select_captions)
 from dalle_fast.pipeline import export_model_folder, load_models
 from dalle_fast.prior import Prior, PriorConfig
@@ -258,6 +259,7 @@ def check_report(report, reranked: bool, captions: int, candidates: int):
         assert counts["captions"] == (2 * captions if kind == "all" else captions)
         assert 0.0 <= acc["no_rerank"] <= 1.0 and 0.0 <= acc["mean_candidate"] <= 1.0
         assert 0.0 <= acc["reconstruction"] <= 1.0
+        assert (acc["reranker_on_renders"] is not None) is reranked
         # a caption counts for any_candidate when at least one candidate is correct: never below
         # the first sample, the reranked pick or the mean
         mine = [it for it in report["items"] if kind in ("all", it["kind"])]
@@ -322,6 +324,43 @@ class _FakeDVAE(torch.nn.Module):
 
     def decode(self, tokens):
         return tokens if self.perfect else torch.zeros_like(tokens)
+
+
+@pytest.mark.parametrize("caption, count", [("a red circle", 7), ("a red circle above a red square", 12),
+                                            ("a blue triangle to the left of a green circle", 14)])
+def test_one_attribute_away_changes_one_colour_or_shape(caption, count):
+    spec = parse_caption(caption)
+    assert caption_text(spec) == caption
+    variants = one_attribute_away(spec)
+    assert len(variants) == len(set(variants)) == count and caption not in variants
+    for variant in variants:
+        other = parse_caption(variant)
+        assert other.relation == spec.relation and len(set(other.objects)) == len(other.objects)
+        changed = [(a, b) for a, b in zip(spec.objects, other.objects) if a != b]
+        assert len(changed) == 1 and sum(x != y for x, y in zip(*changed[0])) == 1
+
+
+class _FakeReranker(torch.nn.Module):
+    """Scores the first text of a batch `first`, the others 0."""
+
+    def __init__(self, first: float):
+        super().__init__()
+        self.config = RerankerConfig(image_size=SIZE, text_len=24, text_vocab=400)
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.first = first
+
+    def score(self, ids, images):
+        assert ids.shape[0] == images.shape[0] > 1 and images.shape[-1] == SIZE
+        return torch.cat([torch.tensor([self.first]), torch.zeros(ids.shape[0] - 1)])
+
+
+def test_reranker_accuracy_asks_whether_the_true_caption_wins(model_folder):
+    models = load_models(model_folder)
+    picked = select_captions(SIZE, 3, seed=3)
+    models.reranker = _FakeReranker(1.0)
+    assert reranker_accuracy(models, picked) == {"seen": 1.0, "held_out": 1.0, "all": 1.0}
+    models.reranker = _FakeReranker(0.0)  # a tie is no win
+    assert reranker_accuracy(models, picked) == {"seen": 0.0, "held_out": 0.0, "all": 0.0}
 
 
 def test_reconstruction_accuracy_is_the_detector_on_reconstructions():
