@@ -37,7 +37,7 @@ echo "== 3/6 prior ($PRIOR_STEPS steps on $IMAGES cached token grids)"
 
 echo "== 4/6 reranker ($RERANK_STEPS steps)"
 "${DF[@]}" train-reranker --data shapes --tokenizer "$RUNS/tokenizer.json" --out "$RUNS/reranker" \
-  --steps "$RERANK_STEPS" --resume
+  --image-encoder split --steps "$RERANK_STEPS" --resume
 
 echo "== 5/6 export to $MODEL"
 "${DF[@]}" export-model --dvae "$RUNS/dvae" --prior "$RUNS/prior" --reranker "$RUNS/reranker" \
