@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .ops import gumbel_softmax_kl
 
 LOGIT_LAPLACE_EPS = 0.1
+_HUE_FLOOR = 0.01  # FactoredEncoder: a black window's hue is 0, one 5% covered keeps 83% of its colour
 
 
 # -----------------------------------------------------------------------------
@@ -43,6 +44,9 @@ class DVAEConfig:
     in_channels: int = 3  # RGB
     logit_laplace_eps: float = LOGIT_LAPLACE_EPS  # pixels are mapped into (eps, 1 - eps)
     dequantize: bool = True  # likelihood of 8-bit pixels spread over their quantisation step
+    # > 0: a code is a pair (colour c, shape g), id = c * (vocab // colour_codes) + g, from two
+    # encoders that meet only in the logits (see FactoredEncoder); 0: one code from one encoder.
+    colour_codes: int = 0
 
     def __post_init__(self):
         for name in ("image_size", "n_hid", "groups", "blocks_per_group", "vocab", "n_init", "in_channels"):
@@ -55,6 +59,11 @@ class DVAEConfig:
         if self.image_size % self.downsample:
             raise ValueError(f"DVAEConfig.image_size {self.image_size} must be divisible by 2**(groups-1) = "
                              f"{self.downsample} (groups={self.groups})")
+        if isinstance(self.colour_codes, bool) or not isinstance(self.colour_codes, int) or self.colour_codes < 0:
+            raise ValueError(f"DVAEConfig.colour_codes must be an int >= 0, got {self.colour_codes!r}")
+        if self.colour_codes and (self.vocab % self.colour_codes or self.vocab == self.colour_codes):
+            raise ValueError(f"DVAEConfig.vocab {self.vocab} must be a multiple (> 1x) of colour_codes "
+                             f"{self.colour_codes}")
         if not 0.0 <= self.logit_laplace_eps < 0.5:
             raise ValueError(f"DVAEConfig.logit_laplace_eps must be in [0, 0.5), got {self.logit_laplace_eps!r}")
 
@@ -66,6 +75,11 @@ class DVAEConfig:
     def grid(self) -> int:
         """S: the token grid is S x S."""
         return self.image_size // self.downsample
+
+    @property
+    def shape_codes(self) -> int:
+        """Codes of the shape factor (all of vocab when the codes are not factored)."""
+        return self.vocab // self.colour_codes if self.colour_codes else self.vocab
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -171,6 +185,90 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder input must be a floating tensor, got {x.dtype}")
         return self.blocks(x)  # (B, vocab, H / 2**(G-1), W / 2**(G-1))
 
+    def output_convs(self) -> list[nn.Conv2d]:
+        """The convs that produce the logits (training scales them at initialisation)."""
+        return [self.blocks.output.conv]
+
+
+class FactoredEncoder(nn.Module):
+    """Mapped pixels (B, 3, H, W) -> logits (B, vocab, S, S) of factored codes (colour c, shape g):
+    logit(c, g) = colour_logit(c) + shape_logit(g), so the two are independent given the image.
+
+    - shape: the conv encoder over the brightness max(r, g, b) alone, so a shape code cannot
+      tell a red edge from a green one;
+    - colour: an MLP over the hue around each grid cell (the mean colour over the mean brightness
+      of the cell and its 8 neighbours), which shows neither the shape nor how much of the cell
+      is covered.
+
+    The decoder's codebook is factored the same way (FactoredCodebook): a code's embedding is
+    its colour's plus its shape's. A prior over such codes can then draw a colour never seen with
+    a shape in training with codes it has seen, each factor with another partner."""
+
+    def __init__(self, config: DVAEConfig):
+        super().__init__()
+        self.config = config
+        self.shape = Encoder(dataclasses.replace(config, in_channels=1, vocab=config.shape_codes, colour_codes=0))
+        width = config.n_hid
+        # Over the cell and its 8 neighbours: the colour code tells which colour is near, not
+        # which cells are covered (a coverage map of the cells would be a coarse shape), so the
+        # geometry is the shape codes' alone.
+        d = config.downsample
+        self.pool = nn.AvgPool2d(3 * d, stride=d, padding=d, count_include_pad=False)
+        self.colour = nn.Sequential(OrderedDict([
+            ("cell_1", _conv(config.in_channels, width, 1)), ("relu_1", nn.ReLU()),
+            ("cell_2", _conv(width, width, 1)), ("relu_2", nn.ReLU()), ("conv", _conv(width, config.colour_codes, 1))]))
+
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mapped pixels -> (colour logits (B, Kc, S, S), shape logits (B, Kg, S, S))."""
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"encoder input must be (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        shape = self.shape(x.amax(1, keepdim=True))  # (B, Kg, S, S)
+        rgb = ((x - c.logit_laplace_eps) / (1 - 2 * c.logit_laplace_eps)).clamp(0, 1)
+        # The mean colour over the mean brightness: the hue, whatever share is covered.
+        hue = self.pool(rgb) / (self.pool(rgb.amax(1, keepdim=True)) + _HUE_FLOOR)
+        return self.colour(hue), shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        colour, shape = self.factors(x)
+        return joint_codes(colour, shape)
+
+    def output_convs(self) -> list[nn.Conv2d]:
+        return self.shape.output_convs() + [self.colour.conv]
+
+
+def joint_codes(colour: torch.Tensor, shape: torch.Tensor, product: bool = False) -> torch.Tensor:
+    """(B, Kc, S, S) and (B, Kg, S, S) -> (B, Kc * Kg, S, S), code c * Kg + g: their sum (logits)
+    or with `product` their product (probabilities, relaxed one-hots)."""
+    b, _, h, w = shape.shape
+    joint = colour[:, :, None] * shape[:, None] if product else colour[:, :, None] + shape[:, None]
+    return joint.reshape(b, -1, h, w)
+
+
+class FactoredCodebook(nn.Module):
+    """The decoder's first layer for factored codes: a 1x1 conv from (B, vocab, S, S) codes whose
+    weight column for code (c, g) is colour[:, c] + shape[:, g]."""
+
+    def __init__(self, config: DVAEConfig):
+        super().__init__()
+        self.colour_codes, self.shape_codes = config.colour_codes, config.shape_codes
+        self.colour = _conv(config.colour_codes, config.n_init, 1)
+        self.shape = _conv(config.shape_codes, config.n_init, 1)
+        nn.init.zeros_(self.shape.bias)  # one bias: the colour conv's
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(n_init, vocab, 1, 1), as nn.Conv2d's."""
+        w = self.colour.weight[:, :, None, 0, 0] + self.shape.weight[:, None, :, 0, 0]  # (n, Kc, Kg)
+        return w.reshape(w.shape[0], -1, 1, 1)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.colour.bias + self.shape.bias
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, self.weight, self.bias)
+
 
 class Decoder(nn.Module):
     """Codes (B, vocab, S, S), one-hot or relaxed -> (B, 2C, H, W): mu and ln b per channel."""
@@ -179,7 +277,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         G, B, widths = config.groups, config.blocks_per_group, config.widths[::-1]
-        layers = [("input", _conv(config.vocab, config.n_init, 1))]  # the codebook
+        codebook = FactoredCodebook(config) if config.colour_codes else _conv(config.vocab, config.n_init, 1)
+        layers = [("input", codebook)]
         n_in = config.n_init
         for g, width in enumerate(widths):
             group = [(f"block_{i + 1}", DecoderBlock(n_in if i == 0 else width, width, G * B)) for i in range(B)]
@@ -214,7 +313,7 @@ class DVAE(nn.Module):
         if not isinstance(config, DVAEConfig):
             raise TypeError(f"config must be a DVAEConfig, got {type(config).__name__}")
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = FactoredEncoder(config) if config.colour_codes else Encoder(config)
         self.decoder = Decoder(config)
         self.apply(self._init_weights)
 
@@ -285,7 +384,7 @@ class DVAE(nn.Module):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.encoder.blocks.input.weight.dtype
+        return self.encoder.output_convs()[0].weight.dtype
 
     # -- training ----------------------------------------------------------------
 
@@ -328,8 +427,17 @@ class DVAE(nn.Module):
         eps = self.config.logit_laplace_eps
         images = images.to(_compute_dtype(self._dtype))
         x = map_pixels(images, eps)  # (B, 3, H, W) in (eps, 1 - eps)
-        logits = self.encoder(x.to(self._dtype))  # (B, vocab, S, S)
-        z, kl = gumbel_softmax_kl(logits, tau, dim=1, generator=generator)  # (B, vocab, S, S), (B, S, S)
+        if self.config.colour_codes:
+            # Each factor draws its own relaxed sample; the factors are independent, so the KL to
+            # the uniform joint is the sum of theirs.
+            colour, shape = self.encoder.factors(x.to(self._dtype))
+            logits = joint_codes(colour, shape)
+            zc, klc = gumbel_softmax_kl(colour, tau, dim=1, generator=generator)
+            zs, kls = gumbel_softmax_kl(shape, tau, dim=1, generator=generator)
+            z, kl = joint_codes(zc, zs, product=True), klc + kls
+        else:
+            logits = self.encoder(x.to(self._dtype))  # (B, vocab, S, S)
+            z, kl = gumbel_softmax_kl(logits, tau, dim=1, generator=generator)  # (B, vocab, S, S), (B, S, S)
         out = self.decoder(z)  # (B, 6, H, W)
         if self.config.dequantize:
             # The likelihood is of a continuous variable; 8-bit images are not. Spread each value

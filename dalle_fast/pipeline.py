@@ -66,6 +66,9 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     if tokenizer.text_vocab_size(prior.config.text_len) != prior.config.text_vocab_total:
         raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the prior's "
                          f"text vocabulary of {prior.config.text_vocab}")
+    if dvae.config.colour_codes != prior.config.colour_codes:
+        raise ValueError(f"{folder}: the dVAE's codes have {dvae.config.colour_codes or 'no'} colour factors but the "
+                         f"prior expects {prior.config.colour_codes or 'none'}")
     if (dvae.config.grid, dvae.config.vocab) != (prior.config.grid, prior.config.image_vocab):
         raise ValueError(f"{folder}: the dVAE makes {dvae.config.grid}x{dvae.config.grid} grids of "
                          f"{dvae.config.vocab} codes but the prior models {prior.config.grid}x{prior.config.grid} "

@@ -35,6 +35,9 @@ class PriorConfig:
     grid: int = 32  # S: the image is S x S tokens
     text_vocab: int = 16384  # BPE vocabulary (BOS included); T per-position pad ids come on top
     image_vocab: int = 8192  # the dVAE's codebook size
+    # The dVAE's DVAEConfig.colour_codes: > 0 when its codes are pairs (colour, shape); the image
+    # embedding and head are then factored the same way (FactoredImageEmbedding / Head).
+    colour_codes: int = 0
     d_model: int = 3968
     heads: int = 62
     layers: int = 64
@@ -50,6 +53,11 @@ class PriorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PriorConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.colour_codes, bool) or not isinstance(self.colour_codes, int) or self.colour_codes < 0:
+            raise ValueError(f"PriorConfig.colour_codes must be an int >= 0, got {self.colour_codes!r}")
+        if self.colour_codes and (self.image_vocab % self.colour_codes or self.image_vocab == self.colour_codes):
+            raise ValueError(f"PriorConfig.image_vocab {self.image_vocab} must be a multiple (> 1x) of colour_codes "
+                             f"{self.colour_codes}")
         if self.d_model % self.heads:
             raise ValueError(f"PriorConfig.d_model {self.d_model} must be divisible by heads {self.heads}")
         if self.kernel % 2 == 0:
@@ -159,6 +167,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class FactoredImageEmbedding(nn.Module):
+    """Embedding of factored codes, id = c * shape_codes + g: colour[c] + shape[g]."""
+
+    def __init__(self, colour_codes: int, shape_codes: int, d: int):
+        super().__init__()
+        self.shape_codes = shape_codes
+        self.colour = nn.Embedding(colour_codes, d)
+        self.shape = nn.Embedding(shape_codes, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.colour(torch.div(ids, self.shape_codes, rounding_mode="floor")) + self.shape(ids % self.shape_codes)
+
+
+class FactoredImageHead(nn.Module):
+    """Logits over factored codes: logit(c, g) = colour(x)[c] + shape(x)[g], so the colour and the
+    shape of a token are drawn independently given the context, each by its own head, and the
+    cross-entropy of a code is the sum of the two factors'."""
+
+    def __init__(self, colour_codes: int, shape_codes: int, d: int):
+        super().__init__()
+        self.colour = nn.Linear(d, colour_codes)
+        self.shape = nn.Linear(d, shape_codes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        colour, shape = self.colour(x), self.shape(x)
+        return (colour[..., :, None] + shape[..., None, :]).flatten(-2)
+
+
 class Prior(nn.Module):
     """`forward(text, image) -> (text_logits, image_logits)`; `loss(text, image) -> dict`."""
 
@@ -169,13 +205,18 @@ class Prior(nn.Module):
         d = cfg.d_model
         self.text_emb = nn.Embedding(cfg.text_vocab_total, d)
         self.text_pos = nn.Embedding(cfg.text_len, d)
-        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        if cfg.colour_codes:
+            shape_codes = cfg.image_vocab // cfg.colour_codes
+            self.image_emb = FactoredImageEmbedding(cfg.colour_codes, shape_codes, d)
+        else:
+            self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Embedding(cfg.grid, d)
         self.col_emb = nn.Embedding(cfg.grid, d)
         self.blocks = nn.ModuleList(Block(cfg, kind, attention) for kind in cfg.layer_kinds())
         self.ln_f = nn.LayerNorm(d)
         self.text_head = nn.Linear(d, cfg.text_vocab_total)
-        self.image_head = nn.Linear(d, cfg.image_vocab)
+        self.image_head = (FactoredImageHead(cfg.colour_codes, shape_codes, d) if cfg.colour_codes
+                           else nn.Linear(d, cfg.image_vocab))
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 

@@ -73,6 +73,8 @@ def test_unknown_preset_lists_names():
     (dict(groups=2.0), "groups must be a positive int"),
     (dict(n_hid=30), "multiple of 4"),
     (dict(logit_laplace_eps=0.5), "logit_laplace_eps"),
+    (dict(colour_codes=-1), "colour_codes"), (dict(vocab=256, colour_codes=3), "multiple"),
+    (dict(vocab=8, colour_codes=8), "multiple"), (dict(colour_codes=True), "colour_codes"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -191,6 +193,64 @@ def test_loss_is_finite_and_gradients_reach_encoder_and_decoder():
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(g.abs().sum() for g in grads) > 0
     assert model.encoder.blocks.input.weight.grad.abs().sum() > 0
+
+
+# -- factored codes -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def factored():
+    torch.manual_seed(0)
+    return DVAE(DVAEConfig.preset("tiny", colour_codes=4)).eval()  # 256 codes = 4 colours x 64 shapes
+
+
+def _square(cfg, rgb, top=16, side=24):
+    x = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+    x[0, :, top:top + side, top:top + side] = torch.tensor(rgb)[:, None, None]
+    return x
+
+
+def test_factored_logits_are_colour_plus_shape_and_shape_ignores_hue(factored):
+    cfg = factored.config
+    assert cfg.shape_codes == 64
+    red, green = _square(cfg, (1.0, 0.0, 0.0)), _square(cfg, (0.0, 1.0, 0.0))
+    with torch.no_grad():
+        logits = factored.encoder(map_pixels(torch.cat([red, green])))  # (2, 256, S, S)
+    grid = logits.unflatten(1, (4, 64))  # (2, c, g, S, S)
+    rows = grid - grid[:, :, :1]
+    torch.testing.assert_close(rows, rows[:, :1].expand_as(rows))  # logit(c, g) = colour(c) + shape(g)
+    shape = grid[:, 0] - grid[:, 0, :1]  # shape(g) - shape(0)
+    torch.testing.assert_close(shape[0], shape[1])  # a red and a green square: the same shape logits
+    colour = grid[:, :, 0] - grid[:, :1, 0]
+    assert not torch.allclose(colour[0], colour[1])  # but not the same colour logits
+    tokens = factored.encode(torch.cat([red, green]))
+    assert torch.equal(tokens % 64, logits.unflatten(1, (4, 64))[:, 0].argmax(1))
+    assert torch.equal(tokens[0] % 64, tokens[1] % 64)
+
+
+def test_factored_codebook_adds_the_colour_and_shape_embeddings(factored):
+    cfg = factored.config
+    codebook = factored.decoder.blocks.input
+    ids = torch.arange(cfg.vocab)
+    torch.testing.assert_close(codebook.weight[:, ids, 0, 0],
+                               codebook.colour.weight[:, ids // 64, 0, 0] + codebook.shape.weight[:, ids % 64, 0, 0])
+    tokens = torch.randint(0, cfg.vocab, (2, cfg.grid, cfg.grid), generator=torch.Generator().manual_seed(1))
+    one_hot = F.one_hot(tokens, cfg.vocab).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(factored.decoder.forward_tokens(tokens), factored.decoder(one_hot),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_factored_loss_trains_both_encoders_and_the_codebook():
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.preset("tiny", colour_codes=4))
+    out = model.loss(images(model.config), tau=0.5, beta=1.0, generator=torch.Generator().manual_seed(0), usage=0.1)
+    assert torch.isfinite(out["loss"]) and out["logits"].shape[1] == 256
+    out["loss"].backward()
+    for part in (model.encoder.shape, model.encoder.colour, model.decoder.blocks.input.colour,
+                 model.decoder.blocks.input.shape):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters() if p.dim() > 1)
+    assert len(model.encoder.output_convs()) == 2
 
 
 def test_loss_is_reproducible_with_a_generator_and_forward_is_loss(tiny):

@@ -33,7 +33,8 @@ def test_schedule_and_explicit_kinds():
 @pytest.mark.parametrize("bad, match", [
     (dict(d_model=30, heads=4), "divisible"), (dict(kernel=4), "odd"), (dict(layers=0), "positive"),
     (dict(kinds=("row",)), "entries"), (dict(layers=1, kinds=("diagonal",)), "unknown kind"),
-    (dict(image_loss_weight=-1.0), "image_loss_weight"),
+    (dict(image_loss_weight=-1.0), "image_loss_weight"), (dict(colour_codes=4), "multiple"),
+    (dict(colour_codes=17), "multiple"), (dict(colour_codes=-1), "colour_codes"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -64,6 +65,28 @@ def test_loss_at_initialisation_is_near_uniform():
     assert out["text_loss"].item() == pytest.approx(math.log(cfg.text_vocab_total), rel=0.05)
     assert out["image_loss"].item() == pytest.approx(math.log(cfg.image_vocab), rel=0.05)
     assert out["loss"].item() == pytest.approx((out["text_loss"] + 7 * out["image_loss"]).item() / 8, rel=1e-6)
+
+
+def test_factored_codes_embed_and_predict_colour_and_shape_apart():
+    # image_vocab 18 = 3 colour codes x 6 shape codes, id = c * 6 + g
+    cfg = small_config(image_vocab=18, colour_codes=3)
+    torch.manual_seed(0)
+    prior = Prior(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in prior.parameters())
+    ids = torch.arange(18)
+    emb = prior.image_emb
+    torch.testing.assert_close(emb(ids), emb.colour(ids // 6) + emb.shape(ids % 6))
+    text, image = random_tokens(cfg, batch=3)
+    _, logits = prior(text, image)  # [B, S*S, 18]
+    grid = logits.unflatten(-1, (3, 6))  # [B, n, c, g]
+    # logit(c, g) = colour(c) + shape(g): every colour row is the same shape row plus a constant
+    rows = grid - grid[..., :1]
+    torch.testing.assert_close(rows, rows[..., :1, :].expand_as(rows))
+    # the code's cross-entropy is the sum of its colour's and its shape's, each over its own factor
+    colour = grid.logsumexp(-1).log_softmax(-1)  # log p(c)
+    shape = grid.logsumexp(-2).log_softmax(-1)  # log p(g)
+    expected = -(colour.gather(-1, (image // 6)[..., None]) + shape.gather(-1, (image % 6)[..., None])).mean()
+    torch.testing.assert_close(prior.loss(text, image)["image_loss"], expected)
 
 
 def test_shapes_and_input_errors():

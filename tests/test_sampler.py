@@ -10,9 +10,9 @@ from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, f
 from tests.conftest import DEVICES, assert_close, requires_cuda
 
 
-def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu") -> Prior:
-    cfg = PriorConfig(text_len=text_len, grid=grid, text_vocab=19, image_vocab=13, d_model=32, heads=2,
-                      layers=len(kinds), kernel=3, kinds=tuple(kinds))
+def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu", colour_codes=0) -> Prior:
+    cfg = PriorConfig(text_len=text_len, grid=grid, text_vocab=19, image_vocab=12 if colour_codes else 13,
+                      d_model=32, heads=2, layers=len(kinds), kernel=3, kinds=tuple(kinds), colour_codes=colour_codes)
     torch.manual_seed(seed)
     return Prior(cfg).to(device=device, dtype=dtype).eval()
 
@@ -35,10 +35,12 @@ def test_key_offsets_are_the_mask(kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kinds", [["row"], ["column"], ["conv"], ["causal"], ["row", "column", "row", "conv"]])
-def test_incremental_logits_equal_the_full_forward(kinds, device):
+@pytest.mark.parametrize("kinds, colour_codes", [(["row"], 0), (["column"], 0), (["conv"], 0), (["causal"], 0),
+                                                 (["row", "column", "row", "conv"], 0),
+                                                 (["row", "column", "row", "conv"], 3)])
+def test_incremental_logits_equal_the_full_forward(kinds, colour_codes, device):
     dtype = torch.float64 if device == "cpu" else torch.float32
-    prior = make_prior(kinds, device=device, dtype=dtype)
+    prior = make_prior(kinds, device=device, dtype=dtype, colour_codes=colour_codes)
     cfg = prior.config
     text, image = tokens_for(cfg, device=device)
     with torch.no_grad(), ops.backend("reference"):

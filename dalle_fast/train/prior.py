@@ -68,6 +68,7 @@ def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokeni
     text_len = int(cache.meta["text_len"])
     return PriorConfig.preset(cfg.preset, text_len=text_len, grid=int(cache.meta["grid"]),
                               image_vocab=int(cache.meta["image_vocab"]), text_vocab=tokenizer.bpe_vocab_size,
+                              colour_codes=int(cache.meta.get("colour_codes", 0)),
                               checkpoint_activations=cfg.checkpoint_activations, **overrides)
 
 

@@ -126,9 +126,11 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
         raise ValueError(f"variants must be >= 1, got {variants}")
     meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
             "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
+            "colour_codes": dvae.config.colour_codes,
             "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines"}
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
+        old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
         if {k: old.get(k) for k in meta} == meta:
             return cache
         if "captions" not in old and {k: old.get(k) for k in meta if k != "captions"} == \

@@ -179,6 +179,38 @@ def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dva
         train_prior(tiny(tmp_path / "bad", dvae_checkpoint, null_caption=1.0))
 
 
+def test_factored_dvae_codes_train_a_factored_prior_that_generates(tmp_path):
+    from dalle_fast.pipeline import export_model_folder, generate, load_models
+
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig.preset("tiny", colour_codes=4))
+    path = save_checkpoint(tmp_path / "dvae.safetensors", modules={"model": dvae, "ema": AveragedModel(dvae)},
+                           meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
+    ckpt = train_prior(tiny(tmp_path / "prior", path, steps=2))
+    prior = load_model(ckpt, Prior, PriorConfig)
+    assert prior.config.colour_codes == 4 and prior.config.image_vocab == 256
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["colour_codes"] == 4
+    folder = export_model_folder(tmp_path / "model", dvae=path, prior=ckpt, tokenizer=tmp_path / "prior" / "tokenizer.json")
+    result = generate(load_models(folder), "a red circle", num=2, keep=1, seed=0)
+    assert result.images.shape == (1, 3, 64, 64)
+    # a plain dVAE with a factored prior is refused
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("prior.safetensors", "tokenizer.json"):
+        (plain / name).write_bytes((folder / name).read_bytes())
+    export_model_folder(tmp_path / "plain_src", dvae=_plain_dvae(tmp_path), prior=ckpt,
+                        tokenizer=tmp_path / "prior" / "tokenizer.json")
+    (plain / "dvae.safetensors").write_bytes((tmp_path / "plain_src" / "dvae.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="colour factors"):
+        load_models(plain)
+
+
+def _plain_dvae(tmp_path) -> Path:
+    dvae = DVAE(DVAEConfig.preset("tiny"))
+    return save_checkpoint(tmp_path / "plain_dvae.safetensors", modules={"model": dvae},
+                           meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
+
+
 def test_missing_dvae_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-vae"):
         train_prior(tiny(tmp_path / "run", tmp_path / "nothing.safetensors", cache=""))
