@@ -8,7 +8,8 @@ and the reranker share one tokenizer.
 - text: token + position embeddings, a bidirectional pre-LayerNorm transformer encoder, the
   feature at position 0 (BOS) after a final LayerNorm, a linear projection;
 - image: a conv net of stride-2 stages down to a 4x4 map, flattened (not pooled, so that
-  "left of" and "above" survive), then a linear projection;
+  "left of" and "above" survive), then a linear projection; with `image_encoder="split"` the
+  conv net sees brightness only and a per-pixel colour map joins it (SplitImageEncoder);
 - both embeddings L2-normalised; a learnable logit scale (CLIP: init 1/0.07, at most 100).
 """
 
