@@ -254,7 +254,6 @@ class FactoredCodebook(nn.Module):
         self.colour_codes, self.shape_codes = config.colour_codes, config.shape_codes
         self.colour = _conv(config.colour_codes, config.n_init, 1)
         self.shape = _conv(config.shape_codes, config.n_init, 1)
-        nn.init.zeros_(self.shape.bias)  # one bias: the colour conv's
 
     @property
     def weight(self) -> torch.Tensor:
