@@ -251,7 +251,6 @@ class FactoredCodebook(nn.Module):
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
-        self.colour_codes, self.shape_codes = config.colour_codes, config.shape_codes
         self.colour = _conv(config.colour_codes, config.n_init, 1)
         self.shape = _conv(config.shape_codes, config.n_init, 1)
 

@@ -349,6 +349,11 @@ def select_captions(size: int, num_captions: int, seed: int = 0) -> dict[str, li
 
 
 @torch.no_grad()
+def _pooled(accuracy: dict[str, float], picked: dict[str, list[tuple[int, str]]]) -> float:
+    """The accuracy over all picked captions, from the per-kind ones."""
+    return sum(accuracy[kind] * len(picked[kind]) for kind in KINDS) / sum(len(picked[kind]) for kind in KINDS)
+
+
 def reconstruction_accuracy(dvae, picked: dict[str, list[tuple[int, str]]], batch_size: int = 64) -> dict[str, float]:
     """The share of the picked test images whose dVAE reconstruction, decode(encode(image)), the
     detector still reads as their caption: the ceiling of any prior sampling through this dVAE."""
@@ -365,8 +370,7 @@ def reconstruction_accuracy(dvae, picked: dict[str, list[tuple[int, str]]], batc
             recon = dvae.decode(dvae.encode(images)).float().cpu()
             correct += sum(score_image(r, caption) for r, (_, caption) in zip(recon, chunk))
         accuracy[kind] = correct / len(items)
-    accuracy["all"] = (accuracy["seen"] * len(picked["seen"]) + accuracy["held_out"] * len(picked["held_out"])) / (
-        len(picked["seen"]) + len(picked["held_out"]))
+    accuracy["all"] = _pooled(accuracy, picked)
     return accuracy
 
 
@@ -410,8 +414,7 @@ def reranker_accuracy(models, picked: dict[str, list[tuple[int, str]]]) -> dict[
             scores = reranker.score(ids, image.expand(len(texts), -1, -1, -1))
             correct += bool(scores[0] > scores[1:].max())
         accuracy[kind] = correct / len(picked[kind])
-    accuracy["all"] = (accuracy["seen"] * len(picked["seen"]) + accuracy["held_out"] * len(picked["held_out"])) / (
-        len(picked["seen"]) + len(picked["held_out"]))
+    accuracy["all"] = _pooled(accuracy, picked)
     return accuracy
 
 
