@@ -196,9 +196,13 @@ class FactoredEncoder(nn.Module):
 
     - shape: the conv encoder over the brightness max(r, g, b) alone, so a shape code cannot
       tell a red edge from a green one;
-    - colour: an MLP over the hue around each grid cell (the mean colour over the mean brightness
-      of the cell and its 8 neighbours), which shows neither the shape nor how much of the cell
-      is covered.
+    - colour: a palette over the hue around each grid cell (the mean colour over the mean
+      brightness of the cell and its 8 neighbours), which shows neither the shape nor how much
+      of the cell is covered. Colour logit k is -scale * |hue - palette_k|^2 up to a term that
+      is the same for every k, which is a 1x1 conv over the hue; `fit_palette` starts it at the
+      k-means of the data's hues, so that every colour has its own code from the first step.
+      (An MLP head learned from random init left green between the yellow and the cyan code on
+      shapes: nothing pulls a colour onto a code of its own once a neighbour's code reads it.)
 
     The decoder's codebook is factored the same way (FactoredCodebook): a code's embedding is
     its colour's plus its shape's. A prior over such codes can then draw a colour never seen with
@@ -208,33 +212,75 @@ class FactoredEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.shape = Encoder(dataclasses.replace(config, in_channels=1, vocab=config.shape_codes, colour_codes=0))
-        width = config.n_hid
         # Over the cell and its 8 neighbours: the colour code tells which colour is near, not
         # which cells are covered (a coverage map of the cells would be a coarse shape), so the
         # geometry is the shape codes' alone.
         d = config.downsample
         self.pool = nn.AvgPool2d(3 * d, stride=d, padding=d, count_include_pad=False)
-        self.colour = nn.Sequential(OrderedDict([
-            ("cell_1", _conv(config.in_channels, width, 1)), ("relu_1", nn.ReLU()),
-            ("cell_2", _conv(width, width, 1)), ("relu_2", nn.ReLU()), ("conv", _conv(width, config.colour_codes, 1))]))
+        self.colour = _conv(config.in_channels, config.colour_codes, 1)
 
-    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mapped pixels -> (colour logits (B, Kc, S, S), shape logits (B, Kg, S, S))."""
+    def _check(self, x: torch.Tensor) -> None:
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"encoder input must be (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+
+    def hues(self, x: torch.Tensor) -> torch.Tensor:
+        """Mapped pixels (B, C, H, W) -> the hue around each grid cell (B, C, S, S): the mean
+        colour over the mean brightness, whatever share of the window is covered."""
+        self._check(x)
+        eps = self.config.logit_laplace_eps
+        rgb = ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+        return self.pool(rgb) / (self.pool(rgb.amax(1, keepdim=True)) + _HUE_FLOOR)
+
+    @torch.no_grad()
+    def fit_palette(self, x: torch.Tensor, scale: float, iters: int = 20) -> torch.Tensor:
+        """Start the colour codes at the k-means palette of the hues of mapped pixels x, colour
+        logit k = -scale * |hue - palette_k|^2 (+ a term equal for every k); returns the palette
+        (Kc, C)."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        hues = self.hues(x.float()).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        palette = kmeans(hues, self.config.colour_codes, iters)
+        weight = self.colour.weight
+        weight.copy_((2 * scale * palette).reshape(weight.shape).to(weight.dtype))
+        self.colour.bias.copy_((-scale * palette.pow(2).sum(1)).to(weight.dtype))
+        return palette
+
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mapped pixels -> (colour logits (B, Kc, S, S), shape logits (B, Kg, S, S))."""
+        self._check(x)
         shape = self.shape(x.amax(1, keepdim=True))  # (B, Kg, S, S)
-        rgb = ((x - c.logit_laplace_eps) / (1 - 2 * c.logit_laplace_eps)).clamp(0, 1)
-        # The mean colour over the mean brightness: the hue, whatever share is covered.
-        hue = self.pool(rgb) / (self.pool(rgb.amax(1, keepdim=True)) + _HUE_FLOOR)
-        return self.colour(hue), shape
+        return self.colour(self.hues(x)), shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         colour, shape = self.factors(x)
         return joint_codes(colour, shape)
 
     def output_convs(self) -> list[nn.Conv2d]:
-        return self.shape.output_convs() + [self.colour.conv]
+        return self.shape.output_convs() + [self.colour]
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int = 20) -> torch.Tensor:
+    """Lloyd's k-means of points (N, D) -> centres (k, D), deterministic: the first centre is the
+    point nearest the coordinate-wise median, each next one the point farthest from those chosen
+    (so rare but distinct points, a colour that covers 1% of the cells, get a centre of their
+    own), then `iters` Lloyd steps; a centre left without points stays where it is."""
+    if points.dim() != 2 or points.shape[0] < 1 or k < 1:
+        raise ValueError(f"kmeans needs points (N >= 1, D) and k >= 1, got {tuple(points.shape)} and k={k}")
+    points = points.float()
+    first = (points - points.median(0).values).pow(2).sum(1).argmin()
+    centres = [points[first]]
+    dist = (points - centres[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        centres.append(points[dist.argmax()])
+        dist = torch.minimum(dist, (points - centres[-1]).pow(2).sum(1))
+    centres = torch.stack(centres)
+    for _ in range(iters):
+        assign = torch.cdist(points, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+    return centres
 
 
 def joint_codes(colour: torch.Tensor, shape: torch.Tensor, product: bool = False) -> torch.Tensor:
@@ -411,7 +457,8 @@ class DVAE(nn.Module):
             nll     scalar, batch mean of NLL_i / P
             kl      scalar, batch mean of KL_i / P, NOT multiplied by beta (so runs compare
                     across the beta schedule); loss = nll + beta * kl (+ usage * usage_kl)
-            usage_kl scalar, KL(batch-mean softmax || uniform) in nats (0: every code equally used)
+            usage_kl scalar, KL(batch-mean softmax || uniform) in nats (0: every code equally used);
+                    of the shape codes alone when the codes are factored
             recon   (B, 3, H, W) in [0, 1], the decoder mean of the relaxed sample
             logits  (B, vocab, S, S) encoder logits
             tokens  (B, S, S) their argmax, for codebook usage
@@ -448,8 +495,13 @@ class DVAE(nn.Module):
         nll = logit_laplace_nll(x, out) / pixels  # (B,)
         kl = kl.to(nll.dtype).sum(dim=(1, 2)) / pixels  # (B,)
         loss = (nll + beta * kl).mean()
-        mean_probs = logits.float().softmax(dim=1).mean(dim=(0, 2, 3))  # (vocab,)
-        usage_kl = math.log(self.config.vocab) + (mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+        # With factored codes only the shape codes' usage: pulling the colour codes' towards
+        # uniform spreads the background (most cells) over all of them, which levels the palette's
+        # biases and leaves a colour between two others (green between yellow and cyan) without a
+        # code of its own.
+        usage_logits = shape if self.config.colour_codes else logits
+        mean_probs = usage_logits.float().softmax(dim=1).mean(dim=(0, 2, 3))  # (codes,)
+        usage_kl = math.log(mean_probs.numel()) + (mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
         if usage > 0:
             loss = loss + usage * usage_kl
         # Squared error of the decoder mean in pixel units, unclamped so that saturated wrong

@@ -13,6 +13,7 @@ from dalle_fast.dvae import (
     DVAEConfig,
     codebook_perplexity,
     convert_openai_state_dict,
+    kmeans,
     logit_laplace_nll,
     map_pixels,
     num_params,
@@ -226,6 +227,55 @@ def test_factored_logits_are_colour_plus_shape_and_shape_ignores_hue(factored):
     tokens = factored.encode(torch.cat([red, green]))
     assert torch.equal(tokens % 64, logits.unflatten(1, (4, 64))[:, 0].argmax(1))
     assert torch.equal(tokens[0] % 64, tokens[1] % 64)
+
+
+def test_kmeans_gives_a_rare_distinct_cluster_its_own_centre_and_is_deterministic():
+    gen = torch.Generator().manual_seed(0)
+    corners = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    counts = torch.tensor([900, 60, 30, 10])  # a cluster with 1% of the points still gets a centre
+    points = corners.repeat_interleave(counts, 0) + 0.02 * torch.randn(1000, 3, generator=gen)
+    centres = kmeans(points, 4)
+    assert torch.equal(centres, kmeans(points, 4))
+    nearest = torch.cdist(corners, centres).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(centres[nearest], corners, atol=0.01, rtol=0)
+    # more centres than distinct points: the spare ones sit on points, nothing is NaN
+    spare = kmeans(corners, 6)
+    assert torch.isfinite(spare).all() and (torch.cdist(spare, corners).min(1).values < 1e-6).all()
+    for bad in (torch.zeros(0, 3), torch.zeros(3)):
+        with pytest.raises(ValueError, match="kmeans"):
+            kmeans(bad, 2)
+
+
+def test_fit_palette_gives_each_colour_its_own_code_and_nearest_hue_logits():
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.preset("tiny", colour_codes=4))
+    cfg = model.config
+    colours = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0)]  # green lies between red and yellow's codes
+    x = map_pixels(torch.cat([_square(cfg, rgb) for rgb in colours]))
+    palette = model.encoder.fit_palette(x, scale=10.0)
+    assert palette.shape == (4, 3)
+    with torch.no_grad():
+        colour, _ = model.encoder.factors(x)  # (3, 4, S, S)
+        hues = model.encoder.hues(x)
+    # logit k = -10 |hue - palette_k|^2 up to a term equal for every k
+    distance = -10 * (hues[:, None] - palette[None, :, :, None, None]).pow(2).sum(2)
+    torch.testing.assert_close(colour - colour[:, :1], distance - distance[:, :1], atol=1e-4, rtol=1e-4)
+    centre = cfg.image_size // cfg.downsample // 2  # a cell inside each square
+    codes = colour[:, :, centre, centre].argmax(1)
+    background = colour[:, :, 0, 0].argmax(1)
+    assert len(set(codes.tolist())) == 3 and (background == background[0]).all() and background[0] not in codes
+    with pytest.raises(ValueError, match="scale"):
+        model.encoder.fit_palette(x, scale=0.0)
+
+
+def test_factored_usage_counts_the_shape_codes_only(factored):
+    x = images(factored.config)
+    out = factored.loss(x, tau=1.0, beta=0.0, generator=torch.Generator().manual_seed(0), usage=1.0)
+    with torch.no_grad():
+        _, shape = factored.encoder.factors(map_pixels(x))
+    mean = shape.softmax(1).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(out["usage_kl"], math.log(64) + (mean * mean.log()).sum())
 
 
 def test_factored_codebook_adds_the_colour_and_shape_embeddings(factored):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import IterableDataset
 
 from .. import images as imageio
 from ..data import make_dataset
-from ..dvae import DVAE, DVAEConfig, codebook_perplexity, psnr
+from ..dvae import DVAE, DVAEConfig, codebook_perplexity, map_pixels, psnr
 from . import distributed
 from .loop import RunOptions, TrainingRun, autocast, batches, ema_with_warmup, option as _f
 from .schedules import cosine
@@ -48,7 +49,9 @@ class TrainVAEConfig(RunOptions):
                          "paper; on flat synthetic colours it separates the colours in hundreds of steps instead "
                          "of thousands; 0: off)")
     logit_init: float = _f(1.0, "scale of the encoder's output conv at initialisation (OpenAI's init gives logits "
-                                "of std ~0.1, far under the Gumbel noise's 1.3: the decoder then sees noise)")
+                                "of std ~0.1, far under the Gumbel noise's 1.3: the decoder then sees noise); with "
+                                "--colour-codes also the colour palette's scale (logit margin per squared hue distance)")
+    palette_images: int = _f(256, "with --colour-codes: images whose hues' k-means palette starts the colour codes")
     ema: float = _f(0.999, "EMA decay of the weights used for reconstructions and tokens")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     sample_every: int = _f(250, "steps between reconstruction grids")
@@ -58,12 +61,25 @@ def _images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+def _fit_palette(model: DVAE, dataset, cfg: TrainVAEConfig, info: distributed.DistInfo) -> None:
+    """Start the colour codes at the k-means palette of the hues of `cfg.palette_images` training
+    images (rank 0's; DDP hands its weights to the other ranks)."""
+    n = cfg.palette_images
+    if not isinstance(dataset, IterableDataset):
+        n = min(n, len(dataset) // info.world_size)
+    sample = _images(next(batches(dataset, batch_size=max(1, n), seed=cfg.seed, workers=0, info=info, step=0)))
+    model.encoder.fit_palette(map_pixels(sample.to(info.device).float(), model.config.logit_laplace_eps),
+                              scale=cfg.logit_init)
+
+
 def train_vae(cfg: TrainVAEConfig) -> Path:
     """Run (or resume) a dVAE training; returns the checkpoint path."""
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     if not cfg.logit_init > 0:
         raise ValueError(f"logit_init must be positive, got {cfg.logit_init}")
+    if cfg.palette_images < 1:
+        raise ValueError(f"palette_images must be >= 1, got {cfg.palette_images}")
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)
     model_cfg = DVAEConfig.preset(cfg.preset, colour_codes=cfg.colour_codes)
@@ -73,6 +89,8 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     with torch.no_grad():  # before the EMA copy and before a resumed checkpoint replaces it
         for conv in model.encoder.output_convs():
             conv.weight.mul_(cfg.logit_init)
+    if model_cfg.colour_codes:
+        _fit_palette(model, dataset, cfg, info)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)

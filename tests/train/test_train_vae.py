@@ -53,6 +53,19 @@ def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
         train_vae(tiny(tmp_path / "bad", logit_init=0.0))
 
 
+def test_factored_run_starts_the_colour_codes_at_the_datas_palette(tmp_path):
+    path = train_vae(tiny(tmp_path / "f", steps=1, lr=1e-12, lr_end=1e-12, logit_init=10.0, colour_codes=4,
+                          palette_images=16))
+    weights, _ = read_checkpoint(path)
+    w, b = weights["model.encoder.colour.weight"][:, :, 0, 0], weights["model.encoder.colour.bias"]
+    palette = w / (2 * 10.0)  # logit k = -10 |hue - palette_k|^2 + a term equal for every k
+    torch.testing.assert_close(b, -10.0 * palette.pow(2).sum(1), rtol=1e-4, atol=1e-4)
+    # on shapes (4 centres for 7 hues here): one centre near the black background, others on bright colours
+    assert palette.norm(dim=1).min() < 0.3 and (palette.max(1).values > 0.8).sum() >= 2
+    with pytest.raises(ValueError, match="palette_images"):
+        train_vae(tiny(tmp_path / "bad", colour_codes=4, palette_images=0))
+
+
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
