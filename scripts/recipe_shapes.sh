@@ -8,13 +8,13 @@
 # Environment: RUNS (training run folders, default runs/bundled), MODEL (where the model folder
 # goes, default dalle_fast/assets/model), EVAL (eval-shapes output, default
 # benchmarks/results/eval_shapes_bundled), VAE_STEPS, PRIOR_STEPS, RERANK_STEPS, IMAGES (images in
-# the prior's token cache), EVAL_CAPTIONS, COLOUR_CODES (dVAE codes factored into this many
-# colours x shapes, see train-vae --colour-codes; default 0, plain codes) and USAGE (the dVAE's
-# code-usage weight; default 0.1, 3 with COLOUR_CODES). Every stage resumes where it stopped
-# (--resume), so an interrupted recipe is rerun with the same command.
+# the prior's token cache), EVAL_CAPTIONS (default 100), COLOUR_CODES (dVAE codes factored into
+# this many colours x shapes, see train-vae --colour-codes; default 8; 0: plain codes) and USAGE
+# (the dVAE's code-usage weight; default 3 with COLOUR_CODES, 0.1 without). Every stage resumes
+# where it stopped (--resume), so an interrupted recipe is rerun with the same command.
 #
-#   COLOUR_CODES=8 RUNS=runs/factored MODEL=runs/factored/model EVAL=runs/factored/eval \
-#     bash scripts/recipe_shapes.sh   # the factored model of the README's zero-shot results
+#   COLOUR_CODES=0 RUNS=runs/plain MODEL=runs/plain/model EVAL=runs/plain/eval \
+#     bash scripts/recipe_shapes.sh   # the plain-code model bundled until 2026-11-27
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev.sh setup
@@ -27,8 +27,8 @@ VAE_STEPS=${VAE_STEPS:-1500}
 PRIOR_STEPS=${PRIOR_STEPS:-5000}
 RERANK_STEPS=${RERANK_STEPS:-1500}
 IMAGES=${IMAGES:-20000}
-EVAL_CAPTIONS=${EVAL_CAPTIONS:-50}
-COLOUR_CODES=${COLOUR_CODES:-0}
+EVAL_CAPTIONS=${EVAL_CAPTIONS:-100}
+COLOUR_CODES=${COLOUR_CODES:-8}
 if [ "$COLOUR_CODES" -gt 0 ]; then USAGE=${USAGE:-3}; else USAGE=${USAGE:-0.1}; fi
 
 echo "== 1/6 tokenizer (BPE on the training captions; the prior and the reranker share it)"

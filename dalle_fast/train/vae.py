@@ -29,9 +29,10 @@ class TrainVAEConfig(RunOptions):
     data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
     out: str = _f("runs/dvae", "run folder: checkpoint, metrics.jsonl, reconstruction grids")
     preset: str = _f("small", "model preset (DVAEConfig.preset): paper, small, tiny, ...")
-    colour_codes: int = _f(0, "factor each code into (colour, shape): this many colour codes from per-pixel colour, "
-                              "vocab / this many shape codes from brightness alone (see dvae.FactoredEncoder); "
-                              "0: plain codes. Needs a larger --usage: on shapes with 8 colour codes and --usage 0.1 "
+    colour_codes: int = _f(0, "factor each code into (colour, shape): this many colour codes, a palette over the hue "
+                              "around each cell, and vocab / this many shape codes from brightness alone (see "
+                              "dvae.FactoredEncoder); 0: plain codes. --usage then counts the shape codes and needs "
+                              "to be larger: on shapes with 8 colour codes and --usage 0.1 "
                               "the shape codes collapsed to one within 40 steps, with 3 they did not")
     steps: int = _f(2000, "total optimizer steps")
     batch_size: int = _f(32, "images per step per process")
