@@ -219,16 +219,13 @@ class FactoredEncoder(nn.Module):
         self.pool = nn.AvgPool2d(3 * d, stride=d, padding=d, count_include_pad=False)
         self.colour = _conv(config.in_channels, config.colour_codes, 1)
 
-    def _check(self, x: torch.Tensor) -> None:
-        c = self.config
-        if x.dim() != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"encoder input must be (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
-
     def hues(self, x: torch.Tensor) -> torch.Tensor:
         """Mapped pixels (B, C, H, W) -> the hue around each grid cell (B, C, S, S): the mean
         colour over the mean brightness, whatever share of the window is covered."""
-        self._check(x)
-        eps = self.config.logit_laplace_eps
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"encoder input must be (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        eps = c.logit_laplace_eps
         rgb = ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
         return self.pool(rgb) / (self.pool(rgb.amax(1, keepdim=True)) + _HUE_FLOOR)
 
@@ -248,9 +245,8 @@ class FactoredEncoder(nn.Module):
 
     def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mapped pixels -> (colour logits (B, Kc, S, S), shape logits (B, Kg, S, S))."""
-        self._check(x)
-        shape = self.shape(x.amax(1, keepdim=True))  # (B, Kg, S, S)
-        return self.colour(self.hues(x)), shape
+        colour = self.colour(self.hues(x))  # (B, Kc, S, S); checks x
+        return colour, self.shape(x.amax(1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         colour, shape = self.factors(x)

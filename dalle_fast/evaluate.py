@@ -348,12 +348,12 @@ def select_captions(size: int, num_captions: int, seed: int = 0) -> dict[str, li
                      f"held-out items, fewer than {num_captions} of each")
 
 
-@torch.no_grad()
 def _pooled(accuracy: dict[str, float], picked: dict[str, list[tuple[int, str]]]) -> float:
     """The accuracy over all picked captions, from the per-kind ones."""
     return sum(accuracy[kind] * len(picked[kind]) for kind in KINDS) / sum(len(picked[kind]) for kind in KINDS)
 
 
+@torch.no_grad()
 def reconstruction_accuracy(dvae, picked: dict[str, list[tuple[int, str]]], batch_size: int = 64) -> dict[str, float]:
     """The share of the picked test images whose dVAE reconstruction, decode(encode(image)), the
     detector still reads as their caption: the ceiling of any prior sampling through this dVAE."""
