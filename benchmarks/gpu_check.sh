@@ -9,11 +9,15 @@
 #                                         build, CUDA tests, D=64 attention, Gumbel, sampling and
 #                                         its profile, sanitizer, then attention at B=32 and
 #                                         D=128 while time is left (with DEADLINE)
+#   bash benchmarks/gpu_check.sh open     one call for what the open issues (4: Gumbel, 7: sampling)
+#                                         still need: build, the Gumbel / decode / sampler / prior
+#                                         CUDA tests, Gumbel, sampling and its profile, sanitizer
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
-# runs only the decode and sampler CUDA tests (after a change to those alone).
+# runs only the decode and sampler CUDA tests (after a change to those alone); tests_open, the
+# CUDA tests of the Gumbel op, decode, sampler and prior (the open issues' code).
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
@@ -31,8 +35,9 @@ case "${1:-all}" in
   first) default="build tests sanitize attention" ;;
   second) default="attention_d128 attention_b32 gumbel sampling profile_sampling" ;;
   session) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
+  open) default="build tests_open gumbel sampling profile_sampling sanitize" ;;
   all) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
-  *) echo "usage: $0 [first|second|session|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [first|second|session|open|all]" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default}
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -63,8 +68,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} \
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DALLE_FAST_CUDA=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -e .
-step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py; a=\$?; \
+step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py; a=\$?; \
   '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+step tests_open 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_gumbel_cuda.py; a=\$?; \
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
 step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/test_sampler.py -k cuda
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"

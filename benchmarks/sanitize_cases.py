@@ -27,10 +27,15 @@ def main() -> None:
                            for shape in ((D,), (7 + 25, D), (7 + 25, D)))
                 for g in (0, 12, 24):
                     ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7)
-        logits = torch.randn(2, 37, 5, 3, device="cuda", requires_grad=True)
-        y, kl = ops.gumbel_softmax_kl(logits, 0.7)
-        (y.sum() + kl.sum()).backward()
-        ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
+        # Gumbel: the one-read cluster kernel (one block per cluster, 16 blocks with a short last
+        # one, 33 positions: a partial tile) and the two-sweep kernel (hard, contiguous vocabulary).
+        for shape in ((2, 37, 5, 3), (1, 8190, 33), (2, 5000, 3, 3)):
+            logits = torch.randn(*shape, device="cuda", requires_grad=True)
+            y, kl = ops.gumbel_softmax_kl(logits, 0.7)
+            (y.sum() + kl.sum()).backward()
+            ops.gumbel_softmax(logits.detach().bfloat16(), 1.0)
+            ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
+            ops.gumbel_softmax(logits.detach().transpose(1, -1), 1.0, dim=-1)
     torch.cuda.synchronize()
     print("ok")
 

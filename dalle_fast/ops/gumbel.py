@@ -7,8 +7,10 @@ comes from PyTorch's generator (the given one or the default of the logits' devi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 
 import torch
 
@@ -34,6 +36,23 @@ def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generato
         if generator.device.type != logits.device.type:
             raise ValueError(f"generator is on {generator.device}, logits on {logits.device}")
     return dim
+
+
+@contextlib.contextmanager
+def cuda_one_read_kernel(enabled: bool):
+    """Inside: whether CUDA soft samples may take the one-read cluster kernel (sm_90, a strided
+    softmax dimension of at most 8192 entries) or always run the two-sweep kernel; both give the
+    formula on the same noise. Sets DALLE_FAST_GUMBEL_RESIDENT, which the kernels read at every
+    call; for comparing the two paths (benchmarks, tests), not thread-safe."""
+    old = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
+    os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DALLE_FAST_GUMBEL_RESIDENT"]
+        else:
+            os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = old
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: bool = False,

@@ -23,6 +23,12 @@ enum class GumbelDType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // errors raised while the kernel runs surface at the next synchronising call, as usual).
 const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream);
 
+// The one-read forward (gumbel_fwd_resident.cu), which gumbel_forward tries first: returns false
+// when it does not apply (hard sample, inner == 1, vocab over 8192, a device before sm_90, no
+// cluster fits, or DALLE_FAST_GUMBEL_RESIDENT=0); else enqueues it and sets *err as
+// gumbel_forward's return.
+bool gumbel_forward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err);
+
 // Enqueues the backward on `stream`: fills p.grad_logits from p.grad_y, p.grad_kl (optional),
 // the soft sample p.y_soft or, when it is null, the one recomputed from p.logits and the noise of
 // the (seed, offset) at p.rng_in (device memory). Same return convention as gumbel_forward.
@@ -128,6 +134,17 @@ __device__ __forceinline__ SeedOffset unpack(const PhiloxSource& s) {
   if (s.seed_ptr != nullptr)
     return {static_cast<uint64_t>(*s.seed_ptr), static_cast<uint64_t>(*s.offset_ptr) + s.offset_extra};
   return {s.seed, s.offset};
+}
+
+// The forward's (seed, offset), which thread 0 of block 0 also records in p.rng_state for the
+// backward and gumbel_noise.
+__device__ __forceinline__ SeedOffset take_seed_offset(const GumbelParams& p) {
+  const SeedOffset so = unpack(p.rng);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_state[0] = static_cast<int64_t>(so.seed);
+    p.rng_state[1] = static_cast<int64_t>(so.offset);
+  }
+  return so;
 }
 
 // ---- Online statistics ---------------------------------------------------------------------

@@ -7,7 +7,9 @@
 //      the splits' statistics are combined by warp shuffles / shared memory.
 //   2. soft: reload x, redraw the same g, write y = exp(z - max) / sum; hard: write the one-hot
 //      (no loads, no noise).
-// The noise is never stored; sweep 2 recomputes it.
+// The noise is never stored; sweep 2 recomputes it. gumbel_forward first offers the call to the
+// one-read cluster kernel (gumbel_fwd_resident.cu), which takes soft samples of strided
+// vocabularies up to 8192 entries on sm_90; everything else runs here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,11 +48,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
   extern __shared__ __align__(16) unsigned char smem_raw[];
   FwdStats* smem = reinterpret_cast<FwdStats*>(smem_raw);
   const Layout l = thread_layout<kSplitFast>(splits);
-  const SeedOffset so = unpack(p.rng);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.rng_state[0] = static_cast<int64_t>(so.seed);
-    p.rng_state[1] = static_cast<int64_t>(so.offset);
-  }
+  const SeedOffset so = take_seed_offset(p);
 
   const int64_t V = p.vocab, inner = p.inner, positions = p.outer * p.inner, J = (V + 3) / 4;
   const T* logits = static_cast<const T*>(p.logits);
@@ -180,6 +178,8 @@ const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_
   if (p.logits == nullptr || p.y == nullptr || p.rng_state == nullptr || (p.with_kl && p.kl == nullptr))
     return "gumbel_softmax_fwd: missing buffer";
   if (!(p.tau > 0.0f)) return "gumbel_softmax_fwd: tau must be positive";
+  const char* err = nullptr;
+  if (gumbel_forward_resident(p, dtype, stream, &err)) return err;
   switch (dtype) {
     case GumbelDType::Float32:
       return launch_forward<float>(p, stream);
