@@ -27,6 +27,10 @@ def main() -> None:
                            for shape in ((D,), (7 + 25, D), (7 + 25, D)))
                 for g in (0, 12, 24):
                     ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7)
+            # the fast kernel's loop over key groups (256 keys per group at D = 128)
+            q, k, v = (torch.randn(2, 3, *shape, generator=gen).to("cuda", torch.bfloat16)
+                       for shape in ((128,), (300 + 25, 128), (300 + 25, 128)))
+            ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(24, device="cuda"), 300)
         # Gumbel: the one-read cluster kernel (one block per cluster, 16 blocks with a short last
         # one, 33 positions: a partial tile) and the two-sweep kernel (hard, contiguous vocabulary).
         for shape in ((2, 37, 5, 3), (1, 8190, 33), (2, 5000, 3, 3)):

@@ -119,6 +119,24 @@ def test_cuda_kernels_match_reference(kind, B, H, T, S, D, kernel, where, dtype,
                                msg=lambda m: f"{kind} T={T} S={S} g={g} D={D} {dtype} padded={padded_rows}: {m}")
 
 
+@requires_cuda
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_fast_kernel_over_several_key_groups(kind, D):
+    # The fast kernel loads the keys of 8 rounds at once (1024, 512, 256 keys at D = 32, 64, 128)
+    # and loops over such groups: a text prefix longer than one group takes the loop.
+    T = {32: 1100, 64: 600, 128: 300}[D]
+    S, g = 5, 17
+    q, k, v, g_t = make_step(2, 3, T, S, D, g, torch.bfloat16, device="cuda", seed=D)
+    k[:, :, T + g + 1:] = float("nan")
+    v[:, :, T + g + 1:] = float("nan")
+    offsets = key_offsets(kind, S, 3).cuda()
+    with ops.backend("cuda"):
+        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+    want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{kind} D={D}: {m}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q_may_be_a_strided_view(device, dtype):
