@@ -80,7 +80,7 @@ def check_ours(x: torch.Tensor, tau: float) -> dict:
 
 
 def ours_two_sweep(t: torch.Tensor, tau: float) -> torch.Tensor:
-    """Ours on the two-sweep CUDA kernel: the same-run baseline of the one-read cluster kernel."""
+    """Ours on the two-sweep CUDA kernels: the same-run baseline of the one-read cluster kernels."""
     with cuda_one_read_kernel(False):
         return ops.gumbel_softmax(t, tau, dim=1)
 

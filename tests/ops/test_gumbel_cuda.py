@@ -1,9 +1,10 @@
 """The fused Gumbel-softmax on CUDA (skipped without a GPU).
 
-Soft samples of logits whose softmax dimension is strided (inner > 1) with at most 8192 entries
-run the one-read cluster kernel on sm_90 (gumbel_fwd_resident.cu); hard samples, contiguous
-vocabularies, larger ones, and every call under DALLE_FAST_GUMBEL_RESIDENT=0 (read at every
-call) run the two-sweep kernel (gumbel_fwd.cu). Both are held to the formula on the same noise.
+Soft samples of logits whose softmax dimension is strided (inner > 1) with at most 8192 entries,
+and their backward, run the one-read cluster kernels on sm_90 (gumbel_fwd_resident.cu,
+gumbel_bwd_resident.cu); hard samples, contiguous vocabularies, larger ones, and every call
+under DALLE_FAST_GUMBEL_RESIDENT=0 (read at every call) run the two-sweep kernels. Both are held
+to the formula on the same noise.
 """
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from dalle_fast.ops import reference
 from dalle_fast.ops.gumbel import cuda_one_read_kernel
 from tests.conftest import requires_cuda, requires_kernels
-from tests.ops.test_gumbel import close, fwd, noise_of
+from tests.ops.test_gumbel import bwd, check_backward, close, fwd, noise_of
 
 pytestmark = [requires_kernels, requires_cuda]
 
@@ -35,11 +36,14 @@ def sample(x, tau, dim, with_kl, seed, resident=True):
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**20))
 def test_cuda_forward_matches_formula_on_same_noise(shape_dim, tau, dtype, seed):
     shape, dim = shape_dim
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 3).to("cuda", dtype)
     y, kl, state = sample(x, tau, dim, True, seed)
-    yr, klr = reference.gumbel_softmax_kl(x.float(), tau, dim, noise=noise_of(x, state, dim))
+    xr = x.float().requires_grad_()
+    yr, klr = reference.gumbel_softmax_kl(xr, tau, dim, noise=noise_of(x, state, dim))
     close(y, yr, dtype, "y")
     close(kl, klr, dtype, "kl")
+    check_backward(x, y, kl, state, xr, yr, klr, tau, dim, gen)
     y_plain, _, state_plain = sample(x, tau, dim, False, seed)
     assert torch.equal(state_plain, state)
     assert torch.equal(y_plain, y), "the KL statistics changed the sample"
@@ -54,6 +58,13 @@ def test_cuda_resident_and_two_sweep_paths_agree(shape_dim):
     assert torch.equal(s1, s2)
     torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kl1, kl2, atol=1e-6, rtol=1e-5)
+    dy, dkl = torch.randn_like(x), torch.randn_like(kl1)
+    grads = []
+    for resident in (True, False):
+        with cuda_one_read_kernel(resident):
+            grads.append([bwd(dy, dkl, x, y1, s1, 0.7, dim, False), bwd(dy, None, x, y1, s1, 0.7, dim, False)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_cuda_resident_extreme_and_infinite_logits():

@@ -6,6 +6,8 @@
 //   1. sum y dy (saved y), or the online normaliser of z together with sum exp(z - m) dy
 //      (recomputed y), and the KL statistics of x; combined across the splits.
 //   2. reload, recompute y where needed, write grad_logits.
+// gumbel_backward first offers the call to the one-read cluster kernel (gumbel_bwd_resident.cu),
+// which takes a soft forward's backward for strided vocabularies up to 8192 entries on sm_90.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -186,6 +188,8 @@ const char* gumbel_backward(const GumbelParams& p, GumbelDType dtype, cudaStream
       (p.y_soft == nullptr && p.rng_in == nullptr))
     return "gumbel_softmax_bwd: missing buffer";
   if (!(p.tau > 0.0f)) return "gumbel_softmax_bwd: tau must be positive";
+  const char* err = nullptr;
+  if (gumbel_backward_resident(p, dtype, stream, &err)) return err;
   switch (dtype) {
     case GumbelDType::Float32:
       return launch_backward<float>(p, stream);

@@ -23,11 +23,14 @@ enum class GumbelDType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // errors raised while the kernel runs surface at the next synchronising call, as usual).
 const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream);
 
-// The one-read forward (gumbel_fwd_resident.cu), which gumbel_forward tries first: returns false
-// when it does not apply (hard sample, inner == 1, vocab over 8192, a device before sm_90, no
-// cluster fits, or DALLE_FAST_GUMBEL_RESIDENT=0); else enqueues it and sets *err as
-// gumbel_forward's return.
+// The one-read kernels in the cluster layout of gumbel_cluster.h, which gumbel_forward and
+// gumbel_backward try first: they return false when they do not apply (a hard sample, inner == 1,
+// vocab over 8192, a device before sm_90, too few clusters resident, or
+// DALLE_FAST_GUMBEL_RESIDENT=0), else enqueue the kernel and set *err as those functions return.
+// The forward takes soft samples (gumbel_fwd_resident.cu), the backward those of a soft forward,
+// with y saved (gumbel_bwd_resident.cu).
 bool gumbel_forward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err);
+bool gumbel_backward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err);
 
 // Enqueues the backward on `stream`: fills p.grad_logits from p.grad_y, p.grad_kl (optional),
 // the soft sample p.y_soft or, when it is null, the one recomputed from p.logits and the noise of

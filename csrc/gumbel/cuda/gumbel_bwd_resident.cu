@@ -1,0 +1,152 @@
+// CUDA fused Gumbel-softmax backward that reads its inputs once, for a soft forward (the sample y
+// saved) of logits in the cluster layout of gumbel_cluster.h (strided softmax dimension, at most
+// 8192 long):
+//   grad_v = y_v (dy_v - sum_u y_u dy_u) / tau
+//          + gkl p_v (log p_v - sum_u p_u log p_u)      (when grad_kl is given; p = softmax(x))
+// The two-sweep kernel (gumbel_bwd.cu) reads y and dy (and x) twice: once for the sums, once for
+// the gradient. Here a thread keeps its y in registers and its dy (and x) in shared memory
+// (64 KB per block, 128 KB with the KL term), the cluster combines each position's sum y dy (and
+// the KL statistics of x), and the gradient is written from the cache.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../gumbel_params.h"
+#include "gumbel_cluster.h"
+#include "gumbel_cuda.h"
+
+namespace dalle_fast::cuda {
+
+namespace {
+
+using namespace gumbel_detail;
+using namespace gumbel_cluster;
+
+struct Part {
+  float dot;  // sum y dy
+  Kl kl;
+};
+
+struct PartMerge {
+  __device__ __forceinline__ Part operator()(const Part& a, const Part& b) const {
+    return {__fadd_rn(a.dot, b.dot), kl_merge(a.kl, b.kl)};
+  }
+};
+
+// Shared memory of the cache: [kQuads][kThreads] float4 of dy, then (kKl) the same of x; thread
+// t's quad i at i * kThreads + t, so a warp's accesses are consecutive 16-byte words.
+template <bool kKl>
+constexpr size_t cache_bytes() {
+  return size_t(kKl ? 2 : 1) * kQuads * kThreads * sizeof(float4);
+}
+
+template <class T, bool kKl>
+__global__ void __launch_bounds__(kThreads, 1)
+    resident_backward_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ float4 cache[];
+  __shared__ Exchange<Part> ex;
+  float4* const dy_cache = cache;
+  float4* const x_cache = cache + kQuads * kThreads;  // kKl only
+  cg::cluster_group cluster = cg::this_cluster();
+  const int64_t V = p.vocab, inner = p.inner;
+  const Place pl = place(cluster, p, quads_per_block);
+  const T* logits = static_cast<const T*>(p.logits);
+  const T* dy_ptr = static_cast<const T*>(p.grad_y);
+  const T* ys_ptr = static_cast<const T*>(p.y_soft);
+  T* grad = static_cast<T*>(p.grad_logits);
+  const int t = static_cast<int>(threadIdx.x);
+
+  int parity = 0;
+  for (int64_t tile = pl.cluster_id; tile < pl.tiles; tile += pl.clusters, parity ^= 1) {
+    const auto [pos, valid, base] = pl.at(tile, p);
+
+    float ys[kQuads][4];
+    Part part{0.0f, kl_identity()};
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const int n = pl.count(i, valid, V);
+      const int64_t at = base + 4 * pl.quad(i) * inner;
+      float dy[4];
+      load4<false>(ys_ptr + at, inner, n, ys[i]);
+      load4<false>(dy_ptr + at, inner, n, dy);
+      dy_cache[i * kThreads + t] = make_float4(dy[0], dy[1], dy[2], dy[3]);
+      if constexpr (kKl) {
+        float x[4];
+        load4<false>(logits + at, inner, n, x);
+        x_cache[i * kThreads + t] = make_float4(x[0], x[1], x[2], x[3]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          if (k < n) kl_add(part.kl, x[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (k < n) part.dot += ys[i][k] * dy[k];
+    }
+    const Part tot = combine(ex, part, pl, parity, cluster, PartMerge{});
+
+    const int64_t stride = opaque(inner);
+    if (valid) {
+      float gkl = 0.0f, log_s = 0.0f, plogp = 0.0f;
+      if constexpr (kKl) {
+        gkl = to_float(static_cast<const T*>(p.grad_kl)[pos]);
+        log_s = logf(tot.kl.sx);
+        plogp = tot.kl.tx / tot.kl.sx - log_s;
+      }
+#pragma unroll
+      for (int i = 0; i < kQuads; ++i) {
+        const int n = pl.count(i, valid, V);
+        if (n > 0) {
+          const float4 d4 = dy_cache[i * kThreads + t];
+          const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
+          float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          if constexpr (kKl) {
+            const float4 x4 = x_cache[i * kThreads + t];
+            x[0] = x4.x, x[1] = x4.y, x[2] = x4.z, x[3] = x4.w;
+          }
+          float out[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            float gv = ys[i][k] * (dy[k] - tot.dot) * inv_tau;
+            if constexpr (kKl) {
+              const float logp = x[k] - tot.kl.mx - log_s;
+              const float pv = expf(logp);
+              gv += pv > 0.0f ? gkl * pv * (logp - plogp) : 0.0f;
+            }
+            out[k] = gv;
+          }
+          store4<false>(grad + base + 4 * pl.quad(i) * stride, stride, n, out);
+        }
+      }
+    }
+  }
+  cluster.sync();  // no block may leave while another still reads its block_part
+#endif
+}
+
+template <class T>
+bool launch_as(const GumbelParams& p, cudaStream_t stream, const char** err) {
+  if (p.grad_kl != nullptr) return launch<resident_backward_kernel<T, true>>(p, cache_bytes<true>(), stream, err);
+  return launch<resident_backward_kernel<T, false>>(p, cache_bytes<false>(), stream, err);
+}
+
+}  // namespace
+
+bool gumbel_backward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err) {
+  *err = nullptr;
+  if (!gumbel_cluster::enabled() || p.y_soft == nullptr || !gumbel_cluster::fits(p)) return false;
+  switch (dtype) {
+    case GumbelDType::Float32:
+      return launch_as<float>(p, stream, err);
+    case GumbelDType::Float16:
+      return launch_as<__half>(p, stream, err);
+    case GumbelDType::BFloat16:
+      return launch_as<__nv_bfloat16>(p, stream, err);
+  }
+  return false;
+}
+
+}  // namespace dalle_fast::cuda

@@ -1,0 +1,221 @@
+// The thread-block-cluster layout shared by the one-read Gumbel kernels (gumbel_fwd_resident.cu,
+// gumbel_bwd_resident.cu), for logits whose softmax dimension is strided (inner > 1) and at
+// most kMaxVocab long:
+//   - a cluster of C blocks (sm_90 thread-block clusters, C <= 16) owns a tile of 32 adjacent
+//     positions; block r takes the vocabulary quads [r * Qc, (r + 1) * Qc), warp w of a block
+//     the quads w, w + kWarps, ... of those (at most kQuads), and lane l position l of the tile,
+//     so a warp reads 32 adjacent positions of one vocabulary row (coalesced);
+//   - a thread keeps its values of the tile in registers (or shared memory), so each element is
+//     read once; the per-position statistics are combined over the warps in shared memory, then
+//     over the cluster's blocks through distributed shared memory, every block in the same rank
+//     order, so all threads of a position get the same bits.
+// Sizes: 512 threads of at most 128 registers, one block per SM; 32 cached floats per thread is
+// what fits the forward without spills (64 spilled ~500 bytes), so V = 8192 takes clusters of 16
+// blocks, a size sm_90 allows only as non-portable. Where the device cannot keep clusters on at
+// least 3/4 of its SMs (small GPCs), the callers run the two-sweep kernels instead.
+// DALLE_FAST_GUMBEL_RESIDENT=0 in the environment turns these kernels off (read at every call).
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../gumbel_params.h"
+#include "gumbel_cuda.h"
+
+namespace dalle_fast::cuda::gumbel_cluster {
+
+using gumbel_detail::kWarp;
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = 16;                // warps per block
+constexpr int kThreads = kWarps * kWarp;  // 512: one block per SM with up to 128 registers
+constexpr int kQuads = 8;                 // quads (4 vocabulary entries) per thread: 32 values
+constexpr int kMaxCluster = 16;           // the largest cluster sm_90 allows (non-portable over 8)
+constexpr int64_t kQuadsPerBlock = int64_t(kWarps) * kQuads;
+constexpr int64_t kMaxVocab = kMaxCluster * kQuadsPerBlock * 4;  // 8192
+
+// ---- Device ---------------------------------------------------------------------------------
+// A thread's position in one tile: its flat index, whether it exists, and where its vocabulary
+// starts in the [outer, vocab, inner] logits.
+struct TilePos {
+  int64_t pos;
+  bool valid;
+  int64_t base;
+};
+
+// A thread's place in the cluster layout. Its cluster takes tiles cluster_id, cluster_id +
+// clusters, ... of `tiles`.
+struct Place {
+  int lane, warp, rank, csize;
+  int64_t q_first;  // the thread's first quad
+  int64_t q_end;    // end of its block's quads
+  int64_t clusters, cluster_id, tiles;
+
+  __device__ __forceinline__ TilePos at(int64_t tile, const GumbelParams& p) const {
+    const int64_t pos = tile * kWarp + lane;
+    const bool valid = pos < p.outer * p.inner;
+    return {pos, valid, valid ? (pos / p.inner) * p.vocab * p.inner + pos % p.inner : 0};
+  }
+
+  __device__ __forceinline__ int64_t quad(int i) const { return q_first + int64_t(i) * kWarps; }
+  // Entries of the thread's quad i at a position: 0 past the vocabulary, the block's range or the
+  // positions (valid false).
+  __device__ __forceinline__ int count(int i, bool valid, int64_t V) const {
+    const int64_t q = quad(i);
+    if (!valid || q >= q_end) return 0;
+    return V - 4 * q < 4 ? static_cast<int>(V - 4 * q) : 4;
+  }
+};
+
+__device__ __forceinline__ Place place(const cg::cluster_group& cluster, const GumbelParams& p,
+                                       int64_t quads_per_block) {
+  const int64_t J = (p.vocab + 3) / 4;
+  Place pl;
+  pl.rank = static_cast<int>(cluster.block_rank());
+  pl.csize = static_cast<int>(cluster.num_blocks());
+  pl.lane = static_cast<int>(threadIdx.x) % kWarp;
+  pl.warp = static_cast<int>(threadIdx.x) / kWarp;
+  pl.q_first = pl.rank * quads_per_block + pl.warp;
+  pl.q_end = (pl.rank + 1) * quads_per_block < J ? (pl.rank + 1) * quads_per_block : J;
+  pl.clusters = gridDim.x / pl.csize;
+  pl.cluster_id = blockIdx.x / pl.csize;
+  pl.tiles = (p.outer * p.inner + kWarp - 1) / kWarp;
+  return pl;
+}
+
+// Shared memory of the combination: per warp, per block (by tile parity: the other blocks of the
+// cluster read it), and the position totals.
+template <class Part>
+struct Exchange {
+  Part warp_part[kWarps][kWarp];
+  Part block_part[2][kWarp];
+  Part total[kWarp];
+};
+
+// Every thread's `part` combined over its position's threads in the cluster (warps in order,
+// then blocks in rank order): the same bits in every block. Call from all threads of all blocks
+// of the cluster once per tile, alternating `parity`. Contains block and cluster barriers; after
+// the last tile, the kernel must cluster.sync() once more before it exits (other blocks may still
+// read its block_part).
+template <class Part, class Merge>
+__device__ __forceinline__ Part combine(Exchange<Part>& ex, const Part& part, const Place& pl, int parity,
+                                        cg::cluster_group& cluster, Merge merge) {
+  ex.warp_part[pl.warp][pl.lane] = part;
+  __syncthreads();
+  if (pl.warp == 0) {
+    Part acc = ex.warp_part[0][pl.lane];
+    for (int w = 1; w < kWarps; ++w) acc = merge(acc, ex.warp_part[w][pl.lane]);
+    ex.block_part[parity][pl.lane] = acc;
+  }
+  // Publishes every block's block_part[parity] to the cluster. The blocks write the other parity
+  // for the next tile, which is only read after the next sync; this parity is rewritten two tiles
+  // on, after every block has passed the next sync, so after its reads below.
+  cluster.sync();
+  if (pl.warp == 0) {
+    Part acc = *cluster.map_shared_rank(&ex.block_part[parity][pl.lane], 0);
+    for (int r = 1; r < pl.csize; ++r) acc = merge(acc, *cluster.map_shared_rank(&ex.block_part[parity][pl.lane], r));
+    ex.total[pl.lane] = acc;
+  }
+  __syncthreads();
+  return ex.total[pl.lane];
+}
+
+// The row offsets of a tile are recomputed from an opaque copy of the stride after the
+// combination: kept from the loads, they would take registers the cached values need.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
+// ---- Host -----------------------------------------------------------------------------------
+// DALLE_FAST_GUMBEL_RESIDENT=0 keeps every call on the two-sweep kernels; read at every call, so a
+// benchmark can time both paths in one process.
+inline bool enabled() {
+  const char* value = std::getenv("DALLE_FAST_GUMBEL_RESIDENT");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+// Whether logits of this shape fit the layout.
+inline bool fits(const GumbelParams& p) { return p.inner > 1 && p.vocab <= kMaxVocab; }
+
+// A launch of `clusters` clusters of `csize` blocks with `smem` dynamic shared memory on `stream`;
+// cfg points at attr.
+inline void launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, int csize, int64_t clusters,
+                          size_t smem, cudaStream_t stream) {
+  attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(csize);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * csize));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+}
+
+// Clusters of `csize` blocks of Kernel (with `smem` dynamic shared memory, the same at every call)
+// the device keeps resident at once (0: none fits), asked once per (device, cluster size) and
+// kept; entries hold that count + 1, 0 for not asked. Sets the kernel's attributes on the way.
+template <auto Kernel>
+int active_clusters(int device, int csize, size_t smem) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices][kMaxCluster + 1];  // static storage: zero-initialised
+  if (device < 0 || device >= kDevices) return 0;
+  const int known = cache[device][csize].load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  launch_config(cfg, attr, csize, 1, smem, nullptr);
+  int n = 0;
+  cudaError_t e = cudaSuccess;
+  if (csize > 8) e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (e == cudaSuccess && smem > 48 * 1024)
+    e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess || cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the caller falls back to the two-sweep kernel
+    n = 0;
+  }
+  cache[device][csize].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
+// Enqueues Kernel(p, quads_per_block, inv_tau) over the positions of p in clusters; returns false
+// (nothing enqueued) where the layout does not apply: a device before sm_90, or one that keeps
+// clusters on fewer than 3/4 of its SMs. Else sets *err to the launch error or nullptr.
+template <auto Kernel>
+bool launch(const GumbelParams& p, size_t smem, cudaStream_t stream, const char** err) {
+  int device = 0, major = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (major < 9) return false;
+  const int64_t J = (p.vocab + 3) / 4;
+  const int csize = static_cast<int>((J + kQuadsPerBlock - 1) / kQuadsPerBlock);
+  const int64_t quads_per_block = (J + csize - 1) / csize;
+  const int active = active_clusters<Kernel>(device, csize, smem);
+  if (active <= 0 || int64_t(active) * csize * 4 < int64_t(sms) * 3) return false;
+  const int64_t tiles = (p.outer * p.inner + kWarp - 1) / kWarp;
+  const int64_t clusters = tiles < active ? tiles : active;
+
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  launch_config(cfg, attr, csize, clusters, smem, stream);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, Kernel, p, quads_per_block, 1.0f / p.tau);
+  *err = e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return true;
+}
+
+}  // namespace dalle_fast::cuda::gumbel_cluster
+#endif  // __CUDACC__
