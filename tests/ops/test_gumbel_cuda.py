@@ -1,6 +1,6 @@
 """The fused Gumbel-softmax on CUDA (skipped without a GPU).
 
-Soft samples of logits whose softmax dimension is strided (inner > 1) with at most 8192 entries,
+Soft samples of logits whose softmax dimension is strided (inner > 1) with at most 16384 entries,
 and their backward, run the one-read cluster kernels on sm_90 (gumbel_fwd_resident.cu,
 gumbel_bwd_resident.cu); hard samples, contiguous vocabularies, larger ones, and every call
 under DALLE_FAST_GUMBEL_RESIDENT=0 (read at every call) run the two-sweep kernels. Both are held
@@ -19,11 +19,13 @@ from tests.ops.test_gumbel import bwd, check_backward, close, fwd, noise_of
 
 pytestmark = [requires_kernels, requires_cuda]
 
-# (shape, dim): the dVAE's vocabulary (one cluster of 16 blocks), uneven splits of it over the
-# cluster, a vocabulary that is not a multiple of 4, positions that are not a multiple of the
-# 32-position tile, one over the resident limit, and contiguous vocabularies.
+# (shape, dim): the dVAE's vocabulary (the forward in a cluster of 8 blocks, the backward with the
+# KL term in 16), uneven splits of a vocabulary over the cluster, one that is not a multiple of 4,
+# positions that are not a multiple of the 32-position tile, non-portable cluster sizes (9 to 16
+# blocks; over 16 for the KL backward, which then runs the two-sweep kernel), one over every
+# one-read limit, and contiguous vocabularies (two-sweep).
 SHAPES = [((2, 8192, 3, 5), 1), ((1, 8190, 33), 1), ((3, 5000, 2, 7), 1), ((2, 40, 8, 8), 1), ((4, 129, 31), 1),
-          ((2, 513, 64), 1), ((1, 8193, 2, 3), 1), ((3, 6, 5, 300), 3), ((5, 2, 7), 0)]
+          ((2, 513, 64), 1), ((1, 12003, 2, 3), 1), ((1, 16385, 3), 1), ((3, 6, 5, 300), 3), ((5, 2, 7), 0)]
 
 
 def sample(x, tau, dim, with_kl, seed, resident=True):

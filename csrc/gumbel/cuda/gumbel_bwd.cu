@@ -7,7 +7,8 @@
 //      (recomputed y), and the KL statistics of x; combined across the splits.
 //   2. reload, recompute y where needed, write grad_logits.
 // gumbel_backward first offers the call to the one-read cluster kernel (gumbel_bwd_resident.cu),
-// which takes a soft forward's backward for strided vocabularies up to 8192 entries on sm_90.
+// which takes a soft forward's backward for strided vocabularies (up to 16384 entries, 8192
+// with the KL term) on sm_90.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,12 +1,12 @@
 // CUDA fused Gumbel-softmax backward that reads its inputs once, for a soft forward (the sample y
 // saved) of logits in the cluster layout of gumbel_cluster.h (strided softmax dimension, at most
-// 8192 long):
+// 16384 long; 8192 with the KL term):
 //   grad_v = y_v (dy_v - sum_u y_u dy_u) / tau
 //          + gkl p_v (log p_v - sum_u p_u log p_u)      (when grad_kl is given; p = softmax(x))
 // The two-sweep kernel (gumbel_bwd.cu) reads y and dy (and x) twice: once for the sums, once for
-// the gradient. Here a thread keeps its y in registers and its dy (and x) in shared memory
-// (64 KB per block, 128 KB with the KL term), the cluster combines each position's sum y dy (and
-// the KL statistics of x), and the gradient is written from the cache.
+// the gradient. Here a thread keeps its y in registers and its dy (and x) in shared memory, the
+// cluster combines each position's sum y dy (and the KL statistics of x), and the gradient is
+// written from the cache.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -36,11 +36,18 @@ struct PartMerge {
   }
 };
 
-// Shared memory of the cache: [kQuads][kThreads] float4 of dy, then (kKl) the same of x; thread
+// Quads per thread: y of 16 in registers and dy in shared memory (128 KB per block), or with the
+// KL term 8, dy and x in shared memory (128 KB too). V = 8192 takes clusters of 8, or 16.
+template <bool kKl>
+constexpr int quads() {
+  return kKl ? 8 : 16;
+}
+
+// Shared memory of the cache: [quads][kThreads] float4 of dy, then (kKl) the same of x; thread
 // t's quad i at i * kThreads + t, so a warp's accesses are consecutive 16-byte words.
 template <bool kKl>
 constexpr size_t cache_bytes() {
-  return size_t(kKl ? 2 : 1) * kQuads * kThreads * sizeof(float4);
+  return size_t(kKl ? 2 : 1) * quads<kKl>() * kThreads * sizeof(float4);
 }
 
 template <class T, bool kKl>
@@ -50,6 +57,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ float4 cache[];
   __shared__ Exchange<Part> ex;
   float4* const dy_cache = cache;
+  constexpr int kQuads = quads<kKl>();
   float4* const x_cache = cache + kQuads * kThreads;  // kKl only
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t V = p.vocab, inner = p.inner;
@@ -68,8 +76,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Part part{0.0f, kl_identity()};
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      const int n = pl.count(i, valid, V);
-      const int64_t at = base + 4 * pl.quad(i) * inner;
+      const Place ql = pl.fresh();
+      const int n = ql.count(i, valid, V);
+      const int64_t at = base + 4 * ql.quad(i) * inner;
       float dy[4];
       load4<false>(ys_ptr + at, inner, n, ys[i]);
       load4<false>(dy_ptr + at, inner, n, dy);
@@ -98,7 +107,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 #pragma unroll
       for (int i = 0; i < kQuads; ++i) {
-        const int n = pl.count(i, valid, V);
+        const Place ql = pl.fresh();
+        const int n = ql.count(i, valid, V);
         if (n > 0) {
           const float4 d4 = dy_cache[i * kThreads + t];
           const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
@@ -118,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             out[k] = gv;
           }
-          store4<false>(grad + base + 4 * pl.quad(i) * stride, stride, n, out);
+          store4<false>(grad + base + 4 * ql.quad(i) * stride, stride, n, out);
         }
       }
     }
@@ -127,17 +137,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+template <class T, bool kKl>
+bool launch_kl(const GumbelParams& p, cudaStream_t stream, const char** err) {
+  Plan c;
+  if (!fits(p, quads<kKl>()) || !plan<resident_backward_kernel<T, kKl>>(p, quads<kKl>(), cache_bytes<kKl>(), &c))
+    return false;
+  *err = launch<resident_backward_kernel<T, kKl>>(p, c, stream);
+  return true;
+}
+
 template <class T>
 bool launch_as(const GumbelParams& p, cudaStream_t stream, const char** err) {
-  if (p.grad_kl != nullptr) return launch<resident_backward_kernel<T, true>>(p, cache_bytes<true>(), stream, err);
-  return launch<resident_backward_kernel<T, false>>(p, cache_bytes<false>(), stream, err);
+  return p.grad_kl != nullptr ? launch_kl<T, true>(p, stream, err) : launch_kl<T, false>(p, stream, err);
 }
 
 }  // namespace
 
 bool gumbel_backward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err) {
   *err = nullptr;
-  if (!gumbel_cluster::enabled() || p.y_soft == nullptr || !gumbel_cluster::fits(p)) return false;
+  if (!enabled() || p.y_soft == nullptr) return false;
   switch (dtype) {
     case GumbelDType::Float32:
       return launch_as<float>(p, stream, err);

@@ -1,18 +1,17 @@
 // The thread-block-cluster layout shared by the one-read Gumbel kernels (gumbel_fwd_resident.cu,
-// gumbel_bwd_resident.cu), for logits whose softmax dimension is strided (inner > 1) and at
-// most kMaxVocab long:
+// gumbel_bwd_resident.cu), for logits whose softmax dimension is strided (inner > 1):
 //   - a cluster of C blocks (sm_90 thread-block clusters, C <= 16) owns a tile of 32 adjacent
 //     positions; block r takes the vocabulary quads [r * Qc, (r + 1) * Qc), warp w of a block
-//     the quads w, w + kWarps, ... of those (at most kQuads), and lane l position l of the tile,
-//     so a warp reads 32 adjacent positions of one vocabulary row (coalesced);
-//   - a thread keeps its values of the tile in registers (or shared memory), so each element is
+//     the quads w, w + kWarps, ... of those (at most the kernel's kQuads), and lane l position l
+//     of the tile, so a warp reads 32 adjacent positions of one vocabulary row (coalesced);
+//   - a thread keeps its values of the tile in registers (and shared memory), so each element is
 //     read once; the per-position statistics are combined over the warps in shared memory, then
 //     over the cluster's blocks through distributed shared memory, every block in the same rank
 //     order, so all threads of a position get the same bits.
-// Sizes: 512 threads of at most 128 registers, one block per SM; 32 cached floats per thread is
-// what fits the forward without spills (64 spilled ~500 bytes), so V = 8192 takes clusters of 16
-// blocks, a size sm_90 allows only as non-portable. Where the device cannot keep clusters on at
-// least 3/4 of its SMs (small GPCs), the callers run the two-sweep kernels instead.
+// Sizes: 512 threads of at most 128 registers, one block per SM. The forward's threads keep 16
+// quads (64 floats) in registers, so V = 8192 takes clusters of 8; clusters of 9 to 16, a size
+// sm_90 allows only as non-portable, cover up to 16384. Where the device cannot keep clusters on
+// at least 3/4 of its SMs (small GPCs), the callers run the two-sweep kernels instead.
 // DALLE_FAST_GUMBEL_RESIDENT=0 in the environment turns these kernels off (read at every call).
 #pragma once
 
@@ -35,10 +34,10 @@ namespace cg = cooperative_groups;
 
 constexpr int kWarps = 16;                // warps per block
 constexpr int kThreads = kWarps * kWarp;  // 512: one block per SM with up to 128 registers
-constexpr int kQuads = 8;                 // quads (4 vocabulary entries) per thread: 32 values
 constexpr int kMaxCluster = 16;           // the largest cluster sm_90 allows (non-portable over 8)
-constexpr int64_t kQuadsPerBlock = int64_t(kWarps) * kQuads;
-constexpr int64_t kMaxVocab = kMaxCluster * kQuadsPerBlock * 4;  // 8192
+
+// The largest vocabulary a kernel whose threads keep `quads` quads (4 entries each) covers.
+constexpr int64_t max_vocab(int quads) { return int64_t(kMaxCluster) * kWarps * quads * 4; }
 
 // ---- Device ---------------------------------------------------------------------------------
 // A thread's position in one tile: its flat index, whether it exists, and where its vocabulary
@@ -64,6 +63,14 @@ struct Place {
   }
 
   __device__ __forceinline__ int64_t quad(int i) const { return q_first + int64_t(i) * kWarps; }
+  // A copy whose quad range the compiler cannot see through. A loop over the quads that takes it
+  // computes their indices itself: otherwise they are tile-invariant, hoisted out of the tile loop
+  // and kept in registers (two per quad), which spilled the cached values.
+  __device__ __forceinline__ Place fresh() const {
+    Place c = *this;
+    asm volatile("" : "+l"(c.q_first), "+l"(c.q_end));
+    return c;
+  }
   // Entries of the thread's quad i at a position: 0 past the vocabulary, the block's range or the
   // positions (valid false).
   __device__ __forceinline__ int count(int i, bool valid, int64_t V) const {
@@ -141,8 +148,8 @@ inline bool enabled() {
   return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
-// Whether logits of this shape fit the layout.
-inline bool fits(const GumbelParams& p) { return p.inner > 1 && p.vocab <= kMaxVocab; }
+// Whether logits of this shape fit the layout of a kernel whose threads keep `quads` quads.
+inline bool fits(const GumbelParams& p, int quads) { return p.inner > 1 && p.vocab <= max_vocab(quads); }
 
 // A launch of `clusters` clusters of `csize` blocks with `smem` dynamic shared memory on `stream`;
 // cfg points at attr.
@@ -188,11 +195,18 @@ int active_clusters(int device, int csize, size_t smem) {
   return n;
 }
 
-// Enqueues Kernel(p, quads_per_block, inv_tau) over the positions of p in clusters; returns false
-// (nothing enqueued) where the layout does not apply: a device before sm_90, or one that keeps
-// clusters on fewer than 3/4 of its SMs. Else sets *err to the launch error or nullptr.
+// How Kernel, whose threads keep `quads_per_thread` quads, would cover p's vocabulary.
+struct Plan {
+  int csize = 0;                // blocks per cluster
+  int64_t quads_per_block = 0;  // Qc
+  int active = 0;               // clusters resident at once
+  size_t smem = 0;              // dynamic shared memory per block
+};
+
+// False where the layout does not apply: a device before sm_90, or clusters resident on fewer
+// than 3/4 of the SMs (small GPCs). Call after fits(p, quads_per_thread).
 template <auto Kernel>
-bool launch(const GumbelParams& p, size_t smem, cudaStream_t stream, const char** err) {
+bool plan(const GumbelParams& p, int quads_per_thread, size_t smem, Plan* out) {
   int device = 0, major = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
@@ -201,20 +215,30 @@ bool launch(const GumbelParams& p, size_t smem, cudaStream_t stream, const char*
     return false;
   }
   if (major < 9) return false;
-  const int64_t J = (p.vocab + 3) / 4;
-  const int csize = static_cast<int>((J + kQuadsPerBlock - 1) / kQuadsPerBlock);
-  const int64_t quads_per_block = (J + csize - 1) / csize;
-  const int active = active_clusters<Kernel>(device, csize, smem);
-  if (active <= 0 || int64_t(active) * csize * 4 < int64_t(sms) * 3) return false;
-  const int64_t tiles = (p.outer * p.inner + kWarp - 1) / kWarp;
-  const int64_t clusters = tiles < active ? tiles : active;
+  const int64_t J = (p.vocab + 3) / 4, per_block = int64_t(kWarps) * quads_per_thread;
+  const int64_t csize = (J + per_block - 1) / per_block;
+  if (csize > kMaxCluster) return false;
+  Plan c;
+  c.csize = static_cast<int>(csize);
+  c.quads_per_block = (J + csize - 1) / csize;
+  c.smem = smem;
+  c.active = active_clusters<Kernel>(device, c.csize, smem);
+  if (c.active <= 0 || int64_t(c.active) * c.csize * 4 < int64_t(sms) * 3) return false;
+  *out = c;
+  return true;
+}
 
+// Enqueues Kernel(p, quads_per_block, 1 / tau) over the positions of p as planned; returns the
+// launch error or nullptr.
+template <auto Kernel>
+const char* launch(const GumbelParams& p, const Plan& c, cudaStream_t stream) {
+  const int64_t tiles = (p.outer * p.inner + kWarp - 1) / kWarp;
+  const int64_t clusters = tiles < c.active ? tiles : c.active;
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr;
-  launch_config(cfg, attr, csize, clusters, smem, stream);
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, Kernel, p, quads_per_block, 1.0f / p.tau);
-  *err = e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-  return true;
+  launch_config(cfg, attr, c.csize, clusters, c.smem, stream);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, Kernel, p, c.quads_per_block, 1.0f / p.tau);
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace dalle_fast::cuda::gumbel_cluster

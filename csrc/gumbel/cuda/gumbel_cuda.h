@@ -25,8 +25,8 @@ const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_
 
 // The one-read kernels in the cluster layout of gumbel_cluster.h, which gumbel_forward and
 // gumbel_backward try first: they return false when they do not apply (a hard sample, inner == 1,
-// vocab over 8192, a device before sm_90, too few clusters resident, or
-// DALLE_FAST_GUMBEL_RESIDENT=0), else enqueue the kernel and set *err as those functions return.
+// vocab over 16384 (8192 for the KL backward), a device before sm_90, too few clusters resident,
+// or DALLE_FAST_GUMBEL_RESIDENT=0), else enqueue the kernel and set *err as those functions return.
 // The forward takes soft samples (gumbel_fwd_resident.cu), the backward those of a soft forward,
 // with y saved (gumbel_bwd_resident.cu).
 bool gumbel_forward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err);

@@ -9,7 +9,7 @@
 //      (no loads, no noise).
 // The noise is never stored; sweep 2 recomputes it. gumbel_forward first offers the call to the
 // one-read cluster kernel (gumbel_fwd_resident.cu), which takes soft samples of strided
-// vocabularies up to 8192 entries on sm_90; everything else runs here.
+// vocabularies up to 16384 entries on sm_90; everything else runs here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

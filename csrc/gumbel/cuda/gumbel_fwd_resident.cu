@@ -1,6 +1,6 @@
 // CUDA fused Gumbel-softmax forward that reads the logits once: the soft sample (with or without
 // the KL term) of logits whose softmax dimension is strided (inner > 1, the dVAE's NCHW case) and
-// at most 8192 long, in the cluster layout of gumbel_cluster.h.
+// at most 16384 long (8192 in clusters of 8), in the cluster layout of gumbel_cluster.h.
 //
 // The two-sweep kernel (gumbel_fwd.cu) reads every logit and draws every noise value twice; on the
 // H100 it is bound by the instructions of the noise (bf16 took as long as fp32). Here each thread
@@ -39,6 +39,8 @@ struct PartMerge {
   }
 };
 
+constexpr int kQuads = 16;  // quads per thread, in registers: 64 floats
+
 template <class T, bool kKl>
 __global__ void __launch_bounds__(kThreads, 1)
     resident_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
@@ -58,16 +60,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Every load first, so that the noise below is drawn while they are in flight.
     float z[kQuads][4];
 #pragma unroll
-    for (int i = 0; i < kQuads; ++i) load4<false>(logits + base + 4 * pl.quad(i) * inner, inner, pl.count(i, valid, V), z[i]);
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = pl.fresh();
+      load4<false>(logits + base + 4 * ql.quad(i) * inner, inner, ql.count(i, valid, V), z[i]);
+    }
 
     Part part{soft_identity(), kl_identity()};
     float m = neg_inf();
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      const int n = pl.count(i, valid, V);
+      const Place ql = pl.fresh();
+      const int n = ql.count(i, valid, V);
       if (n > 0) {
         float g[4];
-        gumbel4(so.seed, so.offset, pos, pl.quad(i), g);
+        gumbel4(so.seed, so.offset, pos, ql.quad(i), g);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (k < n) {
@@ -107,12 +113,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float f = tot.soft.s > 0.0f && m != neg_inf() ? expf(m - tot.soft.m) / tot.soft.s : 0.0f;
 #pragma unroll
       for (int i = 0; i < kQuads; ++i) {
-        const int n = pl.count(i, valid, V);
+        const Place ql = pl.fresh();
+        const int n = ql.count(i, valid, V);
         if (n > 0) {
           float out[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
-          store4<false>(y + base + 4 * pl.quad(i) * stride, stride, n, out);
+          store4<false>(y + base + 4 * ql.quad(i) * stride, stride, n, out);
         }
       }
     }
@@ -121,21 +128,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+template <class T, bool kKl>
+bool launch_as(const GumbelParams& p, cudaStream_t stream, const char** err) {
+  Plan c;
+  if (!plan<resident_kernel<T, kKl>>(p, kQuads, 0, &c)) return false;
+  *err = launch<resident_kernel<T, kKl>>(p, c, stream);
+  return true;
+}
+
 }  // namespace
 
 bool gumbel_forward_resident(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream, const char** err) {
   *err = nullptr;
-  if (!gumbel_cluster::enabled() || p.hard || !gumbel_cluster::fits(p)) return false;
+  if (!enabled() || p.hard || !fits(p, kQuads)) return false;
   switch (dtype) {
     case GumbelDType::Float32:
-      return p.with_kl ? launch<resident_kernel<float, true>>(p, 0, stream, err)
-                       : launch<resident_kernel<float, false>>(p, 0, stream, err);
+      return p.with_kl ? launch_as<float, true>(p, stream, err) : launch_as<float, false>(p, stream, err);
     case GumbelDType::Float16:
-      return p.with_kl ? launch<resident_kernel<__half, true>>(p, 0, stream, err)
-                       : launch<resident_kernel<__half, false>>(p, 0, stream, err);
+      return p.with_kl ? launch_as<__half, true>(p, stream, err) : launch_as<__half, false>(p, stream, err);
     case GumbelDType::BFloat16:
-      return p.with_kl ? launch<resident_kernel<__nv_bfloat16, true>>(p, 0, stream, err)
-                       : launch<resident_kernel<__nv_bfloat16, false>>(p, 0, stream, err);
+      return p.with_kl ? launch_as<__nv_bfloat16, true>(p, stream, err)
+                       : launch_as<__nv_bfloat16, false>(p, stream, err);
   }
   return false;
 }
