@@ -42,8 +42,9 @@ def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generato
 def cuda_one_read_kernel(enabled: bool):
     """Inside: whether CUDA soft samples and their backward may take the one-read cluster kernels
     (sm_90, a strided softmax dimension of at most 16384 entries, 8192 for the backward of the
-    KL term) or always run the two-sweep kernels; both give the formula on the same noise. Sets DALLE_FAST_GUMBEL_RESIDENT, which the kernels read at every
-    call; for comparing the two paths (benchmarks, tests), not thread-safe."""
+    KL term) or always run the two-sweep kernels; both give the formula on the same noise.
+    Sets DALLE_FAST_GUMBEL_RESIDENT, which the kernels read at every call; for comparing the
+    two paths (benchmarks, tests), not thread-safe."""
     old = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
     os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = "1" if enabled else "0"
     try:

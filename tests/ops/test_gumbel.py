@@ -68,7 +68,8 @@ def check_backward(x, y, kl, state, xr, yr, klr, tau, dim, gen):
         expected = expected + dkl.double().unsqueeze(dim) * p * (logp - (p * logp).sum(dim, keepdim=True))
     scale = expected.abs().max().item() + 1e-6
     err = (got - expected.double()).abs().max().item() / scale
-    assert err <= GRAD_TOL[dtype], f"grad: relative error {err} > {GRAD_TOL[dtype]} ({dtype}, {tuple(x.shape)}, dim {dim})"
+    assert err <= GRAD_TOL[dtype], \
+        f"grad: relative error {err} > {GRAD_TOL[dtype]} ({dtype}, {tuple(x.shape)}, dim {dim})"
 
 
 @given(shape_dim=shapes, seed=st.integers(0, 2**20))
