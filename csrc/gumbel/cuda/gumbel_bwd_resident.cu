@@ -30,11 +30,13 @@ struct Part {
   Kl kl;
 };
 
+#if DF_GUMBEL_CLUSTERS
 struct PartMerge {
   __device__ __forceinline__ Part operator()(const Part& a, const Part& b) const {
     return {__fadd_rn(a.dot, b.dot), kl_merge(a.kl, b.kl)};
   }
 };
+#endif
 
 // Quads per thread: y of 16 in registers and dy in shared memory (128 KB per block), or with the
 // KL term 8, dy and x in shared memory (128 KB too). V = 8192 takes clusters of 8, or 16.
@@ -53,7 +55,7 @@ constexpr size_t cache_bytes() {
 template <class T, bool kKl>
 __global__ void __launch_bounds__(kThreads, 1)
     resident_backward_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
   extern __shared__ float4 cache[];
   __shared__ Exchange<Part> ex;
   float4* const dy_cache = cache;

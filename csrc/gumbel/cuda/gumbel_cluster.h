@@ -39,6 +39,15 @@ constexpr int kMaxCluster = 16;           // the largest cluster sm_90 allows (n
 // The largest vocabulary a kernel whose threads keep `quads` quads (4 entries each) covers.
 constexpr int64_t max_vocab(int quads) { return int64_t(kMaxCluster) * kWarps * quads * 4; }
 
+// Cluster device code compiles for sm_90 and later only (and in the host pass, which sees the
+// declarations): the kernels' bodies and these helpers are left out of older architectures'
+// device code, where the callers never launch them.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define DF_GUMBEL_CLUSTERS 1
+#else
+#define DF_GUMBEL_CLUSTERS 0
+#endif
+
 // ---- Device ---------------------------------------------------------------------------------
 // A thread's position in one tile: its flat index, whether it exists, and where its vocabulary
 // starts in the [outer, vocab, inner] logits.
@@ -80,6 +89,7 @@ struct Place {
   }
 };
 
+#if DF_GUMBEL_CLUSTERS
 __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const GumbelParams& p,
                                        int64_t quads_per_block) {
   const int64_t J = (p.vocab + 3) / 4;
@@ -132,6 +142,7 @@ __device__ __forceinline__ Part combine(Exchange<Part>& ex, const Part& part, co
   __syncthreads();
   return ex.total[pl.lane];
 }
+#endif  // DF_GUMBEL_CLUSTERS
 
 // The row offsets of a tile are recomputed from an opaque copy of the stride after the
 // combination: kept from the loads, they would take registers the cached values need.

@@ -33,18 +33,20 @@ struct Part {
   Kl kl;
 };
 
+#if DF_GUMBEL_CLUSTERS
 struct PartMerge {
   __device__ __forceinline__ Part operator()(const Part& a, const Part& b) const {
     return {soft_merge(a.soft, b.soft), kl_merge(a.kl, b.kl)};
   }
 };
+#endif
 
 constexpr int kQuads = 16;  // quads per thread, in registers: 64 floats
 
 template <class T, bool kKl>
 __global__ void __launch_bounds__(kThreads, 1)
     resident_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
   __shared__ Exchange<Part> ex;
   cg::cluster_group cluster = cg::this_cluster();
   const SeedOffset so = take_seed_offset(p);
