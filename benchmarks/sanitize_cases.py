@@ -32,8 +32,8 @@ def main() -> None:
                        for shape in ((128,), (300 + 25, 128), (300 + 25, 128)))
             ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(24, device="cuda"), 300)
         # Gumbel: the one-read cluster kernels (one block per cluster; 8 blocks with a short last
-        # one and 33 positions, a partial tile; 12 blocks, a non-portable cluster) and the two-sweep
-        # kernels (hard, contiguous vocabulary).
+        # one and 33 positions, a partial tile; 12 blocks, a non-portable cluster where the device
+        # keeps enough of them) and the two-sweep kernels (hard, contiguous vocabulary).
         for shape in ((2, 37, 5, 3), (1, 8190, 33), (2, 5000, 3, 3), (1, 12003, 2, 3)):
             logits = torch.randn(*shape, device="cuda", requires_grad=True)
             y, kl = ops.gumbel_softmax_kl(logits, 0.7)

@@ -21,9 +21,9 @@ pytestmark = [requires_kernels, requires_cuda]
 
 # (shape, dim): the dVAE's vocabulary (the forward in a cluster of 8 blocks, the backward with the
 # KL term in 16), uneven splits of a vocabulary over the cluster, one that is not a multiple of 4,
-# positions that are not a multiple of the 32-position tile, non-portable cluster sizes (9 to 16
-# blocks; over 16 for the KL backward, which then runs the two-sweep kernel), one over every
-# one-read limit, and contiguous vocabularies (two-sweep).
+# positions that are not a multiple of the 32-position tile, a non-portable cluster size (12
+# blocks, where the device keeps enough of them on its SMs, else the two-sweep kernel; over 16 for
+# the KL backward), one over every one-read limit, and contiguous vocabularies (two-sweep).
 SHAPES = [((2, 8192, 3, 5), 1), ((1, 8190, 33), 1), ((3, 5000, 2, 7), 1), ((2, 40, 8, 8), 1), ((4, 129, 31), 1),
           ((2, 513, 64), 1), ((1, 12003, 2, 3), 1), ((1, 16385, 3), 1), ((3, 6, 5, 300), 3), ((5, 2, 7), 0)]
 
