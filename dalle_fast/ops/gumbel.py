@@ -39,14 +39,17 @@ def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generato
 
 
 @contextlib.contextmanager
-def cuda_one_read_kernel(enabled: bool):
+def cuda_one_read_kernel(enabled: bool | str):
     """Inside: whether CUDA soft samples and their backward may take the one-read cluster kernels
     (sm_90, a strided softmax dimension of at most 16384 entries, 8192 for the backward of the
     KL term) or always run the two-sweep kernels; both give the formula on the same noise.
-    Sets DALLE_FAST_GUMBEL_RESIDENT, which the kernels read at every call; for comparing the
-    two paths (benchmarks, tests), not thread-safe."""
+    "require": a call of a shape they take fails where the device cannot run them instead of
+    falling back (for tests that must exercise them). Sets DALLE_FAST_GUMBEL_RESIDENT, which
+    the kernels read at every call; for comparing the paths (benchmarks, tests), not thread-safe."""
+    if enabled not in (True, False, "require"):
+        raise ValueError(f"enabled must be True, False or 'require', got {enabled!r}")
     old = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
-    os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = "1" if enabled else "0"
+    os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = {True: "1", False: "0"}.get(enabled, "require")
     try:
         yield
     finally:

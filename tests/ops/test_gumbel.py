@@ -215,6 +215,21 @@ def test_bad_inputs(call, error, message):
         call(torch.randn(2, 5, 3, 3))
 
 
+def test_one_read_kernel_switch_takes_only_its_settings():
+    import os
+
+    from dalle_fast.ops.gumbel import cuda_one_read_kernel
+
+    before = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
+    for setting, value in ((True, "1"), (False, "0"), ("require", "require")):
+        with cuda_one_read_kernel(setting):
+            assert os.environ["DALLE_FAST_GUMBEL_RESIDENT"] == value
+        assert os.environ.get("DALLE_FAST_GUMBEL_RESIDENT") == before
+    with pytest.raises(ValueError, match="require"):
+        with cuda_one_read_kernel("yes"):
+            pass
+
+
 def test_float64_falls_back_to_reference():
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="falls back"):

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dalle_fast import ops
 from dalle_fast.ops import reference
 from dalle_fast.ops.gumbel import cuda_one_read_kernel
 from tests.conftest import requires_cuda, requires_kernels
@@ -101,3 +102,21 @@ def test_cuda_forward_replays_in_a_graph_with_fresh_noise():
     for yd, sd in draws:
         yr, _ = reference.gumbel_softmax_kl(x, 1.0, 1, noise=noise_of(x, sd, 1))
         close(yd, yr, torch.float32, "replayed y")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="before sm_90")
+def test_cuda_one_read_kernels_take_the_dvae_vocabulary():
+    # Under "require" a call the one-read kernels should take fails instead of falling back, so the
+    # tests above are known to have exercised them and not only the two-sweep kernels twice: the
+    # forward and the backward without the KL term run in clusters of 8 blocks. (The KL backward
+    # needs 16, which a device may not keep on enough SMs; it may fall back.)
+    x = torch.randn(4, 8192, 8, 8, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    with cuda_one_read_kernel("require"):
+        y, kl = ops.gumbel_softmax_kl(x, 0.5)
+        ops.gumbel_softmax(x.detach().bfloat16(), 1.0)
+    ((y * dy).sum() + kl.sum()).backward()
+    with cuda_one_read_kernel("require"):
+        y = ops.gumbel_softmax(x, 1.0)
+        (y * dy).sum().backward()
+    assert torch.isfinite(x.grad).all()

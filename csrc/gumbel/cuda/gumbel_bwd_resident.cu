@@ -142,8 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <class T, bool kKl>
 bool launch_kl(const GumbelParams& p, cudaStream_t stream, const char** err) {
   Plan c;
-  if (!fits(p, quads<kKl>()) || !plan<resident_backward_kernel<T, kKl>>(p, quads<kKl>(), cache_bytes<kKl>(), &c))
-    return false;
+  if (!fits(p, quads<kKl>())) return false;
+  if (!plan<resident_backward_kernel<T, kKl>>(p, quads<kKl>(), cache_bytes<kKl>(), &c)) return refuse(err);
   *err = launch<resident_backward_kernel<T, kKl>>(p, c, stream);
   return true;
 }

@@ -12,7 +12,7 @@
 // quads (64 floats) in registers, so V = 8192 takes clusters of 8; clusters of 9 to 16, a size
 // sm_90 allows only as non-portable, cover up to 16384. Where the device cannot keep clusters on
 // at least 3/4 of its SMs (small GPCs), the callers run the two-sweep kernels instead.
-// DALLE_FAST_GUMBEL_RESIDENT=0 in the environment turns these kernels off (read at every call).
+// DALLE_FAST_GUMBEL_RESIDENT (mode() below) turns these kernels off or makes them required.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -152,11 +152,27 @@ __device__ __forceinline__ int64_t opaque(int64_t x) {
 }
 
 // ---- Host -----------------------------------------------------------------------------------
-// DALLE_FAST_GUMBEL_RESIDENT=0 keeps every call on the two-sweep kernels; read at every call, so a
-// benchmark can time both paths in one process.
-inline bool enabled() {
+// DALLE_FAST_GUMBEL_RESIDENT, read at every call (so a benchmark can time both paths in one
+// process): "0" keeps every call on the two-sweep kernels; "require" makes a call whose shape the
+// one-read kernels take fail where the device cannot run them (before sm_90, too few clusters
+// resident) instead of falling back, so a test can tell that they ran; anything else, or unset,
+// the default: the one-read kernels where they can run.
+enum class Mode { Off, Auto, Require };
+inline Mode mode() {
   const char* value = std::getenv("DALLE_FAST_GUMBEL_RESIDENT");
-  return value == nullptr || std::strcmp(value, "0") != 0;
+  if (value == nullptr) return Mode::Auto;
+  if (std::strcmp(value, "0") == 0) return Mode::Off;
+  return std::strcmp(value, "require") == 0 ? Mode::Require : Mode::Auto;
+}
+inline bool enabled() { return mode() != Mode::Off; }
+
+// For a call that fits the layout but that plan() refused: the two-sweep kernel (false), or under
+// "require" an error in *err (true: the caller returns it).
+inline bool refuse(const char** err) {
+  if (mode() != Mode::Require) return false;
+  *err = "DALLE_FAST_GUMBEL_RESIDENT=require, but this device cannot run the one-read kernel "
+         "(before sm_90, or too few clusters resident)";
+  return true;
 }
 
 // Whether logits of this shape fit the layout of a kernel whose threads keep `quads` quads.

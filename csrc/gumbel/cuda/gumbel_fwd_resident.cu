@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <class T, bool kKl>
 bool launch_as(const GumbelParams& p, cudaStream_t stream, const char** err) {
   Plan c;
-  if (!plan<resident_kernel<T, kKl>>(p, kQuads, 0, &c)) return false;
+  if (!plan<resident_kernel<T, kKl>>(p, kQuads, 0, &c)) return refuse(err);
   *err = launch<resident_kernel<T, kKl>>(p, c, stream);
   return true;
 }
