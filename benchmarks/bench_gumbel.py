@@ -79,6 +79,17 @@ def check_ours(x: torch.Tensor, tau: float) -> dict:
             "worst": {"index": worst, "ours": y.flatten()[worst].item(), "exact": exact.flatten()[worst].item()}}
 
 
+def one_read_kernel_runs(x: torch.Tensor, tau: float) -> bool:
+    """Whether ours takes the one-read cluster kernel for x here (it falls back to the two-sweep
+    kernel where the device cannot run it): one forward under DALLE_FAST_GUMBEL_RESIDENT=require."""
+    with cuda_one_read_kernel("require"):
+        try:
+            torch.ops.dalle_fast.gumbel_softmax_fwd(x, tau, 1, False, False, None)
+        except RuntimeError:
+            return False
+    return True
+
+
 # Ours on the two-sweep CUDA kernels, forward and backward: the same-run baseline of the one-read
 # cluster kernels (the environment switch is held over both timings of the method).
 TWO_SWEEP = "ours (two-sweep kernels)"
@@ -91,8 +102,11 @@ def bench_dtype(args, dtype_name: str) -> dict:
     xg = x.clone().requires_grad_()
     dy = torch.randn_like(x)
     ours = {"ours": lambda t: ops.gumbel_softmax(t, tau, dim=1)}
+    one_read = None
     if device == "cuda":
         ours[TWO_SWEEP] = ours["ours"]
+        one_read = one_read_kernel_runs(x, tau)
+        common.log(f"{dtype_name}: ours {'takes' if one_read else 'does NOT take'} the one-read kernel at this shape")
     checks = {}
     for name in ours:
         with cuda_one_read_kernel(name != TWO_SWEEP):
@@ -134,7 +148,8 @@ def bench_dtype(args, dtype_name: str) -> dict:
         if ours and name != "ours":
             r["ours_speedup_fwd"] = r["fwd"].median_ms / ours["fwd"].median_ms
             r["ours_speedup_fwd_bwd"] = r["fwd_bwd"].median_ms / ours["fwd_bwd"].median_ms
-    return {"dtype": dtype_name, "accuracy": acc, "accuracy_by_method": checks, "methods": results, "notes": notes}
+    return {"dtype": dtype_name, "accuracy": acc, "accuracy_by_method": checks, "one_read_kernel": one_read,
+            "methods": results, "notes": notes}
 
 
 def main(argv=None) -> int:
