@@ -1,6 +1,7 @@
 """Fused Gumbel-softmax: our kernels against the formula on the same noise, and the sampler's law."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from dalle_fast import ops
 from dalle_fast.ops import reference
 from dalle_fast.ops._backend import _C
+from dalle_fast.ops.gumbel import cuda_one_read_kernel
 from tests.conftest import DEVICES, requires_kernels
 
 pytestmark = requires_kernels
@@ -216,10 +218,6 @@ def test_bad_inputs(call, error, message):
 
 
 def test_one_read_kernel_switch_takes_only_its_settings():
-    import os
-
-    from dalle_fast.ops.gumbel import cuda_one_read_kernel
-
     before = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
     for setting, value in ((True, "1"), (False, "0"), ("require", "require")):
         with cuda_one_read_kernel(setting):

@@ -106,12 +106,8 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
       // s == 0 only for a position whose logits are all -inf: y = 0 there, and so is the gradient.
       const float m = st.soft.m, inv_s = st.soft.s > 0.0f ? 1.0f / st.soft.s : 0.0f;
       const float dot = kSaved ? st.dot : st.soft.d * inv_s;
-      float gkl = 0.0f, log_s = 0.0f, plogp = 0.0f;
-      if constexpr (with_kl) {
-        gkl = to_float(gkl_ptr[pos]);
-        log_s = logf(st.kl.sx);
-        plogp = st.kl.tx / st.kl.sx - log_s;
-      }
+      KlGrad klg;
+      if constexpr (with_kl) klg = KlGrad(st.kl, to_float(gkl_ptr[pos]));
       for (int64_t j = l.split; j < J; j += l.splits) {
         const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
         const int64_t at = base + 4 * j * inner;
@@ -132,11 +128,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           float gv = ys[k] * (dy[k] - dot) * inv_tau;
-          if constexpr (with_kl) {
-            const float logp = x[k] - st.kl.mx - log_s;
-            const float pv = expf(logp);
-            gv += pv > 0.0f ? gkl * pv * (logp - plogp) : 0.0f;
-          }
+          if constexpr (with_kl) gv += klg.at(x[k]);
           out[k] = gv;
         }
         store4<kVec>(grad + at, inner, n, out);

@@ -101,12 +101,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const int64_t stride = opaque(inner);
     if (valid) {
-      float gkl = 0.0f, log_s = 0.0f, plogp = 0.0f;
-      if constexpr (kKl) {
-        gkl = to_float(static_cast<const T*>(p.grad_kl)[pos]);
-        log_s = logf(tot.kl.sx);
-        plogp = tot.kl.tx / tot.kl.sx - log_s;
-      }
+      KlGrad klg;
+      if constexpr (kKl) klg = KlGrad(tot.kl, to_float(static_cast<const T*>(p.grad_kl)[pos]));
 #pragma unroll
       for (int i = 0; i < kQuads; ++i) {
         const Place ql = pl.fresh();
@@ -123,11 +119,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             float gv = ys[i][k] * (dy[k] - tot.dot) * inv_tau;
-            if constexpr (kKl) {
-              const float logp = x[k] - tot.kl.mx - log_s;
-              const float pv = expf(logp);
-              gv += pv > 0.0f ? gkl * pv * (logp - plogp) : 0.0f;
-            }
+            if constexpr (kKl) gv += klg.at(x[k]);
             out[k] = gv;
           }
           store4<false>(grad + base + 4 * ql.quad(i) * stride, stride, n, out);

@@ -216,6 +216,26 @@ __device__ __forceinline__ Kl kl_merge(const Kl& a, const Kl& b) {
   return {m, __fadd_rn(__fmul_rn(a.sx, ea), __fmul_rn(b.sx, eb)), __fadd_rn(ta, tb)};
 }
 
+// KL(p || uniform) over V entries from a position's total statistics: sum p log p + log V.
+__device__ __forceinline__ float kl_to_uniform(const Kl& a, int64_t V) {
+  const float plogp = a.tx / a.sx - logf(a.sx);
+  return plogp + logf(static_cast<float>(V));
+}
+
+// The KL term's gradient at one entry x of a position, gkl p (log p - sum p log p), from the
+// position's total statistics and its upstream gradient gkl.
+struct KlGrad {
+  float gkl = 0.0f, mx = 0.0f, log_s = 0.0f, plogp = 0.0f;
+  KlGrad() = default;
+  __device__ __forceinline__ KlGrad(const Kl& a, float g)
+      : gkl(g), mx(a.mx), log_s(logf(a.sx)), plogp(a.tx / a.sx - log_s) {}
+  __device__ __forceinline__ float at(float x) const {
+    const float logp = x - mx - log_s;
+    const float pv = expf(logp);
+    return pv > 0.0f ? gkl * pv * (logp - plogp) : 0.0f;
+  }
+};
+
 // First index of the maximum (ties: the smaller index; all -inf: index 0, as torch.argmax).
 struct ArgMax {
   float best;

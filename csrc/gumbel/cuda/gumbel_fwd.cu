@@ -86,8 +86,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
 
     if (valid) {
       if (kKl && l.split == 0) {
-        const float plogp = st.kl.tx / st.kl.sx - logf(st.kl.sx);
-        static_cast<T*>(p.kl)[pos] = from_float<T>(plogp + logf(static_cast<float>(V)));
+        static_cast<T*>(p.kl)[pos] = from_float<T>(kl_to_uniform(st.kl, V));
       }
       // Sweep 2: the sample.
       if constexpr (kHard) {

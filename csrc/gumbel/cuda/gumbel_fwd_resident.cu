@@ -108,8 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t stride = opaque(inner);
     if (valid) {
       if (kKl && pl.rank == 0 && pl.warp == 0) {
-        const float plogp = tot.kl.tx / tot.kl.sx - logf(tot.kl.sx);
-        static_cast<T*>(p.kl)[pos] = from_float<T>(plogp + logf(static_cast<float>(V)));
+        static_cast<T*>(p.kl)[pos] = from_float<T>(kl_to_uniform(tot.kl, V));
       }
       // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu.
       const float f = tot.soft.s > 0.0f && m != neg_inf() ? expf(m - tot.soft.m) / tot.soft.s : 0.0f;
