@@ -19,10 +19,17 @@ struct U32x4 {
   uint32_t x, y, z, w;
 };
 
+// The low and high halves of a * b. On the GPU as __umulhi and a * b, which nvcc fuses into one
+// wide multiply; the 64-bit product's high half costs one more add per multiply there.
 DF_PHILOX_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
   const uint64_t p = static_cast<uint64_t>(a) * b;
   *hi = static_cast<uint32_t>(p >> 32);
   return static_cast<uint32_t>(p);
+#endif
 }
 
 // Four 32-bit outputs for one 128-bit counter under a 64-bit key.
@@ -78,8 +85,10 @@ DF_PHILOX_HD float small_int_to_float(int32_t e) {
 
 // A uniform float strictly inside (0, 1): (k + 1/2) / 2^23 for the top 23 bits k, so the
 // extremes are 2^-24 and 1 - 2^-24, both exact, and -log(-log(u)) is always finite.
+// k + 1/2 is float(2^23 + k) - (2^23 - 1/2) in one exact subtraction (both terms and the result
+// fit in 24 bits), the same bits as small_uint_to_float(k) + 0.5f.
 DF_PHILOX_HD float uniform_open(uint32_t bits) {
-  return (small_uint_to_float(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
+  return (bits_as_float(0x4B000000u | (bits >> 9)) - 8388607.5f) * (1.0f / 8388608.0f);
 }
 
 // One rounding per multiply-add on every device and instruction set, so the noise is the same
@@ -95,16 +104,17 @@ DF_PHILOX_HD float fma_rn(float a, float b, float c) {
 // log(x) for finite normal x > 0, relative error about 1e-7, accurate near 1 (where -log(u)
 // lives for u close to 1): x = 2^e * m with m in [sqrt(1/2), sqrt(2)), t = m - 1 (exact), and
 // log m = t - t^2 / 2 + t^3 q(t), q a degree-7 polynomial fitted to minimise the relative error
-// on that interval (1.1e-8 before float rounding). Only multiplies and fused multiply-adds: no
-// division (GPUs run the reciprocal on the quarter-rate pipe) and no branch, so CPU loops over it
-// vectorise.
+// on that interval (1.1e-8 before float rounding). Only integer adds and shifts, multiplies and
+// fused multiply-adds: no division (GPUs run the reciprocal on the quarter-rate pipe) and no
+// branch, so CPU loops over it vectorise.
 DF_PHILOX_HD float log_pos(float x) {
+  // e and m from integer arithmetic on the bits: subtracting the bits of the first mantissa past
+  // sqrt(2) / 2 (0x3F3504F4) moves the exponent field up by one exactly where the mantissa is past
+  // sqrt(2) (above 1.41421353f, the float nearest sqrt(2)), so the arithmetic shift gives e, and
+  // taking e back out of the exponent field leaves m in [0.70710677f, 1.41421353f].
   const uint32_t bits = float_as_bits(x);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-  float m = bits_as_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
+  const int32_t e = static_cast<int32_t>(bits - 0x3F3504F4u) >> 23;
+  const float m = bits_as_float(bits - (static_cast<uint32_t>(e) << 23));
   const float t = m - 1.0f;  // exact: m in [1/2, 2]
   float q = -0.07859645783901215f;
   q = fma_rn(q, t, 0.12758950889110565f);
