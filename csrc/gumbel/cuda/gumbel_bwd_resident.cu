@@ -52,42 +52,49 @@ constexpr size_t cache_bytes() {
   return size_t(kKl ? 2 : 1) * quads<kKl>() * kThreads * sizeof(float4);
 }
 
-template <class T, bool kKl>
-__global__ void __launch_bounds__(kThreads, 1)
-    resident_backward_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
-#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
-  extern __shared__ float4 cache[];
-  __shared__ Exchange<Part> ex;
-  float4* const dy_cache = cache;
+#if DF_GUMBEL_CLUSTERS
+// Loads the thread's quads of one tile: y into ys, dy (and x) into the shared cache; returns its
+// part of sum y dy (and the KL statistics of x). kFull: a full tile of a whole block
+// (gumbel_cluster.h), walked with Cursors and no checks.
+template <bool kFull, bool kKl, class T>
+__device__ __forceinline__ Part gather(const GumbelParams& p, const Place& place, const TilePos& tp,
+                                       float (&ys)[quads<kKl>()][4], float4* dy_cache, float4* x_cache) {
   constexpr int kQuads = quads<kKl>();
-  float4* const x_cache = cache + kQuads * kThreads;  // kKl only
-  cg::cluster_group cluster = cg::this_cluster();
-  const int64_t V = p.vocab, inner = p.inner;
-  const Place pl = place(cluster, p, quads_per_block);
-  const T* logits = static_cast<const T*>(p.logits);
-  const T* dy_ptr = static_cast<const T*>(p.grad_y);
-  const T* ys_ptr = static_cast<const T*>(p.y_soft);
-  T* grad = static_cast<T*>(p.grad_logits);
   const int t = static_cast<int>(threadIdx.x);
-
-  int parity = 0;
-  for (int64_t tile = pl.cluster_id; tile < pl.tiles; tile += pl.clusters, parity ^= 1) {
-    const auto [pos, valid, base] = pl.at(tile, p);
-
-    float ys[kQuads][4];
-    Part part{0.0f, kl_identity()};
+  Part part{0.0f, kl_identity()};
+  if constexpr (kFull) {
+    const Place pl = place.fresh();
+    Cursor<const T> y_at(static_cast<const T*>(p.y_soft), pl, tp, p.inner);
+    Cursor<const T> dy_at(static_cast<const T*>(p.grad_y), pl, tp, p.inner);
+    Cursor<const T> x_at(static_cast<const T*>(p.logits), pl, tp, p.inner);
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      const Place ql = pl.fresh();
-      const int n = ql.count(i, valid, V);
-      const int64_t at = base + 4 * ql.quad(i) * inner;
+      float dy[4], x[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        ys[i][k] = to_float(*y_at.next(k));
+        dy[k] = to_float(*dy_at.next(k));
+        if constexpr (kKl) x[k] = to_float(*x_at.next(k));
+      }
+      dy_cache[i * kThreads + t] = make_float4(dy[0], dy[1], dy[2], dy[3]);
+      if constexpr (kKl) x_cache[i * kThreads + t] = make_float4(x[0], x[1], x[2], x[3]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) part.dot += ys[i][k] * dy[k];
+      if constexpr (kKl) kl_add_quad(part.kl, x);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      const int n = ql.count(i, tp.valid, p.vocab);
+      const int64_t at = tp.base + 4 * ql.quad(i) * p.inner;
       float dy[4];
-      load4<false>(ys_ptr + at, inner, n, ys[i]);
-      load4<false>(dy_ptr + at, inner, n, dy);
+      load4<false>(static_cast<const T*>(p.y_soft) + at, p.inner, n, ys[i]);
+      load4<false>(static_cast<const T*>(p.grad_y) + at, p.inner, n, dy);
       dy_cache[i * kThreads + t] = make_float4(dy[0], dy[1], dy[2], dy[3]);
       if constexpr (kKl) {
         float x[4];
-        load4<false>(logits + at, inner, n, x);
+        load4<false>(static_cast<const T*>(p.logits) + at, p.inner, n, x);
         x_cache[i * kThreads + t] = make_float4(x[0], x[1], x[2], x[3]);
 #pragma unroll
         for (int k = 0; k < 4; ++k)
@@ -97,33 +104,91 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int k = 0; k < 4; ++k)
         if (k < n) part.dot += ys[i][k] * dy[k];
     }
+  }
+  return part;
+}
+
+// Writes the gradient of the thread's quads of one tile from ys and the cache, as gather<kFull>
+// read them; dot is the position's sum y dy.
+template <bool kFull, bool kKl, class T>
+__device__ __forceinline__ void scatter(const GumbelParams& p, const Place& place, const TilePos& tp, float inv_tau,
+                                        float dot, const KlGrad& klg, const float (&ys)[quads<kKl>()][4],
+                                        const float4* dy_cache, const float4* x_cache) {
+  constexpr int kQuads = quads<kKl>();
+  const int t = static_cast<int>(threadIdx.x);
+  // The strides come from an opaque copy: kept from the loads, they would take registers the
+  // cached values need.
+  const int64_t stride = opaque(p.inner);
+  T* grad = static_cast<T*>(p.grad_logits);
+  // The gradient of quad i's entries into out.
+  auto quad_grad = [&](int i, float (&out)[4]) {
+    const float4 d4 = dy_cache[i * kThreads + t];
+    const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr (kKl) {
+      const float4 x4 = x_cache[i * kThreads + t];
+      x[0] = x4.x, x[1] = x4.y, x[2] = x4.z, x[3] = x4.w;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      out[k] = ys[i][k] * (dy[k] - dot) * inv_tau;
+      if constexpr (kKl) out[k] += klg.at(x[k]);
+    }
+  };
+  if constexpr (kFull) {
+    Cursor<T> dst(grad, place.fresh(), tp, stride);
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      float out[4];
+      quad_grad(i, out);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) *dst.next(k) = from_float<T>(out[k]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      const int n = ql.count(i, tp.valid, p.vocab);
+      if (n > 0) {
+        float out[4];
+        quad_grad(i, out);
+        store4<false>(grad + tp.base + 4 * ql.quad(i) * stride, stride, n, out);
+      }
+    }
+  }
+}
+#endif
+
+template <class T, bool kKl>
+__global__ void __launch_bounds__(kThreads, 1)
+    resident_backward_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
+#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
+  extern __shared__ float4 cache[];
+  __shared__ Exchange<Part> ex;
+  constexpr int kQuads = quads<kKl>();
+  float4* const dy_cache = cache;
+  float4* const x_cache = cache + kQuads * kThreads;  // kKl only
+  cg::cluster_group cluster = cg::this_cluster();
+  const Place pl = place(cluster, p, quads_per_block);
+  const bool whole = whole_block(pl, quads_per_block, kQuads, p.vocab);
+
+  int parity = 0;
+  for (int64_t tile = pl.cluster_id; tile < pl.tiles; tile += pl.clusters, parity ^= 1) {
+    const TilePos tp = pl.at(tile, p);
+    const bool full = whole && full_tile(tile, p);
+
+    float ys[kQuads][4];
+    const Part part = full ? gather<true, kKl, T>(p, pl, tp, ys, dy_cache, x_cache)
+                           : gather<false, kKl, T>(p, pl, tp, ys, dy_cache, x_cache);
     const Part tot = combine(ex, part, pl, parity, cluster, PartMerge{});
 
-    const int64_t stride = opaque(inner);
-    if (valid) {
+    if (tp.valid) {
       KlGrad klg;
-      if constexpr (kKl) klg = KlGrad(tot.kl, to_float(static_cast<const T*>(p.grad_kl)[pos]));
-#pragma unroll
-      for (int i = 0; i < kQuads; ++i) {
-        const Place ql = pl.fresh();
-        const int n = ql.count(i, valid, V);
-        if (n > 0) {
-          const float4 d4 = dy_cache[i * kThreads + t];
-          const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
-          float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          if constexpr (kKl) {
-            const float4 x4 = x_cache[i * kThreads + t];
-            x[0] = x4.x, x[1] = x4.y, x[2] = x4.z, x[3] = x4.w;
-          }
-          float out[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            float gv = ys[i][k] * (dy[k] - tot.dot) * inv_tau;
-            if constexpr (kKl) gv += klg.at(x[k]);
-            out[k] = gv;
-          }
-          store4<false>(grad + base + 4 * ql.quad(i) * stride, stride, n, out);
-        }
+      if constexpr (kKl) klg = KlGrad(tot.kl, to_float(static_cast<const T*>(p.grad_kl)[tp.pos]));
+      if (full) {
+        scatter<true, kKl, T>(p, pl, tp, inv_tau, tot.dot, klg, ys, dy_cache, x_cache);
+      } else {
+        scatter<false, kKl, T>(p, pl, tp, inv_tau, tot.dot, klg, ys, dy_cache, x_cache);
       }
     }
   }

@@ -8,6 +8,10 @@
 //     read once; the per-position statistics are combined over the warps in shared memory, then
 //     over the cluster's blocks through distributed shared memory, every block in the same rank
 //     order, so all threads of a position get the same bits.
+//   - each kernel has two paths per tile: the full one, where every position of the tile exists
+//     and every thread has its whole quota of whole quads (whole_block, full_tile: the dVAE's
+//     shapes), walks the entries with a Cursor and checks none of them; the general one checks
+//     every quad against the vocabulary and the positions.
 // Sizes: 512 threads of at most 128 registers, one block per SM. The forward's threads keep 16
 // quads (64 floats) in registers, so V = 8192 takes clusters of 8; clusters of 9 to 16, a size
 // sm_90 allows only as non-portable, cover up to 16384. Where the device cannot keep clusters on
@@ -88,6 +92,35 @@ struct Place {
     return V - 4 * q < 4 ? static_cast<int>(V - 4 * q) : 4;
   }
 };
+
+// The entries of a thread's quads in a full tile (see whole_block), in the order quad 0 entries
+// 0..3, quad 1 entries 0..3, ...: one pointer advanced by inner within a quad and by
+// (4 kWarps - 3) inner to the next quad, two adds per entry instead of multiplying out an index.
+template <class T>
+struct Cursor {
+  T* ptr;
+  int64_t inner, quad_step;
+  __device__ __forceinline__ Cursor(T* data, const Place& pl, const TilePos& tp, int64_t inner_)
+      : ptr(data + tp.base + 4 * pl.q_first * inner_), inner(inner_), quad_step((4 * kWarps - 3) * inner_) {}
+  // Entry k of the current quad; entry 3 moves on to the next quad.
+  __device__ __forceinline__ T* next(int k) {
+    T* at = ptr;
+    ptr += k < 3 ? inner : quad_step;
+    return at;
+  }
+};
+
+// Whether every thread of the block has `quads` whole quads: the block covers kWarps * quads quads
+// of 4 entries (the dVAE's V = 8192 in clusters of 8). Then, in tiles where every position exists
+// (full_tile), the kernels read and write without a check per entry (each compiles to a branch)
+// and walk the entries with a Cursor.
+__device__ __forceinline__ bool whole_block(const Place& pl, int64_t quads_per_block, int quads, int64_t V) {
+  return quads_per_block == int64_t(kWarps) * quads && pl.q_end - pl.rank * quads_per_block == quads_per_block &&
+         4 * pl.q_end <= V;
+}
+__device__ __forceinline__ bool full_tile(int64_t tile, const GumbelParams& p) {
+  return (tile + 1) * kWarp <= p.outer * p.inner;
+}
 
 #if DF_GUMBEL_CLUSTERS
 __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const GumbelParams& p,

@@ -59,6 +59,14 @@ constexpr int kWarp = 32;
 constexpr int kMaxThreads = 512;  // largest block any launch uses (__launch_bounds__)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+// exp(x) as __expf computes it (ex2.approx of x log2(e)), but with results below 2^-126 flushed to
+// 0: without the flush each call also takes a range check and two rescaling multiplies. exp(-inf)
+// is 0. For the softmax's e = exp(z - max) <= 1, where a flushed e is below any sum's rounding.
+__device__ __forceinline__ float exp_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  return r;
+}
 
 // ---- Storage -------------------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -201,6 +209,30 @@ __device__ __forceinline__ void kl_add(Kl& a, float x) {
     a.sx += e;
     a.tx += e > 0.0f ? e * d : 0.0f;
   }
+}
+// A cheaper kl_add for values in quads: kl_add_quad raises the max once per quad, then adds each
+// entry with one exponential and no branch. Differences below -100 are clamped: their exponential
+// flushes to 0 either way, and the clamp keeps e (x - mx) at 0 for x = -inf.
+__device__ __forceinline__ void kl_add_below_max(Kl& a, float x) {  // x <= a.mx
+  const float d = fmaxf(x - (a.mx == neg_inf() ? 0.0f : a.mx), -100.0f);
+  const float e = exp_ftz(d);
+  a.sx += e;
+  a.tx = fmaf(e, d, a.tx);
+}
+__device__ __forceinline__ void kl_add_quad(Kl& a, const float (&x)[4]) {
+  const float m = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+  if (m > a.mx) {
+    // Rebase to the new max: e'_u = e_u alpha, x_u - m = (x_u - mx) + (mx - m).
+    if (a.sx > 0.0f) {
+      const float d = fmaxf(a.mx - m, -100.0f);
+      const float alpha = exp_ftz(d);
+      a.tx = alpha * fmaf(d, a.sx, a.tx);
+      a.sx *= alpha;
+    }
+    a.mx = m;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) kl_add_below_max(a, x[k]);
 }
 __device__ __forceinline__ float kl_rebased_t(const Kl& a, float m, float alpha) {
   // a.tx rebased to max m with alpha = exp(a.mx - m) > 0.

@@ -43,43 +43,53 @@ struct PartMerge {
 
 constexpr int kQuads = 16;  // quads per thread, in registers: 64 floats
 
-template <class T, bool kKl>
-__global__ void __launch_bounds__(kThreads, 1)
-    resident_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
-#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
-  __shared__ Exchange<Part> ex;
-  cg::cluster_group cluster = cg::this_cluster();
-  const SeedOffset so = take_seed_offset(p);
-  const int64_t V = p.vocab, inner = p.inner;
-  const Place pl = place(cluster, p, quads_per_block);
-  const T* logits = static_cast<const T*>(p.logits);
-  T* y = static_cast<T*>(p.y);
-
-  int parity = 0;
-  for (int64_t tile = pl.cluster_id; tile < pl.tiles; tile += pl.clusters, parity ^= 1) {
-    const auto [pos, valid, base] = pl.at(tile, p);
-
+#if DF_GUMBEL_CLUSTERS
+// Loads the thread's quads of one tile into z, draws their noise and keeps z = (x + g) / tau
+// (-inf past the vocabulary and the positions); adds x to kl; returns the thread's max of z.
+// kFull: a full tile of a whole block (gumbel_cluster.h's whole_block, full_tile), walked with a
+// Cursor and no checks.
+template <bool kFull, bool kKl, class T>
+__device__ __forceinline__ float draw(const GumbelParams& p, const Place& place, const TilePos& tp, const SeedOffset& so,
+                                      float inv_tau, float (&z)[kQuads][4], Kl& kl) {
+  float m = neg_inf();
+  if constexpr (kFull) {
+    const Place pl = place.fresh();
+    Cursor<const T> src(static_cast<const T*>(p.logits), pl, tp, p.inner);
     // Every load first, so that the noise below is drawn while they are in flight.
-    float z[kQuads][4];
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      const Place ql = pl.fresh();
-      load4<false>(logits + base + 4 * ql.quad(i) * inner, inner, ql.count(i, valid, V), z[i]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) z[i][k] = to_float(*src.next(k));
     }
-
-    Part part{soft_identity(), kl_identity()};
-    float m = neg_inf();
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      const Place ql = pl.fresh();
-      const int n = ql.count(i, valid, V);
+      if constexpr (kKl) kl_add_quad(kl, z[i]);
+      float g[4];
+      gumbel4(so.seed, so.offset, tp.pos, pl.quad(i), g);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        z[i][k] = __fmul_rn(__fadd_rn(z[i][k], g[k]), inv_tau);
+        m = fmaxf(m, z[i][k]);
+      }
+    }
+  } else {
+    const T* logits = static_cast<const T*>(p.logits);
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      load4<false>(logits + tp.base + 4 * ql.quad(i) * p.inner, p.inner, ql.count(i, tp.valid, p.vocab), z[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      const int n = ql.count(i, tp.valid, p.vocab);
       if (n > 0) {
         float g[4];
-        gumbel4(so.seed, so.offset, pos, ql.quad(i), g);
+        gumbel4(so.seed, so.offset, tp.pos, ql.quad(i), g);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (k < n) {
-            if constexpr (kKl) kl_add(part.kl, z[i][k]);
+            if constexpr (kKl) kl_add(kl, z[i][k]);
             z[i][k] = __fmul_rn(__fadd_rn(z[i][k], g[k]), inv_tau);
             m = fmaxf(m, z[i][k]);
           } else {
@@ -91,37 +101,86 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < 4; ++k) z[i][k] = neg_inf();
       }
     }
-    // e = exp(z - m) in place; -inf entries (and a thread with no finite z) give 0.
+  }
+  return m;
+}
+
+// Writes y = e * f for the thread's quads of one tile (e in z), as draw<kFull> read them.
+template <bool kFull, class T>
+__device__ __forceinline__ void write(const GumbelParams& p, const Place& place, const TilePos& tp, float f,
+                                      const float (&z)[kQuads][4]) {
+  // The strides come from an opaque copy: kept from the loads, they would take registers the
+  // cached values need.
+  const int64_t stride = opaque(p.inner);
+  T* y = static_cast<T*>(p.y);
+  if constexpr (kFull) {
+    Cursor<T> dst(y, place.fresh(), tp, stride);
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) *dst.next(k) = from_float<T>(z[i][k] * f);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      const int n = ql.count(i, tp.valid, p.vocab);
+      if (n > 0) {
+        float out[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
+        store4<false>(y + tp.base + 4 * ql.quad(i) * stride, stride, n, out);
+      }
+    }
+  }
+}
+#endif
+
+template <class T, bool kKl>
+__global__ void __launch_bounds__(kThreads, 1)
+    resident_kernel(const GumbelParams p, int64_t quads_per_block, float inv_tau) {
+#if defined(__CUDA_ARCH__) && DF_GUMBEL_CLUSTERS
+  __shared__ Exchange<Part> ex;
+  cg::cluster_group cluster = cg::this_cluster();
+  const SeedOffset so = take_seed_offset(p);
+  const int64_t V = p.vocab;
+  const Place pl = place(cluster, p, quads_per_block);
+  const bool whole = whole_block(pl, quads_per_block, kQuads, V);
+
+  int parity = 0;
+  for (int64_t tile = pl.cluster_id; tile < pl.tiles; tile += pl.clusters, parity ^= 1) {
+    const TilePos tp = pl.at(tile, p);
+    const bool full = whole && full_tile(tile, p);
+
+    float z[kQuads][4];
+    Part part{soft_identity(), kl_identity()};
+    const float m = full ? draw<true, kKl, T>(p, pl, tp, so, inv_tau, z, part.kl)
+                         : draw<false, kKl, T>(p, pl, tp, so, inv_tau, z, part.kl);
+    // e = exp(z - m) in place: exp(-inf) is 0, so -inf entries give 0 without a check; a thread
+    // with no finite z subtracts 0 instead of m = -inf.
+    const float m_sub = m == neg_inf() ? 0.0f : m;
     float s = 0.0f;
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float e = z[i][k] == neg_inf() ? 0.0f : __expf(z[i][k] - m);
-        z[i][k] = e;
-        s += e;
+        z[i][k] = exp_ftz(z[i][k] - m_sub);
+        s += z[i][k];
       }
     }
     part.soft = {m, s, 0.0f};
     const Part tot = combine(ex, part, pl, parity, cluster, PartMerge{});
 
-    const int64_t stride = opaque(inner);
-    if (valid) {
+    if (tp.valid) {
       if (kKl && pl.rank == 0 && pl.warp == 0) {
-        static_cast<T*>(p.kl)[pos] = from_float<T>(kl_to_uniform(tot.kl, V));
+        static_cast<T*>(p.kl)[tp.pos] = from_float<T>(kl_to_uniform(tot.kl, V));
       }
       // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu.
       const float f = tot.soft.s > 0.0f && m != neg_inf() ? expf(m - tot.soft.m) / tot.soft.s : 0.0f;
-#pragma unroll
-      for (int i = 0; i < kQuads; ++i) {
-        const Place ql = pl.fresh();
-        const int n = ql.count(i, valid, V);
-        if (n > 0) {
-          float out[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
-          store4<false>(y + base + 4 * ql.quad(i) * stride, stride, n, out);
-        }
+      if (full) {
+        write<true, T>(p, pl, tp, f, z);
+      } else {
+        write<false, T>(p, pl, tp, f, z);
       }
     }
   }
