@@ -1,5 +1,6 @@
 """The benchmark scripts still run and write what they promise (no timing is checked here)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -80,3 +81,33 @@ def test_source_digest_follows_the_sources(tmp_path):
     assert common.source_digest(tmp_path) == first
     (tmp_path / "csrc" / "k.cu").write_text("a2")
     assert common.source_digest(tmp_path) != first
+
+
+def _sass_budget():
+    spec = importlib.util.spec_from_file_location("sass_budget", REPO / "benchmarks" / "sass_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sass_budget_finds_the_tile_path_and_reads_the_tools_output():
+    # The script forces each one-read kernel's tile path by rewriting this line of its source.
+    sb = _sass_budget()
+    for rel, _ in sb.KERNELS.values():
+        assert sb.PATH_LINE in (REPO / "csrc" / rel).read_text(), rel
+    sass = """
+\t.section\t.text.k,"ax",@progbits
+.text._Z6kernelI13__nv_bfloat16Lb1EEvv:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P1 IMAD.WIDE.U32 R4, R5, -0x2daee0ad, RZ ;
+        /*0020*/                   NOP ;
+        /*0030*/               @P0 LDG.E R2, desc[UR4][R2.64] ;
+"""
+    counts = sb.parse_sass(sass)
+    assert counts == {"_Z6kernelI13__nv_bfloat16Lb1EEvv": {"LDC": 1, "IMAD": 1, "LDG": 1}}
+    assert sb.kernel_variant("resident_kernelI13__nv_bfloat16Lb1EEEvNS_") == ("bfloat16", "Lb1")
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _Z1kv\n"
+           "    36 bytes stack frame, 36 bytes spill stores, 40 bytes spill loads\n"
+           "ptxas info    : Used 128 registers\n")
+    assert sb.ptxas_stats(log) == {"_Z1kv": {"spill_store_bytes": 36, "registers": 128}}
