@@ -8,6 +8,7 @@ otherwise the reference, with one warning saying why).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -73,6 +74,21 @@ def backend(name: str):
         yield
     finally:
         _selected = previous
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    """Inside: os.environ[name] = value, restored after. For the switches our ops read at every
+    call (to compare two paths in one process: benchmarks, tests); not thread-safe."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _warn_once(key: str, message: str) -> None:

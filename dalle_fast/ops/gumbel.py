@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
 
 import torch
 
@@ -48,15 +47,8 @@ def cuda_one_read_kernel(enabled: bool | str):
     the kernels read at every call; for comparing the paths (benchmarks, tests), not thread-safe."""
     if enabled not in (True, False, "require"):
         raise ValueError(f"enabled must be True, False or 'require', got {enabled!r}")
-    old = os.environ.get("DALLE_FAST_GUMBEL_RESIDENT")
-    os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = {True: "1", False: "0"}.get(enabled, "require")
-    try:
+    with _backend.environment_variable("DALLE_FAST_GUMBEL_RESIDENT", {True: "1", False: "0"}.get(enabled, "require")):
         yield
-    finally:
-        if old is None:
-            del os.environ["DALLE_FAST_GUMBEL_RESIDENT"]
-        else:
-            os.environ["DALLE_FAST_GUMBEL_RESIDENT"] = old
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: bool = False,
