@@ -3,6 +3,8 @@ the two ways it is usually done.
 
   ours        dalle_fast.sampler: KV cache, each step reads only the keys its layer's mask allows
               (CUDA: the step is captured once in a CUDA graph and replayed)
+  ours_cublas the same with the step's linear layers as F.linear (cuBLAS) and their bias, GELU
+              and residual add as separate kernels, instead of ops.skinny_linear (CUDA only)
   ours_compiled  the same with SamplingConfig(compile_step=True): the model step compiled by
               torch.compile (its small kernels fused), then graph-captured; checked by its
               logits against the eager step on the same tokens (default on CUDA only: it
@@ -41,6 +43,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
+from dalle_fast.ops.linear import cuda_skinny_linear  # noqa: E402
 from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
 from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, _run_graph, sample_image_tokens, sample_logits  # noqa: E402
 
@@ -70,6 +73,12 @@ class DenseKV(IncrementalPrior):
 
 
 @torch.no_grad()
+def sample_without_skinny_linear(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+    """ours, with every linear layer of the step as F.linear plus separate bias / GELU / add kernels."""
+    with cuda_skinny_linear(False):
+        return sample_image_tokens(prior, text, config=config, generator=generator)
+
+
 def sample_dense_kv(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator, steps: int = 0) -> torch.Tensor:
     """The first `steps` image tokens (0: all) with the dense KV cache; replayed from a CUDA graph
     when `config.cuda_graph` and on CUDA, as ours is."""
@@ -141,17 +150,19 @@ def main(argv=None) -> int:
     if args.recompute_steps < 0:
         args.recompute_steps = 64 if args.device == "cuda" else 0
     recompute_steps = min(args.recompute_steps, cfg.image_len) or cfg.image_len
-    steps_of = {"ours": cfg.image_len, "ours_compiled": cfg.image_len, "dense_kv": cfg.image_len,
-                "recompute": recompute_steps}
+    steps_of = {"ours": cfg.image_len, "ours_cublas": cfg.image_len, "ours_compiled": cfg.image_len,
+                "dense_kv": cfg.image_len, "recompute": recompute_steps}
     config = SamplingConfig(top_k=0)
     compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
+        "ours_cublas": lambda m, c, gen, n: sample_without_skinny_linear(m, text, c, gen),
         "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
         "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
-    default = "ours,ours_compiled,dense_kv,recompute" if args.device == "cuda" else "ours,dense_kv,recompute"
+    default = ("ours,ours_cublas,ours_compiled,dense_kv,recompute" if args.device == "cuda"
+               else "ours,dense_kv,recompute")
     chosen = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     unknown = set(chosen) - set(methods)
     if unknown:
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
             results[name] = {"step_logits_max_abs_err": err, "tol": tol}
             if err > tol:
                 skipped[name] = f"compiled step logits off the eager step's by {err:.3g} > {tol:.3g}"
-        elif name == "ours":
+        elif name in ("ours", "ours_cublas"):
             tokens = methods[name](prior, config, generator(), 0)
             same = bool(tokens.min() >= 0 and tokens.max() < cfg.image_vocab)
         else:
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
             same = bool(torch.equal(tokens[:, :rows_checked], reference[:, :rows_checked]))
         results.setdefault(name, {}).update(same_tokens_first_rows=same, timed_steps=steps_of[name])
         if not same and name not in skipped:
-            skipped[name] = ("drew invalid tokens" if name in ("ours", "ours_compiled") else
+            skipped[name] = ("drew invalid tokens" if name in ("ours", "ours_cublas", "ours_compiled") else
                              "drew other tokens than ours from the same seed (float32)")
     del check_model
     timed = {name: (lambda fn=methods[name], n=steps_of[name]: fn(prior, config, generator(), n))

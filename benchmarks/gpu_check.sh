@@ -16,8 +16,9 @@
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
-# runs only the decode and sampler CUDA tests (after a change to those alone); tests_open, the
-# CUDA tests of the Gumbel op, decode, sampler and prior (the open issues' code).
+# runs only the decode, skinny_linear and sampler CUDA tests (after a change to those alone);
+# tests_open, the CUDA tests of the Gumbel op, decode, skinny_linear, sampler and prior (the open
+# issues' code).
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
@@ -71,10 +72,10 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DALLE_FAST_CUDA=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
 step tests_open 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/test_sampler.py -k cuda
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_linear.py tests/test_sampler.py -k cuda
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 step sampling 240 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"

@@ -1,6 +1,6 @@
 """Small CUDA calls of every kernel, for `compute-sanitizer --tool memcheck` (benchmarks/gpu_check.sh):
 the tensor-core and the one-warp-per-row attention (forward and backward, every kind, tile-edge
-sizes), both decode kernels and the fused Gumbel-softmax. Prints "ok" when every call ran; the sanitizer judges the
+sizes), both decode kernels, the fused Gumbel-softmax and skinny_linear. Prints "ok" when every call ran; the sanitizer judges the
 memory accesses."""
 
 import torch
@@ -34,13 +34,21 @@ def main() -> None:
         # Gumbel: the one-read cluster kernels (one block per cluster; 8 blocks with a short last
         # one and 33 positions, a partial tile; 12 blocks, a non-portable cluster where the device
         # keeps enough of them) and the two-sweep kernels (hard, contiguous vocabulary).
-        for shape in ((2, 37, 5, 3), (1, 8190, 33), (2, 5000, 3, 3), (1, 12003, 2, 3)):
+        # (1, 8192, 40): whole blocks, a full tile then a partial one (both tile paths).
+        for shape in ((2, 37, 5, 3), (1, 8190, 33), (1, 8192, 40), (2, 5000, 3, 3), (1, 12003, 2, 3)):
             logits = torch.randn(*shape, device="cuda", requires_grad=True)
             y, kl = ops.gumbel_softmax_kl(logits, 0.7)
             (y.sum() + kl.sum()).backward()
             ops.gumbel_softmax(logits.detach().bfloat16(), 1.0)
             ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
             ops.gumbel_softmax(logits.detach().transpose(1, -1), 1.0, dim=-1)
+        # skinny_linear: 1 to 4 row tiles with a short last one, k in one and in many batches of
+        # blocks, rows of x a view with a longer stride; bias, GELU and residual.
+        for m, k, n in ((1, 32, 8), (17, 96, 24), (33, 2048, 16), (64, 512, 40)):
+            x = torch.randn(m, k + 8, generator=gen).to("cuda", torch.bfloat16)[:, :k]
+            w, b, r = (torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16) for shape in ((n, k), (n,), (m, n)))
+            ops.skinny_linear(x, w, b, r, "gelu")
+            ops.skinny_linear(x.half(), w.half())
     torch.cuda.synchronize()
     print("ok")
 

@@ -34,6 +34,11 @@ TORCH_LIBRARY(dalle_fast, m) {
       "sparse_decode(Tensor q, Tensor cache_k, Tensor cache_v, Tensor offsets, Tensor g, int text_len, "
       "float scale) -> Tensor");
 
+  // act(x weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K] with
+  // M <= 64, weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf). CUDA only,
+  // float16 / bfloat16. Returns [M, N]. No autograd (the sampler's step).
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int activation) -> Tensor");
+
   // Fused Gumbel-softmax over `dim`. Returns (y, kl, rng_state): y the soft sample (the one-hot of
   // its argmax when hard), kl = KL(softmax(logits) || uniform) per position when with_kl (else
   // empty), rng_state the (seed, offset) of the Philox noise, which the backward regenerates.

@@ -134,8 +134,12 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, n, d] -> q, k, v stacked as one view [3, B, H, n, D] of the projection."""
-        b, n, _ = x.shape
-        return self.qkv(x).view(b, n, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+        return self.heads_of(self.qkv(x))
+
+    def heads_of(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The projection [B, n, 3d] -> q, k, v stacked as one view [3, B, H, n, D]."""
+        b, n, _ = qkv.shape
+        return qkv.view(b, n, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, n, d] -> q, k, v, each [B, H, n, D]."""
@@ -143,8 +147,12 @@ class Attention(nn.Module):
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] -> projected [B, n, d]."""
+        return self.proj(self.concat_heads(out))
+
+    def concat_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, D] -> [B, n, d], the heads side by side (what proj takes)."""
         b, _, n, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.cfg.d_model))
+        return out.transpose(1, 2).reshape(b, n, self.cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(x)

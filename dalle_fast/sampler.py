@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import attention_mask, sparse_decode
+from .ops import attention_mask, skinny_linear, sparse_decode
 from .ops.masks import image_offset_allowed
 from .prior import Prior
 
@@ -154,11 +154,15 @@ class IncrementalPrior:
         position = cfg.text_len + grid_pos  # of this step's key and value in the cache
         x = prior.embed_image(token.unsqueeze(1), grid_pos)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
-            qkv = block.attn.qkv_heads(block.ln_1(x))  # (3, B, H, 1, D)
+            # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: on
+            # CUDA one kernel each for a step's few rows, bias, GELU and residual add included.
+            attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
+            qkv = attn.heads_of(skinny_linear(block.ln_1(x), attn.qkv.weight, attn.qkv.bias))  # (3, B, H, 1, D)
             self.cache[layer].index_copy_(3, position, qkv[1:])
             out = self.attend(layer, qkv[0], g)  # (B, H, 1, D)
-            x = x + block.attn.merge_heads(out)
-            x = x + block.mlp(block.ln_2(x))
+            x = skinny_linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x)
+            h = skinny_linear(block.ln_2(x), fc1.weight, fc1.bias, activation="gelu")
+            x = skinny_linear(h, fc2.weight, fc2.bias, residual=x)
         return prior.image_head(prior.ln_f(x[:, 0]))
 
 

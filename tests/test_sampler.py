@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dalle_fast import ops
+from dalle_fast.ops import linear
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, filter_logits, key_offsets,
                                 sample_image_tokens, sample_logits)
@@ -193,3 +194,27 @@ def test_compiled_guided_sampling_draws_the_eager_tokens():
         prior, text, prime=image[:, :3], config=SamplingConfig(cond_scale=3.0, compile_step=compile_step),
         generator=torch.Generator().manual_seed(5), null_text=null)
     assert torch.equal(run(True), run(False))
+
+
+@requires_cuda
+@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype, compile_step):
+    # d_model 32: every linear layer of the step is one the skinny_linear kernel takes.
+    torch._dynamo.reset()
+    prior = make_prior(["row", "column", "conv", "causal"], dtype=dtype, device="cuda")
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=3, device="cuda")
+    block = prior.blocks[0]
+    x = torch.zeros(3, 1, cfg.d_model, device="cuda", dtype=dtype)
+    assert linear._kernel_takes(x.view(3, -1), block.attn.qkv.weight, block.attn.qkv.bias, None)
+    assert linear._kernel_takes(torch.zeros(3, 4 * cfg.d_model, device="cuda", dtype=dtype), block.mlp[2].weight,
+                                block.mlp[2].bias, x.view(3, -1))
+    runs = {}
+    for fused in (True, False):
+        with linear.cuda_skinny_linear(fused):
+            inc = IncrementalPrior(prior, batch=3, compile_step=compile_step)
+            inc.prefill(text)
+            runs[fused] = torch.stack([inc.step(image[:, g], torch.tensor(g, device="cuda")) for g in range(6)])
+    # Rounding differs (the kernel rounds once per layer output, F.linear / GELU / add each round).
+    torch.testing.assert_close(runs[True].float(), runs[False].float(), atol=0.05, rtol=0.05)

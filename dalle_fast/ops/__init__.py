@@ -5,6 +5,7 @@ from ._backend import backend, backend_info, current_backend
 from .attention import sparse_attention
 from .decode import sparse_decode
 from .gumbel import gumbel_softmax, gumbel_softmax_kl
+from .linear import skinny_linear
 from .masks import KINDS, attention_mask, layer_kinds, mask_density
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "layer_kinds",
     "mask_density",
     "reference",
+    "skinny_linear",
     "sparse_attention",
     "sparse_decode",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .masks import attention_mask
 
@@ -47,6 +48,16 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     s_img = ((qq @ k_img.transpose(-1, -2)).to(acc) * scale).masked_fill(~valid, float("-inf"))
     p = torch.cat([s_txt, s_img], dim=-1).softmax(-1).to(q.dtype)
     return (p[..., :t] @ v_txt + p[..., t:] @ v_img).squeeze(2)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual, as the prior's layers compute it: F.linear, then
+    nn.GELU() (the erf one) when activation is "gelu", then the residual add."""
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
 def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""skinny_linear: the sampling step's linear layers (bias, GELU, residual add fused), kernel vs reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dalle_fast import ops
+from dalle_fast.ops import linear, reference
+from tests.conftest import requires_cuda, requires_kernels
+
+pytestmark = requires_kernels
+
+
+def make_inputs(m, k, n, dtype, device="cpu", seed=0, bias=True, residual=True, row_pad=0):
+    """x [m, k] (rows row_pad apart beyond k: a view), w [n, k], b [n] and r [m, n] or None."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
+    r = torch.randn(m, n, generator=gen, dtype=torch.float64) if residual else None
+    rows = torch.zeros(m, k + row_pad, device=device, dtype=dtype)
+    rows[:, :k] = x.to(device, dtype)
+    return (rows[:, :k], *(None if t is None else t.to(device, dtype) for t in (w, b, r)))
+
+
+def expected(x, w, b, r, activation):
+    """The reference in float64 from the same (rounded) inputs, the result rounded to x's dtype."""
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    return reference.linear(up(x), up(w), up(b), up(r), activation).to(x.dtype)
+
+
+def test_reference_is_the_prior_blocks_arithmetic():
+    gen = torch.Generator().manual_seed(0)
+    x, res = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 8, generator=gen)
+    fc = torch.nn.Linear(16, 8)
+    torch.testing.assert_close(reference.linear(x, fc.weight, fc.bias, res, "gelu"), res + F.gelu(fc(x)), rtol=0, atol=0)
+    torch.testing.assert_close(reference.linear(x, fc.weight), F.linear(x, fc.weight), rtol=0, atol=0)
+    torch.testing.assert_close(reference.linear(x, fc.weight, fc.bias, res), res + fc(x), rtol=0, atol=0)
+
+
+@given(m=st.integers(1, 70), k=st.sampled_from([8, 32, 96]), n=st.sampled_from([1, 8, 24]),
+       lead=st.sampled_from([(), (1,), (2,)]), activation=st.sampled_from([None, "gelu"]),
+       with_bias=st.booleans(), with_residual=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_cpu_calls_take_the_reference(m, k, n, lead, activation, with_bias, with_residual):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randn(*lead, m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
+    r = torch.randn(*lead, m, n, generator=gen) if with_residual else None
+    out = ops.skinny_linear(x, w, b, r, activation)
+    assert out.shape == (*lead, m, n)
+    torch.testing.assert_close(out, reference.linear(x, w, b, r, activation), rtol=0, atol=0)
+
+
+def test_which_calls_the_kernel_takes():
+    # Shapes and layouts the CUDA kernel needs: at most 64 rows, K % 32 == 0, N % 8 == 0,
+    # contiguous 16-byte aligned rows, one dtype (checked on CPU tensors: the predicate is shape only).
+    x, w = torch.zeros(16, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
+    assert linear._kernel_takes(x, w, None, None)
+    assert not linear._kernel_takes(torch.zeros(65, 512, dtype=torch.bfloat16), w, None, None)
+    assert not linear._kernel_takes(x[:, :500], w[:, :500].contiguous(), None, None)
+    assert not linear._kernel_takes(x, w[:1532], None, None)
+    assert not linear._kernel_takes(x, w.t().contiguous().t(), None, None)
+    assert not linear._kernel_takes(torch.zeros(16, 513, dtype=torch.bfloat16)[:, 1:], w, None, None)  # misaligned
+    assert not linear._kernel_takes(x, w.half(), None, None)
+    assert not linear._kernel_takes(x, w, torch.zeros(1536), None)
+
+
+def test_bad_inputs():
+    x, w = torch.zeros(4, 8), torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="activation"):
+        ops.skinny_linear(x, w, activation="relu")
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        ops.skinny_linear(x, torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="bias"):
+        ops.skinny_linear(x, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="residual"):
+        ops.skinny_linear(x, w, residual=torch.zeros(4, 4))
+    with pytest.raises(TypeError, match="weight"):
+        ops.skinny_linear(x, [[0.0] * 8])
+    with pytest.raises(ValueError, match="enabled"):
+        with linear.cuda_skinny_linear("yes"):
+            pass
+
+
+def test_switch_sets_and_restores_the_environment(monkeypatch):
+    monkeypatch.delenv("DALLE_FAST_SKINNY_LINEAR", raising=False)
+    assert linear.kernel_enabled()
+    with linear.cuda_skinny_linear(False):
+        assert not linear.kernel_enabled()
+        with linear.cuda_skinny_linear(True):
+            assert linear.kernel_enabled()
+        assert not linear.kernel_enabled()
+    assert linear.kernel_enabled()
+
+
+# ---- CUDA -----------------------------------------------------------------------------------
+
+def check_close(out, want, what):
+    # One rounding of the result to the dtype, plus float32 accumulation over K products.
+    eps = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out.float(), want.float(), rtol=2 * eps, atol=4 * eps, msg=lambda m: f"{what}: {m}")
+
+
+@requires_cuda
+@given(m=st.integers(1, 64), k=st.sampled_from([32, 64, 96, 512, 2048, 3968]), n=st.sampled_from([8, 16, 520, 2048]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), activation=st.sampled_from([None, "gelu"]),
+       with_bias=st.booleans(), with_residual=st.booleans(), row_pad=st.sampled_from([0, 8, 40]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_cuda_kernel_matches_reference(m, k, n, dtype, activation, with_bias, with_residual, row_pad, seed):
+    # Every m16 tile count (1-4), k in one or many batches of blocks per warp, rows of x apart by
+    # more than K (a view), with and without each part of the epilogue.
+    x, w, b, r = make_inputs(m, k, n, dtype, "cuda", seed, with_bias, with_residual, row_pad)
+    assert linear._kernel_takes(x, w, b, r)
+    out = torch.ops.dalle_fast.skinny_linear(x, w, b, r, 1 if activation == "gelu" else 0)
+    check_close(out, expected(x, w, b, r, activation), f"m={m} k={k} n={n} {dtype} {activation}")
+    with ops.backend("cuda"):
+        torch.testing.assert_close(ops.skinny_linear(x, w, b, r, activation), out, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_replays_in_a_graph_and_leaves_other_calls_to_the_reference(dtype):
+    x, w, b, r = make_inputs(16, 512, 1536, dtype, "cuda", 3)
+    out = torch.empty(16, 1536, device="cuda", dtype=dtype)
+    ops.skinny_linear(x, w, b, r, "gelu")  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(ops.skinny_linear(x, w, b, r, "gelu"))
+    for seed in range(3):
+        x.copy_(make_inputs(16, 512, 1536, dtype, "cuda", 10 + seed)[0])
+        graph.replay()
+        check_close(out, expected(x, w, b, r, "gelu"), f"replay {seed}")
+    # Calls outside the kernel's shapes (a misaligned row start, 65 rows, float32) give the reference.
+    xs = torch.zeros(16, 520, device="cuda", dtype=dtype)
+    xs[:, 1:513] = x
+    for args in ((xs[:, 1:513], w, b, r), (torch.cat([x, x[:1]]), w, b, torch.cat([r, r[:1]])),
+                 tuple(t.float() for t in (x, w, b, r))):
+        assert not linear._kernel_takes(args[0], args[1], args[2], args[3])
+        check_close(ops.skinny_linear(*args, "gelu"), expected(*args, "gelu"), "fallback")
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        torch.ops.dalle_fast.skinny_linear(xs[:, 1:513], w, b, r, 1)
+    with linear.cuda_skinny_linear(False):
+        torch.testing.assert_close(ops.skinny_linear(x, w, b, r, "gelu"), reference.linear(x, w, b, r, "gelu"),
+                                   rtol=0, atol=0)
