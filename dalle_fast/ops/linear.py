@@ -50,7 +50,7 @@ def _aligned(t: torch.Tensor) -> bool:
 def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2) -> bool:
     m, k = x2.shape
     n = weight.shape[0]
-    if not (1 <= m <= _MAX_ROWS and k % 32 == 0 and n % 8 == 0):
+    if x2.dtype not in (torch.float16, torch.bfloat16) or not (1 <= m <= _MAX_ROWS and k % 32 == 0 and n % 8 == 0):
         return False
     if weight.dtype != x2.dtype or not weight.is_contiguous() or not _aligned(weight):
         return False
