@@ -108,53 +108,24 @@ __device__ __forceinline__ Part gather(const GumbelParams& p, const Place& place
   return part;
 }
 
-// Writes the gradient of the thread's quads of one tile from ys and the cache, as gather<kFull>
-// read them; dot is the position's sum y dy.
-template <bool kFull, bool kKl, class T>
-__device__ __forceinline__ void scatter(const GumbelParams& p, const Place& place, const TilePos& tp, float inv_tau,
-                                        float dot, const KlGrad& klg, const float (&ys)[quads<kKl>()][4],
-                                        const float4* dy_cache, const float4* x_cache) {
-  constexpr int kQuads = quads<kKl>();
+// The gradient of quad i of the thread's entries, from ys and the cache; dot is the position's
+// sum y dy.
+template <bool kKl>
+__device__ __forceinline__ void quad_grad(int i, float inv_tau, float dot, const KlGrad& klg,
+                                          const float (&ys)[quads<kKl>()][4], const float4* dy_cache,
+                                          const float4* x_cache, float (&out)[4]) {
   const int t = static_cast<int>(threadIdx.x);
-  // The strides come from an opaque copy: kept from the loads, they would take registers the
-  // cached values need.
-  const int64_t stride = opaque(p.inner);
-  T* grad = static_cast<T*>(p.grad_logits);
-  // The gradient of quad i's entries into out.
-  auto quad_grad = [&](int i, float (&out)[4]) {
-    const float4 d4 = dy_cache[i * kThreads + t];
-    const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
-    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr (kKl) {
-      const float4 x4 = x_cache[i * kThreads + t];
-      x[0] = x4.x, x[1] = x4.y, x[2] = x4.z, x[3] = x4.w;
-    }
+  const float4 d4 = dy_cache[i * kThreads + t];
+  const float dy[4] = {d4.x, d4.y, d4.z, d4.w};
+  float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (kKl) {
+    const float4 x4 = x_cache[i * kThreads + t];
+    x[0] = x4.x, x[1] = x4.y, x[2] = x4.z, x[3] = x4.w;
+  }
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      out[k] = ys[i][k] * (dy[k] - dot) * inv_tau;
-      if constexpr (kKl) out[k] += klg.at(x[k]);
-    }
-  };
-  if constexpr (kFull) {
-    Cursor<T> dst(grad, place.fresh(), tp, stride);
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) {
-      float out[4];
-      quad_grad(i, out);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) *dst.next(k) = from_float<T>(out[k]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) {
-      const Place ql = place.fresh();
-      const int n = ql.count(i, tp.valid, p.vocab);
-      if (n > 0) {
-        float out[4];
-        quad_grad(i, out);
-        store4<false>(grad + tp.base + 4 * ql.quad(i) * stride, stride, n, out);
-      }
-    }
+  for (int k = 0; k < 4; ++k) {
+    out[k] = ys[i][k] * (dy[k] - dot) * inv_tau;
+    if constexpr (kKl) out[k] += klg.at(x[k]);
   }
 }
 #endif
@@ -185,10 +156,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tp.valid) {
       KlGrad klg;
       if constexpr (kKl) klg = KlGrad(tot.kl, to_float(static_cast<const T*>(p.grad_kl)[tp.pos]));
+      const auto values = [&](int i, float(&out)[4]) {
+        quad_grad<kKl>(i, inv_tau, tot.dot, klg, ys, dy_cache, x_cache, out);
+      };
+      T* grad = static_cast<T*>(p.grad_logits);
       if (full) {
-        scatter<true, kKl, T>(p, pl, tp, inv_tau, tot.dot, klg, ys, dy_cache, x_cache);
+        write_tile<true, kQuads>(grad, p, pl, tp, values);
       } else {
-        scatter<false, kKl, T>(p, pl, tp, inv_tau, tot.dot, klg, ys, dy_cache, x_cache);
+        write_tile<false, kQuads>(grad, p, pl, tp, values);
       }
     }
   }

@@ -93,6 +93,13 @@ struct Place {
   }
 };
 
+// The row offsets of a tile are recomputed from an opaque copy of the stride after the
+// combination: kept from the loads, they would take registers the cached values need.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
 // The entries of a thread's quads in a full tile (see whole_block), in the order quad 0 entries
 // 0..3, quad 1 entries 0..3, ...: one pointer advanced by inner within a quad and by
 // (4 kWarps - 3) inner to the next quad, two adds per entry instead of multiplying out an index.
@@ -120,6 +127,37 @@ __device__ __forceinline__ bool whole_block(const Place& pl, int64_t quads_per_b
 }
 __device__ __forceinline__ bool full_tile(int64_t tile, const GumbelParams& p) {
   return (tile + 1) * kWarp <= p.outer * p.inner;
+}
+
+// Writes the thread's quads of one tile to data ([outer, vocab, inner]), quad i's four values
+// from values(i, out): kFull as a Cursor walk (see whole_block), else each quad checked against
+// the vocabulary and the positions, as the kernels read them. The stride comes from an opaque
+// copy: kept from the loads, it would take registers the cached values need.
+template <bool kFull, int kQuads, class T, class Values>
+__device__ __forceinline__ void write_tile(T* data, const GumbelParams& p, const Place& place, const TilePos& tp,
+                                           Values values) {
+  const int64_t stride = opaque(p.inner);
+  if constexpr (kFull) {
+    Cursor<T> dst(data, place.fresh(), tp, stride);
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      float out[4];
+      values(i, out);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) *dst.next(k) = gumbel_detail::from_float<T>(out[k]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {
+      const Place ql = place.fresh();
+      const int n = ql.count(i, tp.valid, p.vocab);
+      if (n > 0) {
+        float out[4];
+        values(i, out);
+        gumbel_detail::store4<false>(data + tp.base + 4 * ql.quad(i) * stride, stride, n, out);
+      }
+    }
+  }
 }
 
 #if DF_GUMBEL_CLUSTERS
@@ -177,12 +215,6 @@ __device__ __forceinline__ Part combine(Exchange<Part>& ex, const Part& part, co
 }
 #endif  // DF_GUMBEL_CLUSTERS
 
-// The row offsets of a tile are recomputed from an opaque copy of the stride after the
-// combination: kept from the loads, they would take registers the cached values need.
-__device__ __forceinline__ int64_t opaque(int64_t x) {
-  asm volatile("" : "+l"(x));
-  return x;
-}
 
 // ---- Host -----------------------------------------------------------------------------------
 // DALLE_FAST_GUMBEL_RESIDENT, read at every call (so a benchmark can time both paths in one

@@ -105,35 +105,6 @@ __device__ __forceinline__ float draw(const GumbelParams& p, const Place& place,
   return m;
 }
 
-// Writes y = e * f for the thread's quads of one tile (e in z), as draw<kFull> read them.
-template <bool kFull, class T>
-__device__ __forceinline__ void write(const GumbelParams& p, const Place& place, const TilePos& tp, float f,
-                                      const float (&z)[kQuads][4]) {
-  // The strides come from an opaque copy: kept from the loads, they would take registers the
-  // cached values need.
-  const int64_t stride = opaque(p.inner);
-  T* y = static_cast<T*>(p.y);
-  if constexpr (kFull) {
-    Cursor<T> dst(y, place.fresh(), tp, stride);
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) *dst.next(k) = from_float<T>(z[i][k] * f);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) {
-      const Place ql = place.fresh();
-      const int n = ql.count(i, tp.valid, p.vocab);
-      if (n > 0) {
-        float out[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
-        store4<false>(y + tp.base + 4 * ql.quad(i) * stride, stride, n, out);
-      }
-    }
-  }
-}
 #endif
 
 template <class T, bool kKl>
@@ -177,10 +148,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu.
       const float f = tot.soft.s > 0.0f && m != neg_inf() ? expf(m - tot.soft.m) / tot.soft.s : 0.0f;
+      // y = e * f from the cached e.
+      const auto values = [&](int i, float(&out)[4]) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
+      };
       if (full) {
-        write<true, T>(p, pl, tp, f, z);
+        write_tile<true, kQuads>(static_cast<T*>(p.y), p, pl, tp, values);
       } else {
-        write<false, T>(p, pl, tp, f, z);
+        write_tile<false, kQuads>(static_cast<T*>(p.y), p, pl, tp, values);
       }
     }
   }
