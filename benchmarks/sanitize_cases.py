@@ -43,11 +43,12 @@ def main() -> None:
             ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
             ops.gumbel_softmax(logits.detach().transpose(1, -1), 1.0, dim=-1)
         # skinny_linear: 1 to 4 row tiles with a short last one, k in one and in many batches of
-        # blocks, rows of x a view with a longer stride; bias, GELU and residual.
+        # blocks, rows of x a view with a longer stride; layer norm, bias, GELU and residual.
         for m, k, n in ((1, 32, 8), (17, 96, 24), (33, 2048, 16), (64, 512, 40)):
             x = torch.randn(m, k + 8, generator=gen).to("cuda", torch.bfloat16)[:, :k]
             w, b, r = (torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16) for shape in ((n, k), (n,), (m, n)))
-            ops.skinny_linear(x, w, b, r, "gelu")
+            norm = torch.nn.LayerNorm(k).to("cuda", torch.bfloat16)
+            ops.skinny_linear(x, w, b, r, "gelu", norm)
             ops.skinny_linear(x.half(), w.half())
     torch.cuda.synchronize()
     print("ok")

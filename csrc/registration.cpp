@@ -34,10 +34,13 @@ TORCH_LIBRARY(dalle_fast, m) {
       "sparse_decode(Tensor q, Tensor cache_k, Tensor cache_v, Tensor offsets, Tensor g, int text_len, "
       "float scale) -> Tensor");
 
-  // act(x weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K] with
-  // M <= 64, weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf). CUDA only,
+  // act(ln(x) weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K] with
+  // M <= 64, weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf); ln the
+  // layer norm over K with ln_weight, ln_bias [K] and ln_eps when ln_weight is given. CUDA only,
   // float16 / bfloat16. Returns [M, N]. No autograd (the sampler's step).
-  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int activation) -> Tensor");
+  m.def(
+      "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int activation, Tensor? ln_weight, "
+      "Tensor? ln_bias, float ln_eps) -> Tensor");
 
   // Fused Gumbel-softmax over `dim`. Returns (y, kl, rng_state): y the soft sample (the one-hot of
   // its argmax when hard), kl = KL(softmax(logits) || uniform) per position when with_kl (else

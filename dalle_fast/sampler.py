@@ -155,13 +155,14 @@ class IncrementalPrior:
         x = prior.embed_image(token.unsqueeze(1), grid_pos)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: on
-            # CUDA one kernel each for a step's few rows, bias, GELU and residual add included.
+            # CUDA one kernel each for a step's few rows, the layer norm before, the bias, GELU
+            # and residual add after included.
             attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
-            qkv = attn.heads_of(skinny_linear(block.ln_1(x), attn.qkv.weight, attn.qkv.bias))  # (3, B, H, 1, D)
+            qkv = attn.heads_of(skinny_linear(x, attn.qkv.weight, attn.qkv.bias, norm=block.ln_1))  # (3, B, H, 1, D)
             self.cache[layer].index_copy_(3, position, qkv[1:])
             out = self.attend(layer, qkv[0], g)  # (B, H, 1, D)
             x = skinny_linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x)
-            h = skinny_linear(block.ln_2(x), fc1.weight, fc1.bias, activation="gelu")
+            h = skinny_linear(x, fc1.weight, fc1.bias, activation="gelu", norm=block.ln_2)
             x = skinny_linear(h, fc2.weight, fc2.bias, residual=x)
         return prior.image_head(prior.ln_f(x[:, 0]))
 

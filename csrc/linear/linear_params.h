@@ -1,5 +1,6 @@
-// Plain parameters of the skinny_linear op (dalle_fast/ops/linear.py): out = act(x w^T + bias)
-// + residual for a few rows of x (a sampling step's batch). No torch types.
+// Plain parameters of the skinny_linear op (dalle_fast/ops/linear.py): out = act(ln(x) w^T + bias)
+// + residual for a few rows of x (a sampling step's batch), ln an optional layer norm. No torch
+// types.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,12 @@ struct LinearParams {
   int64_t res_stride = 0;
   void* out = nullptr;             // [m, n] contiguous
   Activation activation = Activation::None;
+  // When ln_weight is set, x is first layer-normalised over k (as nn.LayerNorm: biased variance,
+  // eps inside the square root), scaled by ln_weight and shifted by ln_bias ([k] each, 16-byte
+  // aligned), and rounded to x's dtype, as the separate layer would store it.
+  const void* ln_weight = nullptr;
+  const void* ln_bias = nullptr;
+  float ln_eps = 1e-5f;
 };
 
 }  // namespace dalle_fast

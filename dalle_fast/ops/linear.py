@@ -47,7 +47,7 @@ def _aligned(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
-def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2) -> bool:
+def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
     m, k = x2.shape
     n = weight.shape[0]
     if x2.dtype not in (torch.float16, torch.bfloat16) or not (1 <= m <= _MAX_ROWS and k % 32 == 0 and n % 8 == 0):
@@ -58,15 +58,21 @@ def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2) -> bo
         return False
     if bias is not None and bias.dtype != x2.dtype:
         return False
+    if norm is not None:
+        for t in (norm.weight, norm.bias):
+            if t is None or t.dtype != x2.dtype or not t.is_contiguous() or not _aligned(t):
+                return False
     return residual2 is None or residual2.dtype == x2.dtype
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
-    """act(x @ weight.T + bias) + residual: x [..., K], weight [N, K], bias [N] or None, residual
-    [..., N] or None, activation None or "gelu" (the exact, erf one, as nn.GELU()). Returns
-    [..., N] in x's dtype; the kernel rounds once, after the residual (F.linear, GELU and the add
-    in x's dtype round after each)."""
+                  residual: torch.Tensor | None = None, activation: str | None = None,
+                  norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    """act(norm(x) @ weight.T + bias) + residual: x [..., K], weight [N, K], bias [N] or None,
+    residual [..., N] or None, activation None or "gelu" (the exact, erf one, as nn.GELU()), norm
+    an nn.LayerNorm over K or None. Returns [..., N] in x's dtype. The kernel rounds the
+    normalised x to x's dtype (as the layer's output would be) and the result once, after the
+    residual (F.linear, GELU and the add in x's dtype round after each)."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -80,19 +86,24 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out_shape = (*x.shape[:-1], n)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual must be {list(out_shape)}, got {list(residual.shape)}")
+    if norm is not None and (not isinstance(norm, torch.nn.LayerNorm) or tuple(norm.normalized_shape) != (x.shape[-1],)):
+        raise ValueError(f"norm must be an nn.LayerNorm over the last dimension ({x.shape[-1]}), got {norm!r}")
     if len({t.device for t in (x, weight, bias, residual) if t is not None}) != 1:
         raise ValueError("x, weight, bias and residual must be on one device")
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
-    if (x.is_cuda and kernel_enabled() and x2.shape[0] >= 1 and _kernel_takes(x2, weight, bias, residual2)
+    if (x.is_cuda and kernel_enabled() and x2.shape[0] >= 1 and _kernel_takes(x2, weight, bias, residual2, norm)
             and _backend.use_kernel("skinny_linear", x, (), (torch.float16, torch.bfloat16))):
-        out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation])
+        ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
+        out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
         return out.view(out_shape)
+    if norm is not None:
+        x = norm(x)
     return reference.linear(x, weight, bias, residual, activation)
 
 
 if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::skinny_linear")
-    def _linear_fake(x, weight, bias, residual, activation):
+    def _linear_fake(x, weight, bias, residual, activation, ln_weight, ln_bias, ln_eps):
         return x.new_empty((x.shape[0], weight.shape[0]))

@@ -25,10 +25,22 @@ def make_inputs(m, k, n, dtype, device="cpu", seed=0, bias=True, residual=True, 
     return (rows[:, :k], *(None if t is None else t.to(device, dtype) for t in (w, b, r)))
 
 
-def expected(x, w, b, r, activation):
-    """The reference in float64 from the same (rounded) inputs, the result rounded to x's dtype."""
+def expected(x, w, b, r, activation, norm=None):
+    """The reference in float64 from the same (rounded) inputs, the result rounded to x's dtype;
+    with a norm, its output rounded to x's dtype too, as the layer (and the kernel) store it."""
     up = lambda t: None if t is None else t.double()  # noqa: E731
+    if norm is not None:
+        x = F.layer_norm(up(x), norm.normalized_shape, up(norm.weight), up(norm.bias), norm.eps).to(x.dtype)
     return reference.linear(up(x), up(w), up(b), up(r), activation).to(x.dtype)
+
+
+def make_norm(k, dtype, device, seed):
+    norm = torch.nn.LayerNorm(k, eps=1e-5).to(device, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(k, generator=gen))
+        norm.bias.copy_(0.2 * torch.randn(k, generator=gen))
+    return norm
 
 
 def test_reference_is_the_prior_blocks_arithmetic():
@@ -42,17 +54,19 @@ def test_reference_is_the_prior_blocks_arithmetic():
 
 @given(m=st.integers(1, 70), k=st.sampled_from([8, 32, 96]), n=st.sampled_from([1, 8, 24]),
        lead=st.sampled_from([(), (1,), (2,)]), activation=st.sampled_from([None, "gelu"]),
-       with_bias=st.booleans(), with_residual=st.booleans())
+       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans())
 @settings(max_examples=30, deadline=None)
-def test_cpu_calls_take_the_reference(m, k, n, lead, activation, with_bias, with_residual):
+def test_cpu_calls_take_the_reference(m, k, n, lead, activation, with_bias, with_residual, with_norm):
     gen = torch.Generator().manual_seed(m * 1000 + k + n)
     x = torch.randn(*lead, m, k, generator=gen)
     w = torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if with_bias else None
     r = torch.randn(*lead, m, n, generator=gen) if with_residual else None
-    out = ops.skinny_linear(x, w, b, r, activation)
+    norm = make_norm(k, torch.float32, "cpu", m) if with_norm else None
+    out = ops.skinny_linear(x, w, b, r, activation, norm)
     assert out.shape == (*lead, m, n)
-    torch.testing.assert_close(out, reference.linear(x, w, b, r, activation), rtol=0, atol=0)
+    want = reference.linear(x if norm is None else norm(x), w, b, r, activation)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_which_calls_the_kernel_takes():
@@ -82,6 +96,10 @@ def test_bad_inputs():
         ops.skinny_linear(x, w, residual=torch.zeros(4, 4))
     with pytest.raises(TypeError, match="weight"):
         ops.skinny_linear(x, [[0.0] * 8])
+    with pytest.raises(ValueError, match="norm"):
+        ops.skinny_linear(x, w, norm=torch.nn.LayerNorm(7))
+    with pytest.raises(ValueError, match="norm"):
+        ops.skinny_linear(x, w, norm=torch.nn.RMSNorm(8))
     with pytest.raises(ValueError, match="enabled"):
         with linear.cuda_skinny_linear("yes"):
             pass
@@ -109,18 +127,23 @@ def check_close(out, want, what):
 @requires_cuda
 @given(m=st.integers(1, 64), k=st.sampled_from([32, 64, 96, 512, 2048, 3968]), n=st.sampled_from([8, 16, 520, 2048]),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), activation=st.sampled_from([None, "gelu"]),
-       with_bias=st.booleans(), with_residual=st.booleans(), row_pad=st.sampled_from([0, 8, 40]),
-       seed=st.integers(0, 2**16))
-@settings(max_examples=60, deadline=None)
-def test_cuda_kernel_matches_reference(m, k, n, dtype, activation, with_bias, with_residual, row_pad, seed):
+       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans(),
+       row_pad=st.sampled_from([0, 8, 40]), offset=st.sampled_from([0.0, 30.0]), seed=st.integers(0, 2**16))
+@settings(max_examples=80, deadline=None)
+def test_cuda_kernel_matches_reference(m, k, n, dtype, activation, with_bias, with_residual, with_norm, row_pad,
+                                       offset, seed):
     # Every m16 tile count (1-4), k in one or many batches of blocks per warp, rows of x apart by
-    # more than K (a view), with and without each part of the epilogue.
+    # more than K (a view), with and without each part of the prologue and epilogue; rows with a
+    # mean far from 0 (offset) for the layer norm's variance.
     x, w, b, r = make_inputs(m, k, n, dtype, "cuda", seed, with_bias, with_residual, row_pad)
-    assert linear._kernel_takes(x, w, b, r)
-    out = torch.ops.dalle_fast.skinny_linear(x, w, b, r, 1 if activation == "gelu" else 0)
-    check_close(out, expected(x, w, b, r, activation), f"m={m} k={k} n={n} {dtype} {activation}")
+    x += offset
+    norm = make_norm(k, dtype, "cuda", seed) if with_norm else None
+    assert linear._kernel_takes(x, w, b, r, norm)
+    ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, norm.eps)
+    out = torch.ops.dalle_fast.skinny_linear(x, w, b, r, 1 if activation == "gelu" else 0, *ln)
+    check_close(out, expected(x, w, b, r, activation, norm), f"m={m} k={k} n={n} {dtype} {activation} norm={with_norm}")
     with ops.backend("cuda"):
-        torch.testing.assert_close(ops.skinny_linear(x, w, b, r, activation), out, rtol=0, atol=0)
+        torch.testing.assert_close(ops.skinny_linear(x, w, b, r, activation, norm), out, rtol=0, atol=0)
 
 
 @requires_cuda
@@ -144,7 +167,7 @@ def test_cuda_kernel_replays_in_a_graph_and_leaves_other_calls_to_the_reference(
         assert not linear._kernel_takes(args[0], args[1], args[2], args[3])
         torch.testing.assert_close(ops.skinny_linear(*args, "gelu"), reference.linear(*args, "gelu"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        torch.ops.dalle_fast.skinny_linear(xs[:, 1:513], w, b, r, 1)
+        torch.ops.dalle_fast.skinny_linear(xs[:, 1:513], w, b, r, 1, None, None, 1e-5)
     with linear.cuda_skinny_linear(False):
         torch.testing.assert_close(ops.skinny_linear(x, w, b, r, "gelu"), reference.linear(x, w, b, r, "gelu"),
                                    rtol=0, atol=0)

@@ -22,7 +22,9 @@ namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, int64_t activation) {
+                  const std::optional<at::Tensor>& residual, int64_t activation,
+                  const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                  double ln_eps) {
   const char* op = "skinny_linear";
   TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor");
   TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
@@ -63,6 +65,20 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                       op, ": residual must be [M, N] of x's dtype and device, got ", r.sizes(), " ", r.scalar_type());
     p.residual = r.data_ptr();
     p.res_stride = r.stride(0);
+  }
+  TORCH_CHECK_VALUE(ln_weight.has_value() == ln_bias.has_value(), op,
+                    ": give both ln_weight and ln_bias (a layer norm with its affine part) or neither");
+  if (ln_weight.has_value()) {
+    for (const auto* t : {&*ln_weight, &*ln_bias}) {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == k && t->scalar_type() == x.scalar_type() &&
+                            t->device() == x.device() && t->is_contiguous() && aligned16(*t),
+                        op, ": ln_weight and ln_bias must be contiguous, 16-byte aligned [K] of x's dtype and device, "
+                        "got ", t->sizes(), " ", t->scalar_type());
+    }
+    TORCH_CHECK_VALUE(ln_eps > 0, op, ": ln_eps must be positive, got ", ln_eps);
+    p.ln_weight = ln_weight->data_ptr();
+    p.ln_bias = ln_bias->data_ptr();
+    p.ln_eps = static_cast<float>(ln_eps);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({m, n}, x.options());

@@ -1,5 +1,5 @@
-// skinny_linear on CUDA: out = act(x w^T + bias) + residual for m <= 64 rows of x, the shape of
-// a sampling step (a batch of one position per sequence). cuBLAS runs these as GEMMs with few
+// skinny_linear on CUDA: out = act(ln(x) w^T + bias) + residual for m <= 64 rows of x, the shape
+// of a sampling step (a batch of one position per sequence), ln an optional layer norm. cuBLAS runs these as GEMMs with few
 // blocks and takes ~4 us each on the H100, several times the time to read the weights; a step
 // of the 12-layer prior runs 48 of them.
 //
@@ -15,6 +15,10 @@
 // fragment registers are words 2 s and 2 s + 1 of those 16 bytes (mma.h gives the fragment
 // layout): logical k 2t, 2t+1 of step s is k 8t + 4s + 0, 1 of the block and 2t + 8, 2t + 9 is
 // 8t + 4s + 2, 3, one bijection for x and w.
+//
+// With a layer norm, each block first computes every row's mean and variance (a warp per row,
+// one pass of shifted sums) while L2 fetches its first weights, then normalises each x fragment
+// as it arrives, rounded to T as the layer's output would be.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,13 +50,85 @@ __device__ __forceinline__ float activate(float v, Activation a) {
   return a == Activation::Gelu ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)) : v;
 }
 
+// The layer norm of the lane's rows of x (kLn): their mean and 1 / std, and the lane's 8 k of
+// ln_weight and ln_bias in each 32-block (offset by 8 t like the lane's rows).
+template <class T, int kTiles, bool kLn>
+struct RowNorm {
+  float mean[kTiles][2], rstd[kTiles][2];
+  const T* gamma;
+  const T* beta;
+};
+
+// 8 values of one row (16 bytes of T) normalised: (x - mean) rstd gamma + beta, rounded to T.
+template <class T>
+__device__ __forceinline__ uint4 normalize(const uint4& x8, float mean, float rstd, const uint4& g8, const uint4& b8) {
+  const T* x = reinterpret_cast<const T*>(&x8);
+  const T* g = reinterpret_cast<const T*>(&g8);
+  const T* b = reinterpret_cast<const T*>(&b8);
+  uint32_t out[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float lo = (to_acc(x[2 * e]) - mean) * rstd * to_acc(g[2 * e]) + to_acc(b[2 * e]);
+    const float hi = (to_acc(x[2 * e + 1]) - mean) * rstd * to_acc(g[2 * e + 1]) + to_acc(b[2 * e + 1]);
+    out[e] = mma::Mma<T>::pack(lo, hi);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// Mean and 1 / sqrt(var + eps) of each row of x into stats[row]: warp w takes rows w, w + kWarps,
+// ... (at most 2 kTiles), loading all of them in each step over k so that their loads are in
+// flight together. One pass of shifted sums (the shift: the row's first value, so that the
+// variance does not lose its digits to a large mean).
+template <class T, int kTiles>
+__device__ __forceinline__ void row_stats(const LinearParams& p, float2* stats) {
+  constexpr int kRows = 16 * kTiles / kWarps;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* rows[kRows];
+  float shift[kRows], s[kRows], ss[kRows];
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr) {
+    const int64_t r = warp + int64_t(kWarps) * rr;
+    rows[rr] = static_cast<const T*>(p.x) + (r < p.m ? r : p.m - 1) * p.x_stride;
+    s[rr] = ss[rr] = 0.0f;
+  }
+#pragma unroll 2
+  for (int64_t k0 = 8 * lane, step = 0; k0 - 8 * lane < p.k; k0 += 8 * 32, ++step) {
+    uint4 v[kRows];
+#pragma unroll
+    for (int rr = 0; rr < kRows; ++rr) v[rr] = k0 < p.k ? load16(rows[rr] + k0) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int rr = 0; rr < kRows; ++rr) {
+      const T* e = reinterpret_cast<const T*>(&v[rr]);
+      if (step == 0) shift[rr] = __shfl_sync(0xffffffffu, to_acc(e[0]), 0);
+      if (k0 < p.k) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float d = to_acc(e[q]) - shift[rr];
+          s[rr] += d;
+          ss[rr] = fmaf(d, d, ss[rr]);
+        }
+      }
+    }
+  }
+  const float inv_k = 1.0f / static_cast<float>(p.k);
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr) {
+    const float mean_d = detail::warp_sum(s[rr]) * inv_k;
+    const float var = fmaxf(detail::warp_sum(ss[rr]) * inv_k - mean_d * mean_d, 0.0f);
+    const int64_t r = warp + int64_t(kWarps) * rr;
+    if (lane == 0 && r < p.m) stats[r] = make_float2(shift[rr] + mean_d, rsqrtf(var + p.ln_eps));
+  }
+}
+
 // Adds to c the products of kN k-blocks b, b + kWarps, ..., all of them inside k: every load is
 // issued before the first multiply (unconditional loads, so the compiler does not interleave
-// them with the multiplies, which would wait a memory latency per block).
-template <class T, int kTiles, int kN>
+// them with the multiplies, which would wait a memory latency per block). kLn: x's fragments are
+// layer-normalised on the way.
+template <class T, int kTiles, int kN, bool kLn>
 __device__ __forceinline__ void multiply_blocks(const LinearParams& p, int64_t b, const T* w_row,
-                                                const T* const (&x_rows)[kTiles][2], float (&c)[kTiles][4]) {
-  uint4 wv[kN], xv[kN][kTiles][2];
+                                                const T* const (&x_rows)[kTiles][2], const RowNorm<T, kTiles, kLn>& norm,
+                                                float (&c)[kTiles][4]) {
+  uint4 wv[kN], xv[kN][kTiles][2], gv[kLn ? kN : 1], bv[kLn ? kN : 1];
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     const int64_t at = 32 * (b + int64_t(j) * kWarps);
@@ -61,6 +137,21 @@ __device__ __forceinline__ void multiply_blocks(const LinearParams& p, int64_t b
     for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) xv[j][i][h] = load16(x_rows[i][h] + at);
+    }
+    if constexpr (kLn) {
+      gv[j] = load16(norm.gamma + at);
+      bv[j] = load16(norm.beta + at);
+    }
+  }
+  if constexpr (kLn) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          xv[j][i][h] = normalize<T>(xv[j][i][h], norm.mean[i][h], norm.rstd[i][h], gv[j], bv[j]);
+      }
     }
   }
 #pragma unroll
@@ -81,23 +172,40 @@ __device__ __forceinline__ void multiply_blocks(const LinearParams& p, int64_t b
 // their loads are in flight together (kBatch (1 + 2 kTiles) 16-byte loads per lane: 24 at most).
 // One block per SM's worth of registers: the grid is small (n / 8 blocks), and without the bound
 // ptxas interleaves the loads with the multiplies to save registers.
-template <class T, int kTiles>
+template <class T, int kTiles, bool kLn>
 __global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(const LinearParams p) {
   constexpr int kBatch = kTiles == 1 ? 8 : kTiles == 2 ? 4 : 2;
   __shared__ float part[kWarps][kTiles][32][4];
+  __shared__ float2 stats[kLn ? 16 * kTiles : 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = int64_t(blockIdx.x) * kCols;
   const T* w_row = static_cast<const T*>(p.w) + (n0 + g) * p.k + 8 * t;
+  if constexpr (kLn) {
+    // The weights do not wait on the statistics: ask L2 for the warp's first batch meanwhile.
+    for (int64_t b = warp; b < p.k / 32 && b < int64_t(kBatch) * kWarps; b += kWarps)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(w_row + 32 * b));
+    row_stats<T, kTiles>(p, stats);
+    __syncthreads();
+  }
   // The lane's rows of x; rows past m read row m - 1 instead (their results are not written),
   // so that no load needs a condition.
   const T* x_rows[kTiles][2];
+  RowNorm<T, kTiles, kLn> norm;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t r = 16 * i + g + 8 * h;
-      x_rows[i][h] = static_cast<const T*>(p.x) + (r < p.m ? r : p.m - 1) * p.x_stride + 8 * t;
+      const int64_t r0 = 16 * i + g + 8 * h, r = r0 < p.m ? r0 : p.m - 1;
+      x_rows[i][h] = static_cast<const T*>(p.x) + r * p.x_stride + 8 * t;
+      if constexpr (kLn) {
+        norm.mean[i][h] = stats[r].x;
+        norm.rstd[i][h] = stats[r].y;
+      }
     }
+  }
+  if constexpr (kLn) {
+    norm.gamma = static_cast<const T*>(p.ln_weight) + 8 * t;
+    norm.beta = static_cast<const T*>(p.ln_bias) + 8 * t;
   }
 
   float c[kTiles][4];
@@ -108,20 +216,20 @@ __global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(const Linear
   const int64_t blocks = p.k / 32;
   int64_t b = warp;
   for (; b + int64_t(kBatch - 1) * kWarps < blocks; b += int64_t(kBatch) * kWarps)
-    multiply_blocks<T, kTiles, kBatch>(p, b, w_row, x_rows, c);
+    multiply_blocks<T, kTiles, kBatch, kLn>(p, b, w_row, x_rows, norm, c);
   if constexpr (kBatch > 4) {
     if (b + 3 * kWarps < blocks) {
-      multiply_blocks<T, kTiles, 4>(p, b, w_row, x_rows, c);
+      multiply_blocks<T, kTiles, 4, kLn>(p, b, w_row, x_rows, norm, c);
       b += 4 * kWarps;
     }
   }
   if constexpr (kBatch > 2) {
     if (b + kWarps < blocks) {
-      multiply_blocks<T, kTiles, 2>(p, b, w_row, x_rows, c);
+      multiply_blocks<T, kTiles, 2, kLn>(p, b, w_row, x_rows, norm, c);
       b += 2 * kWarps;
     }
   }
-  if (b < blocks) multiply_blocks<T, kTiles, 1>(p, b, w_row, x_rows, c);
+  if (b < blocks) multiply_blocks<T, kTiles, 1, kLn>(p, b, w_row, x_rows, norm, c);
 
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
@@ -147,25 +255,30 @@ __global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(const Linear
   }
 }
 
-template <class T>
+template <class T, bool kLn>
 const char* launch(const LinearParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.n / kCols));
   switch ((p.m + 15) / 16) {
     case 1:
-      skinny_linear_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+      skinny_linear_kernel<T, 1, kLn><<<grid, kThreads, 0, stream>>>(p);
       break;
     case 2:
-      skinny_linear_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p);
+      skinny_linear_kernel<T, 2, kLn><<<grid, kThreads, 0, stream>>>(p);
       break;
     case 3:
-      skinny_linear_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p);
+      skinny_linear_kernel<T, 3, kLn><<<grid, kThreads, 0, stream>>>(p);
       break;
     default:
-      skinny_linear_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
+      skinny_linear_kernel<T, 4, kLn><<<grid, kThreads, 0, stream>>>(p);
       break;
   }
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template <class T>
+const char* launch(const LinearParams& p, cudaStream_t stream) {
+  return p.ln_weight != nullptr ? launch<T, true>(p, stream) : launch<T, false>(p, stream);
 }
 
 }  // namespace
