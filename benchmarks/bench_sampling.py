@@ -3,8 +3,9 @@ the two ways it is usually done.
 
   ours        dalle_fast.sampler: KV cache, each step reads only the keys its layer's mask allows
               (CUDA: the step is captured once in a CUDA graph and replayed)
-  ours_cublas the same with the step's linear layers as F.linear (cuBLAS) and their bias, GELU
-              and residual add as separate kernels, instead of ops.skinny_linear (CUDA only)
+  ours_cublas the same with the step's linear layers as F.linear (cuBLAS) and their layer norms,
+              GELUs and residual adds as separate kernels, instead of ops.skinny_linear (CUDA
+              only)
   ours_compiled  the same with SamplingConfig(compile_step=True): the model step compiled by
               torch.compile (its small kernels fused), then graph-captured; checked by its
               logits against the eager step on the same tokens (default on CUDA only: it
@@ -72,13 +73,14 @@ class DenseKV(IncrementalPrior):
                                                                 attn_mask=row)
 
 
-@torch.no_grad()
 def sample_without_skinny_linear(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
-    """ours, with every linear layer of the step as F.linear plus separate bias / GELU / add kernels."""
+    """ours, with every linear layer of the step as F.linear and its layer norm, GELU and residual
+    add as separate kernels."""
     with cuda_skinny_linear(False):
         return sample_image_tokens(prior, text, config=config, generator=generator)
 
 
+@torch.no_grad()
 def sample_dense_kv(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator, steps: int = 0) -> torch.Tensor:
     """The first `steps` image tokens (0: all) with the dense KV cache; replayed from a CUDA graph
     when `config.cuda_graph` and on CUDA, as ours is."""

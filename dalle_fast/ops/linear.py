@@ -1,15 +1,16 @@
-"""dalle_fast.ops.skinny_linear: act(x @ weight.T + bias) + residual for the few rows of a sampling step.
+"""dalle_fast.ops.skinny_linear: act(norm(x) @ weight.T + bias) + residual for the few rows of a sampling step.
 
 A sampling step multiplies one position of each sequence (16 rows for a batch of 16) by every
 weight matrix of the prior. cuBLAS runs those as GEMMs with few blocks: about 4 us each on the
 H100 for a 512 x 1536 weight, where reading the weight takes well under 1 us. The CUDA kernel
 (csrc/linear/cuda/skinny_linear.cu) spreads the weight over n / 8 blocks, issues each warp's
-loads in one wave and multiplies on the tensor cores; it also applies the bias, the GELU and the
-residual add in the same kernel, so a step runs three fewer kernels per layer.
+loads in one wave and multiplies on the tensor cores; it also applies the layer norm before and
+the bias, the GELU and the residual add after in the same kernel, so a step of the prior runs
+five fewer kernels per layer.
 
 The kernel takes float16 / bfloat16 CUDA tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
-and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference,
-`reference.linear` (F.linear, then the activation, then the residual). Inference only: no
+and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference: the
+norm, then `reference.linear` (F.linear, the activation, the residual). Inference only: no
 autograd. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at every call) sends every call
 to the reference, so a benchmark can time both in one process.
 """
