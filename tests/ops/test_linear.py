@@ -171,3 +171,12 @@ def test_cuda_kernel_replays_in_a_graph_and_leaves_other_calls_to_the_reference(
     with linear.cuda_skinny_linear(False):
         torch.testing.assert_close(ops.skinny_linear(x, w, b, r, "gelu"), reference.linear(x, w, b, r, "gelu"),
                                    rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_op_passes_opcheck():
+    # Registration, fake (meta) implementation and schema, as torch.compile relies on them.
+    x, w, b, r = make_inputs(5, 64, 16, torch.bfloat16, "cuda", 4)
+    norm = make_norm(64, torch.bfloat16, "cuda", 4)
+    torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, b, r, 1, norm.weight, norm.bias, 1e-5))
+    torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, None, None, 0, None, None, 1e-5))
