@@ -1,7 +1,7 @@
 // skinny_linear on CUDA: out = act(ln(x) w^T + bias) + residual for m <= 64 rows of x, the shape
-// of a sampling step (a batch of one position per sequence), ln an optional layer norm. cuBLAS runs these as GEMMs with few
-// blocks and takes ~4 us each on the H100, several times the time to read the weights; a step
-// of the 12-layer prior runs 48 of them.
+// of a sampling step (a batch of one position per sequence), ln an optional layer norm. cuBLAS
+// runs these as GEMMs with few blocks and takes ~4 us each on the H100, several times the time
+// to read the weights; a step of the 12-layer prior runs 48 of them.
 //
 // Layout: a block of 8 warps owns 8 output columns (n0 .. n0 + 7) and splits k over its warps in
 // blocks of 32; each warp multiplies with mma.m16n8k16 (fp32 accumulators) for up to four m16
