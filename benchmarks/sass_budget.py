@@ -12,9 +12,10 @@ barriers.
 
 It compiles each kernel file for sm_90a with nvcc -cubin twice, with the tile path forced to the
 full one (every position present, whole quads: the dVAE's V = 8192) and to the general one (once
-as is for kernels older than that choice), and disassembles it with nvdisasm. The kernels' tile loop is unrolled, so the static count of a
-kernel over the entries a thread handles per tile is the instructions it issues per entry, plus
-the per-tile share of the setup and the cluster combination. It also counts the Gumbel noise
+as is for kernels older than that choice), and disassembles it with nvdisasm. The kernels' tile
+loop is unrolled, so the static count of a kernel over the entries a thread handles per tile is
+the instructions it issues per entry, plus the per-tile share of the setup and the cluster
+combination. It also counts the Gumbel noise
 alone (philox::gumbel_bits + gumbel_from_bits of one quad) per value.
 
 nvdisasm is not in the CUDA toolkit's minimal install; `pip download nvidia-cuda-nvdisasm` has
@@ -172,7 +173,8 @@ def main() -> None:
                           f"{row.get('spill_store_bytes')} B spilled")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "csrc"],
                                     capture_output=True, text=True).stdout.strip())
         args.json.write_text(json.dumps({
