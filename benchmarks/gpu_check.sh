@@ -25,7 +25,7 @@
 #
 # As run on 2026-11-27 (an H100; the device tool brings back at most 8 files, so tar them):
 #   PYTHON=python3 OUT=/tmp/g DEADLINE=540 bash benchmarks/gpu_check.sh session; tar czf $OUT/g.tgz -C /tmp/g .
-# For the open issues (after the one-read Gumbel kernels and the decode rewrite, not yet run):
+# For the open issues (after the one-read Gumbel kernels, the decode rewrite and skinny_linear, not yet run):
 #   PYTHON=python3 OUT=/tmp/g DEADLINE=540 bash benchmarks/gpu_check.sh open; tar czf $OUT/g.tgz -C /tmp/g .
 # Step times seen there: build 36 s, tests 44 s, attention 45-65 s per shape (FlexAttention
 # compiles per kind), gumbel 36 s, sampling 47 s (before ours_compiled, which adds a compile),
