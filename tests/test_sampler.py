@@ -215,5 +215,6 @@ def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype):
             inc = IncrementalPrior(prior, batch=3)
             inc.prefill(text)
             runs[fused] = torch.stack([inc.step(image[:, g], torch.tensor(g, device="cuda")) for g in range(6)])
-    # Rounding differs (the kernel rounds once per layer output, F.linear / GELU / add each round).
-    torch.testing.assert_close(runs[True].float(), runs[False].float(), atol=0.05, rtol=0.05)
+    # Rounding differs (the kernel rounds once per layer output, F.linear / GELU / add each round):
+    # a few units of the dtype's last place through 4 layers; a wrong fragment would be off by O(1).
+    torch.testing.assert_close(runs[True].float(), runs[False].float(), atol=0.1, rtol=0.05)
