@@ -93,7 +93,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("x, weight, bias and residual must be on one device")
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
-    if (x.is_cuda and kernel_enabled() and x2.shape[0] >= 1 and _kernel_takes(x2, weight, bias, residual2, norm)
+    if (x.is_cuda and kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
             and _backend.use_kernel("skinny_linear", x, (), (torch.float16, torch.bfloat16))):
         ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
         out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
