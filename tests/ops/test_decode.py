@@ -137,6 +137,22 @@ def test_cuda_fast_kernel_over_several_key_groups(kind, D):
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{kind} D={D}: {m}")
 
 
+@requires_cuda
+@pytest.mark.parametrize("D, dtype", [(128, torch.bfloat16), (64, torch.float16), (64, torch.float32)])
+def test_cuda_kernels_take_key_lists_near_the_default_shared_memory_limit(D, dtype):
+    # 8 bytes of shared memory per key: ~6000 keys ask for just under 48 KiB of dynamic shared
+    # memory, which with the kernels' static arrays passes the default limit (the launcher must
+    # raise it), and 7000 keys for more than 48 KiB.
+    for T in (5900, 6135, 6139, 7000):  # T + 9 keys (causal, S = 3: 9 offsets)
+        S, g = 3, 4
+        q, k, v, g_t = make_step(1, 2, T, S, D, g, dtype, device="cuda", seed=T)
+        offsets = key_offsets("causal", S, 3).cuda()
+        with ops.backend("cuda"):
+            out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+        want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"T={T}: {m}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q_may_be_a_strided_view(device, dtype):

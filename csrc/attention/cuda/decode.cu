@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../../cuda_smem.h"
 #include "../decode_params.h"
 #include "attention_cuda.h"
 
@@ -223,10 +224,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
 template <auto Kernel, int kBlock>
 const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
   const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
+  if (const char* err = allow_dynamic_smem<Kernel>(smem)) return err;  // the kernels have static arrays too
   Kernel<<<static_cast<unsigned int>(p.batch * p.heads), kBlock, smem, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../../cuda_smem.h"
 #include "../params.h"
 #include "attention_cuda.h"
 #include "mma.h"
@@ -182,20 +183,5 @@ inline bool device_fits(size_t bytes) {
   return optin[dev] > 0 && bytes <= size_t(optin[dev]);
 }
 
-// Sets the dynamic shared memory limit a launch of `Kernel` needs beyond the default 48 KiB,
-// once per device (the attribute stays set; each kernel always asks for the same bytes).
-template <auto Kernel>
-inline const char* allow_smem(size_t bytes) {
-  if (bytes <= 48 * 1024) return nullptr;
-  constexpr int kMaxDevices = 64;
-  static bool done[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
-  if (dev >= 0 && dev < kMaxDevices && done[dev]) return nullptr;
-  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (dev >= 0 && dev < kMaxDevices) done[dev] = true;
-  return nullptr;
-}
 
 }  // namespace dalle_fast::cuda::flash

@@ -172,7 +172,7 @@ const char* launch(const AttnParams& p, const PlanView& plan, cudaStream_t strea
   if (blocks == 0) return nullptr;
   if (blocks > int64_t(0x7fffffff)) return "sparse_attention: too many (batch, head, tile) blocks for one launch";
   constexpr size_t smem = smem_bytes<HD>();
-  if (const char* err = allow_smem<flash_forward_kernel<T, HD>>(smem)) return err;
+  if (const char* err = allow_dynamic_smem<flash_forward_kernel<T, HD>>(smem)) return err;
   flash_forward_kernel<T, HD><<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p, plan);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
