@@ -72,10 +72,10 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DALLE_FAST_CUDA=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
 step tests_open 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_linear.py tests/test_sampler.py -k cuda
+  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
+step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py -k cuda
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 step sampling 240 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"

@@ -31,6 +31,10 @@ def main() -> None:
             q, k, v = (torch.randn(2, 3, *shape, generator=gen).to("cuda", torch.bfloat16)
                        for shape in ((128,), (300 + 25, 128), (300 + 25, 128)))
             ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(24, device="cuda"), 300)
+        # ~6100 keys: dynamic and static shared memory together just past the default 48 KiB
+        q, k, v = (torch.randn(1, 2, *shape, generator=gen).to("cuda", torch.bfloat16)
+                   for shape in ((128,), (6135 + 9, 128), (6135 + 9, 128)))
+        ops.sparse_decode(q, k, v, key_offsets("causal", 3, 3).cuda(), torch.tensor(4, device="cuda"), 6135)
         # Gumbel: the one-read cluster kernels (one block per cluster; 8 blocks with a short last
         # one and 33 positions, a partial tile; 12 blocks, a non-portable cluster where the device
         # keeps enough of them) and the two-sweep kernels (hard, contiguous vocabulary).
@@ -42,6 +46,8 @@ def main() -> None:
             ops.gumbel_softmax(logits.detach().bfloat16(), 1.0)
             ops.gumbel_softmax(logits.detach().bfloat16(), 1.0, hard=True)
             ops.gumbel_softmax(logits.detach().transpose(1, -1), 1.0, dim=-1)
+            ops.gumbel_argmax(logits.detach().bfloat16(), 1, 2.0)
+        ops.gumbel_argmax(torch.randn(16, 8192, device="cuda").bfloat16(), -1, 1.0)  # the sampler's draw
         # skinny_linear: 1 to 4 row tiles with a short last one, k in one and in many batches of
         # blocks, rows of x a view with a longer stride; layer norm, bias, GELU and residual.
         for m, k, n in ((1, 32, 8), (17, 96, 24), (33, 2048, 16), (64, 512, 40)):

@@ -54,6 +54,9 @@ TORCH_LIBRARY(dalle_fast, m) {
       "float tau, int dim, bool hard) -> Tensor");
   // The float32 Gumbel noise the kernels add for this rng_state (for tests and references).
   m.def("gumbel_noise(Tensor logits, Tensor rng_state, int dim) -> Tensor");
+  // Gumbel-max draw: int64 indices, the first argmax over `dim` of fma(logits, scale, g), with the
+  // noise gumbel_softmax_fwd draws from the same generator state (the sampler's token draw).
+  m.def("gumbel_argmax(Tensor logits, float scale, int dim, Generator? generator) -> Tensor");
 }
 
 namespace {

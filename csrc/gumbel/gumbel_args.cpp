@@ -1,6 +1,7 @@
 #include "gumbel_args.h"
 
 #include <cmath>
+#include <limits>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -10,13 +11,13 @@ namespace dalle_fast {
 
 namespace {
 
-int64_t check_logits(const at::Tensor& logits, double tau, int64_t dim, const char* op) {
+int64_t check_logits(const at::Tensor& logits, double tau, int64_t dim, const char* op, const char* tau_name = "tau") {
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
                        logits.scalar_type() == at::kBFloat16,
                    op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
   TORCH_CHECK_VALUE(logits.dim() >= 1, op, ": logits must have at least one dimension");
   TORCH_CHECK_VALUE(logits.numel() > 0, op, ": logits is empty, shape ", logits.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": tau must be a positive finite number, got ", tau);
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": ", tau_name, " must be a positive finite number, got ", tau);
   TORCH_CHECK_VALUE(dim >= -logits.dim() && dim < logits.dim(), op, ": dim ", dim, " is out of range for ",
                     logits.dim(), "-d logits");
   return dim < 0 ? dim + logits.dim() : dim;
@@ -50,6 +51,26 @@ GumbelForwardCall prepare_gumbel_forward(const at::Tensor& logits_in, double tau
   p.logits = c.logits.data_ptr();
   p.y = c.y.data_ptr();
   p.kl = with_kl ? c.kl.data_ptr() : nullptr;
+  p.rng_state = c.rng_state.data_ptr<int64_t>();
+  return c;
+}
+
+GumbelForwardCall prepare_gumbel_argmax(const at::Tensor& logits_in, double scale, int64_t dim_in) {
+  const int64_t dim = check_logits(logits_in, scale, dim_in, "gumbel_argmax", "scale");
+  TORCH_CHECK_VALUE(scale <= std::numeric_limits<float>::max(), "gumbel_argmax: scale must be a finite float32, got ",
+                    scale);
+  GumbelForwardCall c;
+  c.logits = logits_in.contiguous();
+  auto index_shape = c.logits.sizes().vec();
+  index_shape.erase(index_shape.begin() + dim);
+  c.index = at::empty(index_shape, c.logits.options().dtype(at::kLong));
+  c.rng_state = at::empty({2}, c.logits.options().dtype(at::kLong));
+  auto& p = c.params;
+  gumbel_view(c.logits, dim, p);
+  p.hard = true;
+  p.scale = static_cast<float>(scale);
+  p.logits = c.logits.data_ptr();
+  p.index = c.index.data_ptr<int64_t>();
   p.rng_state = c.rng_state.data_ptr<int64_t>();
   return c;
 }

@@ -11,7 +11,7 @@
 namespace dalle_fast {
 
 struct GumbelForwardCall {
-  at::Tensor logits, y, kl, rng_state;
+  at::Tensor logits, y, kl, index, rng_state;
   GumbelParams params;
 };
 
@@ -23,6 +23,9 @@ struct GumbelBackwardCall {
 // logits: any floating tensor; softmax over `dim`. The caller fills params.rng (and, on CPU,
 // rng_state's values) from its generator.
 GumbelForwardCall prepare_gumbel_forward(const at::Tensor& logits, double tau, int64_t dim, bool hard, bool with_kl);
+
+// gumbel_argmax: index (int64, logits' shape without dim) and rng_state; no y. scale > 0, finite.
+GumbelForwardCall prepare_gumbel_argmax(const at::Tensor& logits, double scale, int64_t dim);
 
 GumbelBackwardCall prepare_gumbel_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_kl,
                                            const at::Tensor& logits, const at::Tensor& y,

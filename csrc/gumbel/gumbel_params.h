@@ -21,9 +21,13 @@ struct GumbelParams {
   float tau = 1.0f;
   bool hard = false;     // forward writes the one-hot of the argmax
   bool with_kl = false;  // forward also writes KL(softmax(logits) || uniform) per position
+  // Gumbel-max draw (gumbel_argmax): the forward writes index, the first argmax of
+  // z = logits * scale + g over vocab per position, and no y (hard is set, tau unused).
+  int64_t* index = nullptr;  // [outer, inner]
+  float scale = 1.0f;
 
   const void* logits = nullptr;  // [outer, vocab, inner]
-  void* y = nullptr;             // [outer, vocab, inner], logits' dtype
+  void* y = nullptr;             // [outer, vocab, inner], logits' dtype (null with index)
   void* kl = nullptr;            // [outer, inner], logits' dtype (with_kl)
   PhiloxSource rng;
   int64_t* rng_state = nullptr;  // [2]: the (seed, offset) used, written by the forward (CUDA: on device)

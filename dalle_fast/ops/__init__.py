@@ -4,7 +4,7 @@ from . import reference
 from ._backend import backend, backend_info, current_backend
 from .attention import sparse_attention
 from .decode import sparse_decode
-from .gumbel import gumbel_softmax, gumbel_softmax_kl
+from .gumbel import gumbel_argmax, gumbel_softmax, gumbel_softmax_kl
 from .linear import skinny_linear
 from .masks import KINDS, attention_mask, layer_kinds, mask_density
 
@@ -14,6 +14,7 @@ __all__ = [
     "backend",
     "backend_info",
     "current_backend",
+    "gumbel_argmax",
     "gumbel_softmax",
     "gumbel_softmax_kl",
     "layer_kinds",

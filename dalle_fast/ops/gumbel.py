@@ -18,7 +18,7 @@ from . import _backend, reference
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generator | None) -> int:
+def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generator | None, tau_name: str = "tau") -> int:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
@@ -26,7 +26,7 @@ def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generato
     if logits.dim() == 0 or logits.numel() == 0:
         raise ValueError(f"logits must be non-empty with at least one dimension, got shape {tuple(logits.shape)}")
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        raise ValueError(f"{tau_name} must be a positive finite number, got {tau!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -logits.dim() <= dim < logits.dim():
         raise ValueError(f"dim {dim!r} is out of range for logits of shape {tuple(logits.shape)}")
     if generator is not None:
@@ -78,6 +78,21 @@ def gumbel_softmax_kl(logits: torch.Tensor, tau: float = 1.0, dim: int = 1,
     return y, kl
 
 
+def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from softmax(logits * scale) along `dim` by Gumbel-max: int64 indices (logits' shape
+    without `dim`), the first argmax of logits * scale + g (one fused multiply-add in float32),
+    g ~ Gumbel(0, 1) the noise gumbel_softmax would draw from the same generator state. One pass
+    over the logits, no softmax and no host synchronisation: the sampler's token draw (scale =
+    1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0."""
+    dim = _check(logits, scale, dim, generator, "scale")
+    if scale > torch.finfo(torch.float32).max:
+        raise ValueError(f"scale must be at most the largest float32 ({torch.finfo(torch.float32).max:.3g}), got {scale!r}")
+    if not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES):
+        return reference.gumbel_argmax(logits, dim, scale, generator=generator)
+    return torch.ops.dalle_fast.gumbel_argmax(logits, float(scale), dim, generator)
+
+
 if _backend.has_kernels():
 
     def _reduced_shape(logits, dim):
@@ -95,6 +110,10 @@ if _backend.has_kernels():
     @torch.library.register_fake("dalle_fast::gumbel_softmax_bwd")
     def _bwd_fake(grad_y, grad_kl, logits, y, rng_state, tau, dim, hard):
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    @torch.library.register_fake("dalle_fast::gumbel_argmax")
+    def _argmax_fake(logits, scale, dim, generator):
+        return torch.empty(_reduced_shape(logits, dim), dtype=torch.long, device=logits.device)
 
     @torch.library.register_fake("dalle_fast::gumbel_noise")
     def _noise_fake(logits, rng_state, dim):

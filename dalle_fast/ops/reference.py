@@ -83,6 +83,19 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
     return y.to(logits.dtype)
 
 
+def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The first argmax over `dim` of logits * scale + g, computed in float64 and rounded to
+    float32 (kept in float64 for float64 logits). `noise` defaults to fresh g."""
+    if noise is None:
+        noise = gumbel_noise(logits.shape, generator, logits.device)
+    if logits.dtype == torch.float64:
+        return (logits * scale + noise.double()).argmax(dim)
+    # the kernel's scale is a float32; its product with a float32 logit is exact in float64
+    z = (logits.double() * float(torch.tensor(scale, dtype=torch.float32)) + noise.double()).float()
+    return z.argmax(dim)
+
+
 def gumbel_softmax_kl(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The soft sample and KL(softmax(logits) || uniform) per position (no noise, no tau)."""

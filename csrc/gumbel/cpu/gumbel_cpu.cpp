@@ -27,22 +27,33 @@ void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits, double tau, int64_t dim, bool hard,
-                                                       bool with_kl, std::optional<at::Generator> generator) {
-  check_cpu(logits, "gumbel_softmax");
-  auto c = prepare_gumbel_forward(logits, tau, dim, hard, with_kl);
-  // One 64-bit draw from the generator keys this call's Philox stream, so torch.manual_seed
-  // (or the given generator's seed) repeats it exactly.
+// One 64-bit draw from the generator keys a call's Philox stream, so torch.manual_seed (or the
+// given generator's seed) repeats it exactly. Records (seed, 0) in the call's rng_state.
+uint64_t take_seed(const std::optional<at::Generator>& generator, GumbelParams& p) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
   }
-  c.params.rng_state[0] = static_cast<int64_t>(seed);
-  c.params.rng_state[1] = 0;
-  gumbel_forward(c.params, storage_of(c.logits), seed, 0);
+  p.rng_state[0] = static_cast<int64_t>(seed);
+  p.rng_state[1] = 0;
+  return seed;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits, double tau, int64_t dim, bool hard,
+                                                       bool with_kl, std::optional<at::Generator> generator) {
+  check_cpu(logits, "gumbel_softmax");
+  auto c = prepare_gumbel_forward(logits, tau, dim, hard, with_kl);
+  gumbel_forward(c.params, storage_of(c.logits), take_seed(generator, c.params), 0);
   return {c.y, c.kl, c.rng_state};
+}
+
+at::Tensor argmax(const at::Tensor& logits, double scale, int64_t dim, std::optional<at::Generator> generator) {
+  check_cpu(logits, "gumbel_argmax");
+  auto c = prepare_gumbel_argmax(logits, scale, dim);
+  gumbel_forward(c.params, storage_of(c.logits), take_seed(generator, c.params), 0);
+  return c.index;
 }
 
 at::Tensor backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_kl, const at::Tensor& logits,
@@ -74,6 +85,7 @@ TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
   m.impl("gumbel_softmax_fwd", &forward);
   m.impl("gumbel_softmax_bwd", &backward);
   m.impl("gumbel_noise", &noise);
+  m.impl("gumbel_argmax", &argmax);
 }
 
 }  // namespace dalle_fast::cpu

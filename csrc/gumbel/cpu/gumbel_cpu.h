@@ -10,7 +10,7 @@ namespace dalle_fast::cpu {
 
 enum class GumbelStorage { F32, BF16, F16 };
 
-// Fills p.y (and p.kl) using the noise of (seed, offset).
+// Fills p.y (and p.kl), or p.index when set, using the noise of (seed, offset).
 void gumbel_forward(const GumbelParams& p, GumbelStorage s, uint64_t seed, uint64_t offset);
 // Fills p.grad_logits.
 void gumbel_backward(const GumbelParams& p, GumbelStorage s, uint64_t seed, uint64_t offset);

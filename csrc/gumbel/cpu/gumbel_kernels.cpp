@@ -70,17 +70,39 @@ DF_ALWAYS_INLINE void noise4(uint64_t seed, uint64_t offset, int64_t pos0, int64
   }
 }
 
-// buf holds logits; becomes z = (logits + g) / tau.
-DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float tau, uint64_t seed, uint64_t offset, int64_t pos0) {
-  const float inv_tau = 1.0f / tau;
+// buf holds logits; becomes z = (logits + g) * (1 / tau), or for the Gumbel-max draw
+// (kScaleFirst) z = logits * scale + g rounded once (a fused multiply-add, as the CUDA kernel).
+template <bool kScaleFirst = false>
+DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float factor, uint64_t seed, uint64_t offset, int64_t pos0) {
   float g[4 * P];
   for (int64_t v4 = 0; v4 * 4 < V; ++v4) {
     noise4(seed, offset, pos0, v4, g);
     for (int64_t r = 0; r < 4 && v4 * 4 + r < V; ++r) {
       float* row = buf + (v4 * 4 + r) * P;
-      for (int64_t l = 0; l < P; ++l) row[l] = (row[l] + g[r * P + l]) * inv_tau;
+      for (int64_t l = 0; l < P; ++l) {
+        if constexpr (kScaleFirst) {
+          row[l] = std::fma(row[l], factor, g[r * P + l]);
+        } else {
+          row[l] = (row[l] + g[r * P + l]) * factor;
+        }
+      }
     }
   }
+}
+
+// The first argmax over v of each lane of buf [V x P].
+DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg) {
+  float best[P];
+  for (int64_t l = 0; l < P; ++l) {
+    best[l] = kNegInf;
+    arg[l] = 0;
+  }
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) {
+      const bool better = buf[v * P + l] > best[l];  // strict: the first maximum wins
+      best[l] = better ? buf[v * P + l] : best[l];
+      arg[l] = better ? static_cast<int32_t>(v) : arg[l];
+    }
 }
 
 // buf holds z; becomes softmax(z) over v for each lane.
@@ -139,20 +161,17 @@ DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t 
     const float log_v = std::log(static_cast<float>(V));
     for (int64_t l = 0; l < k.n; ++l) kl[l] = Store::store(plogp[l] + log_v);
   }
-  add_noise(buf, V, p.tau, seed, offset, k.pos0);
-  if (p.hard) {
-    float best[P];
+  if (p.index) {  // Gumbel-max draw: the index only
+    add_noise<true>(buf, V, p.scale, seed, offset, k.pos0);
     int32_t arg[P];
-    for (int64_t l = 0; l < P; ++l) {
-      best[l] = kNegInf;
-      arg[l] = 0;
-    }
-    for (int64_t v = 0; v < V; ++v)
-      for (int64_t l = 0; l < P; ++l) {
-        const bool better = buf[v * P + l] > best[l];  // strict: the first maximum wins
-        best[l] = better ? buf[v * P + l] : best[l];
-        arg[l] = better ? static_cast<int32_t>(v) : arg[l];
-      }
+    argmax_block(buf, V, arg);
+    for (int64_t l = 0; l < k.n; ++l) p.index[k.pos0 + l] = arg[l];
+    return;
+  }
+  add_noise(buf, V, 1.0f / p.tau, seed, offset, k.pos0);
+  if (p.hard) {
+    int32_t arg[P];
+    argmax_block(buf, V, arg);
     for (int64_t v = 0; v < V; ++v)
       for (int64_t l = 0; l < P; ++l) buf[v * P + l] = arg[l] == v ? 1.0f : 0.0f;
   } else {
@@ -172,7 +191,7 @@ DF_CPU_CLONES void backward_block(const GumbelParams& p, uint64_t seed, uint64_t
     load_block<Store>(static_cast<const S*>(p.y_soft), k, V, ys);
   } else {  // hard forward: regenerate the soft sample from the same noise
     load_block<Store>(static_cast<const S*>(p.logits), k, V, ys);
-    add_noise(ys, V, p.tau, seed, offset, k.pos0);
+    add_noise(ys, V, inv_tau, seed, offset, k.pos0);
     softmax_block(ys, V);
   }
   load_block<Store>(static_cast<const S*>(p.grad_y), k, V, g);

@@ -81,6 +81,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits,
   return {c.y, c.kl, c.rng_state};
 }
 
+at::Tensor argmax(const at::Tensor& logits, double scale, int64_t dim, std::optional<at::Generator> generator) {
+  const char* op = "gumbel_argmax";
+  check_cuda(logits, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto c = prepare_gumbel_argmax(logits, scale, dim);
+  const GumbelDType dtype = gumbel_dtype(c.logits, op);
+  c.params.rng = take_philox(generator, c.logits.device());
+  const char* err = gumbel_forward(c.params, dtype, current_stream(c.logits));
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  return c.index;
+}
+
 at::Tensor backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_kl, const at::Tensor& logits,
                     const at::Tensor& y, const at::Tensor& rng_state, double tau, int64_t dim, bool hard) {
   const char* op = "gumbel_softmax backward";
@@ -122,6 +134,7 @@ TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
   m.impl("gumbel_softmax_fwd", &forward);
   m.impl("gumbel_softmax_bwd", &backward);
   m.impl("gumbel_noise", &noise);
+  m.impl("gumbel_argmax", &argmax);
 }
 
 }  // namespace dalle_fast::cuda

@@ -17,7 +17,8 @@ namespace dalle_fast::cuda {
 // The logits' storage type (named apart from the attention launchers' DType).
 enum class GumbelDType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
-// Enqueues the forward on `stream`: fills p.y, p.kl (when p.with_kl) and p.rng_state (the
+// Enqueues the forward on `stream`: fills p.y, p.kl (when p.with_kl), or p.index instead of
+// both (the Gumbel-max draw, always the two-sweep kernel's first sweep), and p.rng_state (the
 // (seed, offset) read from p.rng, written on the device by one thread). No host synchronisation.
 // Returns nullptr on success, else a static error message (launch / configuration errors only;
 // errors raised while the kernel runs surface at the next synchronising call, as usual).

@@ -6,7 +6,8 @@
 //      normaliser of z (soft) or the first argmax of z (hard), and the KL statistics of x;
 //      the splits' statistics are combined by warp shuffles / shared memory.
 //   2. soft: reload x, redraw the same g, write y = exp(z - max) / sum; hard: write the one-hot
-//      (no loads, no noise).
+//      (no loads, no noise); the Gumbel-max draw (kIndex, gumbel_argmax): no sweep 2, the first
+//      argmax of z = fma(x, scale, g) is the output.
 // The noise is never stored; sweep 2 recomputes it. gumbel_forward first offers the call to the
 // one-read cluster kernel (gumbel_fwd_resident.cu), which takes soft samples of strided
 // vocabularies up to 16384 entries on sm_90; everything else runs here.
@@ -43,8 +44,10 @@ struct FwdMerge {
   }
 };
 
-template <class T, bool kSplitFast, bool kVec, bool kHard, bool kKl>
-__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams p, int splits, float inv_tau) {
+// `factor`: 1 / tau, or the scale of the Gumbel-max draw (kIndex, which implies kHard).
+template <class T, bool kSplitFast, bool kVec, bool kHard, bool kKl, bool kIndex = false>
+__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams p, int splits, float factor) {
+  static_assert(!kIndex || (kHard && !kKl), "the Gumbel-max draw is a hard sample without the KL term");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   FwdStats* smem = reinterpret_cast<FwdStats*>(smem_raw);
   const Layout l = thread_layout<kSplitFast>(splits);
@@ -71,7 +74,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (k < n) {
-            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau);
+            const float z = kIndex ? __fmaf_rn(x[k], factor, g[k]) : __fmul_rn(__fadd_rn(x[k], g[k]), factor);
             if constexpr (kHard) {
               argmax_add(st.am, z, 4 * j + k);
             } else {
@@ -89,7 +92,9 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
         static_cast<T*>(p.kl)[pos] = from_float<T>(kl_to_uniform(st.kl, V));
       }
       // Sweep 2: the sample.
-      if constexpr (kHard) {
+      if constexpr (kIndex) {
+        if (l.split == 0) p.index[pos] = st.am.idx;
+      } else if constexpr (kHard) {
         for (int64_t j = l.split; j < J; j += l.splits) {
           const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
           float out[4];
@@ -106,7 +111,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
           gumbel4(so.seed, so.offset, pos, j, g);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau);
+            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), factor);
             out[k] = z == neg_inf() ? 0.0f : expf(z - m) * inv_s;
           }
           store4<kVec>(y + base + 4 * j * inner, inner, n, out);
@@ -137,15 +142,15 @@ __global__ void __launch_bounds__(256) noise_kernel(int64_t outer, int64_t V, in
   }
 }
 
-template <class T, bool kHard, bool kKl>
-void launch_forward_as(const GumbelParams& p, const LaunchConfig& c, bool vec, float inv_tau, cudaStream_t stream) {
+template <class T, bool kHard, bool kKl, bool kIndex = false>
+void launch_forward_as(const GumbelParams& p, const LaunchConfig& c, bool vec, float factor, cudaStream_t stream) {
   const size_t smem = c.smem_entries * sizeof(FwdStats);
   if (!c.split_fast) {
-    forward_kernel<T, false, false, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+    forward_kernel<T, false, false, kHard, kKl, kIndex><<<c.grid, c.threads, smem, stream>>>(p, c.splits, factor);
   } else if (vec) {
-    forward_kernel<T, true, true, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+    forward_kernel<T, true, true, kHard, kKl, kIndex><<<c.grid, c.threads, smem, stream>>>(p, c.splits, factor);
   } else {
-    forward_kernel<T, true, false, kHard, kKl><<<c.grid, c.threads, smem, stream>>>(p, c.splits, inv_tau);
+    forward_kernel<T, true, false, kHard, kKl, kIndex><<<c.grid, c.threads, smem, stream>>>(p, c.splits, factor);
   }
 }
 
@@ -154,8 +159,10 @@ const char* launch_forward(const GumbelParams& p, cudaStream_t stream) {
   const LaunchConfig c = make_config(p);
   const float inv_tau = 1.0f / p.tau;
   const bool vec = c.split_fast && p.vocab % 4 == 0 && aligned_for_vec(p.logits, sizeof(T)) &&
-                   aligned_for_vec(p.y, sizeof(T));
-  if (p.hard) {
+                   (p.index != nullptr || aligned_for_vec(p.y, sizeof(T)));
+  if (p.index != nullptr) {
+    launch_forward_as<T, true, false, true>(p, c, vec, p.scale, stream);
+  } else if (p.hard) {
     if (p.with_kl) {
       launch_forward_as<T, true, true>(p, c, vec, inv_tau, stream);
     } else {
@@ -174,9 +181,11 @@ const char* launch_forward(const GumbelParams& p, cudaStream_t stream) {
 
 const char* gumbel_forward(const GumbelParams& p, GumbelDType dtype, cudaStream_t stream) {
   if (p.outer * p.inner == 0 || p.vocab == 0) return nullptr;
-  if (p.logits == nullptr || p.y == nullptr || p.rng_state == nullptr || (p.with_kl && p.kl == nullptr))
+  if (p.logits == nullptr || (p.y == nullptr && p.index == nullptr) || p.rng_state == nullptr ||
+      (p.with_kl && p.kl == nullptr))
     return "gumbel_softmax_fwd: missing buffer";
-  if (!(p.tau > 0.0f)) return "gumbel_softmax_fwd: tau must be positive";
+  if (p.index != nullptr && (p.with_kl || !p.hard)) return "gumbel_argmax: a hard draw without the KL term";
+  if (!(p.tau > 0.0f) || !(p.scale > 0.0f)) return "gumbel_softmax_fwd: tau and scale must be positive";
   const char* err = nullptr;
   if (gumbel_forward_resident(p, dtype, stream, &err)) return err;
   switch (dtype) {
