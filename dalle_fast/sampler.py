@@ -24,8 +24,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .ops import attention_mask, skinny_linear, sparse_decode
+from .ops import attention_mask, gumbel_argmax, skinny_linear, sparse_decode
 from .ops.masks import image_offset_allowed
 from .prior import Prior
 
@@ -81,12 +82,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample_logits(logits: torch.Tensor, config: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of [B, V] logits: [B] int64, drawn without a host synchronisation.
 
-    The draw is argmax(p / E) with E ~ Exponential(1) i.i.d. (the exponential race), which picks
-    index i with probability p_i, like torch.multinomial, from a fixed-shape elementwise op."""
-    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
-    probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    The draw is Gumbel-max (`ops.gumbel_argmax`): the first argmax of logits / temperature + g,
+    g ~ Gumbel(0, 1) i.i.d., which picks index i with probability softmax(logits / temperature)_i,
+    like torch.multinomial, in one pass over the logits (on CUDA one kernel, with no top-k / top-p)."""
+    scale = 1.0 / config.temperature
+    if config.top_p < 1.0 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # the nucleus is that of the tempered distribution; float64 logits are drawn in float32
+        logits, scale = logits.float() * scale, 1.0
+    return gumbel_argmax(filter_logits(logits, config.top_k, config.top_p), dim=-1, scale=scale, generator=generator)
 
 
 class IncrementalPrior:
@@ -164,7 +167,10 @@ class IncrementalPrior:
             x = skinny_linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x)
             h = skinny_linear(x, fc1.weight, fc1.bias, activation="gelu", norm=block.ln_2)
             x = skinny_linear(h, fc2.weight, fc2.bias, residual=x)
-        return prior.image_head(prior.ln_f(x[:, 0]))
+        head = prior.image_head
+        if isinstance(head, nn.Linear):  # ln_f and the head as one kernel too
+            return skinny_linear(x[:, 0], head.weight, head.bias, norm=prior.ln_f)
+        return head(prior.ln_f(x[:, 0]))
 
 
 class GuidedPrior:

@@ -11,8 +11,10 @@ from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, f
 from tests.conftest import DEVICES, assert_close, requires_cuda
 
 
-def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu", colour_codes=0) -> Prior:
-    cfg = PriorConfig(text_len=text_len, grid=grid, text_vocab=19, image_vocab=12 if colour_codes else 13,
+def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu", colour_codes=0,
+               image_vocab=None) -> Prior:
+    image_vocab = image_vocab or (12 if colour_codes else 13)
+    cfg = PriorConfig(text_len=text_len, grid=grid, text_vocab=19, image_vocab=image_vocab,
                       d_model=32, heads=2, layers=len(kinds), kernel=3, kinds=tuple(kinds), colour_codes=colour_codes)
     torch.manual_seed(seed)
     return Prior(cfg).to(device=device, dtype=dtype).eval()
@@ -199,9 +201,10 @@ def test_compiled_guided_sampling_draws_the_eager_tokens():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype):
-    # d_model 32: every linear layer of the step is one the skinny_linear kernel takes. (The
-    # compiled step is checked against the eager one by bench_sampling's ours_compiled.)
-    prior = make_prior(["row", "column", "conv", "causal"], dtype=dtype, device="cuda")
+    # d_model 32 and 16 image codes: every linear layer of the step, the head included, is one the
+    # skinny_linear kernel takes. (The compiled step is checked against the eager one by
+    # bench_sampling's ours_compiled.)
+    prior = make_prior(["row", "column", "conv", "causal"], dtype=dtype, device="cuda", image_vocab=16)
     cfg = prior.config
     text, image = tokens_for(cfg, batch=3, device="cuda")
     block = prior.blocks[0]
@@ -209,6 +212,7 @@ def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype):
     assert linear._kernel_takes(x.view(3, -1), block.attn.qkv.weight, block.attn.qkv.bias, None)
     assert linear._kernel_takes(torch.zeros(3, 4 * cfg.d_model, device="cuda", dtype=dtype), block.mlp[2].weight,
                                 block.mlp[2].bias, x.view(3, -1))
+    assert linear._kernel_takes(x[:, 0], prior.image_head.weight, prior.image_head.bias, None, prior.ln_f)
     runs = {}
     for fused in (True, False):
         with linear.cuda_skinny_linear(fused):
