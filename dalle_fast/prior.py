@@ -254,12 +254,18 @@ class Prior(nn.Module):
         if image.dim() != 2 or image.shape[0] != text.shape[0] or image.shape[1] != image_len:
             raise ValueError(f"image must be [B, {image_len}] with B = {text.shape[0]}, got {tuple(image.shape)}")
 
-    def embed_image(self, image: torch.Tensor, grid_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embeddings of image tokens [B, n] at grid indices `grid_pos` [n] (default 0 .. n-1)."""
-        if grid_pos is None:
-            grid_pos = torch.arange(image.shape[1], device=image.device)
+    def grid_embedding(self) -> torch.Tensor:
+        """The position embedding of every grid index g: row_emb(g // S) + col_emb(g % S), [S*S, d]."""
         s = self.config.grid
-        return self.image_emb(image) + self.row_emb(grid_pos // s) + self.col_emb(grid_pos % s)
+        return self.row_emb.weight.repeat_interleave(s, 0) + self.col_emb.weight.repeat(s, 1)
+
+    def embed_image(self, image: torch.Tensor, grid_pos: Optional[torch.Tensor] = None,
+                    grid_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings of image tokens [B, n] at grid indices `grid_pos` [n] (default 0 .. n-1).
+        `grid_table`: grid_embedding(), when the caller keeps it (a sampler's steps)."""
+        table = self.grid_embedding() if grid_table is None else grid_table
+        pos = table[: image.shape[1]] if grid_pos is None else table.index_select(0, grid_pos)
+        return self.image_emb(image) + pos
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         return self.text_emb(text) + self.text_pos.weight[: text.shape[1]]

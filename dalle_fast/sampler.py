@@ -113,6 +113,7 @@ class IncrementalPrior:
         offsets = {kind: key_offsets(kind, cfg.grid, cfg.kernel).to(self.device) for kind in set(cfg.layer_kinds())}
         self.offsets = [offsets[block.attn.kind] for block in prior.blocks]
         self.batch = batch
+        self.grid_table = prior.grid_embedding().detach()  # one lookup per step for the position
         self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()
@@ -155,7 +156,7 @@ class IncrementalPrior:
         prior, cfg = self.prior, self.cfg
         grid_pos = g.view(1)
         position = cfg.text_len + grid_pos  # of this step's key and value in the cache
-        x = prior.embed_image(token.unsqueeze(1), grid_pos)  # (B, 1, d)
+        x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: on
             # CUDA one kernel each for a step's few rows, the layer norm before, the bias, GELU
