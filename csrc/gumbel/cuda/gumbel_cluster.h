@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../../cuda_smem.h"
 #include "../gumbel_params.h"
 #include "gumbel_cuda.h"
 
@@ -277,9 +278,8 @@ int active_clusters(int device, int csize, size_t smem) {
   int n = 0;
   cudaError_t e = cudaSuccess;
   if (csize > 8) e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (e == cudaSuccess && smem > 48 * 1024)
-    e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess || cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
+  if (e != cudaSuccess || allow_dynamic_smem<Kernel>(smem) != nullptr ||
+      cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // clear it: the caller falls back to the two-sweep kernel
     n = 0;
   }
@@ -295,8 +295,10 @@ struct Plan {
   size_t smem = 0;              // dynamic shared memory per block
 };
 
-// False where the layout does not apply: a device before sm_90, or clusters resident on fewer
-// than 3/4 of the SMs (small GPCs). Call after fits(p, quads_per_thread).
+// False where the layout does not apply: a device before sm_90, device code built for an older
+// architecture (an sm_80 PTX that the driver compiled for this device has empty kernel bodies),
+// or clusters resident on fewer than 3/4 of the SMs (small GPCs). Call after
+// fits(p, quads_per_thread).
 template <auto Kernel>
 bool plan(const GumbelParams& p, int quads_per_thread, size_t smem, Plan* out) {
   int device = 0, major = 0, sms = 0;
@@ -307,6 +309,11 @@ bool plan(const GumbelParams& p, int quads_per_thread, size_t smem, Plan* out) {
     return false;
   }
   if (major < 9) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, Kernel) != cudaSuccess || attr.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return false;
+  }
   const int64_t J = (p.vocab + 3) / 4, per_block = int64_t(kWarps) * quads_per_thread;
   const int64_t csize = (J + per_block - 1) / per_block;
   if (csize > kMaxCluster) return false;

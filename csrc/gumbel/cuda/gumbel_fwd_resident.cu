@@ -161,6 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   cluster.sync();  // no block may leave while another still reads its block_part
+#elif defined(__CUDA_ARCH__)
+  __trap();  // device code built without clusters (plan() refuses it): fail, never return unfilled buffers
 #endif
 }
 
