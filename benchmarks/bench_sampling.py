@@ -6,6 +6,8 @@ the two ways it is usually done.
   ours_cublas the same with the step's linear layers as F.linear (cuBLAS) and their layer norms,
               GELUs and residual adds as separate kernels, instead of ops.skinny_linear (CUDA
               only)
+  ours_index_copy  the same with each layer's cache write as index_copy_ kernels before the
+              decode kernel, instead of inside it (DALLE_FAST_DECODE_APPEND=0; CUDA only)
   ours_compiled  the same with SamplingConfig(compile_step=True): the model step compiled by
               torch.compile (its small kernels fused), then graph-captured; checked by its
               logits against the eager step on the same tokens (default on CUDA only: it
@@ -44,6 +46,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
+from dalle_fast.ops.decode import fused_cache_write  # noqa: E402
 from dalle_fast.ops.linear import cuda_skinny_linear  # noqa: E402
 from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
 from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, _run_graph, sample_image_tokens, sample_logits  # noqa: E402
@@ -67,8 +70,11 @@ class DenseKV(IncrementalPrior):
         masks = {k: ops.attention_mask(k, cfg.text_len, cfg.grid, cfg.kernel, device=self.device) for k in kinds}
         self.mask_of = [masks[b.attn.kind] for b in prior.blocks]
 
-    def attend(self, layer, q, g):
-        row = self.mask_of[layer].index_select(0, self.cfg.text_len + g.view(1))  # (1, N)
+    def attend(self, layer, q, k, v, g):
+        position = self.cfg.text_len + g.view(1)
+        self.keys[layer].index_copy_(2, position, k)
+        self.values[layer].index_copy_(2, position, v)
+        row = self.mask_of[layer].index_select(0, position)  # (1, N)
         return torch.nn.functional.scaled_dot_product_attention(q, self.keys[layer], self.values[layer],
                                                                 attn_mask=row)
 
@@ -77,6 +83,12 @@ def sample_without_skinny_linear(prior: Prior, text: torch.Tensor, config: Sampl
     """ours, with every linear layer of the step as F.linear and its layer norm, GELU and residual
     add as separate kernels."""
     with cuda_skinny_linear(False):
+        return sample_image_tokens(prior, text, config=config, generator=generator)
+
+
+def sample_with_index_copy(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+    """ours, with each layer's cache write as index_copy_ kernels instead of inside the decode kernel."""
+    with fused_cache_write(False):
         return sample_image_tokens(prior, text, config=config, generator=generator)
 
 
@@ -152,18 +164,20 @@ def main(argv=None) -> int:
     if args.recompute_steps < 0:
         args.recompute_steps = 64 if args.device == "cuda" else 0
     recompute_steps = min(args.recompute_steps, cfg.image_len) or cfg.image_len
-    steps_of = {"ours": cfg.image_len, "ours_cublas": cfg.image_len, "ours_compiled": cfg.image_len,
+    steps_of = {"ours": cfg.image_len, "ours_cublas": cfg.image_len, "ours_index_copy": cfg.image_len,
+                "ours_compiled": cfg.image_len,
                 "dense_kv": cfg.image_len, "recompute": recompute_steps}
     config = SamplingConfig(top_k=0)
     compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
         "ours_cublas": lambda m, c, gen, n: sample_without_skinny_linear(m, text, c, gen),
+        "ours_index_copy": lambda m, c, gen, n: sample_with_index_copy(m, text, c, gen),
         "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
         "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
-    default = ("ours,ours_cublas,ours_compiled,dense_kv,recompute" if args.device == "cuda"
+    default = ("ours,ours_cublas,ours_index_copy,ours_compiled,dense_kv,recompute" if args.device == "cuda"
                else "ours,dense_kv,recompute")
     chosen = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     unknown = set(chosen) - set(methods)
@@ -196,7 +210,7 @@ def main(argv=None) -> int:
             results[name] = {"step_logits_max_abs_err": err, "tol": tol}
             if err > tol:
                 skipped[name] = f"compiled step logits off the eager step's by {err:.3g} > {tol:.3g}"
-        elif name in ("ours", "ours_cublas"):
+        elif name in ("ours", "ours_cublas", "ours_index_copy"):
             tokens = methods[name](prior, config, generator(), 0)
             same = bool(tokens.min() >= 0 and tokens.max() < cfg.image_vocab)
         else:
@@ -204,7 +218,7 @@ def main(argv=None) -> int:
             same = bool(torch.equal(tokens[:, :rows_checked], reference[:, :rows_checked]))
         results.setdefault(name, {}).update(same_tokens_first_rows=same, timed_steps=steps_of[name])
         if not same and name not in skipped:
-            skipped[name] = ("drew invalid tokens" if name in ("ours", "ours_cublas", "ours_compiled") else
+            skipped[name] = ("drew invalid tokens" if name in ("ours", "ours_cublas", "ours_index_copy", "ours_compiled") else
                              "drew other tokens than ours from the same seed (float32)")
     del check_model
     timed = {name: (lambda fn=methods[name], n=steps_of[name]: fn(prior, config, generator(), n))

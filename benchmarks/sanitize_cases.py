@@ -27,6 +27,10 @@ def main() -> None:
                            for shape in ((D,), (7 + 25, D), (7 + 25, D)))
                 for g in (0, 12, 24):
                     ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7)
+                    # the same kernels writing this step's key and value (views of one qkv row) first
+                    _, k_new, v_new = torch.randn(2, 3, 3, D, generator=gen).to("cuda", torch.bfloat16).unbind(1)
+                    ops.sparse_decode(q, k, v, key_offsets(kind, 5, 3).cuda(), torch.tensor(g, device="cuda"), 7,
+                                      k_new=k_new, v_new=v_new)
             # the fast kernel's loop over key groups (256 keys per group at D = 128)
             q, k, v = (torch.randn(2, 3, *shape, generator=gen).to("cuda", torch.bfloat16)
                        for shape in ((128,), (300 + 25, 128), (300 + 25, 128)))

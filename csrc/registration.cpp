@@ -33,6 +33,11 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_decode(Tensor q, Tensor cache_k, Tensor cache_v, Tensor offsets, Tensor g, int text_len, "
       "float scale) -> Tensor");
+  // The same after writing this step's key and value k_new / v_new [B, H, D] to row text_len + g of
+  // the caches (in place, in the same kernel; nothing when that row is outside the caches).
+  m.def(
+      "sparse_decode_append(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) cache_k, Tensor(b!) cache_v, "
+      "Tensor offsets, Tensor g, int text_len, float scale) -> Tensor");
 
   // act(ln(x) weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K] with
   // M <= 64, weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf); ln the

@@ -105,7 +105,7 @@ class IncrementalPrior:
         cfg = self.cfg = prior.config
         param = next(prior.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # One [2, B, H, N, D] buffer per layer, keys then values: a step writes both with one copy.
+        # One [2, B, H, N, D] buffer per layer, keys then values.
         shape = (2, batch, cfg.heads, cfg.seq_len, cfg.head_dim)
         self.cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in prior.blocks]
         self.keys = [c[0] for c in self.cache]
@@ -140,11 +140,14 @@ class IncrementalPrior:
             x = x + block.mlp(block.ln_2(x))
         return prior.image_head(prior.ln_f(x[:, -1]))
 
-    def attend(self, layer: int, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The attention of query q [B, H, 1, D] at image position g over the keys its mask allows
-        (`ops.sparse_decode`: our kernel when it fits, else the same gather in PyTorch)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Writes this step's key and value k, v [B, H, 1, D] to the cache at image position g and
+        returns the attention of its query q [B, H, 1, D] over the keys its mask allows
+        (`ops.sparse_decode`: our kernel, which also writes the cache, when it fits, else
+        index_copy_ and the same gather in PyTorch)."""
         out = sparse_decode(q.squeeze(2), self.keys[layer], self.values[layer], self.offsets[layer], g,
-                            self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim))
+                            self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim), k_new=k.squeeze(2),
+                            v_new=v.squeeze(2))
         return out.unsqueeze(2)
 
     @torch.no_grad()
@@ -155,7 +158,6 @@ class IncrementalPrior:
     def _step_eager(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         prior, cfg = self.prior, self.cfg
         grid_pos = g.view(1)
-        position = cfg.text_len + grid_pos  # of this step's key and value in the cache
         x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: on
@@ -163,8 +165,7 @@ class IncrementalPrior:
             # and residual add after included.
             attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
             qkv = attn.heads_of(skinny_linear(x, attn.qkv.weight, attn.qkv.bias, norm=block.ln_1))  # (3, B, H, 1, D)
-            self.cache[layer].index_copy_(3, position, qkv[1:])
-            out = self.attend(layer, qkv[0], g)  # (B, H, 1, D)
+            out = self.attend(layer, *qkv, g)  # (B, H, 1, D); the cache gets this step's key and value
             x = skinny_linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x)
             h = skinny_linear(x, fc1.weight, fc1.bias, activation="gelu", norm=block.ln_2)
             x = skinny_linear(h, fc2.weight, fc2.bias, residual=x)

@@ -55,4 +55,29 @@ DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& cache_k, const 
   return c;
 }
 
+DecodeCall prepare_decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                 const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
+                                 const at::Tensor& g, int64_t text_len, double scale) {
+  const char* op = "sparse_decode_append";
+  TORCH_CHECK_VALUE(k_new.sizes() == q.sizes() && v_new.sizes() == q.sizes(), op, ": k_new and v_new must have q's shape ",
+                    q.sizes(), ", got ", k_new.sizes(), " and ", v_new.sizes());
+  TORCH_CHECK_TYPE(k_new.scalar_type() == q.scalar_type() && v_new.scalar_type() == q.scalar_type(), op,
+                   ": k_new and v_new must have q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(k_new.device() == q.device() && v_new.device() == q.device(), op, ": k_new and v_new must be on ",
+                    q.device());
+  TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_v.dim() == 4 && cache_k.stride(3) == 1 && cache_v.stride(3) == 1,
+                    op, ": the caches are written in place: their last dim must be contiguous");
+  DecodeCall c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
+  c.k_new = k_new.stride(2) == 1 ? k_new : k_new.contiguous();
+  c.v_new = v_new.stride(2) == 1 ? v_new : v_new.contiguous();
+  DecodeParams& p = c.params;
+  p.k_new = c.k_new.data_ptr();
+  p.v_new = c.v_new.data_ptr();
+  p.kn_sb = c.k_new.stride(0);
+  p.kn_sh = c.k_new.stride(1);
+  p.vn_sb = c.v_new.stride(0);
+  p.vn_sh = c.v_new.stride(1);
+  return c;
+}
+
 }  // namespace dalle_fast

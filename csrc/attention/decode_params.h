@@ -16,18 +16,54 @@ struct DecodeParams {
   const int64_t* offsets = nullptr;  // [K]: image keys g - offsets[i] when >= 0
   const int64_t* g = nullptr;        // the query's image position (host or device memory, as the tensors)
   void* out = nullptr;               // [B, H, D], contiguous
+  // sparse_decode_append: this step's key and value [B, H, D] (last dim contiguous), which the
+  // kernel writes to row text_len + g of the caches and reads from here (null: the caches hold them).
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int64_t kn_sb = 0, kn_sh = 0, vn_sb = 0, vn_sh = 0;  // element strides of B and H
 
   // Key j of the step's list: text keys 0..T-1, then image keys; -1 when not allowed (or outside
   // the cache, which only a position g outside the image can cause).
   DF_HD int64_t key(int64_t j, int64_t g_value) const {
+    return key_at(j, g_value, j < text_len ? 0 : offsets[j - text_len]);
+  }
+  // The same with the image key's offset (offsets[j - text_len]) already loaded.
+  DF_HD int64_t key_at(int64_t j, int64_t g_value, int64_t offset) const {
     if (j < text_len) return j;
-    const int64_t src = g_value - offsets[j - text_len];
+    const int64_t src = g_value - offset;
     return src >= 0 && text_len + src < seq ? text_len + src : -1;
   }
   DF_HD int64_t num_keys() const { return text_len + num_offsets; }
   template <class T>
   DF_HD const T* q_row(int64_t b, int64_t h) const {
     return static_cast<const T*>(q) + b * q_sb + h * q_sh;
+  }
+  // Where key `key` (a cache row) of (b, h) is read: this step's k_new / v_new for row
+  // text_len + g when appending, else the cache.
+  template <class T>
+  DF_HD const T* k_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
+    return k_new != nullptr && key == text_len + g_value ? static_cast<const T*>(k_new) + b * kn_sb + h * kn_sh
+                                                         : k.row<const T>(b, h, key);
+  }
+  template <class T>
+  DF_HD const T* v_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
+    return v_new != nullptr && key == text_len + g_value ? static_cast<const T*>(v_new) + b * vn_sb + h * vn_sh
+                                                         : v.row<const T>(b, h, key);
+  }
+  // Appending: (b, h)'s threads copy this step's key and value into the caches (thread `t` of
+  // `threads` takes elements t, t + threads, ...); nothing for a position outside the cache.
+  template <class T>
+  DF_HD void append(int64_t b, int64_t h, int64_t g_value, int64_t t, int64_t threads) const {
+    if (k_new == nullptr || g_value < 0 || text_len + g_value >= seq) return;
+    const T* kn = static_cast<const T*>(k_new) + b * kn_sb + h * kn_sh;
+    const T* vn = static_cast<const T*>(v_new) + b * vn_sb + h * vn_sh;
+    T* kc = k.row<T>(b, h, text_len + g_value);
+    T* vc = v.row<T>(b, h, text_len + g_value);
+#pragma unroll 1
+    for (int64_t d = t; d < dim; d += threads) {  // once, for the kernels' threads >= dim
+      kc[d] = kn[d];
+      vc[d] = vn[d];
+    }
   }
 };
 

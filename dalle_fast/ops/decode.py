@@ -4,12 +4,16 @@ Each layer's mask depends only on the raster offset between query and key (SPEC.
 so a step at image position g reads the T text keys and the image keys g - d for a fixed list
 of offsets d (sampler.key_offsets). The compiled op `torch.ops.dalle_fast.sparse_decode` does
 that in one kernel per layer (scores, softmax and the weighted sum of values), reading g from a
-device tensor so that a CUDA graph replays it for every position. Inference only: no autograd.
+device tensor so that a CUDA graph replays it for every position; given this step's key and value
+(`torch.ops.dalle_fast.sparse_decode_append`), the same kernel writes them to the cache first.
+Inference only: no autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -40,16 +44,48 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
         raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
 
 
+def append_enabled() -> bool:
+    """False when DALLE_FAST_DECODE_APPEND=0: sparse_decode writes k_new / v_new with index_copy_
+    and then attends (two more kernels per call) instead of doing both in one kernel."""
+    return os.environ.get("DALLE_FAST_DECODE_APPEND", "1") != "0"
+
+
+@contextlib.contextmanager
+def fused_cache_write(enabled: bool):
+    """Inside: whether sparse_decode writes k_new / v_new in its kernel (True) or with index_copy_
+    before it (False). Sets DALLE_FAST_DECODE_APPEND; not thread-safe."""
+    if enabled not in (True, False):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    with _backend.environment_variable("DALLE_FAST_DECODE_APPEND", "1" if enabled else "0"):
+        yield
+
+
 def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,
-                  g: torch.Tensor, text_len: int, scale: float | None = None) -> torch.Tensor:
+                  g: torch.Tensor, text_len: int, scale: float | None = None,
+                  k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, H, D] at image position g (0-dim int64 tensor, 0 <= g < N - text_len)
     over the text keys and the image keys g - d (d in `offsets` [K], int64, those >= 0) of the
-    caches [B, H, N, D], whose position text_len + g must already hold this step's key and value.
-    Returns [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
+    caches [B, H, N, D], whose position text_len + g must hold this step's key and value: given
+    k_new and v_new [B, H, D] (both or neither), they are written there first, in place, in the
+    same kernel. Returns [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
     _check(q, cache_k, cache_v, offsets, g, text_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("give both k_new and v_new, or neither")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must be a tensor of q's shape {tuple(q.shape)}, dtype and device")
+        fused = (append_enabled() and not torch.compiler.is_compiling()  # compiled: no in-place op on the caches
+                 and cache_k.stride(3) == 1 and cache_v.stride(3) == 1)
+        if not (fused and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES)):
+            position = (text_len + g).view(1)
+            cache_k.index_copy_(2, position, k_new.unsqueeze(2))
+            cache_v.index_copy_(2, position, v_new.unsqueeze(2))
+            return sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
+        return torch.ops.dalle_fast.sparse_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale)
     if not _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES):
         return reference.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
     return torch.ops.dalle_fast.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
@@ -59,4 +95,8 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::sparse_decode")
     def _decode_fake(q, cache_k, cache_v, offsets, g, text_len, scale):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    @torch.library.register_fake("dalle_fast::sparse_decode_append")
+    def _decode_append_fake(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale):
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)

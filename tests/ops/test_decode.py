@@ -73,6 +73,75 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dalle_fast.sparse_decode.default, (q, k, v, key_offsets("conv", 3, 3), g, 3, 0.3))
 
 
+def check_append(q, k, v, offsets, g, T, backend, qkv_view=False):
+    """sparse_decode with k_new / v_new against index_copy_ and the reference: the caches get this
+    step's row (exactly) and nothing else; the output is the reference's on the written caches."""
+    D = q.shape[-1]
+    gen = torch.Generator().manual_seed(int(g) + 1)
+    if qkv_view:  # as the sampler's: rows of one [B, 3, H, D] projection
+        qkv = torch.randn(q.shape[0], 3, *q.shape[1:], generator=gen, dtype=torch.float64).to(q.device, q.dtype)
+        q, k_new, v_new = qkv.unbind(1)
+    else:
+        k_new, v_new = (torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.device, q.dtype) for _ in range(2))
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, T + int(g)] = k_new
+    want_v[:, :, T + int(g)] = v_new
+    with ops.backend(backend):
+        out = ops.sparse_decode(q, k, v, offsets, g, T, k_new=k_new, v_new=v_new)
+    for got, expected in ((k, want_k), (v, want_v)):  # bit for bit (NaN where the test put NaN)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    want = reference.sparse_decode(q.double(), want_k.double(), want_v.double(), offsets, g, T, 1 / math.sqrt(D))
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    torch.testing.assert_close(out.double(), want, atol=2e-2 if low else 1e-5, rtol=2e-2 if low else 1e-4)
+
+
+@given(kind=st.sampled_from(KINDS), B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 20),
+       S=st.integers(1, 7), D=st.sampled_from([1, 5, 16, 64]), where=st.floats(0, 1),
+       dtype=st.sampled_from([torch.float32, torch.float64]), qkv_view=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_kernel_appends_this_steps_key_and_value(kind, B, H, T, S, D, where, dtype, qkv_view, seed):
+    g = min(int(where * S * S), S * S - 1)
+    q, k, v, g_t = make_step(B, H, T, S, D, g, dtype, seed=seed)
+    check_append(q, k, v, key_offsets(kind, S, 3), g_t, T, "cpu", qkv_view)
+
+
+def test_append_without_the_fused_kernel_and_bad_inputs():
+    q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
+    offsets = key_offsets("conv", 3, 3)
+    with ops.decode.fused_cache_write(False):
+        check_append(q, k, v, offsets, g, 3, "auto")  # index_copy_, then the kernel
+    with ops.backend("reference"):
+        check_append(q, k, v, offsets, g, 3, "reference")
+    with pytest.raises(ValueError, match="both"):
+        ops.sparse_decode(q, k, v, offsets, g, 3, k_new=q)
+    with pytest.raises(ValueError, match="k_new"):
+        ops.sparse_decode(q, k, v, offsets, g, 3, k_new=q[:1], v_new=q)
+    with pytest.raises(ValueError, match="in place"):
+        torch.ops.dalle_fast.sparse_decode_append(q, q, q, k.transpose(2, 3), v.transpose(2, 3), offsets, g, 3, 0.3)
+    with pytest.raises(ValueError, match="enabled"):
+        with ops.decode.fused_cache_write("yes"):
+            pass
+
+
+def test_append_opcheck():
+    q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_decode_append.default,
+                          (q, q.clone(), q.clone(), k, v, key_offsets("conv", 3, 3), g, 3, 0.3))
+
+
+@requires_cuda
+@given(kind=st.sampled_from(KINDS), T=st.integers(1, 300), S=st.integers(1, 9), D=st.sampled_from([8, 32, 64, 128]),
+       where=st.floats(0, 1), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       qkv_view=st.booleans(), seed=st.integers(0, 2**16))
+def test_cuda_kernels_append_this_steps_key_and_value(kind, T, S, D, where, dtype, qkv_view, seed):
+    # fp16 / bf16 at D 32, 64, 128: the fast kernel (k_new / v_new rows 16-byte aligned in both
+    # layouts), else the general one
+    g = min(int(where * S * S), S * S - 1)
+    q, k, v, g_t = make_step(2, 3, T, S, D, g, dtype, device="cuda", seed=seed)
+    k[:, :, T + g:] = float("nan")  # this step's row too: it must come from k_new / v_new
+    v[:, :, T + g:] = float("nan")
+    check_append(q, k, v, key_offsets(kind, S, 3).cuda(), g_t, T, "cuda", qkv_view)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)

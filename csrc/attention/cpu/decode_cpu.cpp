@@ -65,8 +65,34 @@ at::Tensor sparse_decode(const at::Tensor& q, const at::Tensor& cache_k, const a
   return c.out;
 }
 
+at::Tensor sparse_decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
+                                const at::Tensor& g, int64_t text_len, double scale) {
+  auto c = prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale);
+  TORCH_CHECK_TYPE(c.q.scalar_type() == at::kFloat || c.q.scalar_type() == at::kDouble,
+                   "sparse_decode_append: the CPU kernel supports float32 and float64, got ", c.q.scalar_type());
+  const DecodeParams& p = c.params;
+  const bool dbl = c.q.scalar_type() == at::kDouble;
+  for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {  // the caches first; then they hold this step
+    if (dbl)
+      p.append<double>(bh / p.heads, bh % p.heads, *p.g, 0, 1);
+    else
+      p.append<float>(bh / p.heads, bh % p.heads, *p.g, 0, 1);
+  }
+  if (c.q.numel() > 0) {
+    if (dbl)
+      decode<double>(p);
+    else
+      decode<float>(p);
+  }
+  return c.out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) { m.impl("sparse_decode", &sparse_decode); }
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("sparse_decode", &sparse_decode);
+  m.impl("sparse_decode_append", &sparse_decode_append);
+}
 
 }  // namespace dalle_fast::cpu

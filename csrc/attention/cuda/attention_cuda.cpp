@@ -112,12 +112,27 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tens
   return c.out;
 }
 
+at::Tensor decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                         const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
+                         const at::Tensor& g, int64_t text_len, double scale) {
+  check_cuda(q, "sparse_decode_append");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto c = prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale);
+  const DType dtype = cuda_dtype(c.q, "sparse_decode_append");
+  if (c.q.numel() > 0) {
+    const char* err = sparse_decode(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "sparse_decode_append: CUDA kernel launch failed: ", err);
+  }
+  return c.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
   m.impl("sparse_attention_fwd", &forward);
   m.impl("sparse_attention_bwd", &backward);
   m.impl("sparse_decode", &decode);
+  m.impl("sparse_decode_append", &decode_append);
 }
 
 }  // namespace dalle_fast::cuda

@@ -14,6 +14,9 @@
 //     value rows of a warp: 14-17 us per layer on the H100.)
 //   decode_kernel (any dtype and head dim): warps over keys with lanes over the head dim for
 //     the scores, threads over the head dim for the values.
+// sparse_decode_append gives both kernels this step's key and value (k_new, v_new): the block
+// copies them into its cache row and reads that row from k_new / v_new, so no barrier orders the
+// copy before the loads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,13 +60,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const float scale = static_cast<float>(p.scale);
   const float ninf = neg_inf(0.f);
   int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
+  p.append<T>(b, h, g, threadIdx.x, kThreads);  // this step's row is read from k_new / v_new below
 
   for (int64_t j = warp; j < n; j += kWarpsPerBlock) {
     const int64_t key = p.key(j, g);
     if (lane == 0) rows[j] = static_cast<int32_t>(key);
     float s = 0.f;
     if (key >= 0) {
-      const T* k = p.k.row<const T>(b, h, key);
+      const T* k = p.k_row<T>(b, h, key, g);
       for (int64_t d = lane; d < D; d += kWarp) s += to_acc(q[d]) * to_acc(k[d]);
       s = warp_sum(s);
     }
@@ -88,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     float acc = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       const float w = scores[j];
-      if (w != 0.f) acc += w * to_acc(p.v.row<const T>(b, h, rows[j])[d]);
+      if (w != 0.f) acc += w * to_acc(p.v_row<T>(b, h, rows[j], g)[d]);
     }
     out[d] = Store<T>::from(acc * inv);
   }
@@ -122,6 +126,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
   const float scale = static_cast<float>(p.scale);
   const float ninf = neg_inf(0.f);
   int32_t* const rows = reinterpret_cast<int32_t*>(scores + n);
+  p.append<T>(b, h, g, threadIdx.x, kFastThreads);  // this step's row is read from k_new / v_new below
 
   float qv[8];
   const T* q = p.q_row<T>(b, h) + chunk * 8;
@@ -136,14 +141,20 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
   for (int base = 0; base < n; base += kGroup) {
     int32_t row[kRounds];
     uint4 kw[kRounds];
+    int64_t off[kRounds];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {  // the image keys' offsets first, their loads in flight together
+      const int j = base + slot + kSlots * r;
+      off[r] = j >= p.text_len && j < n ? p.offsets[j - p.text_len] : 0;
+    }
 #pragma unroll
     for (int r = 0; r < kRounds; ++r) {
       const int j = base + slot + kSlots * r;
-      const int64_t key = j < n ? p.key(j, g) : -1;
+      const int64_t key = j < n ? p.key_at(j, g, off[r]) : -1;
       row[r] = key >= 0 ? static_cast<int32_t>(key) : -1;
       const int64_t at = row[r] >= 0 ? row[r] : 0;
-      kw[r] = reinterpret_cast<const uint4*>(p.k.row<const T>(b, h, at))[chunk];
-      if (base == 0) v0[r] = reinterpret_cast<const uint4*>(p.v.row<const T>(b, h, at))[chunk];
+      kw[r] = reinterpret_cast<const uint4*>(p.k_row<T>(b, h, at, g))[chunk];
+      if (base == 0) v0[r] = reinterpret_cast<const uint4*>(p.v_row<T>(b, h, at, g))[chunk];
     }
 #pragma unroll
     for (int r = 0; r < kRounds; ++r) {
@@ -189,7 +200,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
       if (base == 0) {
         vw[r] = v0[r];
       } else {
-        vw[r] = reinterpret_cast<const uint4*>(p.v.row<const T>(b, h, j < n ? rows[j] : 0))[chunk];
+        vw[r] = reinterpret_cast<const uint4*>(p.v_row<T>(b, h, j < n ? rows[j] : 0, g))[chunk];
       }
     }
 #pragma unroll
@@ -237,7 +248,12 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
   if (blocks > int64_t(0x7fffffff)) return "sparse_decode: too many (batch, head) pairs for one launch";
   if (p.seq > int64_t(0x7fffffff)) return "sparse_decode: sequence too long for 32-bit key rows";
   if constexpr (sizeof(T) == 2) {
-    const bool fast = aligned16(p.k) && aligned16(p.v);  // q and out are read and written by element
+    // q and out are read and written by element; k_new / v_new rows by 16 bytes, as the caches'
+    const auto aligned_rows = [](const void* ptr, int64_t sb, int64_t sh) {
+      return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0);
+    };
+    const bool fast = aligned16(p.k) && aligned16(p.v) && aligned_rows(p.k_new, p.kn_sb, p.kn_sh) &&
+                      aligned_rows(p.v_new, p.vn_sb, p.vn_sh);
     if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>, kFastThreads>(p, stream);
     if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>, kFastThreads>(p, stream);
     if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>, kFastThreads>(p, stream);
