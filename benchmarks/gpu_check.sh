@@ -16,16 +16,17 @@
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
-# runs only the decode, skinny_linear and sampler CUDA tests (after a change to those alone);
-# tests_open, the CUDA tests of the Gumbel op, decode, skinny_linear, sampler and prior (the open
-# issues' code).
+# runs only the decode, gumbel_argmax, skinny_linear and sampler CUDA tests (after a change to
+# those alone); tests_open, the CUDA tests of the Gumbel ops, decode, skinny_linear, sampler and
+# prior (the open issues' code).
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
 #
 # As run on 2026-11-27 (an H100; the device tool brings back at most 8 files, so tar them):
 #   PYTHON=python3 OUT=/tmp/g DEADLINE=540 bash benchmarks/gpu_check.sh session; tar czf $OUT/g.tgz -C /tmp/g .
-# For the open issues (after the one-read Gumbel kernels, the decode rewrite and skinny_linear, not yet run):
+# For the open issues (after the one-read Gumbel kernels, the decode rewrite with its cache write,
+# skinny_linear and gumbel_argmax, not yet run):
 #   PYTHON=python3 OUT=/tmp/g DEADLINE=540 bash benchmarks/gpu_check.sh open; tar czf $OUT/g.tgz -C /tmp/g .
 # Step times seen there: build 36 s, tests 44 s, attention 45-65 s per shape (FlexAttention
 # compiles per kind), gumbel 36 s, sampling 47 s (before ours_compiled, which adds a compile),
