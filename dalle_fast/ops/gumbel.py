@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 
 import torch
 
@@ -84,11 +85,14 @@ def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
     without `dim`), the first argmax of logits * scale + g (one fused multiply-add in float32),
     g ~ Gumbel(0, 1) the noise gumbel_softmax would draw from the same generator state. One pass
     over the logits, no softmax and no host synchronisation: the sampler's token draw (scale =
-    1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0."""
+    1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0.
+    DALLE_FAST_GUMBEL_ARGMAX=0 in the environment (read at every call) draws with the reference
+    instead (PyTorch's noise, a few kernels), e.g. to rule the kernel out."""
     dim = _check(logits, scale, dim, generator, "scale")
     if scale > torch.finfo(torch.float32).max:
         raise ValueError(f"scale must be at most the largest float32 ({torch.finfo(torch.float32).max:.3g}), got {scale!r}")
-    if not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES):
+    if (os.environ.get("DALLE_FAST_GUMBEL_ARGMAX", "1") == "0"
+            or not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES)):
         return reference.gumbel_argmax(logits, dim, scale, generator=generator)
     return torch.ops.dalle_fast.gumbel_argmax(logits, float(scale), dim, generator)
 

@@ -124,3 +124,11 @@ def test_float64_falls_back_to_the_reference():
     with pytest.warns(RuntimeWarning, match="falls back"):
         index = ops.gumbel_argmax(x, generator=torch.Generator().manual_seed(0))
     assert index.shape == (8,) and index.dtype == torch.long
+
+
+def test_environment_switch_draws_with_the_reference(monkeypatch):
+    x = torch.randn(6, 40)
+    monkeypatch.setenv("DALLE_FAST_GUMBEL_ARGMAX", "0")
+    got = ops.gumbel_argmax(x, scale=0.5, generator=torch.Generator().manual_seed(3))
+    want = reference.gumbel_argmax(x, -1, 0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
