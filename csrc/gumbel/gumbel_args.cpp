@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -23,6 +24,13 @@ int64_t check_logits(const at::Tensor& logits, double tau, int64_t dim, const ch
   return dim < 0 ? dim + logits.dim() : dim;
 }
 
+// The shape of one value per position: the logits' sizes without `dim` (the KL term, the draw).
+std::vector<int64_t> position_sizes(const at::Tensor& logits, int64_t dim) {
+  auto sizes = logits.sizes().vec();
+  sizes.erase(sizes.begin() + dim);
+  return sizes;
+}
+
 }  // namespace
 
 void gumbel_view(const at::Tensor& logits, int64_t dim, GumbelParams& p) {
@@ -39,9 +47,7 @@ GumbelForwardCall prepare_gumbel_forward(const at::Tensor& logits_in, double tau
   GumbelForwardCall c;
   c.logits = logits_in.contiguous();  // NCHW with dim=1 is already [outer, vocab, inner]: no copy
   c.y = at::empty_like(c.logits, at::MemoryFormat::Contiguous);
-  auto kl_shape = c.logits.sizes().vec();
-  kl_shape.erase(kl_shape.begin() + dim);
-  c.kl = with_kl ? at::empty(kl_shape, c.logits.options()) : at::empty({0}, c.logits.options());
+  c.kl = with_kl ? at::empty(position_sizes(c.logits, dim), c.logits.options()) : at::empty({0}, c.logits.options());
   c.rng_state = at::empty({2}, c.logits.options().dtype(at::kLong));
   auto& p = c.params;
   gumbel_view(c.logits, dim, p);
@@ -61,9 +67,7 @@ GumbelForwardCall prepare_gumbel_argmax(const at::Tensor& logits_in, double scal
                     scale);
   GumbelForwardCall c;
   c.logits = logits_in.contiguous();
-  auto index_shape = c.logits.sizes().vec();
-  index_shape.erase(index_shape.begin() + dim);
-  c.index = at::empty(index_shape, c.logits.options().dtype(at::kLong));
+  c.index = at::empty(position_sizes(c.logits, dim), c.logits.options().dtype(at::kLong));
   c.rng_state = at::empty({2}, c.logits.options().dtype(at::kLong));
   auto& p = c.params;
   gumbel_view(c.logits, dim, p);
@@ -102,8 +106,7 @@ GumbelBackwardCall prepare_gumbel_backward(const at::Tensor& grad_y, const std::
   p.rng_in = c.rng_state.data_ptr<int64_t>();
   p.grad_logits = c.grad_logits.data_ptr();
   if (grad_kl.has_value() && grad_kl->defined()) {
-    auto kl_shape = c.logits.sizes().vec();
-    kl_shape.erase(kl_shape.begin() + dim);
+    const auto kl_shape = position_sizes(c.logits, dim);
     TORCH_CHECK_VALUE(grad_kl->sizes() == at::IntArrayRef(kl_shape), op, ": grad_kl must have shape ",
                       at::IntArrayRef(kl_shape), ", got ", grad_kl->sizes());
     TORCH_CHECK_VALUE(grad_kl->device() == logits.device(), op, ": grad_kl must be on ", logits.device());

@@ -91,6 +91,18 @@ def environment_variable(name: str, value: str):
             os.environ[name] = old
 
 
+def switch_on(name: str) -> bool:
+    """One of our ops' on/off switches, read at every call: False when the environment sets name=0."""
+    return os.environ.get(name, "1") != "0"
+
+
+def switch(name: str, enabled: bool):
+    """A context in which the switch `name` is on (True) or off (False); not thread-safe."""
+    if enabled not in (True, False):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    return environment_variable(name, "1" if enabled else "0")
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

@@ -11,9 +11,7 @@ Inference only: no autograd.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 
@@ -47,17 +45,13 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
 def append_enabled() -> bool:
     """False when DALLE_FAST_DECODE_APPEND=0: sparse_decode writes k_new / v_new with index_copy_
     and then attends (two more kernels per call) instead of doing both in one kernel."""
-    return os.environ.get("DALLE_FAST_DECODE_APPEND", "1") != "0"
+    return _backend.switch_on("DALLE_FAST_DECODE_APPEND")
 
 
-@contextlib.contextmanager
 def fused_cache_write(enabled: bool):
     """Inside: whether sparse_decode writes k_new / v_new in its kernel (True) or with index_copy_
     before it (False). Sets DALLE_FAST_DECODE_APPEND; not thread-safe."""
-    if enabled not in (True, False):
-        raise ValueError(f"enabled must be True or False, got {enabled!r}")
-    with _backend.environment_variable("DALLE_FAST_DECODE_APPEND", "1" if enabled else "0"):
-        yield
+    return _backend.switch("DALLE_FAST_DECODE_APPEND", enabled)
 
 
 def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,

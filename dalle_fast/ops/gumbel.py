@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
 
 import torch
 
@@ -91,7 +90,7 @@ def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
     dim = _check(logits, scale, dim, generator, "scale")
     if scale > torch.finfo(torch.float32).max:
         raise ValueError(f"scale must be at most the largest float32 ({torch.finfo(torch.float32).max:.3g}), got {scale!r}")
-    if (os.environ.get("DALLE_FAST_GUMBEL_ARGMAX", "1") == "0"
+    if (not _backend.switch_on("DALLE_FAST_GUMBEL_ARGMAX")
             or not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES)):
         return reference.gumbel_argmax(logits, dim, scale, generator=generator)
     return torch.ops.dalle_fast.gumbel_argmax(logits, float(scale), dim, generator)

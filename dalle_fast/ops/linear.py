@@ -17,8 +17,6 @@ to the reference, so a benchmark can time both in one process.
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 
@@ -30,17 +28,13 @@ _MAX_ROWS = 64
 
 def kernel_enabled() -> bool:
     """False when DALLE_FAST_SKINNY_LINEAR=0: every call takes the reference (F.linear)."""
-    return os.environ.get("DALLE_FAST_SKINNY_LINEAR", "1") != "0"
+    return _backend.switch_on("DALLE_FAST_SKINNY_LINEAR")
 
 
-@contextlib.contextmanager
 def cuda_skinny_linear(enabled: bool):
     """Inside: whether CUDA calls may take the kernel (True) or always run the reference, F.linear
     and the epilogue in PyTorch (False). Sets DALLE_FAST_SKINNY_LINEAR; not thread-safe."""
-    if enabled not in (True, False):
-        raise ValueError(f"enabled must be True or False, got {enabled!r}")
-    with _backend.environment_variable("DALLE_FAST_SKINNY_LINEAR", "1" if enabled else "0"):
-        yield
+    return _backend.switch("DALLE_FAST_SKINNY_LINEAR", enabled)
 
 
 def _aligned(t: torch.Tensor) -> bool:

@@ -237,7 +237,7 @@ inline bool enabled() { return mode() != Mode::Off; }
 inline bool refuse(const char** err) {
   if (mode() != Mode::Require) return false;
   *err = "DALLE_FAST_GUMBEL_RESIDENT=require, but this device cannot run the one-read kernel "
-         "(before sm_90, or too few clusters resident)";
+         "(before sm_90, built without sm_90 device code, or too few clusters resident)";
   return true;
 }
 
