@@ -8,6 +8,8 @@ the two ways it is usually done.
               only)
   ours_index_copy  the same with each layer's cache write as index_copy_ kernels before the
               decode kernel, instead of inside it (DALLE_FAST_DECODE_APPEND=0; CUDA only)
+  ours_generic_decode  the same with every layer's attention in the general decode kernel
+              instead of the fast one (DALLE_FAST_DECODE_FAST=0; CUDA only)
   ours_compiled  the same with SamplingConfig(compile_step=True): the model step compiled by
               torch.compile (its small kernels fused), then graph-captured; checked by its
               logits against the eager step on the same tokens (default on CUDA only: it
@@ -46,7 +48,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
-from dalle_fast.ops.decode import fused_cache_write  # noqa: E402
+from dalle_fast.ops.decode import fast_kernel, fused_cache_write  # noqa: E402
 from dalle_fast.ops.linear import cuda_skinny_linear  # noqa: E402
 from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
 from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, _run_graph, sample_image_tokens, sample_logits  # noqa: E402
@@ -59,7 +61,7 @@ CONFIGS = {
 }
 # Our sampler and its variants with one kernel switched off, run as timed (in a CUDA graph on
 # CUDA): checked for valid tokens, as a graph draws from other noise offsets (see the check below).
-OURS_GRAPHED = ("ours", "ours_cublas", "ours_index_copy")
+OURS_GRAPHED = ("ours", "ours_cublas", "ours_index_copy", "ours_generic_decode")
 QUICK = dict(preset="tiny", overrides=dict(layers=2, d_model=64, heads=2), batch=2, dtype="float32", repeats=1)
 
 
@@ -92,6 +94,12 @@ def sample_without_skinny_linear(prior: Prior, text: torch.Tensor, config: Sampl
 def sample_with_index_copy(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
     """ours, with each layer's cache write as index_copy_ kernels instead of inside the decode kernel."""
     with fused_cache_write(False):
+        return sample_image_tokens(prior, text, config=config, generator=generator)
+
+
+def sample_with_generic_decode(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+    """ours, with each layer's attention in the general decode kernel instead of the fast one."""
+    with fast_kernel(False):
         return sample_image_tokens(prior, text, config=config, generator=generator)
 
 
@@ -155,8 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch", type=int, default=0, help="images sampled together (0: the config's)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: the config's)")
-    parser.add_argument("--methods", default="", help="comma-separated subset of ours, ours_compiled, dense_kv, "
-                        "recompute (default: all on cuda, all but ours_compiled on cpu)")
+    parser.add_argument("--methods", default="", help="comma-separated subset of the methods above "
+                        "(default: all on cuda, ours, dense_kv and recompute on cpu)")
     parser.add_argument("--recompute-steps", type=int, default=-1,
                         help="token steps recompute is timed over (0: all; default: 64 on cuda, all on cpu)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round (for tests)")
@@ -167,20 +175,20 @@ def main(argv=None) -> int:
     if args.recompute_steps < 0:
         args.recompute_steps = 64 if args.device == "cuda" else 0
     recompute_steps = min(args.recompute_steps, cfg.image_len) or cfg.image_len
-    steps_of = {"ours": cfg.image_len, "ours_cublas": cfg.image_len, "ours_index_copy": cfg.image_len,
-                "ours_compiled": cfg.image_len,
-                "dense_kv": cfg.image_len, "recompute": recompute_steps}
+    steps_of = {**{name: cfg.image_len for name in (*OURS_GRAPHED, "ours_compiled", "dense_kv")},
+                "recompute": recompute_steps}
     config = SamplingConfig(top_k=0)
     compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
         "ours_cublas": lambda m, c, gen, n: sample_without_skinny_linear(m, text, c, gen),
         "ours_index_copy": lambda m, c, gen, n: sample_with_index_copy(m, text, c, gen),
+        "ours_generic_decode": lambda m, c, gen, n: sample_with_generic_decode(m, text, c, gen),
         "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
         "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
-    default = ("ours,ours_cublas,ours_index_copy,ours_compiled,dense_kv,recompute" if args.device == "cuda"
+    default = (",".join((*OURS_GRAPHED, "ours_compiled", "dense_kv", "recompute")) if args.device == "cuda"
                else "ours,dense_kv,recompute")
     chosen = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     unknown = set(chosen) - set(methods)

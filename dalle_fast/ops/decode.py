@@ -54,6 +54,13 @@ def fused_cache_write(enabled: bool):
     return _backend.switch("DALLE_FAST_DECODE_APPEND", enabled)
 
 
+def fast_kernel(enabled: bool):
+    """Inside: whether CUDA calls in fp16 / bf16 at head dim 32, 64 or 128 with aligned rows take
+    the fast decode kernel (True, the default) or the general one (False). Sets
+    DALLE_FAST_DECODE_FAST, which the launcher reads at every call; not thread-safe."""
+    return _backend.switch("DALLE_FAST_DECODE_FAST", enabled)
+
+
 def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,
                   g: torch.Tensor, text_len: int, scale: float | None = None,
                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:

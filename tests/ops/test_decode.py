@@ -1,11 +1,13 @@
 """sparse_decode: one sampling step's attention over a KV cache, kernels against the reference."""
 
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
 
 from dalle_fast import ops
 from dalle_fast.ops import KINDS, reference
@@ -204,6 +206,33 @@ def test_cuda_fast_kernel_over_several_key_groups(kind, D):
         out = ops.sparse_decode(q, k, v, offsets, g_t, T)
     want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{kind} D={D}: {m}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("fast", [True, False])
+def test_cuda_fast_kernel_switch_picks_the_kernel(fast):
+    # DALLE_FAST_DECODE_FAST=0 (ops.decode.fast_kernel(False)) must run the general kernel where
+    # the fast one would run, with the same result; the profiler names the kernel that ran.
+    T, S, g, D = 40, 6, 20, 64
+    q, k, v, g_t = make_step(2, 3, T, S, D, g, torch.bfloat16, device="cuda", seed=5)
+    offsets = key_offsets("conv", S, 3).cuda()
+    with ops.backend("cuda"), ops.decode.fast_kernel(fast), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+        torch.cuda.synchronize()
+    names = " ".join(event.name for event in prof.events())
+    assert ("decode_fast_kernel" in names) == fast and ("decode_kernel<" in names) == (not fast), names
+    want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_fast_kernel_switch_sets_and_restores_the_environment():
+    before = os.environ.get("DALLE_FAST_DECODE_FAST")
+    with ops.decode.fast_kernel(False):
+        assert os.environ["DALLE_FAST_DECODE_FAST"] == "0"
+    assert os.environ.get("DALLE_FAST_DECODE_FAST") == before
+    with pytest.raises(ValueError, match="enabled"):
+        with ops.decode.fast_kernel("no"):
+            pass
 
 
 @requires_cuda

@@ -22,6 +22,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../../cuda_smem.h"
@@ -241,6 +243,14 @@ const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// DALLE_FAST_DECODE_FAST=0 in the environment keeps every call on decode_kernel (to time or to
+// rule out the fast kernel without a rebuild); read at every call, so a benchmark can compare both
+// in one process (a captured graph keeps the kernel chosen at capture).
+bool fast_kernel_enabled() {
+  const char* value = std::getenv("DALLE_FAST_DECODE_FAST");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 template <class T>
 const char* launch(const DecodeParams& p, cudaStream_t stream) {
   const int64_t blocks = p.batch * p.heads;
@@ -252,7 +262,7 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
     const auto aligned_rows = [](const void* ptr, int64_t sb, int64_t sh) {
       return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0);
     };
-    const bool fast = aligned16(p.k) && aligned16(p.v) && aligned_rows(p.k_new, p.kn_sb, p.kn_sh) &&
+    const bool fast = fast_kernel_enabled() && aligned16(p.k) && aligned16(p.v) && aligned_rows(p.k_new, p.kn_sb, p.kn_sh) &&
                       aligned_rows(p.v_new, p.vn_sb, p.vn_sh);
     if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>, kFastThreads>(p, stream);
     if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>, kFastThreads>(p, stream);
