@@ -13,6 +13,14 @@
 #                                         still need: build, the Gumbel / decode / sampler / prior
 #                                         CUDA tests, Gumbel, sampling and its profile, sanitizer
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
+# After a failed step the script runs what still yields a figure without the code that may have
+# failed: sampling_safe (when sampling failed) times ours and dense_kv with every kernel not yet
+# run on a GPU switched off (DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0
+# DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0), and profile_sampling then runs with
+# those switches too (the sanitizer keeps every kernel on); gumbel_two_sweep (when gumbel
+# failed) times the Gumbel ops with DALLE_FAST_GUMBEL_RESIDENT=0. The CUDA test steps run each test file in its own pytest process
+# (in parallel, logs in $OUT/tests/), so a kernel that poisons its CUDA context fails only its own
+# file's tests and the others still give their verdicts.
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
@@ -37,10 +45,10 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 case "${1:-all}" in
   first) default="build tests sanitize attention" ;;
-  second) default="attention_d128 attention_b32 gumbel sampling profile_sampling" ;;
-  session) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
-  open) default="build tests_open gumbel sampling profile_sampling sanitize" ;;
-  all) default="build tests attention gumbel sampling profile_sampling sanitize attention_b32 attention_d128" ;;
+  second) default="attention_d128 attention_b32 gumbel gumbel_two_sweep sampling sampling_safe profile_sampling" ;;
+  session) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize attention_b32 attention_d128" ;;
+  open) default="build tests_open gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize" ;;
+  all) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize attention_b32 attention_d128" ;;
   *) echo "usage: $0 [first|second|session|open|all]" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default}
@@ -49,6 +57,29 @@ DEADLINE=${DEADLINE:-0}
 ATTENTION_ARGS=${ATTENTION_ARGS:-}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+
+declare -A RC  # each step's exit code
+failed() { [[ -n "${RC[$1]:-}" && "${RC[$1]}" != 0 ]]; }
+
+# cuda_tests FILE...: the CUDA tests (-k cuda) of each file in its own pytest process, in parallel;
+# each file's log in $OUT/tests/, then its verdict line; fails when any file failed.
+cuda_tests() {
+  mkdir -p "$OUT/tests"
+  local f names=() pids=() rc=0 r i
+  for f in "$@"; do
+    names+=("$(basename "$f" .py)")
+    OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider "$f" -k cuda > "$OUT/tests/${names[-1]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; r=$?
+    echo "${names[$i]} rc=$r: $(tail -n 1 "$OUT/tests/${names[$i]}.log")"
+    (( r != 0 )) && rc=1
+  done
+  return $rc
+}
+export -f cuda_tests
+export OUT PY
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -62,6 +93,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name (limit ${limit} s)"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  RC[$name]=$rc
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
   tail -n 25 "$OUT/$name.log"
 }
@@ -72,15 +104,26 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} \
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DALLE_FAST_CUDA=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -e .
-step tests 150 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_attention.py tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step tests_open 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider tests/ops/test_gumbel_cuda.py; a=\$?; \
-  '$PY' -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py -k cuda; exit \$((a + \$?))"
-step tests_decode 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_decode.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py -k cuda
+step tests 150 bash -c 'cuda_tests "$@"' _ tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py tests/ops/test_attention.py \
+  tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py \
+  tests/test_sampler.py tests/test_prior.py
+step tests_open 120 bash -c 'cuda_tests "$@"' _ tests/ops/test_gumbel_cuda.py tests/ops/test_decode.py tests/ops/test_gumbel.py \
+  tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py
+step tests_decode 60 bash -c 'cuda_tests "$@"' _ tests/ops/test_decode.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py \
+  tests/test_sampler.py
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
+failed gumbel && step gumbel_two_sweep 100 env DALLE_FAST_GUMBEL_RESIDENT=0 \
+  "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel_two_sweep.json"
 step sampling 240 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
-step profile_sampling 60 "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
+SAFE=()  # environment for the sampling steps after a failed sampling (the sanitizer keeps every kernel on)
+if failed sampling; then
+  SAFE=(DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0)
+  echo "sampling failed: sampling_safe and profile_sampling run with ${SAFE[*]}" | tee -a "$OUT/summary.txt"
+  step sampling_safe 150 env "${SAFE[@]}" "$PY" benchmarks/bench_sampling.py --device cuda --methods ours,dense_kv \
+    --json "$OUT/sampling_safe.json"
+fi
+step profile_sampling 60 env "${SAFE[@]}" "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
 step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"
 step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 $ATTENTION_ARGS --json "$OUT/attention_d128.json"
