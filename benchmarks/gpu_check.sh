@@ -21,6 +21,9 @@
 # failed) times the Gumbel ops with DALLE_FAST_GUMBEL_RESIDENT=0. The CUDA test steps run each test file in its own pytest process
 # (in parallel, logs in $OUT/tests/), so a kernel that poisons its CUDA context fails only its own
 # file's tests and the others still give their verdicts.
+# The sampling step leaves out ours_compiled (torch.compile of the step, never run on a GPU: its
+# compile could eat the step's time limit and lose every figure); sampling_compiled times it
+# beside ours, after the sanitizer.
 # DEADLINE=S (seconds from the start) cuts every step's limit to the time left before it and
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
@@ -45,10 +48,10 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 case "${1:-all}" in
   first) default="build tests sanitize attention" ;;
-  second) default="attention_d128 attention_b32 gumbel gumbel_two_sweep sampling sampling_safe profile_sampling" ;;
-  session) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize attention_b32 attention_d128" ;;
-  open) default="build tests_open gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize" ;;
-  all) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize attention_b32 attention_d128" ;;
+  second) default="attention_d128 attention_b32 gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sampling_compiled" ;;
+  session) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize sampling_compiled attention_b32 attention_d128" ;;
+  open) default="build tests_open gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize sampling_compiled" ;;
+  all) default="build tests attention gumbel gumbel_two_sweep sampling sampling_safe profile_sampling sanitize sampling_compiled attention_b32 attention_d128" ;;
   *) echo "usage: $0 [first|second|session|open|all]" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default}
@@ -115,7 +118,8 @@ step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_
 step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel.json"
 failed gumbel && step gumbel_two_sweep 100 env DALLE_FAST_GUMBEL_RESIDENT=0 \
   "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel_two_sweep.json"
-step sampling 240 "$PY" benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling.json"
+step sampling 200 "$PY" benchmarks/bench_sampling.py --device cuda \
+  --methods ours,ours_cublas,ours_index_copy,ours_generic_decode,dense_kv,recompute --json "$OUT/sampling.json"
 SAFE=()  # environment for the sampling steps after a failed sampling (the sanitizer keeps every kernel on)
 if failed sampling; then
   SAFE=(DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0)
@@ -125,6 +129,8 @@ if failed sampling; then
 fi
 step profile_sampling 60 env "${SAFE[@]}" "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
+step sampling_compiled 200 "$PY" benchmarks/bench_sampling.py --device cuda --methods ours,ours_compiled \
+  --json "$OUT/sampling_compiled.json"
 step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"
 step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 $ATTENTION_ARGS --json "$OUT/attention_d128.json"
 cat "$OUT/summary.txt"
