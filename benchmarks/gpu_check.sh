@@ -133,4 +133,7 @@ step sampling_compiled 200 "$PY" benchmarks/bench_sampling.py --device cuda --me
   --json "$OUT/sampling_compiled.json"
 step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"
 step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 $ATTENTION_ARGS --json "$OUT/attention_d128.json"
+# the open issues' targets, judged on this run's JSON (no device needed; a few seconds)
+echo "targets:" >> "$OUT/summary.txt"
+"$PY" benchmarks/check_targets.py "$OUT"/*.json >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

@@ -111,3 +111,40 @@ def test_sass_budget_finds_the_tile_path_and_reads_the_tools_output():
            "    36 bytes stack frame, 36 bytes spill stores, 40 bytes spill loads\n"
            "ptxas info    : Used 128 registers\n")
     assert sb.ptxas_stats(log) == {"_Z1kv": {"spill_store_bytes": 36, "registers": 128}}
+
+
+def _check_targets(*paths):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "check_targets.py"), *map(str, paths)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_check_targets_judges_the_saved_runs():
+    results = REPO / "benchmarks" / "results"
+    run = _check_targets(results / "gumbel_cuda_20261127-075818.json", results / "sampling_cuda_20261127-080631.json",
+                         results / "sampling_cpu_20261127-170343.json", results / "attention_cpu_20261126-144121.json")
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert "FAIL  issue 4: H100 forward <= 1.1 ms: 2.795 ms  [gumbel_cuda_20261127-075818.json]" in lines
+    assert any(line.startswith("PASS  issue 4: H100 forward faster than torch.compile") for line in lines)
+    assert any(line.startswith("FAIL  issue 7: H100 1024 tokens x batch 16 in < 500 ms: 595.8 ms") for line in lines)
+    assert any(line.startswith("PASS  issue 7: CPU ours >= 10x faster than recompute") for line in lines)
+    assert len(lines) == 7  # 5 Gumbel targets, 2 sampling ones; the attention run decides nothing
+
+
+def test_check_targets_passes_a_run_that_meets_every_target(tmp_path):
+    results = REPO / "benchmarks" / "results"
+    gumbel = json.loads((results / "gumbel_cuda_20261127-075818.json").read_text())
+    ours = gumbel["results"][0]["methods"]["ours"]
+    ours["fwd"]["median_ms"], ours["fwd_bwd"]["median_ms"], ours["fwd_gbps"] = 1.0, 2.9, 2150.0
+    sampling = json.loads((results / "sampling_cuda_20261127-080631.json").read_text())
+    sampling["results"]["ours"]["ms_per_batch"] = 499.0
+    (tmp_path / "g.json").write_text(json.dumps(gumbel))
+    (tmp_path / "s.json").write_text(json.dumps(sampling))
+    run = _check_targets(tmp_path / "g.json", tmp_path / "s.json")
+    assert run.returncode == 0 and run.stdout.count("PASS") == 6 and "FAIL" not in run.stdout, run.stdout
+    gumbel["results"][0]["accuracy"]["ok"] = False  # a fast but wrong kernel passes nothing
+    (tmp_path / "g.json").write_text(json.dumps(gumbel))
+    run = _check_targets(tmp_path / "g.json")
+    assert run.returncode == 1 and run.stdout.count("FAIL") == 5, run.stdout
+    run = _check_targets(results / "attention_cpu_20261126-144121.json")
+    assert run.returncode == 1 and "no target decided" in run.stderr
