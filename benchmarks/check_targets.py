@@ -98,7 +98,8 @@ def sampling_verdicts(data: dict) -> Iterator[Verdict]:
                       per_batch is not None and per_batch < 500)
     elif not env.get("gpu") and cfg.get("grid") == 16:
         recompute = per_batch_of("recompute")
-        yield Verdict(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms", f"recompute {_f(recompute)} ms",
+        yield Verdict(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms",
+                      f"recompute {_f(recompute)} ms",
                       None not in (per_batch, recompute) and recompute >= 10 * per_batch)
 
 

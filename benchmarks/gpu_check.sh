@@ -18,9 +18,10 @@
 # run on a GPU switched off (DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0
 # DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0), and profile_sampling then runs with
 # those switches too (the sanitizer keeps every kernel on); gumbel_two_sweep (when gumbel
-# failed) times the Gumbel ops with DALLE_FAST_GUMBEL_RESIDENT=0. The CUDA test steps run each test file in its own pytest process
-# (in parallel, logs in $OUT/tests/), so a kernel that poisons its CUDA context fails only its own
-# file's tests and the others still give their verdicts.
+# failed) times the Gumbel ops with DALLE_FAST_GUMBEL_RESIDENT=0. The CUDA test steps run each
+# test file in its own pytest process (in parallel, logs in $OUT/tests/), so a kernel that
+# poisons its CUDA context fails only its own file's tests and the others still give their
+# verdicts.
 # The sampling step leaves out ours_compiled (torch.compile of the step, never run on a GPU: its
 # compile could eat the step's time limit and lose every figure); sampling_compiled times it
 # beside ours, after the sanitizer.

@@ -262,8 +262,8 @@ const char* launch(const DecodeParams& p, cudaStream_t stream) {
     const auto aligned_rows = [](const void* ptr, int64_t sb, int64_t sh) {
       return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0);
     };
-    const bool fast = fast_kernel_enabled() && aligned16(p.k) && aligned16(p.v) && aligned_rows(p.k_new, p.kn_sb, p.kn_sh) &&
-                      aligned_rows(p.v_new, p.vn_sb, p.vn_sh);
+    const bool fast = fast_kernel_enabled() && aligned16(p.k) && aligned16(p.v) &&
+                      aligned_rows(p.k_new, p.kn_sb, p.kn_sh) && aligned_rows(p.v_new, p.vn_sb, p.vn_sh);
     if (fast && p.dim == 32) return launch_kernel<decode_fast_kernel<T, 32>, kFastThreads>(p, stream);
     if (fast && p.dim == 64) return launch_kernel<decode_fast_kernel<T, 64>, kFastThreads>(p, stream);
     if (fast && p.dim == 128) return launch_kernel<decode_fast_kernel<T, 128>, kFastThreads>(p, stream);
