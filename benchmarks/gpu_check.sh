@@ -14,10 +14,11 @@
 #                                         CUDA tests, Gumbel, sampling and its profile, sanitizer
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
 # After a failed step the script runs what still yields a figure without the code that may have
-# failed: sampling_safe (when sampling failed) times ours and dense_kv with every kernel not yet
-# run on a GPU switched off (DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0
-# DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0), and profile_sampling then runs with
-# those switches too (the sanitizer keeps every kernel on); gumbel_two_sweep (when gumbel
+# failed: sampling_safe (when sampling failed) times ours and dense_kv with the kernels not yet
+# run on a GPU whose CUDA tests failed switched off (test_linear: DALLE_FAST_SKINNY_LINEAR=0,
+# test_decode: DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_DECODE_FAST=0, test_gumbel_argmax:
+# DALLE_FAST_GUMBEL_ARGMAX=0; all four when no test file failed), and profile_sampling then runs
+# with those switches too (the sanitizer keeps every kernel on); gumbel_two_sweep (when gumbel
 # failed) times the Gumbel ops with DALLE_FAST_GUMBEL_RESIDENT=0. The CUDA test steps run each
 # test file in its own pytest process (in parallel, logs in $OUT/tests/), so a kernel that
 # poisons its CUDA context fails only its own file's tests and the others still give their
@@ -77,6 +78,7 @@ cuda_tests() {
   done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; r=$?
+    echo "$r" > "$OUT/tests/${names[$i]}.rc"
     echo "${names[$i]} rc=$r: $(tail -n 1 "$OUT/tests/${names[$i]}.log")"
     (( r != 0 )) && rc=1
   done
@@ -121,9 +123,16 @@ failed gumbel && step gumbel_two_sweep 100 env DALLE_FAST_GUMBEL_RESIDENT=0 \
   "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel_two_sweep.json"
 step sampling 200 "$PY" benchmarks/bench_sampling.py --device cuda \
   --methods ours,ours_cublas,ours_index_copy,ours_generic_decode,dense_kv,recompute --json "$OUT/sampling.json"
-SAFE=()  # environment for the sampling steps after a failed sampling (the sanitizer keeps every kernel on)
+# The environment of the sampling steps after a failed sampling (the sanitizer keeps every kernel
+# on): the switches of the kernels whose test file failed above, or all of them when none did.
+tests_failed() { [[ -f "$OUT/tests/$1.rc" && "$(cat "$OUT/tests/$1.rc")" != 0 ]]; }
+SAFE=()
 if failed sampling; then
-  SAFE=(DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0)
+  tests_failed test_linear && SAFE+=(DALLE_FAST_SKINNY_LINEAR=0)
+  tests_failed test_decode && SAFE+=(DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_DECODE_FAST=0)
+  tests_failed test_gumbel_argmax && SAFE+=(DALLE_FAST_GUMBEL_ARGMAX=0)
+  (( ${#SAFE[@]} )) ||
+    SAFE=(DALLE_FAST_SKINNY_LINEAR=0 DALLE_FAST_DECODE_APPEND=0 DALLE_FAST_GUMBEL_ARGMAX=0 DALLE_FAST_DECODE_FAST=0)
   echo "sampling failed: sampling_safe and profile_sampling run with ${SAFE[*]}" | tee -a "$OUT/summary.txt"
   step sampling_safe 150 env "${SAFE[@]}" "$PY" benchmarks/bench_sampling.py --device cuda --methods ours,dense_kv \
     --json "$OUT/sampling_safe.json"
