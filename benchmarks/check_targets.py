@@ -109,6 +109,9 @@ JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}
 def verdicts(path: Path) -> list[Verdict]:
     data = json.loads(path.read_text())
     judge = JUDGES.get(data.get("benchmark")) if isinstance(data, dict) else None
+    env = data.get("environment", {}) if judge else {}
+    if env.get("gpu") and not _on_h100(env):  # e.g. the device tool's H200 fallback
+        print(f"{path}: run on {env.get('device_name')}; the GPU targets are for an H100", file=sys.stderr)
     return list(judge(data)) if judge else []
 
 
