@@ -12,6 +12,7 @@ twice the formula's own error in the benchmark dtype plus a small floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
-from dalle_fast.ops import reference  # noqa: E402
+from dalle_fast.ops import _backend, reference  # noqa: E402
 from dalle_fast.ops.gumbel import cuda_one_read_kernel  # noqa: E402
 
 DEFAULTS = {"cpu": dict(shape=(8, 512, 32, 32), dtypes=("float32",), repeats=9, warmup=2),
@@ -85,7 +86,9 @@ def one_read_kernel_runs(x: torch.Tensor, tau: float) -> bool:
     with cuda_one_read_kernel("require"):
         try:
             torch.ops.dalle_fast.gumbel_softmax_fwd(x, tau, 1, False, False, None)
-        except RuntimeError:
+        except RuntimeError as exc:
+            if "DALLE_FAST_GUMBEL_RESIDENT=require" not in str(exc):
+                raise  # a kernel fault, not a refusal
             return False
     return True
 
@@ -93,6 +96,14 @@ def one_read_kernel_runs(x: torch.Tensor, tau: float) -> bool:
 # Ours on the two-sweep CUDA kernels, forward and backward: the same-run baseline of the one-read
 # cluster kernels (the environment switch is held over both timings of the method).
 TWO_SWEEP = "ours (two-sweep kernels)"
+
+
+def kernel_path(name: str):
+    """The one-read switch held over a method: off for TWO_SWEEP, on for the others; left alone
+    where the environment turned it off (DALLE_FAST_GUMBEL_RESIDENT=0: everything two-sweep)."""
+    if not _backend.switch_on("DALLE_FAST_GUMBEL_RESIDENT"):
+        return contextlib.nullcontext()
+    return cuda_one_read_kernel(name != TWO_SWEEP)
 
 
 def bench_dtype(args, dtype_name: str) -> dict:
@@ -103,13 +114,15 @@ def bench_dtype(args, dtype_name: str) -> dict:
     dy = torch.randn_like(x)
     ours = {"ours": lambda t: ops.gumbel_softmax(t, tau, dim=1)}
     one_read = None
-    if device == "cuda":
+    if device == "cuda" and not _backend.switch_on("DALLE_FAST_GUMBEL_RESIDENT"):
+        common.log(f"{dtype_name}: DALLE_FAST_GUMBEL_RESIDENT=0: ours runs the two-sweep kernels only")
+    elif device == "cuda":
         ours[TWO_SWEEP] = ours["ours"]
         one_read = one_read_kernel_runs(x, tau)
         common.log(f"{dtype_name}: ours {'takes' if one_read else 'does NOT take'} the one-read kernel at this shape")
     checks = {}
     for name in ours:
-        with cuda_one_read_kernel(name != TWO_SWEEP):
+        with kernel_path(name):
             acc = checks[name] = check_ours(x, tau)
         common.log(f"{dtype_name}: {name} vs the float64 formula on its own noise: max abs err "
                    f"{acc['max_abs_err']:.3g} (the formula in {dtype_name}: {acc['formula_max_abs_err']:.3g}; "
@@ -130,7 +143,7 @@ def bench_dtype(args, dtype_name: str) -> dict:
     with ops.backend(device):
         for name, fn in methods.items():
             try:
-                with cuda_one_read_kernel(name != TWO_SWEEP):
+                with kernel_path(name):
                     fwd = common.time_fn(lambda: fn(x), device, args.repeats, args.warmup)
 
                     def fwd_bwd():
