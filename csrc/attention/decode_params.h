@@ -47,21 +47,26 @@ struct DecodeParams {
   DF_HD const T* v_new_row(int64_t b, int64_t h) const {
     return static_cast<const T*>(v_new) + b * vn_sb + h * vn_sh;
   }
-  // Where key `key` (a cache row) of (b, h) is read: this step's k_new / v_new for row
-  // text_len + g when appending, else the cache.
+  // Whether this call writes this step's key and value to row text_len + g: appending, and g a
+  // position inside the cache (append() and the reads below agree on it).
+  DF_HD bool writes_row(int64_t g_value) const {
+    return k_new != nullptr && g_value >= 0 && text_len + g_value < seq;
+  }
+  // Where key `key` (a cache row) of (b, h) is read: this step's k_new / v_new for the row this
+  // call writes, else the cache.
   template <class T>
   DF_HD const T* k_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return k_new != nullptr && key == text_len + g_value ? k_new_row<T>(b, h) : k.row<const T>(b, h, key);
+    return key == text_len + g_value && writes_row(g_value) ? k_new_row<T>(b, h) : k.row<const T>(b, h, key);
   }
   template <class T>
   DF_HD const T* v_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return v_new != nullptr && key == text_len + g_value ? v_new_row<T>(b, h) : v.row<const T>(b, h, key);
+    return key == text_len + g_value && writes_row(g_value) ? v_new_row<T>(b, h) : v.row<const T>(b, h, key);
   }
   // Appending: (b, h)'s threads copy this step's key and value into the caches (thread `t` of
   // `threads` takes elements t, t + threads, ...); nothing for a position outside the cache.
   template <class T>
   DF_HD void append(int64_t b, int64_t h, int64_t g_value, int64_t t, int64_t threads) const {
-    if (k_new == nullptr || g_value < 0 || text_len + g_value >= seq) return;
+    if (!writes_row(g_value)) return;
     const T* kn = k_new_row<T>(b, h);
     const T* vn = v_new_row<T>(b, h);
     T* kc = k.row<T>(b, h, text_len + g_value);
