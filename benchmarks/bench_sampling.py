@@ -84,22 +84,10 @@ class DenseKV(IncrementalPrior):
                                                                 attn_mask=row)
 
 
-def sample_without_skinny_linear(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
-    """ours, with every linear layer of the step as F.linear and its layer norm, GELU and residual
-    add as separate kernels."""
-    with cuda_skinny_linear(False):
-        return sample_image_tokens(prior, text, config=config, generator=generator)
-
-
-def sample_with_index_copy(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
-    """ours, with each layer's cache write as index_copy_ kernels instead of inside the decode kernel."""
-    with fused_cache_write(False):
-        return sample_image_tokens(prior, text, config=config, generator=generator)
-
-
-def sample_with_generic_decode(prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
-    """ours, with each layer's attention in the general decode kernel instead of the fast one."""
-    with fast_kernel(False):
+def sample_switched(switch, prior: Prior, text: torch.Tensor, config: SamplingConfig, generator) -> torch.Tensor:
+    """ours with one kernel switched off: `switch` a context of ours (cuda_skinny_linear(False),
+    fused_cache_write(False), fast_kernel(False))."""
+    with switch:
         return sample_image_tokens(prior, text, config=config, generator=generator)
 
 
@@ -181,9 +169,9 @@ def main(argv=None) -> int:
     compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
-        "ours_cublas": lambda m, c, gen, n: sample_without_skinny_linear(m, text, c, gen),
-        "ours_index_copy": lambda m, c, gen, n: sample_with_index_copy(m, text, c, gen),
-        "ours_generic_decode": lambda m, c, gen, n: sample_with_generic_decode(m, text, c, gen),
+        "ours_cublas": lambda m, c, gen, n: sample_switched(cuda_skinny_linear(False), m, text, c, gen),
+        "ours_index_copy": lambda m, c, gen, n: sample_switched(fused_cache_write(False), m, text, c, gen),
+        "ours_generic_decode": lambda m, c, gen, n: sample_switched(fast_kernel(False), m, text, c, gen),
         "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
         "dense_kv": lambda m, c, gen, n: sample_dense_kv(m, text, c, gen, n),
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),

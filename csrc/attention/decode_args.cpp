@@ -71,12 +71,8 @@ DecodeCall prepare_decode_append(const at::Tensor& q, const at::Tensor& k_new, c
   c.k_new = k_new.stride(2) == 1 ? k_new : k_new.contiguous();
   c.v_new = v_new.stride(2) == 1 ? v_new : v_new.contiguous();
   DecodeParams& p = c.params;
-  p.k_new = c.k_new.data_ptr();
-  p.v_new = c.v_new.data_ptr();
-  p.kn_sb = c.k_new.stride(0);
-  p.kn_sh = c.k_new.stride(1);
-  p.vn_sb = c.v_new.stride(0);
-  p.vn_sh = c.v_new.stride(1);
+  p.k_new = {c.k_new.data_ptr(), c.k_new.stride(0), c.k_new.stride(1), 0};
+  p.v_new = {c.v_new.data_ptr(), c.v_new.stride(0), c.v_new.stride(1), 0};
   return c;
 }
 

@@ -16,11 +16,10 @@ struct DecodeParams {
   const int64_t* offsets = nullptr;  // [K]: image keys g - offsets[i] when >= 0
   const int64_t* g = nullptr;        // the query's image position (host or device memory, as the tensors)
   void* out = nullptr;               // [B, H, D], contiguous
-  // sparse_decode_append: this step's key and value [B, H, D] (last dim contiguous), which the
-  // kernel writes to row text_len + g of the caches and reads from here (null: the caches hold them).
-  const void* k_new = nullptr;
-  const void* v_new = nullptr;
-  int64_t kn_sb = 0, kn_sh = 0, vn_sb = 0, vn_sh = 0;  // element strides of B and H
+  // sparse_decode_append: this step's key and value [B, H, D] (last dim contiguous; as a BHND
+  // of one row, sn = 0), which the kernel writes to row text_len + g of the caches and reads
+  // from here (null ptr: the caches hold them).
+  BHND k_new, v_new;
 
   // Key j of the step's list: text keys 0..T-1, then image keys; -1 when not allowed (or outside
   // the cache, which only a position g outside the image can cause).
@@ -38,37 +37,28 @@ struct DecodeParams {
   DF_HD const T* q_row(int64_t b, int64_t h) const {
     return static_cast<const T*>(q) + b * q_sb + h * q_sh;
   }
-  // This step's key and value rows of (b, h) when appending.
-  template <class T>
-  DF_HD const T* k_new_row(int64_t b, int64_t h) const {
-    return static_cast<const T*>(k_new) + b * kn_sb + h * kn_sh;
-  }
-  template <class T>
-  DF_HD const T* v_new_row(int64_t b, int64_t h) const {
-    return static_cast<const T*>(v_new) + b * vn_sb + h * vn_sh;
-  }
   // Whether this call writes this step's key and value to row text_len + g: appending, and g a
   // position inside the cache (append() and the reads below agree on it).
   DF_HD bool writes_row(int64_t g_value) const {
-    return k_new != nullptr && g_value >= 0 && text_len + g_value < seq;
+    return k_new.ptr != nullptr && g_value >= 0 && text_len + g_value < seq;
   }
   // Where key `key` (a cache row) of (b, h) is read: this step's k_new / v_new for the row this
   // call writes, else the cache.
   template <class T>
   DF_HD const T* k_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return key == text_len + g_value && writes_row(g_value) ? k_new_row<T>(b, h) : k.row<const T>(b, h, key);
+    return key == text_len + g_value && writes_row(g_value) ? k_new.row<const T>(b, h, 0) : k.row<const T>(b, h, key);
   }
   template <class T>
   DF_HD const T* v_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return key == text_len + g_value && writes_row(g_value) ? v_new_row<T>(b, h) : v.row<const T>(b, h, key);
+    return key == text_len + g_value && writes_row(g_value) ? v_new.row<const T>(b, h, 0) : v.row<const T>(b, h, key);
   }
   // Appending: (b, h)'s threads copy this step's key and value into the caches (thread `t` of
   // `threads` takes elements t, t + threads, ...); nothing for a position outside the cache.
   template <class T>
   DF_HD void append(int64_t b, int64_t h, int64_t g_value, int64_t t, int64_t threads) const {
     if (!writes_row(g_value)) return;
-    const T* kn = k_new_row<T>(b, h);
-    const T* vn = v_new_row<T>(b, h);
+    const T* kn = k_new.row<const T>(b, h, 0);
+    const T* vn = v_new.row<const T>(b, h, 0);
     T* kc = k.row<T>(b, h, text_len + g_value);
     T* vc = v.row<T>(b, h, text_len + g_value);
 #pragma unroll 1

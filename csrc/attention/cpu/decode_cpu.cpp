@@ -51,41 +51,35 @@ void decode(const DecodeParams& p) {
   });
 }
 
+// Both ops after their argument checks: sparse_decode_append's params carry k_new / v_new,
+// which are copied into the caches first (then the caches hold this step).
+template <class T>
+void append_then_decode(const DecodeParams& p) {
+  if (p.writes_row(*p.g))
+    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) p.append<T>(bh / p.heads, bh % p.heads, *p.g, 0, 1);
+  if (p.batch * p.heads * p.dim > 0) decode<T>(p);
+}
+
+at::Tensor run(const DecodeCall& c, const char* op) {
+  TORCH_CHECK_TYPE(c.q.scalar_type() == at::kFloat || c.q.scalar_type() == at::kDouble, op,
+                   ": the CPU kernel supports float32 and float64, got ", c.q.scalar_type());
+  if (c.q.scalar_type() == at::kDouble)
+    append_then_decode<double>(c.params);
+  else
+    append_then_decode<float>(c.params);
+  return c.out;
+}
+
 at::Tensor sparse_decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
                          const at::Tensor& offsets, const at::Tensor& g, int64_t text_len, double scale) {
-  auto c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
-  TORCH_CHECK_TYPE(c.q.scalar_type() == at::kFloat || c.q.scalar_type() == at::kDouble,
-                   "sparse_decode: the CPU kernel supports float32 and float64, got ", c.q.scalar_type());
-  if (c.q.numel() > 0) {
-    if (c.q.scalar_type() == at::kDouble)
-      decode<double>(c.params);
-    else
-      decode<float>(c.params);
-  }
-  return c.out;
+  return run(prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale), "sparse_decode");
 }
 
 at::Tensor sparse_decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                 const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
                                 const at::Tensor& g, int64_t text_len, double scale) {
-  auto c = prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale);
-  TORCH_CHECK_TYPE(c.q.scalar_type() == at::kFloat || c.q.scalar_type() == at::kDouble,
-                   "sparse_decode_append: the CPU kernel supports float32 and float64, got ", c.q.scalar_type());
-  const DecodeParams& p = c.params;
-  const bool dbl = c.q.scalar_type() == at::kDouble;
-  for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {  // the caches first; then they hold this step
-    if (dbl)
-      p.append<double>(bh / p.heads, bh % p.heads, *p.g, 0, 1);
-    else
-      p.append<float>(bh / p.heads, bh % p.heads, *p.g, 0, 1);
-  }
-  if (c.q.numel() > 0) {
-    if (dbl)
-      decode<double>(p);
-    else
-      decode<float>(p);
-  }
-  return c.out;
+  return run(prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale),
+             "sparse_decode_append");
 }
 
 }  // namespace

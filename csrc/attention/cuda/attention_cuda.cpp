@@ -8,9 +8,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string>
 
+#include "../../env_switch.h"
 #include "../attention_args.h"
 #include "../decode_args.h"
 #include "attention_cuda.h"
@@ -39,10 +39,7 @@ DType cuda_dtype(const at::Tensor& q, const char* op) {
 // DALLE_FAST_FLASH=0 in the environment keeps every call on the one-warp-per-row kernels (to
 // compare the two paths or to bisect a problem); read once per process.
 bool flash_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("DALLE_FAST_FLASH");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = !env_is("DALLE_FAST_FLASH", "0");
   return enabled;
 }
 
@@ -99,17 +96,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   return {c.dq, c.dk, c.dv};
 }
 
+// Both decode ops after their argument checks: the one launcher (sparse_decode_append's params
+// carry k_new / v_new, which the kernels write first).
+at::Tensor launch_decode(const DecodeCall& c, const char* op) {
+  const DType dtype = cuda_dtype(c.q, op);
+  if (c.q.numel() > 0) {
+    const char* err = sparse_decode(c.params, dtype, c10::cuda::getCurrentCUDAStream(c.q.device().index()).stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  }
+  return c.out;
+}
+
 at::Tensor decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& offsets,
                   const at::Tensor& g, int64_t text_len, double scale) {
   check_cuda(q, "sparse_decode");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
-  const DType dtype = cuda_dtype(c.q, "sparse_decode");
-  if (c.q.numel() > 0) {
-    const char* err = sparse_decode(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
-    TORCH_CHECK(err == nullptr, "sparse_decode: CUDA kernel launch failed: ", err);
-  }
-  return c.out;
+  return launch_decode(prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale), "sparse_decode");
 }
 
 at::Tensor decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
@@ -117,13 +119,8 @@ at::Tensor decode_append(const at::Tensor& q, const at::Tensor& k_new, const at:
                          const at::Tensor& g, int64_t text_len, double scale) {
   check_cuda(q, "sparse_decode_append");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto c = prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale);
-  const DType dtype = cuda_dtype(c.q, "sparse_decode_append");
-  if (c.q.numel() > 0) {
-    const char* err = sparse_decode(c.params, dtype, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
-    TORCH_CHECK(err == nullptr, "sparse_decode_append: CUDA kernel launch failed: ", err);
-  }
-  return c.out;
+  return launch_decode(prepare_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale),
+                       "sparse_decode_append");
 }
 
 }  // namespace

@@ -25,10 +25,9 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "../../cuda_smem.h"
+#include "../../env_switch.h"
 #include "../gumbel_params.h"
 #include "gumbel_cuda.h"
 
@@ -225,10 +224,8 @@ __device__ __forceinline__ Part combine(Exchange<Part>& ex, const Part& part, co
 // the default: the one-read kernels where they can run.
 enum class Mode { Off, Auto, Require };
 inline Mode mode() {
-  const char* value = std::getenv("DALLE_FAST_GUMBEL_RESIDENT");
-  if (value == nullptr) return Mode::Auto;
-  if (std::strcmp(value, "0") == 0) return Mode::Off;
-  return std::strcmp(value, "require") == 0 ? Mode::Require : Mode::Auto;
+  if (env_is("DALLE_FAST_GUMBEL_RESIDENT", "0")) return Mode::Off;
+  return env_is("DALLE_FAST_GUMBEL_RESIDENT", "require") ? Mode::Require : Mode::Auto;
 }
 inline bool enabled() { return mode() != Mode::Off; }
 
@@ -263,8 +260,11 @@ inline void launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, in
 }
 
 // Clusters of `csize` blocks of Kernel (with `smem` dynamic shared memory, the same at every call)
-// the device keeps resident at once (0: none fits), asked once per (device, cluster size) and
-// kept; entries hold that count + 1, 0 for not asked. Sets the kernel's attributes on the way.
+// the device keeps resident at once, asked once per (device, cluster size) and kept; entries hold
+// that count + 1, 0 for not asked. 0 where the layout does not apply: a device before sm_90,
+// device code built for an older architecture (an sm_80 PTX that the driver compiled for this
+// device has empty kernel bodies), or clusters resident on fewer than 3/4 of the SMs (small
+// GPCs). Sets the kernel's attributes on the way.
 template <auto Kernel>
 int active_clusters(int device, int csize, size_t smem) {
   constexpr int kDevices = 64;
@@ -272,17 +272,22 @@ int active_clusters(int device, int csize, size_t smem) {
   if (device < 0 || device >= kDevices) return 0;
   const int known = cache[device][csize].load(std::memory_order_relaxed);
   if (known > 0) return known - 1;
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr;
-  launch_config(cfg, attr, csize, 1, smem, nullptr);
-  int n = 0;
-  cudaError_t e = cudaSuccess;
-  if (csize > 8) e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (e != cudaSuccess || allow_dynamic_smem<Kernel>(smem) != nullptr ||
-      cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it: the caller falls back to the two-sweep kernel
-    n = 0;
+  int n = 0, major = 0, sms = 0;
+  cudaFuncAttributes fattr;
+  bool failed = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+                cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess;
+  if (!failed && major >= 9) failed = cudaFuncGetAttributes(&fattr, Kernel) != cudaSuccess;
+  if (!failed && major >= 9 && fattr.ptxVersion >= 90) {
+    cudaLaunchConfig_t cfg;
+    cudaLaunchAttribute attr;
+    launch_config(cfg, attr, csize, 1, smem, nullptr);
+    failed = (csize > 8 && cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+                               cudaSuccess) ||
+             allow_dynamic_smem<Kernel>(smem) != nullptr ||
+             cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess;
+    if (failed || int64_t(n) * csize * 4 < int64_t(sms) * 3) n = 0;
   }
+  if (failed) (void)cudaGetLastError();  // clear it: the caller falls back to the two-sweep kernel
   cache[device][csize].store(n + 1, std::memory_order_relaxed);
   return n;
 }
@@ -295,34 +300,24 @@ struct Plan {
   size_t smem = 0;              // dynamic shared memory per block
 };
 
-// False where the layout does not apply: a device before sm_90, device code built for an older
-// architecture (an sm_80 PTX that the driver compiled for this device has empty kernel bodies),
-// or clusters resident on fewer than 3/4 of the SMs (small GPCs). Call after
+// False where the layout does not apply (active_clusters says where). Call after
 // fits(p, quads_per_thread).
 template <auto Kernel>
 bool plan(const GumbelParams& p, int quads_per_thread, size_t smem, Plan* out) {
-  int device = 0, major = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  if (major < 9) return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, Kernel) != cudaSuccess || attr.ptxVersion < 90) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
   const int64_t J = (p.vocab + 3) / 4, per_block = int64_t(kWarps) * quads_per_thread;
   const int64_t csize = (J + per_block - 1) / per_block;
-  if (csize > kMaxCluster) return false;
+  if (csize > kMaxCluster) return false;  // fits() rules it out; kept as the cache's bound
   Plan c;
   c.csize = static_cast<int>(csize);
   c.quads_per_block = (J + csize - 1) / csize;
   c.smem = smem;
   c.active = active_clusters<Kernel>(device, c.csize, smem);
-  if (c.active <= 0 || int64_t(c.active) * c.csize * 4 < int64_t(sms) * 3) return false;
+  if (c.active <= 0) return false;
   *out = c;
   return true;
 }
