@@ -202,10 +202,18 @@ def test_cuda_fast_kernel_over_several_key_groups(kind, D):
     k[:, :, T + g + 1:] = float("nan")
     v[:, :, T + g + 1:] = float("nan")
     offsets = key_offsets(kind, S, 3).cuda()
-    with ops.backend("cuda"):
-        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
+    out, names = decode_with_kernel_names(q, k, v, offsets, g_t, T)
+    assert "decode_fast_kernel" in names, names  # the loop over groups is the fast kernel's
     want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{kind} D={D}: {m}")
+
+
+def decode_with_kernel_names(*args):
+    """ops.sparse_decode(*args) on the CUDA backend, and the names of the kernels it ran (profiler)."""
+    with ops.backend("cuda"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = ops.sparse_decode(*args)
+        torch.cuda.synchronize()
+    return out, " ".join(event.name for event in prof.events())
 
 
 @requires_cuda
@@ -216,10 +224,8 @@ def test_cuda_fast_kernel_switch_picks_the_kernel(fast):
     T, S, g, D = 40, 6, 20, 64
     q, k, v, g_t = make_step(2, 3, T, S, D, g, torch.bfloat16, device="cuda", seed=5)
     offsets = key_offsets("conv", S, 3).cuda()
-    with ops.backend("cuda"), ops.decode.fast_kernel(fast), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = ops.sparse_decode(q, k, v, offsets, g_t, T)
-        torch.cuda.synchronize()
-    names = " ".join(event.name for event in prof.events())
+    with ops.decode.fast_kernel(fast):
+        out, names = decode_with_kernel_names(q, k, v, offsets, g_t, T)
     assert ("decode_fast_kernel" in names) == fast and ("decode_kernel<" in names) == (not fast), names
     want = reference.sparse_decode(q.float(), k.float(), v.float(), offsets, g_t, T, 1 / math.sqrt(D))
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from dalle_fast import ops
 from dalle_fast.ops import linear, reference
+from dalle_fast.prior import Prior, PriorConfig
 from tests.conftest import requires_cuda, requires_kernels
 
 pytestmark = requires_kernels
@@ -44,12 +45,18 @@ def make_norm(k, dtype, device, seed):
 
 
 def test_reference_is_the_prior_blocks_arithmetic():
-    gen = torch.Generator().manual_seed(0)
-    x, res = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 8, generator=gen)
-    fc = torch.nn.Linear(16, 8)
-    torch.testing.assert_close(reference.linear(x, fc.weight, fc.bias, res, "gelu"), res + F.gelu(fc(x)), rtol=0, atol=0)
-    torch.testing.assert_close(reference.linear(x, fc.weight), F.linear(x, fc.weight), rtol=0, atol=0)
-    torch.testing.assert_close(reference.linear(x, fc.weight, fc.bias, res), res + fc(x), rtol=0, atol=0)
+    # The sampler's step replaces a Block's proj and MLP by skinny_linear, whose reference must
+    # give the Block's own numbers bit for bit.
+    torch.manual_seed(0)
+    block = Prior(PriorConfig.preset("tiny")).blocks[0]
+    attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
+    x, out = torch.randn(3, 2, fc1.in_features), torch.randn(3, attn.cfg.heads, 2, attn.cfg.head_dim)
+    h = reference.linear(block.ln_2(x), fc1.weight, fc1.bias, activation="gelu")
+    torch.testing.assert_close(reference.linear(h, fc2.weight, fc2.bias, residual=x), x + block.mlp(block.ln_2(x)),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(reference.linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x),
+                               x + attn.merge_heads(out), rtol=0, atol=0)
+    torch.testing.assert_close(reference.linear(x, fc1.weight), F.linear(x, fc1.weight), rtol=0, atol=0)
 
 
 @given(m=st.integers(1, 70), k=st.sampled_from([8, 32, 96]), n=st.sampled_from([1, 8, 24]),
