@@ -1,0 +1,71 @@
+"""Builds the CPU emulation of the CUDA kernels: emu_checks, the checks of checks.cpp.
+
+    python tests/cuda_emu/build.py OUT_DIR [--no-sanitize]
+
+translate.py rewrites csrc into OUT_DIR/csrc; the kernels' .cu files are compiled as host C++
+against the stand-in CUDA headers of include/, with AddressSanitizer and UBSan (out-of-bounds
+global and shared memory, misaligned vector accesses) unless --no-sanitize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+KERNELS = [  # the .cu files the checks run
+    "gumbel/cuda/gumbel_fwd.cu",
+    "gumbel/cuda/gumbel_bwd.cu",
+    "gumbel/cuda/gumbel_fwd_resident.cu",
+    "gumbel/cuda/gumbel_bwd_resident.cu",
+    "attention/cuda/decode.cu",
+    "linear/cuda/skinny_linear.cu",
+]
+CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear"]
+
+
+def build(out: Path, sanitize: bool = True, cxx: str = "g++", patch=None) -> Path:
+    """Translates and compiles; returns the path of emu_checks. Raises CalledProcessError.
+
+    patch: called with the translated tree (OUT/csrc) before compiling, to break a kernel on
+    purpose (a test that the checks can fail).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(HERE / "translate.py"), str(REPO / "csrc"), str(out / "csrc")], check=True)
+    if patch is not None:
+        patch(out / "csrc")
+    flags = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", f"-I{HERE / 'include'}"]
+    if sanitize:
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    device = ["-x", "c++", "-D__CUDACC__", "-D__CUDA_ARCH__=900", "-include", "emu_device.h"]
+    jobs = [(out / "csrc" / cu, device, out / (Path(cu).stem + ".o")) for cu in KERNELS]
+    jobs.append((HERE / "emu_runtime.cpp", [], out / "emu_runtime.o"))
+    jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}"], out / "checks.o"))
+
+    def compile_one(job):
+        src, extra, obj = job
+        subprocess.run([cxx, *flags, *extra, "-c", str(src), "-o", str(obj)], check=True)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objs = list(pool.map(compile_one, jobs))
+    exe = out / "emu_checks"
+    subprocess.run([cxx, *flags, *map(str, objs), "-o", str(exe)], check=True)
+    return exe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--no-sanitize", action="store_true")
+    args = parser.parse_args()
+    print(build(args.out, sanitize=not args.no_sanitize))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+// Checks of the CUDA kernels run on the CPU emulation (include/emu_device.h), each against a
+// scalar reference written here from the ops' definitions (double precision, noise from the host
+// path of philox.h):
+//   gumbel_fwd      the one-read cluster forward (soft, with and without KL) and the two-sweep one
+//   gumbel_bwd      the one-read cluster backward and the two-sweep one
+//   gumbel_argmax   the Gumbel-max draw (index of the first max of x * scale + g)
+//   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
+//                   general one, with and without appending this step's key and value
+//   skinny_linear   out = act(ln(x) w^T + bias) + residual on the tensor-core path
+// Usage: emu_checks NAME. Prints one line per case and exits 1 if any case fails.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+#include "cuda_runtime.h"
+
+// The reference's noise: philox.h compiled for the host (its own namespace, so that it cannot be
+// merged with the emulated device copy).
+namespace ref {
+#include "philox.h"
+}
+
+#include "attention/cuda/attention_cuda.h"
+#include "gumbel/cuda/gumbel_cuda.h"
+#include "linear/cuda/linear_cuda.h"
+
+namespace {
+
+using namespace dalle_fast;
+using dalle_fast::cuda::DType;
+using dalle_fast::cuda::GumbelDType;
+
+int g_failures = 0;
+
+float to_f(float x) { return x; }
+float to_f(__half x) { return __half2float(x); }
+float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
+T from_f(float x);
+template <>
+float from_f<float>(float x) {
+  return x;
+}
+template <>
+__half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <class T>
+const char* type_name() {
+  return std::is_same_v<T, float> ? "f32" : std::is_same_v<T, __half> ? "f16" : "bf16";
+}
+template <class T>
+double tolerance() {  // relative, about 4 units in the last place of T
+  return std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, __half> ? 4e-3 : 2e-2;
+}
+template <class T>
+GumbelDType gumbel_dtype() {
+  return std::is_same_v<T, float> ? GumbelDType::Float32 : std::is_same_v<T, __half> ? GumbelDType::Float16
+                                                                                      : GumbelDType::BFloat16;
+}
+template <class T>
+DType attn_dtype() {
+  return std::is_same_v<T, float> ? DType::Float32 : std::is_same_v<T, __half> ? DType::Float16 : DType::BFloat16;
+}
+
+// A 64-byte aligned buffer of exactly `count` elements (the kernels' vector loads need 16; under
+// AddressSanitizer an access past the end shows), filled with NaN so that an element a kernel
+// should have written and did not shows.
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Buf(size_t count) : n(count) {
+    void* mem = nullptr;
+    if (posix_memalign(&mem, 64, count * sizeof(T) + (count == 0)) != 0) std::abort();
+    p = static_cast<T*>(mem);
+    for (size_t i = 0; i < n; ++i) p[i] = from_f<T>(std::numeric_limits<float>::quiet_NaN());
+  }
+  Buf(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  T& operator[](size_t i) { return p[i]; }
+};
+
+// |got - want| <= tol * (|want| + scale) for every element; prints the case's verdict.
+struct Compare {
+  std::string name;
+  double tol, scale, worst = 0;
+  size_t bad = 0, count = 0, first_bad = 0;
+  double got_bad = 0, want_bad = 0;
+  void operator()(double got, double want, size_t at) {
+    ++count;
+    const double err = std::isnan(want) ? (std::isnan(got) ? 0 : INFINITY) : std::fabs(got - want);
+    const double rel = err / (std::fabs(want) + scale);
+    if (!(rel <= tol)) {
+      if (bad++ == 0) first_bad = at, got_bad = got, want_bad = want;
+    }
+    if (rel > worst || std::isnan(rel)) worst = std::isnan(rel) ? INFINITY : rel;
+  }
+  void report() {
+    const bool ok = bad == 0 && count > 0;
+    std::printf("%s %s: %zu values, worst relative error %.3g (tolerance %.3g)", ok ? "PASS" : "FAIL", name.c_str(),
+                count, worst, tol);
+    if (bad > 0) std::printf("; %zu bad, first at %zu: got %.9g, want %.9g", bad, first_bad, got_bad, want_bad);
+    std::printf("\n");
+    if (!ok) ++g_failures;
+  }
+};
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
+  if (!ok) ++g_failures;
+}
+
+void set_env(const char* name, const char* value) {
+  if (value == nullptr) {
+    unsetenv(name);
+  } else {
+    setenv(name, value, 1);
+  }
+}
+
+// ---- Gumbel-softmax -------------------------------------------------------------------------
+constexpr uint64_t kSeed = 0x1234abcd5678ull, kOffset = 24;
+
+float noise(int64_t pos, int64_t v) {
+  const ref::dalle_fast::philox::U32x4 r =
+      ref::dalle_fast::philox::gumbel_bits(kSeed, kOffset, uint64_t(pos), uint64_t(v / 4));
+  const uint32_t bits[4] = {r.x, r.y, r.z, r.w};
+  return ref::dalle_fast::philox::gumbel_from_bits(bits[v % 4]);
+}
+
+struct Shape {
+  int64_t outer, vocab, inner;
+  int64_t positions() const { return outer * inner; }
+  size_t size() const { return size_t(outer * vocab * inner); }
+  size_t at(int64_t pos, int64_t v) const { return size_t((pos / inner) * vocab * inner + v * inner + pos % inner); }
+  std::string str() const {
+    return "(" + std::to_string(outer) + ", " + std::to_string(vocab) + ", " + std::to_string(inner) + ")";
+  }
+};
+
+template <class T>
+void fill_logits(Buf<T>& x, const Shape& s, std::mt19937& rng, bool with_inf) {
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::uniform_int_distribution<int> pick(0, 49);
+  for (int64_t pos = 0; pos < s.positions(); ++pos)
+    for (int64_t v = 0; v < s.vocab; ++v)
+      x[s.at(pos, v)] = from_f<T>(with_inf && v > 0 && pick(rng) == 0 ? -INFINITY : normal(rng));
+}
+
+// y = softmax((x + g) / tau) and KL(softmax(x) || uniform) of one position, in double.
+void gumbel_reference(const std::vector<float>& x, int64_t pos, float tau, std::vector<double>& y, double& kl) {
+  const int64_t V = int64_t(x.size());
+  const float inv_tau = 1.0f / tau;
+  std::vector<double> z(V);
+  double m = -INFINITY, mx = -INFINITY;
+  for (int64_t v = 0; v < V; ++v) {
+    z[v] = double((x[v] + noise(pos, v)) * inv_tau);
+    m = std::max(m, z[v]);
+    mx = std::max(mx, double(x[v]));
+  }
+  double s = 0, sx = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    s += std::exp(z[v] - m);
+    sx += std::exp(double(x[v]) - mx);
+  }
+  y.resize(V);
+  kl = std::log(double(V));
+  for (int64_t v = 0; v < V; ++v) {
+    y[v] = std::exp(z[v] - m) / s;
+    const double logp = double(x[v]) - mx - std::log(sx);
+    if (std::isfinite(logp)) kl += std::exp(logp) * logp;
+  }
+}
+
+GumbelParams gumbel_params(const Shape& s, float tau) {
+  GumbelParams p;
+  p.outer = s.outer;
+  p.vocab = s.vocab;
+  p.inner = s.inner;
+  p.tau = tau;
+  p.rng.seed = kSeed;
+  p.rng.offset = kOffset;
+  return p;
+}
+
+template <class T>
+void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng) {
+  const float tau = 0.7f;
+  Buf<T> x(s.size()), y(s.size()), kl(size_t(s.positions()));
+  int64_t state[2] = {-1, -1};
+  fill_logits(x, s, rng, true);
+  GumbelParams p = gumbel_params(s, tau);
+  p.with_kl = with_kl;
+  p.logits = x.p;
+  p.y = y.p;
+  p.kl = with_kl ? kl.p : nullptr;
+  p.rng_state = state;
+  const std::string name = std::string("gumbel_fwd ") + (resident ? "one-read " : "two-sweep ") + type_name<T>() +
+                           " " + s.str() + (with_kl ? " kl" : "");
+  const char* err = nullptr;
+  if (resident) {
+    set_env("DALLE_FAST_GUMBEL_RESIDENT", "require");
+    const bool took = dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, &err);
+    expect(took && err == nullptr, name + ": the one-read kernel ran" + (err ? std::string(" (") + err + ")" : ""));
+  } else {
+    set_env("DALLE_FAST_GUMBEL_RESIDENT", "0");
+    err = dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr);
+    expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  }
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
+  Compare cy{name + " y", tolerance<T>(), 1e-6}, ck{name + " kl", tolerance<T>() * 10, 1e-3};
+  std::vector<float> xs(s.vocab);
+  std::vector<double> yr;
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    for (int64_t v = 0; v < s.vocab; ++v) xs[v] = to_f(x[s.at(pos, v)]);
+    double klr = 0;
+    gumbel_reference(xs, pos, tau, yr, klr);
+    for (int64_t v = 0; v < s.vocab; ++v) cy(to_f(y[s.at(pos, v)]), to_f(from_f<T>(float(yr[v]))), s.at(pos, v));
+    if (with_kl) ck(to_f(kl[size_t(pos)]), klr, size_t(pos));
+  }
+  cy.report();
+  if (with_kl) ck.report();
+}
+
+template <class T>
+void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng) {
+  const float tau = 0.7f;
+  Buf<T> x(s.size()), y(s.size()), dy(s.size()), dx(s.size()), gkl(size_t(s.positions()));
+  int64_t state[2] = {int64_t(kSeed), int64_t(kOffset)};
+  fill_logits(x, s, rng, true);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> xs(s.vocab);
+  std::vector<double> yr;
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {  // the saved soft sample: the reference's, rounded
+    for (int64_t v = 0; v < s.vocab; ++v) xs[v] = to_f(x[s.at(pos, v)]);
+    double klr;
+    gumbel_reference(xs, pos, tau, yr, klr);
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      y[s.at(pos, v)] = from_f<T>(float(yr[v]));
+      dy[s.at(pos, v)] = from_f<T>(normal(rng));
+    }
+    gkl[size_t(pos)] = from_f<T>(normal(rng));
+  }
+  GumbelParams p = gumbel_params(s, tau);
+  p.logits = x.p;
+  p.y_soft = y.p;
+  p.grad_y = dy.p;
+  p.grad_kl = with_kl ? gkl.p : nullptr;
+  p.rng_in = state;
+  p.grad_logits = dx.p;
+  const std::string name = std::string("gumbel_bwd ") + (resident ? "one-read " : "two-sweep ") + type_name<T>() +
+                           " " + s.str() + (with_kl ? " kl" : "");
+  const char* err = nullptr;
+  if (resident) {
+    set_env("DALLE_FAST_GUMBEL_RESIDENT", "require");
+    const bool took = dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, &err);
+    expect(took && err == nullptr, name + ": the one-read kernel ran" + (err ? std::string(" (") + err + ")" : ""));
+  } else {
+    set_env("DALLE_FAST_GUMBEL_RESIDENT", "0");
+    err = dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr);
+    expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  }
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  // grad_v = y_v (dy_v - sum y dy) / tau + gkl p_v (log p_v - sum p log p); the scale of a
+  // position's errors is its largest term.
+  Compare c{name + " grad", tolerance<T>() * 4, 0};
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    double sum = 0, mx = -INFINITY, sx = 0, plogp = 0, big = 0;
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      sum += double(to_f(y[s.at(pos, v)])) * to_f(dy[s.at(pos, v)]);
+      mx = std::max(mx, double(to_f(x[s.at(pos, v)])));
+    }
+    for (int64_t v = 0; v < s.vocab; ++v) sx += std::exp(double(to_f(x[s.at(pos, v)])) - mx);
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      const double logp = double(to_f(x[s.at(pos, v)])) - mx - std::log(sx);
+      if (std::isfinite(logp)) plogp += std::exp(logp) * logp;
+    }
+    std::vector<double> want(s.vocab);
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      const double yv = to_f(y[s.at(pos, v)]), dyv = to_f(dy[s.at(pos, v)]);
+      double g = yv * (dyv - sum) / tau;
+      if (with_kl) {
+        const double logp = double(to_f(x[s.at(pos, v)])) - mx - std::log(sx);
+        if (std::isfinite(logp)) g += to_f(gkl[size_t(pos)]) * std::exp(logp) * (logp - plogp);
+      }
+      want[v] = g;
+      big = std::max(big, std::fabs(g));
+    }
+    c.scale = big + 1e-12;
+    for (int64_t v = 0; v < s.vocab; ++v) c(to_f(dx[s.at(pos, v)]), want[v], s.at(pos, v));
+  }
+  c.report();
+}
+
+template <class T>
+void gumbel_argmax_case(const Shape& s, std::mt19937& rng) {
+  const float scale = 1.3f;
+  Buf<T> x(s.size());
+  std::vector<int64_t> index(size_t(s.positions()), -7);
+  int64_t state[2] = {-1, -1};
+  fill_logits(x, s, rng, true);
+  GumbelParams p = gumbel_params(s, 1.0f);
+  p.hard = true;
+  p.scale = scale;
+  p.index = index.data();
+  p.logits = x.p;
+  p.rng_state = state;
+  const std::string name = std::string("gumbel_argmax ") + type_name<T>() + " " + s.str();
+  const char* err = dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr);
+  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  size_t wrong = 0;
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    int64_t best = -1;
+    float top = -INFINITY;
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      const float z = std::fma(to_f(x[s.at(pos, v)]), scale, noise(pos, v));
+      if (z > top) top = z, best = v;
+    }
+    wrong += index[size_t(pos)] != best;
+  }
+  expect(wrong == 0, name + ": " + std::to_string(wrong) + " of " + std::to_string(s.positions()) +
+                         " indices differ from the first max of x * scale + g");
+}
+
+void gumbel_fwd() {
+  std::mt19937 rng(1);
+  // Clusters of 8 whole blocks over 2.5 tiles; 5 partial blocks; one block; 16 blocks (non-portable).
+  const Shape shapes[] = {{2, 8192, 40}, {1, 5000, 33}, {3, 100, 7}, {1, 16384, 5}};
+  for (const Shape& s : shapes) {
+    for (bool kl : {false, true}) {
+      if (kl && s.vocab > 8192) continue;
+      gumbel_forward_case<float>(s, kl, true, rng);
+    }
+  }
+  gumbel_forward_case<__half>(shapes[0], true, true, rng);
+  gumbel_forward_case<__nv_bfloat16>(shapes[1], false, true, rng);
+  gumbel_forward_case<float>(shapes[1], true, false, rng);
+  gumbel_forward_case<__nv_bfloat16>({5, 300, 1}, true, false, rng);
+}
+
+void gumbel_bwd() {
+  std::mt19937 rng(2);
+  const Shape shapes[] = {{2, 8192, 40}, {1, 5000, 33}, {3, 100, 7}};
+  for (const Shape& s : shapes)
+    for (bool kl : {false, true}) gumbel_backward_case<float>(s, kl, true, rng);
+  gumbel_backward_case<__half>(shapes[1], true, true, rng);
+  gumbel_backward_case<__nv_bfloat16>(shapes[0], false, true, rng);
+  gumbel_backward_case<float>(shapes[1], true, false, rng);
+}
+
+void gumbel_argmax() {
+  std::mt19937 rng(3);
+  gumbel_argmax_case<float>({16, 8192, 1}, rng);
+  gumbel_argmax_case<__half>({3, 1000, 1}, rng);
+  gumbel_argmax_case<__nv_bfloat16>({2, 513, 3}, rng);
+}
+
+// ---- Decode ---------------------------------------------------------------------------------
+struct DecodeShape {
+  int64_t batch, heads, text, image, dim;
+  std::vector<int64_t> offsets;
+  int64_t g;
+  int64_t q_rows = 1;  // q is row 0 of q_rows rows per batch (a view of a qkv projection: 3)
+};
+
+template <class T>
+void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng) {
+  const int64_t B = s.batch, H = s.heads, N = s.text + s.image, D = s.dim, K = int64_t(s.offsets.size());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t q_sb = s.q_rows * H * D;
+  Buf<T> q(size_t(B * q_sb)), k(size_t(B * H * N * D)), v(size_t(B * H * N * D)), kn(size_t(B * H * D)),
+      vn(size_t(B * H * D)), out(size_t(B * H * D));
+  for (size_t i = 0; i < q.n; ++i) q[i] = from_f<T>(normal(rng));
+  for (size_t i = 0; i < k.n; ++i) k[i] = from_f<T>(normal(rng)), v[i] = from_f<T>(normal(rng));
+  for (size_t i = 0; i < kn.n; ++i) kn[i] = from_f<T>(normal(rng)), vn[i] = from_f<T>(normal(rng));
+  const int64_t row = s.text + s.g;  // this step's row
+  if (!append) {  // the caches hold this step's row already
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t d = 0; d < D; ++d) k[size_t((bh * N + row) * D + d)] = kn[size_t(bh * D + d)],
+                                      v[size_t((bh * N + row) * D + d)] = vn[size_t(bh * D + d)];
+  } else {  // and with appending they hold garbage there, which must be overwritten
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t d = 0; d < D; ++d) k[size_t((bh * N + row) * D + d)] = from_f<T>(1e4f),
+                                      v[size_t((bh * N + row) * D + d)] = from_f<T>(-1e4f);
+  }
+  int64_t g = s.g;
+  DecodeParams p;
+  p.batch = B;
+  p.heads = H;
+  p.seq = N;
+  p.dim = D;
+  p.text_len = s.text;
+  p.num_offsets = K;
+  p.scale = 1.0 / std::sqrt(double(D));
+  p.q = q.p;
+  p.q_sb = q_sb;
+  p.q_sh = D;
+  p.k = {k.p, H * N * D, N * D, D};
+  p.v = {v.p, H * N * D, N * D, D};
+  p.offsets = s.offsets.data();
+  p.g = &g;
+  p.out = out.p;
+  if (append) {
+    p.k_new = {kn.p, H * D, D, 0};
+    p.v_new = {vn.p, H * D, D, 0};
+  }
+  const std::string name = std::string("decode ") + (fast ? "fast " : "general ") + type_name<T>() + " D=" +
+                           std::to_string(D) + " keys=" + std::to_string(s.text + K) + (append ? " append" : "");
+  set_env("DALLE_FAST_DECODE_FAST", fast ? nullptr : "0");
+  const char* err = dalle_fast::cuda::sparse_decode(p, attn_dtype<T>(), nullptr);
+  const void* kernel = emu::last_kernel();
+  set_env("DALLE_FAST_DECODE_FAST", nullptr);
+  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  Compare c{name + " out", tolerance<T>() * 2, 0.05};
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const T* qr = q.p + (bh / H) * q_sb + (bh % H) * D;
+    std::vector<double> w;
+    std::vector<const T*> vr;
+    double top = -INFINITY;
+    for (int64_t j = 0; j < s.text + K; ++j) {
+      int64_t key = j;
+      if (j >= s.text) {
+        const int64_t src = g - s.offsets[size_t(j - s.text)];
+        if (src < 0 || s.text + src >= N) continue;
+        key = s.text + src;
+      }
+      const bool fresh = key == row;
+      const T* kr = fresh ? kn.p + bh * D : k.p + (bh * N + key) * D;
+      double dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += double(to_f(qr[d])) * to_f(kr[d]);
+      w.push_back(dot * p.scale);
+      vr.push_back(fresh ? vn.p + bh * D : v.p + (bh * N + key) * D);
+      top = std::max(top, w.back());
+    }
+    double sum = 0;
+    for (double& x : w) sum += (x = std::exp(x - top));
+    for (int64_t d = 0; d < D; ++d) {
+      double acc = 0;
+      for (size_t i = 0; i < w.size(); ++i) acc += w[i] * to_f(vr[i][d]);
+      c(to_f(out[size_t(bh * D + d)]), acc / sum, size_t(bh * D + d));
+    }
+  }
+  c.report();
+  if (append) {
+    size_t wrong = 0;
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t d = 0; d < D; ++d)
+        wrong += std::memcmp(&k[size_t((bh * N + row) * D + d)], &kn[size_t(bh * D + d)], sizeof(T)) != 0 ||
+                 std::memcmp(&v[size_t((bh * N + row) * D + d)], &vn[size_t(bh * D + d)], sizeof(T)) != 0;
+    expect(wrong == 0, name + ": this step's key and value appended to the caches");
+  }
+  static const void* general_kernel[3] = {};
+  const int t = std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2;
+  if (!fast) general_kernel[t] = kernel;
+  if (fast && sizeof(T) == 2 && general_kernel[t] != nullptr)
+    expect(kernel != general_kernel[t], name + ": a kernel other than the general one ran");
+}
+
+void decode() {
+  std::mt19937 rng(4);
+  // A conv-like list of offsets (0 is the query itself) and a row-like one reaching far back.
+  std::vector<int64_t> conv, far;
+  for (int64_t dy = 0; dy < 3; ++dy)
+    for (int64_t dx = -2; dx <= 2; ++dx)
+      if (dy > 0 || dx <= 0) conv.push_back(dy * 32 - dx);
+  for (int64_t o = 0; o < 1100; o += 3) far.push_back(o);
+  const DecodeShape shapes[] = {
+      {2, 3, 64, 1024, 64, conv, 200},   // few keys
+      {1, 2, 16, 1024, 32, far, 1000},   // more than one key group of HD 32 (1024 keys)
+      {2, 2, 300, 256, 128, conv, 40},   // groups of 256 keys at HD 128
+      {1, 1, 8, 64, 64, conv, 0},        // g = 0: offsets before the image start
+      {3, 2, 32, 256, 64, conv, 255, 3}, // q a view of a qkv projection; the last position
+  };
+  for (const DecodeShape& s : shapes) {
+    for (bool append : {false, true}) {
+      decode_case<__half>(s, append, false, rng);
+      decode_case<__half>(s, append, true, rng);
+    }
+    decode_case<__nv_bfloat16>(s, true, false, rng);
+    decode_case<__nv_bfloat16>(s, true, true, rng);
+  }
+  decode_case<float>({2, 2, 20, 100, 48, conv, 50}, true, false, rng);
+}
+
+// ---- skinny_linear --------------------------------------------------------------------------
+template <class T>
+void linear_case(int64_t m, int64_t n, int64_t k, bool ln, bool bias, bool gelu, bool residual, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t xs = k + 8;  // a row stride other than k
+  Buf<T> x{size_t(m * xs)}, w{size_t(n * k)}, b{size_t(n)}, r{size_t(m * n)}, out{size_t(m * n)}, gam{size_t(k)},
+      bet{size_t(k)};
+  for (size_t i = 0; i < x.n; ++i) x[i] = from_f<T>(normal(rng) + 0.5f);
+  for (size_t i = 0; i < w.n; ++i) w[i] = from_f<T>(normal(rng) / std::sqrt(float(k)));
+  for (size_t i = 0; i < b.n; ++i) b[i] = from_f<T>(normal(rng));
+  for (size_t i = 0; i < r.n; ++i) r[i] = from_f<T>(normal(rng));
+  for (size_t i = 0; i < gam.n; ++i) gam[i] = from_f<T>(1.0f + 0.2f * normal(rng)), bet[i] = from_f<T>(0.1f * normal(rng));
+  LinearParams p;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.x = x.p;
+  p.x_stride = xs;
+  p.w = w.p;
+  p.bias = bias ? b.p : nullptr;
+  p.residual = residual ? r.p : nullptr;
+  p.res_stride = n;
+  p.out = out.p;
+  p.activation = gelu ? Activation::Gelu : Activation::None;
+  if (ln) p.ln_weight = gam.p, p.ln_bias = bet.p;
+  const std::string name = std::string("skinny_linear ") + type_name<T>() + " m=" + std::to_string(m) +
+                           " n=" + std::to_string(n) + " k=" + std::to_string(k) + (ln ? " ln" : "") +
+                           (bias ? " bias" : "") + (gelu ? " gelu" : "") + (residual ? " residual" : "");
+  const char* err = dalle_fast::cuda::skinny_linear(p, attn_dtype<T>(), nullptr);
+  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  Compare c{name, tolerance<T>() * 2, 0.1};
+  std::vector<double> xr(k);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) xr[j] = to_f(x[size_t(i * xs + j)]);
+    if (ln) {  // nn.LayerNorm, its output rounded to T as the layer would store it
+      double mean = 0, var = 0;
+      for (double v : xr) mean += v;
+      mean /= double(k);
+      for (double v : xr) var += (v - mean) * (v - mean);
+      var /= double(k);
+      for (int64_t j = 0; j < k; ++j)
+        xr[j] = to_f(from_f<T>(float((xr[j] - mean) / std::sqrt(var + 1e-5) * to_f(gam[size_t(j)]) +
+                                     to_f(bet[size_t(j)]))));
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      double acc = 0;
+      for (int64_t j = 0; j < k; ++j) acc += xr[j] * to_f(w[size_t(o * k + j)]);
+      if (bias) acc += to_f(b[size_t(o)]);
+      if (gelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
+      if (residual) acc += to_f(r[size_t(i * n + o)]);
+      c(to_f(out[size_t(i * n + o)]), acc, size_t(i * n + o));
+    }
+  }
+  c.report();
+}
+
+void skinny_linear() {
+  std::mt19937 rng(5);
+  linear_case<__half>(1, 16, 64, false, false, false, false, rng);
+  linear_case<__half>(5, 24, 96, true, true, true, false, rng);
+  linear_case<__nv_bfloat16>(16, 8, 512, true, true, false, true, rng);
+  linear_case<__nv_bfloat16>(33, 16, 256, false, true, true, true, rng);
+  linear_case<__half>(64, 16, 1024, true, false, false, true, rng);
+  linear_case<__nv_bfloat16>(17, 32, 32, true, true, true, true, rng);
+  linear_case<__half>(16, 1536, 512, true, true, false, false, rng);  // a sampling step's qkv projection
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::pair<std::string, std::function<void()>>> checks = {
+      {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
+      {"decode", decode},         {"skinny_linear", skinny_linear},
+  };
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);
+    for (const auto& c : checks) std::fprintf(stderr, " %s", c.first.c_str());
+    std::fprintf(stderr, ")\n");
+    return 2;
+  }
+  for (const auto& [name, run] : checks) {
+    if (name != argv[1]) continue;
+    run();
+    std::printf("%s: %d failure(s)\n", name.c_str(), g_failures);
+    return g_failures == 0 ? 0 : 1;
+  }
+  std::fprintf(stderr, "unknown check %s\n", argv[1]);
+  return 2;
+}

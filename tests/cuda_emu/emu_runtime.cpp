@@ -1,0 +1,495 @@
+// The scheduler of the CPU emulation (see include/emu_device.h): every CUDA thread of a launch is a
+// ucontext fiber on one OS thread; a cluster's blocks (one block without clusters) run together,
+// clusters one after another. A fiber runs until it reaches a collective, where it waits, yielding,
+// until its group (warp, block or cluster) has arrived; a full pass over the fibers in which no
+// fiber arrives anywhere or exits is a deadlock and is reported with the places they wait at.
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+#include "cuda_runtime.h"
+
+namespace emu {
+namespace {
+
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kMaxSharedPerBlock = 232448;  // sm_90: 227 KiB, static and dynamic together
+constexpr size_t kDefaultShared = 48 * 1024;    // without cudaFuncAttributeMaxDynamicSharedMemorySize
+constexpr size_t kSlot = 64;                    // bytes a lane can put into one warp exchange
+
+struct Barrier {
+  int arrived = 0;
+  uint64_t gen = 0;
+  const char* site = nullptr;
+};
+
+struct Var {
+  const void* key;
+  unsigned char* ptr;
+  size_t bytes;
+};
+
+struct Warp {
+  int live = 0;
+  Barrier bar;
+  alignas(16) unsigned char slot[32][kSlot];
+};
+
+struct Block {
+  uint3 idx{};
+  unsigned rank = 0;
+  int live = 0;
+  Barrier bar;
+  std::vector<Warp> warps;
+  std::vector<Var> vars;  // static __shared__ variables, in order of first use
+  size_t static_bytes = 0;
+  unsigned char* dyn = nullptr;  // dynamic shared memory
+  Block() = default;
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() {
+    for (Var& v : vars) std::free(v.ptr);
+    std::free(dyn);
+  }
+};
+
+struct Thread {
+  ucontext_t ctx;
+  uint3 tid{};
+  Block* block = nullptr;
+  Warp* warp = nullptr;
+  int lane = 0;
+  bool done = false;
+  const char* waiting = nullptr;
+};
+
+struct KernelInfo {
+  size_t max_dynamic = 0;  // set by cudaFuncSetAttribute; 0: the default
+  bool non_portable = false;
+  size_t static_bytes = 0;  // seen in earlier launches
+};
+
+struct Run {
+  dim3 grid, block;
+  size_t smem = 0;
+  unsigned csize = 1;
+  const void* kernel = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::vector<std::unique_ptr<Block>> blocks;  // the cluster running now
+  int cluster_live = 0;
+  Barrier cluster_bar;
+};
+
+Thread* g_cur = nullptr;
+ucontext_t g_sched;
+
+// AddressSanitizer must be told of every switch between stacks (fibers and the scheduler's).
+#if defined(__SANITIZE_ADDRESS__)
+void* g_fake_sched = nullptr;
+const void* g_sched_bottom = nullptr;
+size_t g_sched_size = 0;
+void to_fiber(const void* bottom) { __sanitizer_start_switch_fiber(&g_fake_sched, bottom, kStack); }
+void back_in_scheduler() { __sanitizer_finish_switch_fiber(g_fake_sched, nullptr, nullptr); }
+void to_scheduler(void** fake) { __sanitizer_start_switch_fiber(fake, g_sched_bottom, g_sched_size); }
+void back_in_fiber(void* fake) { __sanitizer_finish_switch_fiber(fake, &g_sched_bottom, &g_sched_size); }
+#else
+void to_fiber(const void*) {}
+void back_in_scheduler() {}
+void to_scheduler(void**) {}
+void back_in_fiber(void*) {}
+#endif
+Run* g_run = nullptr;
+uint64_t g_events = 0;
+int g_last_error = 0;
+const void* g_last_kernel = nullptr;
+std::map<const void*, KernelInfo> g_kernels;
+std::vector<void*> g_stacks;
+
+Thread& cur() {
+  if (g_cur == nullptr) fault("device code called outside a kernel");
+  return *g_cur;
+}
+
+void yield() {
+  void* fake = nullptr;
+  to_scheduler(&fake);
+  swapcontext(&g_cur->ctx, &g_sched);
+  back_in_fiber(fake);
+}
+
+void wait(Barrier& b, const int& live, const char* site, const char* kind) {
+  if (b.arrived == 0) {
+    b.site = site;
+  } else if (std::strcmp(b.site, site) != 0) {
+    std::fprintf(stderr, "emu: %s: threads of one group wait at different places: %s and %s\n", kind, b.site,
+                 site);
+    fault("divergent barrier");
+  }
+  const uint64_t gen = b.gen;
+  ++b.arrived;
+  ++g_events;
+  if (b.arrived >= live) {
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  g_cur->waiting = site;
+  while (b.gen == gen) yield();
+  g_cur->waiting = nullptr;
+}
+
+void release_if_complete(Barrier& b, int live) {
+  if (b.arrived > 0 && b.arrived >= live) {
+    b.arrived = 0;
+    ++b.gen;
+  }
+}
+
+void exit_thread() {
+  Thread& t = cur();
+  t.done = true;
+  ++g_events;
+  release_if_complete(t.warp->bar, --t.warp->live);
+  release_if_complete(t.block->bar, --t.block->live);
+  release_if_complete(g_run->cluster_bar, --g_run->cluster_live);
+}
+
+void fiber_main() {
+  back_in_fiber(nullptr);
+  (*g_run->body)();
+  exit_thread();
+  to_scheduler(nullptr);  // this fiber ends
+  setcontext(&g_sched);
+}
+
+void* stack(size_t i) {
+  while (g_stacks.size() <= i) {
+    void* s = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (s == MAP_FAILED) fault("out of memory for thread stacks");
+    g_stacks.push_back(s);
+  }
+  return g_stacks[i];
+}
+
+// Exactly `bytes` (an access past them shows under AddressSanitizer), aligned.
+unsigned char* allocate(size_t bytes, size_t align) {
+  void* p = nullptr;
+  if (posix_memalign(&p, align, bytes) != 0) fault("out of memory for shared memory");
+  return static_cast<unsigned char*>(p);
+}
+
+unsigned threads_per_block(const dim3& b) { return b.x * b.y * b.z; }
+
+// Runs the cluster whose first block has linear index `first`.
+void run_cluster(Run& run, uint64_t first) {
+  const unsigned nt = threads_per_block(run.block);
+  const unsigned warps = (nt + 31) / 32;
+  run.blocks.clear();
+  run.cluster_live = 0;
+  run.cluster_bar = Barrier{};
+  std::vector<Thread> threads(size_t(run.csize) * nt);
+  for (unsigned r = 0; r < run.csize; ++r) {
+    auto blk = std::make_unique<Block>();
+    const uint64_t linear = first + r;
+    blk->idx = {unsigned(linear % run.grid.x), unsigned(linear / run.grid.x % run.grid.y),
+                unsigned(linear / (uint64_t(run.grid.x) * run.grid.y))};
+    blk->rank = r;
+    blk->live = int(nt);
+    blk->warps = std::vector<Warp>(warps);
+    for (unsigned w = 0; w < warps; ++w) blk->warps[w].live = int(std::min(32u, nt - 32 * w));
+    if (run.smem > 0) {
+      blk->dyn = allocate(run.smem, 16);
+      std::memset(blk->dyn, 0xff, run.smem);
+    }
+    for (unsigned i = 0; i < nt; ++i) {
+      Thread& t = threads[size_t(r) * nt + i];
+      t.tid = {i % run.block.x, i / run.block.x % run.block.y, i / (run.block.x * run.block.y)};
+      t.block = blk.get();
+      t.warp = &blk->warps[i / 32];
+      t.lane = int(i % 32);
+      getcontext(&t.ctx);
+      t.ctx.uc_stack.ss_sp = stack(size_t(r) * nt + i);
+      t.ctx.uc_stack.ss_size = kStack;
+      t.ctx.uc_link = &g_sched;
+      makecontext(&t.ctx, fiber_main, 0);
+    }
+    run.cluster_live += int(nt);
+    run.blocks.push_back(std::move(blk));
+  }
+  size_t left = threads.size();
+  while (left > 0) {
+    const uint64_t before = g_events;
+    for (Thread& t : threads) {
+      if (t.done) continue;
+      g_cur = &t;
+      threadIdx = t.tid;
+      blockIdx = t.block->idx;
+      to_fiber(t.ctx.uc_stack.ss_sp);
+      swapcontext(&g_sched, &t.ctx);
+      back_in_scheduler();
+      g_cur = nullptr;
+      if (t.done) --left;
+    }
+    if (left > 0 && g_events == before) {
+      std::map<std::string, int> at;
+      for (const Thread& t : threads)
+        if (!t.done) ++at[t.waiting != nullptr ? t.waiting : "?"];
+      std::fprintf(stderr, "emu: deadlock in cluster of block %llu; threads waiting:\n", (unsigned long long)first);
+      for (const auto& [site, n] : at) std::fprintf(stderr, "  %d at %s\n", n, site.c_str());
+      fault("deadlock");
+    }
+  }
+  // The limits the driver checks at launch, now that the kernel's static shared memory is known.
+  KernelInfo& info = g_kernels[run.kernel];
+  for (const auto& blk : run.blocks) {
+    info.static_bytes = std::max(info.static_bytes, blk->static_bytes);
+    const size_t allowed = info.max_dynamic > 0 ? info.max_dynamic
+                           : blk->static_bytes < kDefaultShared ? kDefaultShared - blk->static_bytes
+                                                                : 0;
+    if (blk->static_bytes > kDefaultShared) fault("more than 48 KiB of static shared memory");
+    if (run.smem > allowed || blk->static_bytes + run.smem > kMaxSharedPerBlock) {
+      std::fprintf(stderr, "emu: static %zu + dynamic %zu bytes of shared memory; dynamic allowed: %zu\n",
+                   blk->static_bytes, run.smem, allowed);
+      fault("the launch would fail: too much shared memory");
+    }
+  }
+  run.blocks.clear();
+}
+
+}  // namespace
+
+void fault(const char* what) {
+  if (g_cur != nullptr) {
+    const Thread& t = *g_cur;
+    std::fprintf(stderr, "emu: device fault in block (%u,%u,%u) thread (%u,%u,%u): %s\n", t.block->idx.x,
+                 t.block->idx.y, t.block->idx.z, t.tid.x, t.tid.y, t.tid.z, what);
+  } else {
+    std::fprintf(stderr, "emu: fault: %s\n", what);
+  }
+  std::fflush(stderr);
+  std::abort();
+}
+
+void unsupported_asm(const char* text) {
+  std::fprintf(stderr, "emu: inline PTX not emulated: %s\n", text);
+  fault("unsupported asm");
+}
+
+int lane_id() { return cur().lane; }
+unsigned cluster_rank() { return cur().block->rank; }
+unsigned cluster_blocks() {
+  cur();
+  return g_run->csize;
+}
+
+void sync_block(const char* site) {
+  Block& b = *cur().block;
+  wait(b.bar, b.live, site, "__syncthreads");
+}
+
+void sync_cluster(const char* site) {
+  cur();
+  wait(g_run->cluster_bar, g_run->cluster_live, site, "cluster.sync");
+}
+
+void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site) {
+  Thread& t = cur();
+  Warp& w = *t.warp;
+  if (mask != 0xffffffffu) fault("warp exchange: only the full mask is emulated");
+  if (w.live != 32) fault("warp exchange with a full mask, but not all 32 lanes of the warp are running");
+  if (bytes > kSlot) fault("warp exchange: value too large");
+  std::memcpy(w.slot[t.lane], in, bytes);
+  wait(w.bar, w.live, site, "warp exchange");
+  std::memcpy(out, w.slot[src], bytes);
+  wait(w.bar, w.live, site, "warp exchange");
+}
+
+namespace {
+float half_at(uint32_t reg, int hi, F16Tag) { return __half2float(__half{uint16_t(hi ? reg >> 16 : reg & 0xffff)}); }
+float half_at(uint32_t reg, int hi, Bf16Tag) {
+  return __bfloat162float(__nv_bfloat16{uint16_t(hi ? reg >> 16 : reg & 0xffff)});
+}
+struct MmaLane {
+  uint32_t a[4], b[2];
+};
+}  // namespace
+
+template <class Tag>
+void mma_m16n8k16(float& c0, float& c1, float& c2, float& c3, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                  uint32_t b0, uint32_t b1) {
+  Thread& t = cur();
+  Warp& w = *t.warp;
+  if (w.live != 32) fault("mma.sync with lanes of the warp not running");
+  const MmaLane mine{{a0, a1, a2, a3}, {b0, b1}};
+  std::memcpy(w.slot[t.lane], &mine, sizeof mine);
+  wait(w.bar, w.live, "mma.sync", "mma.sync");
+  MmaLane all[32];
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], w.slot[l], sizeof(MmaLane));
+  wait(w.bar, w.live, "mma.sync", "mma.sync");
+  // A (16 x 16, row): row r, column k sits in lane (r % 8) * 4 + (k % 8) / 2, register
+  // (r >= 8) + 2 (k >= 8), half k % 2. B (16 x 8, col): row k, column n in lane n * 4 + (k % 8) / 2,
+  // register k >= 8, half k % 2. C, D: lane's rows g and g + 8, columns 2 (lane % 4) + {0, 1}.
+  const auto A = [&](int r, int k) {
+    return half_at(all[(r % 8) * 4 + (k % 8) / 2].a[(r >= 8) + 2 * (k >= 8)], k % 2, Tag{});
+  };
+  const auto B = [&](int k, int n) { return half_at(all[n * 4 + (k % 8) / 2].b[k >= 8], k % 2, Tag{}); };
+  const int g = t.lane / 4, c = 2 * (t.lane % 4);
+  float* d[4] = {&c0, &c1, &c2, &c3};
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = c + (i % 2);
+    float acc = *d[i];
+    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+    *d[i] = acc;
+  }
+}
+template void mma_m16n8k16<F16Tag>(float&, float&, float&, float&, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t,
+                                   uint32_t);
+template void mma_m16n8k16<Bf16Tag>(float&, float&, float&, float&, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t,
+                                    uint32_t);
+
+void* shared_storage(const void* key, size_t bytes, size_t align) {
+  Block& b = *cur().block;
+  for (const Var& v : b.vars)
+    if (v.key == key) return v.ptr;
+  unsigned char* p = allocate(bytes, align);
+  std::memset(p, 0xff, bytes);
+  b.vars.push_back({key, p, bytes});
+  b.static_bytes += (bytes + 15) / 16 * 16;
+  return p;
+}
+
+void* dynamic_shared_storage() {
+  Block& b = *cur().block;
+  if (b.dyn == nullptr) fault("extern __shared__ used by a launch without dynamic shared memory");
+  return b.dyn;
+}
+
+void* map_shared(const void* p, unsigned rank, size_t bytes) {
+  Block& self = *cur().block;
+  if (rank >= g_run->csize) fault("map_shared_rank: rank outside the cluster");
+  Block& other = *g_run->blocks[rank];
+  const auto* q = static_cast<const unsigned char*>(p);
+  for (const Var& v : self.vars) {
+    if (q >= v.ptr && q + bytes <= v.ptr + v.bytes) {
+      for (const Var& o : other.vars)
+        if (o.key == v.key) return o.ptr + (q - v.ptr);
+      fault("map_shared_rank: the other block has not declared that variable yet");
+    }
+  }
+  if (self.dyn != nullptr && q >= self.dyn && q + bytes <= self.dyn + g_run->smem) return other.dyn + (q - self.dyn);
+  fault("map_shared_rank: not the address of this block's shared memory");
+}
+
+const void* last_kernel() { return g_last_kernel; }
+
+void set_last_error(int err) {
+  if (g_last_error == 0) g_last_error = err;
+}
+int take_last_error() {
+  const int e = g_last_error;
+  g_last_error = 0;
+  return e;
+}
+int peek_last_error() { return g_last_error; }
+
+int sms() {
+  const char* s = std::getenv("EMU_SMS");
+  return s != nullptr && std::atoi(s) > 0 ? std::atoi(s) : 4;
+}
+
+int func_attributes(const void* kernel, cudaFuncAttributes* attr) {
+  const KernelInfo& info = g_kernels[kernel];
+  *attr = cudaFuncAttributes{};
+  attr->sharedSizeBytes = info.static_bytes;
+  attr->maxDynamicSharedSizeBytes = int(info.max_dynamic > 0 ? info.max_dynamic : kDefaultShared - info.static_bytes);
+  return cudaSuccess;
+}
+
+int func_set_attribute(const void* kernel, cudaFuncAttribute a, int value) {
+  KernelInfo& info = g_kernels[kernel];
+  if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || size_t(value) + info.static_bytes > kMaxSharedPerBlock) return cudaErrorInvalidValue;
+    info.max_dynamic = size_t(value);
+    return cudaSuccess;
+  }
+  if (a == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    info.non_portable = value != 0;
+    return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+unsigned cluster_of(const cudaLaunchConfig_t* cfg, int* err) {
+  unsigned c = 1;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id != cudaLaunchAttributeClusterDimension) continue;
+    const auto& d = cfg->attrs[i].val.clusterDim;
+    if (d.y != 1 || d.z != 1) *err = cudaErrorInvalidValue;  // not emulated
+    c = d.x;
+  }
+  return c;
+}
+
+namespace {
+// The checks of cudaLaunchKernelEx / cudaOccupancyMaxActiveClusters on a configuration.
+int check_config(const void* kernel, dim3 grid, dim3 block, size_t smem, unsigned cluster) {
+  const KernelInfo& info = g_kernels[kernel];
+  const unsigned nt = threads_per_block(block);
+  if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
+  if (cluster == 0 || cluster > 16 || (cluster > 8 && !info.non_portable)) return cudaErrorInvalidValue;
+  if (cluster > 1 && (grid.x % cluster != 0 || grid.y != 1 || grid.z != 1)) return cudaErrorInvalidValue;
+  const size_t allowed = info.max_dynamic > 0 ? info.max_dynamic : kDefaultShared - info.static_bytes;
+  if (smem > allowed) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+}  // namespace
+
+int max_active_clusters(const void* kernel, const cudaLaunchConfig_t* cfg, int* n) {
+  int err = 0;
+  const unsigned c = cluster_of(cfg, &err);
+  if (err == 0) err = check_config(kernel, dim3(c), cfg->blockDim, cfg->dynamicSmemBytes, c);
+  if (err != 0) return err;
+  *n = std::max(1, sms() / int(c));
+  return cudaSuccess;
+}
+
+int run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, unsigned cluster,
+             const std::function<void()>& body) {
+  if (g_run != nullptr) fault("a kernel launched from device code");
+  const int err = check_config(kernel, grid, block, smem, cluster);
+  if (err != cudaSuccess) return err;
+  Run run;
+  run.grid = grid;
+  run.block = block;
+  run.smem = smem;
+  run.csize = cluster;
+  run.kernel = kernel;
+  run.body = &body;
+  g_run = &run;
+  blockDim = block;
+  gridDim = grid;
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t first = 0; first < blocks; first += cluster) run_cluster(run, first);
+  g_run = nullptr;
+  g_last_kernel = kernel;
+  return cudaSuccess;
+}
+
+}  // namespace emu
+
+uint3 threadIdx{}, blockIdx{};
+dim3 blockDim, gridDim;

@@ -1,0 +1,144 @@
+"""Rewrites CUDA sources into host C++ for the CPU emulation (include/emu_device.h).
+
+    python translate.py SRC_DIR OUT_DIR
+
+Copies SRC_DIR (the repository's csrc) to OUT_DIR, rewriting in every .cu and .h file:
+  - kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  ::emu::launch_kernel(kernel, grid, block, smem, stream, args)
+  - __shared__ T name[dims];         ->  auto& name = ::emu::shared_var<T[dims], N>();
+  - extern __shared__ T name[];      ->  T* name = ::emu::dynamic_shared<T>();
+  - x.sync()                         ->  x.sync_at("file:line")   (cluster barriers, by place)
+  - asm statements                   ->  the emulator's function for the PTX they hold, or a call
+                                         that faults at run time for PTX it does not know
+Everything else is left as written, so the emulated kernels are the repository's kernels.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+
+def _matching(text: str, open_at: int, pair: str = "()") -> int:
+    """Index of the bracket closing the one at open_at (skipping string literals)."""
+    depth, i = 0, open_at
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            i = text.index('"', i + 1)
+            while text[i - 1] == "\\":
+                i = text.index('"', i + 1)
+        elif ch == pair[0]:
+            depth += 1
+        elif ch == pair[1]:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced {pair} from offset {open_at}")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """text split at `sep` outside brackets and string literals."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            i = text.index('"', i + 1)
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _operands(part: str) -> list[str]:
+    """The C++ expressions of an asm operand list ("r"(x), "=f"(y), ...)."""
+    out = []
+    for op in _split_top(part, ","):
+        op = op.strip()
+        if op:
+            out.append(op[op.index("(") + 1 : op.rindex(")")])
+    return out
+
+
+def _asm(body: str, where: str) -> str:
+    parts = _split_top(body, ":")
+    template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', parts[0])).replace("\\n", "").strip()
+    outs = _operands(parts[1]) if len(parts) > 1 else []
+    ins = _operands(parts[2]) if len(parts) > 2 else []
+    name = template.split(" ")[0]
+    if template == "" or name.startswith("prefetch"):
+        return "(void)0;"  # a compiler barrier or a cache hint: nothing to emulate
+    if name == "ex2.approx.ftz.f32":
+        return f"{outs[0]} = ::emu::ex2_approx_ftz({ins[0]});"
+    mma = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32", name)
+    if mma:
+        tag = "Bf16Tag" if mma.group(1) == "bf16" else "F16Tag"
+        return f"::emu::mma_m16n8k16<::emu::{tag}>({', '.join(outs + ins)});"
+    return f'::emu::unsupported_asm("{where}: {name}");'
+
+
+_ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_SHARED = re.compile(r"__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\]]*\])*)\s*;")
+_SYNC = re.compile(r"\b(\w+)\.sync\(\)")
+
+
+def translate(text: str, name: str) -> str:
+    counter = iter(range(1, 1 << 30))
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    # asm first: its operands may hold anything.
+    out, pos = [], 0
+    for m in _ASM.finditer(text):
+        if m.start() < pos:
+            continue
+        close = _matching(text, m.end() - 1)
+        semi = text.index(";", close)
+        out.append(text[pos : m.start()])
+        out.append(_asm(text[m.end() : close], f"{name}:{line_of(m.start())}"))
+        pos = semi + 1
+    out.append(text[pos:])
+    text = "".join(out)
+
+    def launch(m: re.Match) -> str:
+        cfg = [c.strip() for c in _split_top(m.group(2), ",")]
+        cfg += ["0", "nullptr"][len(cfg) - 2 :]
+        return f"::emu::launch_kernel({m.group(1)}, dim3({cfg[0]}), dim3({cfg[1]}), {cfg[2]}, {cfg[3]}, "
+
+    text = _LAUNCH.sub(launch, text)
+    text = re.sub(r"(::emu::launch_kernel\([^;]*?), \s*\)", r"\1)", text)  # kernels without arguments
+    text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", text)
+    text = _SHARED.sub(
+        lambda m: f"auto& {m.group(2)} = ::emu::shared_var<{m.group(1)}{m.group(3)}, {next(counter)}>();", text
+    )
+    text = _SYNC.sub(lambda m: f'{m.group(1)}.sync_at("{name}:" EMU_STR(__LINE__))', text)
+    return text
+
+
+def main(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    for path in src.rglob("*"):
+        if path.is_dir():
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".cu", ".h", ".cuh"):
+            target.write_text(translate(path.read_text(), str(path.relative_to(src))))
+        else:
+            shutil.copy2(path, target)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

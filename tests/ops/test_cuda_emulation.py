@@ -1,0 +1,79 @@
+"""The CUDA kernels run on the CPU emulation of tests/cuda_emu, against scalar references.
+
+The CUDA tests beside this file need a GPU; these run the same .cu sources on any machine with
+g++: the one-read Gumbel cluster kernels, the two-sweep Gumbel kernels and gumbel_argmax, the
+decode kernels (fast and general, with the cache write) and skinny_linear's tensor-core path,
+under AddressSanitizer and UBSan. They catch indexing, predicate, barrier and cluster-exchange
+bugs before a GPU session; speed and the hardware's memory model still need the GPU.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.cuda_emu.build import CHECKS, build
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulation is built with g++")
+
+
+@pytest.fixture(scope="module")
+def emu_checks(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_emu"))
+
+
+def run(exe, name, sms=4):
+    env = {**os.environ, "EMU_SMS": str(sms)}
+    env.pop("DALLE_FAST_GUMBEL_RESIDENT", None)
+    env.pop("DALLE_FAST_DECODE_FAST", None)
+    return subprocess.run([str(exe), name], capture_output=True, text=True, timeout=600, env=env)
+
+
+# A device of 4 SMs makes the kernels' grid-stride and tile loops take several turns on small
+# shapes; one of 132 (the H100's) gives the one-read kernels the H100's cluster counts.
+@pytest.mark.parametrize("name,sms", [(name, 4) for name in CHECKS] + [("gumbel_fwd", 132), ("gumbel_bwd", 132)])
+def test_kernel_matches_reference_on_emulation(emu_checks, name, sms):
+    result = run(emu_checks, name, sms)
+    assert result.returncode == 0, f"{name} failed on the emulation:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert "PASS" in result.stdout and "FAIL" not in result.stdout
+
+
+def test_a_broken_kernel_fails(tmp_path):
+    """The checks are not vacuous: the one-read forward without the cluster barrier before the
+    other blocks' statistics are read (a race on the GPU) reads unwritten shared memory here."""
+
+    def drop_cluster_barrier(src):
+        path = src / "gumbel" / "cuda" / "gumbel_cluster.h"
+        text = path.read_text()
+        start = text.index("Part combine(")
+        at = text.index("cluster.sync_at(", start)
+        path.write_text(text[:at] + "if (false) " + text[at:])
+
+    exe = build(tmp_path, patch=drop_cluster_barrier)
+    result = run(exe, "gumbel_fwd")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAIL gumbel_fwd one-read" in result.stdout
+
+
+def test_translation_of_cuda_syntax():
+    from tests.cuda_emu.translate import translate
+
+    src = """
+__global__ void k(const P p) {
+  extern __shared__ __align__(16) unsigned char raw[];
+  __shared__ float part[kWarps][HD];
+  asm volatile("" : "+l"(x));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 2.0f));
+  cluster.sync();
+}
+void launch() { k<T, 4><<<grid, 256, smem, stream>>>(p, 3); other<<<1, 32>>>(); }
+"""
+    out = translate(src, "x.cu")
+    assert "unsigned char* raw = ::emu::dynamic_shared<unsigned char>();" in out
+    assert "auto& part = ::emu::shared_var<float[kWarps][HD], 1>();" in out
+    assert "(void)0;" in out and "r = ::emu::ex2_approx_ftz(x * 2.0f);" in out
+    assert 'cluster.sync_at("x.cu:" EMU_STR(__LINE__))' in out
+    assert "::emu::launch_kernel(k<T, 4>, dim3(grid), dim3(256), smem, stream, p, 3);" in out
+    assert "::emu::launch_kernel(other, dim3(1), dim3(32), 0, nullptr);" in out
+    assert "asm" not in out and "<<<" not in out and "__shared__" not in out
