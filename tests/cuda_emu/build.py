@@ -1,10 +1,14 @@
 """Builds the CPU emulation of the CUDA kernels: emu_checks, the checks of checks.cpp.
 
-    python tests/cuda_emu/build.py OUT_DIR [--no-sanitize]
+    python tests/cuda_emu/build.py OUT_DIR [--sanitize address|thread|none]
 
 translate.py rewrites csrc into OUT_DIR/csrc; the kernels' .cu files are compiled as host C++
-against the stand-in CUDA headers of include/, with AddressSanitizer and UBSan (out-of-bounds
-global and shared memory, misaligned vector accesses) unless --no-sanitize.
+against the stand-in CUDA headers of include/, with
+  - address (the default): AddressSanitizer and UBSan (out-of-bounds global and shared memory,
+    misaligned vector accesses);
+  - thread: ThreadSanitizer, the CUDA threads as its fibers ordered only by the barriers CUDA
+    guarantees (a race check, as compute-sanitizer's racecheck on a GPU);
+  - none: plain, the fastest to build.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ KERNELS = [  # the .cu files the checks run
 CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear"]
 
 
-def build(out: Path, sanitize: bool = True, cxx: str = "g++", patch=None) -> Path:
+SANITIZERS = {
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
+    "thread": ["-fsanitize=thread"],
+    "none": [],
+}
+
+
+def build(out: Path, sanitize: str = "address", cxx: str = "g++", patch=None) -> Path:
     """Translates and compiles; returns the path of emu_checks. Raises CalledProcessError.
 
     patch: called with the translated tree (OUT/csrc) before compiling, to break a kernel on
@@ -40,12 +51,13 @@ def build(out: Path, sanitize: bool = True, cxx: str = "g++", patch=None) -> Pat
     if patch is not None:
         patch(out / "csrc")
     flags = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", f"-I{HERE / 'include'}"]
-    if sanitize:
-        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-    device = ["-x", "c++", "-D__CUDACC__", "-D__CUDA_ARCH__=900", "-include", "emu_device.h"]
+    sanitizer = SANITIZERS[sanitize]
+    device = ["-x", "c++", "-D__CUDACC__", "-D__CUDA_ARCH__=900", "-include", "emu_device.h", *sanitizer]
+    # Under ThreadSanitizer the scheduler itself stays uninstrumented: it only annotates.
+    runtime = ["-DEMU_TSAN", "-fno-tree-loop-distribute-patterns"] if sanitize == "thread" else sanitizer
     jobs = [(out / "csrc" / cu, device, out / (Path(cu).stem + ".o")) for cu in KERNELS]
-    jobs.append((HERE / "emu_runtime.cpp", [], out / "emu_runtime.o"))
-    jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}"], out / "checks.o"))
+    jobs.append((HERE / "emu_runtime.cpp", runtime, out / "emu_runtime.o"))
+    jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}", *sanitizer], out / "checks.o"))
 
     def compile_one(job):
         src, extra, obj = job
@@ -55,16 +67,16 @@ def build(out: Path, sanitize: bool = True, cxx: str = "g++", patch=None) -> Pat
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, jobs))
     exe = out / "emu_checks"
-    subprocess.run([cxx, *flags, *map(str, objs), "-o", str(exe)], check=True)
+    subprocess.run([cxx, *flags, *sanitizer, *map(str, objs), "-o", str(exe)], check=True)
     return exe
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--no-sanitize", action="store_true")
+    parser.add_argument("--sanitize", choices=sorted(SANITIZERS), default="address")
     args = parser.parse_args()
-    print(build(args.out, sanitize=not args.no_sanitize))
+    print(build(args.out, sanitize=args.sanitize))
 
 
 if __name__ == "__main__":

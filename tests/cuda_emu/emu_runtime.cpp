@@ -3,6 +3,12 @@
 // clusters one after another. A fiber runs until it reaches a collective, where it waits, yielding,
 // until its group (warp, block or cluster) has arrived; a full pass over the fibers in which no
 // fiber arrives anywhere or exits is a deadlock and is reported with the places they wait at.
+//
+// Built with EMU_TSAN (this file itself uninstrumented, the kernels under ThreadSanitizer), it is
+// a race check: each fiber is a ThreadSanitizer fiber, and the only happens-before edges between
+// them are the ones CUDA guarantees: __syncthreads within a block, cluster.sync within a cluster
+// (warp shuffles and mma order nothing). So two threads touching the same global or shared bytes,
+// one of them writing, with no barrier between, are reported, whatever order the fibers ran in.
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -17,6 +23,9 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
+#endif
+#if defined(EMU_TSAN)
+#include <sanitizer/tsan_interface.h>
 #endif
 
 #include "cuda_bf16.h"
@@ -69,6 +78,7 @@ struct Block {
 
 struct Thread {
   ucontext_t ctx;
+  void* tsan_fiber = nullptr;
   uint3 tid{};
   Block* block = nullptr;
   Warp* warp = nullptr;
@@ -112,6 +122,43 @@ void back_in_scheduler() {}
 void to_scheduler(void**) {}
 void back_in_fiber(void*) {}
 #endif
+
+// ThreadSanitizer's view: the scheduler's switch into a fiber passes what the host did before
+// (the launch's inputs); a fiber's switch back passes nothing, so fibers are ordered only by the
+// barriers (release on arrival, acquire on leaving) and by their ends before the host reads.
+#if defined(EMU_TSAN)
+void* g_tsan_host = nullptr;
+std::vector<void*> g_tsan_fibers;  // reused by every cluster: ThreadSanitizer allows 8128 threads
+char g_launch_end;
+void* tsan_create(size_t i) {
+  if (g_tsan_host == nullptr) g_tsan_host = __tsan_get_current_fiber();
+  while (g_tsan_fibers.size() <= i) g_tsan_fibers.push_back(__tsan_create_fiber(0));
+  return g_tsan_fibers[i];
+}
+void tsan_enter(void* f) { __tsan_switch_to_fiber(f, 0); }
+void tsan_leave() { __tsan_switch_to_fiber(g_tsan_host, __tsan_switch_to_fiber_no_sync); }
+void tsan_release(const void* a) { __tsan_release(const_cast<void*>(a)); }
+void tsan_acquire(const void* a) { __tsan_acquire(const_cast<void*>(a)); }
+#else
+char g_launch_end;
+void* tsan_create(size_t) { return nullptr; }
+void tsan_enter(void*) {}
+void tsan_leave() {}
+void tsan_release(const void*) {}
+void tsan_acquire(const void*) {}
+#endif
+
+// Byte copies and fills as plain loops: a call to memcpy / memset would be seen (and checked) by
+// ThreadSanitizer as an access of the fiber running the scheduler's code.
+void copy_bytes(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<volatile unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  for (size_t i = 0; i < n; ++i) d[i] = s[i];
+}
+void fill_bytes(void* dst, unsigned char v, size_t n) {
+  auto* d = static_cast<volatile unsigned char*>(dst);
+  for (size_t i = 0; i < n; ++i) d[i] = v;
+}
 Run* g_run = nullptr;
 uint64_t g_events = 0;
 int g_last_error = 0;
@@ -126,12 +173,14 @@ Thread& cur() {
 
 void yield() {
   void* fake = nullptr;
+  tsan_leave();
   to_scheduler(&fake);
   swapcontext(&g_cur->ctx, &g_sched);
   back_in_fiber(fake);
 }
 
-void wait(Barrier& b, const int& live, const char* site, const char* kind) {
+// sync: the barrier orders memory (block and cluster barriers), or only meets (warp exchanges).
+void wait(Barrier& b, const int& live, const char* site, const char* kind, bool sync) {
   if (b.arrived == 0) {
     b.site = site;
   } else if (std::strcmp(b.site, site) != 0) {
@@ -140,16 +189,18 @@ void wait(Barrier& b, const int& live, const char* site, const char* kind) {
     fault("divergent barrier");
   }
   const uint64_t gen = b.gen;
+  if (sync) tsan_release(&b);
   ++b.arrived;
   ++g_events;
   if (b.arrived >= live) {
     b.arrived = 0;
     ++b.gen;
-    return;
+  } else {
+    g_cur->waiting = site;
+    while (b.gen == gen) yield();
+    g_cur->waiting = nullptr;
   }
-  g_cur->waiting = site;
-  while (b.gen == gen) yield();
-  g_cur->waiting = nullptr;
+  if (sync) tsan_acquire(&b);
 }
 
 void release_if_complete(Barrier& b, int live) {
@@ -172,6 +223,8 @@ void fiber_main() {
   back_in_fiber(nullptr);
   (*g_run->body)();
   exit_thread();
+  tsan_release(&g_launch_end);
+  tsan_leave();
   to_scheduler(nullptr);  // this fiber ends
   setcontext(&g_sched);
 }
@@ -213,7 +266,7 @@ void run_cluster(Run& run, uint64_t first) {
     for (unsigned w = 0; w < warps; ++w) blk->warps[w].live = int(std::min(32u, nt - 32 * w));
     if (run.smem > 0) {
       blk->dyn = allocate(run.smem, 16);
-      std::memset(blk->dyn, 0xff, run.smem);
+      fill_bytes(blk->dyn, 0xff, run.smem);
     }
     for (unsigned i = 0; i < nt; ++i) {
       Thread& t = threads[size_t(r) * nt + i];
@@ -221,6 +274,7 @@ void run_cluster(Run& run, uint64_t first) {
       t.block = blk.get();
       t.warp = &blk->warps[i / 32];
       t.lane = int(i % 32);
+      t.tsan_fiber = tsan_create(size_t(r) * nt + i);
       getcontext(&t.ctx);
       t.ctx.uc_stack.ss_sp = stack(size_t(r) * nt + i);
       t.ctx.uc_stack.ss_size = kStack;
@@ -239,6 +293,7 @@ void run_cluster(Run& run, uint64_t first) {
       threadIdx = t.tid;
       blockIdx = t.block->idx;
       to_fiber(t.ctx.uc_stack.ss_sp);
+      tsan_enter(t.tsan_fiber);
       swapcontext(&g_sched, &t.ctx);
       back_in_scheduler();
       g_cur = nullptr;
@@ -253,6 +308,7 @@ void run_cluster(Run& run, uint64_t first) {
       fault("deadlock");
     }
   }
+  tsan_acquire(&g_launch_end);
   // The limits the driver checks at launch, now that the kernel's static shared memory is known.
   KernelInfo& info = g_kernels[run.kernel];
   for (const auto& blk : run.blocks) {
@@ -298,12 +354,12 @@ unsigned cluster_blocks() {
 
 void sync_block(const char* site) {
   Block& b = *cur().block;
-  wait(b.bar, b.live, site, "__syncthreads");
+  wait(b.bar, b.live, site, "__syncthreads", true);
 }
 
 void sync_cluster(const char* site) {
   cur();
-  wait(g_run->cluster_bar, g_run->cluster_live, site, "cluster.sync");
+  wait(g_run->cluster_bar, g_run->cluster_live, site, "cluster.sync", true);
 }
 
 void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site) {
@@ -312,10 +368,10 @@ void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned ma
   if (mask != 0xffffffffu) fault("warp exchange: only the full mask is emulated");
   if (w.live != 32) fault("warp exchange with a full mask, but not all 32 lanes of the warp are running");
   if (bytes > kSlot) fault("warp exchange: value too large");
-  std::memcpy(w.slot[t.lane], in, bytes);
-  wait(w.bar, w.live, site, "warp exchange");
-  std::memcpy(out, w.slot[src], bytes);
-  wait(w.bar, w.live, site, "warp exchange");
+  copy_bytes(w.slot[t.lane], in, bytes);
+  wait(w.bar, w.live, site, "warp exchange", false);
+  copy_bytes(out, w.slot[src], bytes);
+  wait(w.bar, w.live, site, "warp exchange", false);
 }
 
 namespace {
@@ -335,11 +391,11 @@ void mma_m16n8k16(float& c0, float& c1, float& c2, float& c3, uint32_t a0, uint3
   Warp& w = *t.warp;
   if (w.live != 32) fault("mma.sync with lanes of the warp not running");
   const MmaLane mine{{a0, a1, a2, a3}, {b0, b1}};
-  std::memcpy(w.slot[t.lane], &mine, sizeof mine);
-  wait(w.bar, w.live, "mma.sync", "mma.sync");
+  copy_bytes(w.slot[t.lane], &mine, sizeof mine);
+  wait(w.bar, w.live, "mma.sync", "mma.sync", false);
   MmaLane all[32];
-  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], w.slot[l], sizeof(MmaLane));
-  wait(w.bar, w.live, "mma.sync", "mma.sync");
+  for (int l = 0; l < 32; ++l) copy_bytes(&all[l], w.slot[l], sizeof(MmaLane));
+  wait(w.bar, w.live, "mma.sync", "mma.sync", false);
   // A (16 x 16, row): row r, column k sits in lane (r % 8) * 4 + (k % 8) / 2, register
   // (r >= 8) + 2 (k >= 8), half k % 2. B (16 x 8, col): row k, column n in lane n * 4 + (k % 8) / 2,
   // register k >= 8, half k % 2. C, D: lane's rows g and g + 8, columns 2 (lane % 4) + {0, 1}.
@@ -363,10 +419,17 @@ template void mma_m16n8k16<Bf16Tag>(float&, float&, float&, float&, uint32_t, ui
 
 void* shared_storage(const void* key, size_t bytes, size_t align) {
   Block& b = *cur().block;
-  for (const Var& v : b.vars)
-    if (v.key == key) return v.ptr;
+  // Every thread passes its declaration before using the variable: the first allocates it, and
+  // each acquires the allocation (ThreadSanitizer counts it as the first thread's write).
+  for (const Var& v : b.vars) {
+    if (v.key == key) {
+      tsan_acquire(v.ptr);
+      return v.ptr;
+    }
+  }
   unsigned char* p = allocate(bytes, align);
-  std::memset(p, 0xff, bytes);
+  fill_bytes(p, 0xff, bytes);
+  tsan_release(p);
   b.vars.push_back({key, p, bytes});
   b.static_bytes += (bytes + 15) / 16 * 16;
   return p;

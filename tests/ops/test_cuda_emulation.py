@@ -2,9 +2,11 @@
 
 The CUDA tests beside this file need a GPU; these run the same .cu sources on any machine with
 g++: the one-read Gumbel cluster kernels, the two-sweep Gumbel kernels and gumbel_argmax, the
-decode kernels (fast and general, with the cache write) and skinny_linear's tensor-core path,
-under AddressSanitizer and UBSan. They catch indexing, predicate, barrier and cluster-exchange
-bugs before a GPU session; speed and the hardware's memory model still need the GPU.
+decode kernels (fast and general, with the cache write) and skinny_linear's tensor-core path.
+Once under AddressSanitizer and UBSan (values, out-of-bounds and misaligned accesses, unwritten
+shared memory), once under ThreadSanitizer (races: accesses of two threads with no barrier
+between). They catch indexing, predicate, barrier and cluster-exchange bugs before a GPU
+session; speed still needs the GPU.
 """
 
 import os
@@ -23,6 +25,11 @@ def emu_checks(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cuda_emu"))
 
 
+@pytest.fixture(scope="module")
+def emu_race_checks(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_emu_tsan"), sanitize="thread")
+
+
 def run(exe, name, sms=4):
     env = {**os.environ, "EMU_SMS": str(sms)}
     env.pop("DALLE_FAST_GUMBEL_RESIDENT", None)
@@ -37,6 +44,32 @@ def test_kernel_matches_reference_on_emulation(emu_checks, name, sms):
     result = run(emu_checks, name, sms)
     assert result.returncode == 0, f"{name} failed on the emulation:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_kernel_has_no_race_on_emulation(emu_race_checks, name):
+    result = run(emu_race_checks, name)
+    assert "ThreadSanitizer" not in result.stderr, result.stderr[-8000:]
+    assert result.returncode == 0, f"{name} failed on the emulation:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+
+
+def test_a_race_is_reported(tmp_path):
+    """The race check is not vacuous: with one buffer of block statistics instead of two
+    alternating ones, a block may overwrite its statistics of the next tile while another block
+    of the cluster still reads this tile's. The values come out right in the emulator's order;
+    ThreadSanitizer reports the race."""
+
+    def one_parity(src):
+        path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
+        text = path.read_text()
+        assert "tile += pl.clusters, parity ^= 1" in text
+        path.write_text(text.replace("tile += pl.clusters, parity ^= 1", "tile += pl.clusters"))
+
+    exe = build(tmp_path, sanitize="thread", patch=one_parity)
+    result = run(exe, "gumbel_fwd")
+    assert "WARNING: ThreadSanitizer: data race" in result.stderr
+    assert "gumbel_cluster.h" in result.stderr  # in combine(), where the blocks read each other's statistics
+    assert result.returncode != 0
 
 
 def test_a_broken_kernel_fails(tmp_path):
