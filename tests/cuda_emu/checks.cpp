@@ -7,7 +7,9 @@
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
 //                   general one, with and without appending this step's key and value
 //   skinny_linear   out = act(ln(x) w^T + bias) + residual on the tensor-core path
-// Usage: emu_checks NAME. Prints one line per case and exits 1 if any case fails.
+//   fuzz            random cases of all of them
+// Usage: emu_checks NAME, or emu_checks fuzz [COUNT [SEED]]. Prints one line per case and exits 1
+// if any case fails.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -402,30 +404,40 @@ void gumbel_argmax() {
 struct DecodeShape {
   int64_t batch, heads, text, image, dim;
   std::vector<int64_t> offsets;
-  int64_t g;
-  int64_t q_rows = 1;  // q is row 0 of q_rows rows per batch (a view of a qkv projection: 3)
+  int64_t g;              // may lie outside the image: then no row is written and fewer keys exist
+  int64_t q_rows = 1;     // q is row 0 of q_rows rows per batch (a view of a qkv projection: 3)
+  int64_t row_pad = 0;    // the caches' rows are dim + row_pad apart (not a multiple of 8: no fast kernel)
 };
 
+// Which decode kernel a case asks for: the general one (DALLE_FAST_DECODE_FAST=0), the fast one
+// (its shape qualifies: checked by the kernel that ran), or whichever the launcher picks.
+enum class Pick { General, Fast, Any };
+
 template <class T>
-void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng) {
+void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng) {
   const int64_t B = s.batch, H = s.heads, N = s.text + s.image, D = s.dim, K = int64_t(s.offsets.size());
+  const int64_t R = D + s.row_pad;  // cache row stride
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t q_sb = s.q_rows * H * D;
-  Buf<T> q(size_t(B * q_sb)), k(size_t(B * H * N * D)), v(size_t(B * H * N * D)), kn(size_t(B * H * D)),
+  Buf<T> q(size_t(B * q_sb)), k(size_t(B * H * N * R)), v(size_t(B * H * N * R)), kn(size_t(B * H * D)),
       vn(size_t(B * H * D)), out(size_t(B * H * D));
   for (size_t i = 0; i < q.n; ++i) q[i] = from_f<T>(normal(rng));
   for (size_t i = 0; i < k.n; ++i) k[i] = from_f<T>(normal(rng)), v[i] = from_f<T>(normal(rng));
   for (size_t i = 0; i < kn.n; ++i) kn[i] = from_f<T>(normal(rng)), vn[i] = from_f<T>(normal(rng));
   const int64_t row = s.text + s.g;  // this step's row
-  if (!append) {  // the caches hold this step's row already
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t d = 0; d < D; ++d) k[size_t((bh * N + row) * D + d)] = kn[size_t(bh * D + d)],
-                                      v[size_t((bh * N + row) * D + d)] = vn[size_t(bh * D + d)];
-  } else {  // and with appending they hold garbage there, which must be overwritten
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t d = 0; d < D; ++d) k[size_t((bh * N + row) * D + d)] = from_f<T>(1e4f),
-                                      v[size_t((bh * N + row) * D + d)] = from_f<T>(-1e4f);
+  const bool in_cache = s.g >= 0 && row < N;
+  const auto at = [&](int64_t bh, int64_t n, int64_t d) { return size_t((bh * N + n) * R + d); };
+  if (in_cache) {
+    // Without appending the caches hold this step's row already; with it they hold garbage there,
+    // which the kernel must overwrite.
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      for (int64_t d = 0; d < D; ++d) {
+        k[at(bh, row, d)] = append ? from_f<T>(1e4f) : kn[size_t(bh * D + d)];
+        v[at(bh, row, d)] = append ? from_f<T>(-1e4f) : vn[size_t(bh * D + d)];
+      }
+    }
   }
+  std::vector<T> k_before(k.p, k.p + k.n), v_before(v.p, v.p + v.n);
   int64_t g = s.g;
   DecodeParams p;
   p.batch = B;
@@ -438,8 +450,8 @@ void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng
   p.q = q.p;
   p.q_sb = q_sb;
   p.q_sh = D;
-  p.k = {k.p, H * N * D, N * D, D};
-  p.v = {v.p, H * N * D, N * D, D};
+  p.k = {k.p, H * N * R, N * R, R};
+  p.v = {v.p, H * N * R, N * R, R};
   p.offsets = s.offsets.data();
   p.g = &g;
   p.out = out.p;
@@ -447,9 +459,12 @@ void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng
     p.k_new = {kn.p, H * D, D, 0};
     p.v_new = {vn.p, H * D, D, 0};
   }
-  const std::string name = std::string("decode ") + (fast ? "fast " : "general ") + type_name<T>() + " D=" +
-                           std::to_string(D) + " keys=" + std::to_string(s.text + K) + (append ? " append" : "");
-  set_env("DALLE_FAST_DECODE_FAST", fast ? nullptr : "0");
+  const char* picked = pick == Pick::General ? "general " : pick == Pick::Fast ? "fast " : "";
+  const std::string name = std::string("decode ") + picked + type_name<T>() + " B=" + std::to_string(B) +
+                           " H=" + std::to_string(H) + " D=" + std::to_string(D) + " T=" + std::to_string(s.text) +
+                           " N=" + std::to_string(N) + " offsets=" + std::to_string(K) + " g=" + std::to_string(g) +
+                           (s.row_pad ? " padded rows" : "") + (append ? " append" : "");
+  set_env("DALLE_FAST_DECODE_FAST", pick == Pick::General ? "0" : nullptr);
   const char* err = dalle_fast::cuda::sparse_decode(p, attn_dtype<T>(), nullptr);
   const void* kernel = emu::last_kernel();
   set_env("DALLE_FAST_DECODE_FAST", nullptr);
@@ -468,11 +483,11 @@ void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng
         key = s.text + src;
       }
       const bool fresh = key == row;
-      const T* kr = fresh ? kn.p + bh * D : k.p + (bh * N + key) * D;
+      const T* kr = fresh ? kn.p + bh * D : &k_before[at(bh, key, 0)];
       double dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += double(to_f(qr[d])) * to_f(kr[d]);
       w.push_back(dot * p.scale);
-      vr.push_back(fresh ? vn.p + bh * D : v.p + (bh * N + key) * D);
+      vr.push_back(fresh ? vn.p + bh * D : &v_before[at(bh, key, 0)]);
       top = std::max(top, w.back());
     }
     double sum = 0;
@@ -480,22 +495,28 @@ void decode_case(const DecodeShape& s, bool append, bool fast, std::mt19937& rng
     for (int64_t d = 0; d < D; ++d) {
       double acc = 0;
       for (size_t i = 0; i < w.size(); ++i) acc += w[i] * to_f(vr[i][d]);
-      c(to_f(out[size_t(bh * D + d)]), acc / sum, size_t(bh * D + d));
+      c(to_f(out[size_t(bh * D + d)]), w.empty() ? 0.0 : acc / sum, size_t(bh * D + d));
     }
   }
   c.report();
-  if (append) {
-    size_t wrong = 0;
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t d = 0; d < D; ++d)
-        wrong += std::memcmp(&k[size_t((bh * N + row) * D + d)], &kn[size_t(bh * D + d)], sizeof(T)) != 0 ||
-                 std::memcmp(&v[size_t((bh * N + row) * D + d)], &vn[size_t(bh * D + d)], sizeof(T)) != 0;
-    expect(wrong == 0, name + ": this step's key and value appended to the caches");
+  // The caches afterwards: this step's row (appending, g inside) is k_new / v_new, every other
+  // byte as before.
+  size_t wrong = 0;
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t d = 0; d < R; ++d) {
+        const bool fresh = append && in_cache && n == row && d < D;
+        const T* kw = fresh ? &kn[size_t(bh * D + d)] : &k_before[at(bh, n, d)];
+        const T* vw = fresh ? &vn[size_t(bh * D + d)] : &v_before[at(bh, n, d)];
+        wrong += std::memcmp(&k[at(bh, n, d)], kw, sizeof(T)) != 0 || std::memcmp(&v[at(bh, n, d)], vw, sizeof(T)) != 0;
+      }
+    }
   }
+  expect(wrong == 0, name + ": the caches hold this step's key and value (appending) and are otherwise unchanged");
   static const void* general_kernel[3] = {};
   const int t = std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2;
-  if (!fast) general_kernel[t] = kernel;
-  if (fast && sizeof(T) == 2 && general_kernel[t] != nullptr)
+  if (pick == Pick::General) general_kernel[t] = kernel;
+  if (pick == Pick::Fast && general_kernel[t] != nullptr)
     expect(kernel != general_kernel[t], name + ": a kernel other than the general one ran");
 }
 
@@ -516,13 +537,13 @@ void decode() {
   };
   for (const DecodeShape& s : shapes) {
     for (bool append : {false, true}) {
-      decode_case<__half>(s, append, false, rng);
-      decode_case<__half>(s, append, true, rng);
+      decode_case<__half>(s, append, Pick::General, rng);
+      decode_case<__half>(s, append, Pick::Fast, rng);
     }
-    decode_case<__nv_bfloat16>(s, true, false, rng);
-    decode_case<__nv_bfloat16>(s, true, true, rng);
+    decode_case<__nv_bfloat16>(s, true, Pick::General, rng);
+    decode_case<__nv_bfloat16>(s, true, Pick::Fast, rng);
   }
-  decode_case<float>({2, 2, 20, 100, 48, conv, 50}, true, false, rng);
+  decode_case<float>({2, 2, 20, 100, 48, conv, 50}, true, Pick::General, rng);
 }
 
 // ---- skinny_linear --------------------------------------------------------------------------
@@ -592,9 +613,83 @@ void skinny_linear() {
   linear_case<__half>(16, 1536, 512, true, true, false, false, rng);  // a sampling step's qkv projection
 }
 
+// ---- Random shapes --------------------------------------------------------------------------
+// `count` random cases of every kernel above (shapes, dtypes, options) from `seed`; each case
+// line names its shape, so a failure can be rerun as a fixed case.
+void fuzz(int count, unsigned seed) {
+  std::mt19937 rng(seed);
+  const auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  const auto vocab = [&]() { return uni(0, 3) == 0 ? uni(1, 12) : uni(0, 2) == 0 ? uni(1500, 8192) : uni(13, 1500); };
+  for (int i = 0; i < count; ++i) {
+    // Gumbel-softmax: the one-read kernels (strided dimension), then the two-sweep ones on any.
+    const Shape strided{uni(1, 3), vocab(), uni(2, 48)};
+    const bool kl = uni(0, 1) == 1;
+    const int64_t dt = uni(0, 2);
+    if (fits_race_check(strided, 16, "gumbel_fwd")) {
+      if (dt == 0) gumbel_forward_case<float>(strided, kl, true, rng);
+      if (dt == 1) gumbel_forward_case<__half>(strided, kl, true, rng);
+      if (dt == 2) gumbel_forward_case<__nv_bfloat16>(strided, kl, true, rng);
+    }
+    if (fits_race_check(strided, kl ? 8 : 16, "gumbel_bwd")) {
+      if (dt == 0) gumbel_backward_case<float>(strided, kl, true, rng);
+      if (dt == 1) gumbel_backward_case<__half>(strided, kl, true, rng);
+      if (dt == 2) gumbel_backward_case<__nv_bfloat16>(strided, kl, true, rng);
+    }
+    const Shape any{uni(1, 3), vocab(), uni(0, 1) == 0 ? 1 : uni(2, 9)};
+    if (dt == 0) gumbel_forward_case<float>(any, kl, false, rng);
+    if (dt == 1) gumbel_backward_case<__half>(any, kl, false, rng);
+    if (dt == 2) gumbel_argmax_case<__nv_bfloat16>(any, rng);
+    gumbel_argmax_case<float>({uni(1, 3), vocab(), uni(1, 9)}, rng);
+
+    // Decode: head dims of the fast kernel and others, conv-like and scattered offsets, a
+    // position inside or just past the image, padded cache rows, q inside a qkv projection.
+    DecodeShape d;
+    d.batch = uni(1, 3);
+    d.heads = uni(1, 3);
+    d.dim = uni(0, 2) > 0 ? 32 << uni(0, 2) : uni(1, 160);
+    d.text = uni(1, 300);
+    const int64_t side = uni(1, 32);
+    d.image = side * side;
+    const int64_t n_off = uni(1, std::min<int64_t>(d.image, 60));
+    for (int64_t o : [&] {
+           std::vector<int64_t> all(size_t(d.image));
+           for (int64_t j = 0; j < d.image; ++j) all[size_t(j)] = j;
+           std::shuffle(all.begin(), all.end(), rng);
+           all.resize(size_t(n_off));
+           std::sort(all.begin(), all.end());
+           return all;
+         }())
+      d.offsets.push_back(o);
+    d.g = uni(0, 9) == 0 ? d.image + uni(0, 2) : uni(0, d.image - 1);
+    d.q_rows = uni(0, 1) == 0 ? 1 : 3;
+    d.row_pad = std::vector<int64_t>{0, 0, 0, 8, 3}[size_t(uni(0, 4))];
+    const bool append = uni(0, 1) == 1;
+    const int64_t ddt = uni(0, 2);
+    if (ddt == 0) decode_case<float>(d, append, Pick::Any, rng);
+    if (ddt == 1) decode_case<__half>(d, append, Pick::Any, rng);
+    if (ddt == 2) decode_case<__nv_bfloat16>(d, append, Pick::Any, rng);
+
+    // skinny_linear: any m <= 64, n % 8 == 0, k % 32 == 0, every epilogue.
+    const int64_t m = uni(1, 64), n = 8 * uni(1, 40), k = 32 * uni(1, 24);
+    const bool ln = uni(0, 1), bias = uni(0, 1), gelu = uni(0, 1), residual = uni(0, 1);
+    if (uni(0, 1) == 0) {
+      linear_case<__half>(m, n, k, ln, bias, gelu, residual, rng);
+    } else {
+      linear_case<__nv_bfloat16>(m, n, k, ln, bias, gelu, residual, rng);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "fuzz") {
+    const int count = argc > 2 ? std::atoi(argv[2]) : 10;
+    const unsigned seed = argc > 3 ? unsigned(std::strtoul(argv[3], nullptr, 10)) : 0u;
+    fuzz(count, seed);
+    std::printf("fuzz %d %u: %d failure(s)\n", count, seed, g_failures);
+    return g_failures == 0 ? 0 : 1;
+  }
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
       {"decode", decode},         {"skinny_linear", skinny_linear},
@@ -602,7 +697,7 @@ int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);
     for (const auto& c : checks) std::fprintf(stderr, " %s", c.first.c_str());
-    std::fprintf(stderr, ")\n");
+    std::fprintf(stderr, "), or %s fuzz [COUNT [SEED]]\n", argv[0]);
     return 2;
   }
   for (const auto& [name, run] : checks) {

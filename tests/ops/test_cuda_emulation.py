@@ -14,6 +14,8 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.cuda_emu.build import CHECKS, build
 
@@ -51,6 +53,25 @@ def test_kernel_has_no_race_on_emulation(emu_race_checks, name):
     result = run(emu_race_checks, name)
     assert "ThreadSanitizer" not in result.stderr, result.stderr[-8000:]
     assert result.returncode == 0, f"{name} failed on the emulation:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+
+
+# Random shapes, dtypes and options of every kernel (`emu_checks fuzz COUNT SEED`: see checks.cpp);
+# a failing case's line names its shape.
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_shapes_on_emulation(emu_checks, seed):
+    result = subprocess.run([str(emu_checks), "fuzz", "3", str(seed)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "EMU_SMS": "4"})
+    assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_shapes_have_no_race_on_emulation(emu_race_checks, seed):
+    result = subprocess.run([str(emu_race_checks), "fuzz", "2", str(seed)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "EMU_SMS": "4"})
+    assert "ThreadSanitizer" not in result.stderr, f"seed {seed}:\n{result.stderr[-8000:]}"
+    assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
 def test_a_race_is_reported(tmp_path):
