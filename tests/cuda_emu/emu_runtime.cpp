@@ -3,6 +3,7 @@
 // clusters one after another. A fiber runs until it reaches a collective, where it waits, yielding,
 // until its group (warp, block or cluster) has arrived; a full pass over the fibers in which no
 // fiber arrives anywhere or exits is a deadlock and is reported with the places they wait at.
+// EMU_SCHEDULE (below) makes the order random.
 //
 // Built with EMU_TSAN (this file itself uninstrumented, the kernels under ThreadSanitizer), it is
 // a race check: each fiber is a ThreadSanitizer fiber, and the only happens-before edges between
@@ -17,11 +18,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <random>
 #include <memory>
 #include <string>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if defined(EMU_TSAN)
@@ -62,17 +65,46 @@ struct Block {
   uint3 idx{};
   unsigned rank = 0;
   int live = 0;
+  bool exited = false;  // all its threads have: its shared memory is gone
   Barrier bar;
   std::vector<Warp> warps;
   std::vector<Var> vars;  // static __shared__ variables, in order of first use
   size_t static_bytes = 0;
   unsigned char* dyn = nullptr;  // dynamic shared memory
+  size_t dyn_bytes = 0;
   Block() = default;
   Block(const Block&) = delete;
   Block& operator=(const Block&) = delete;
   ~Block() {
-    for (Var& v : vars) std::free(v.ptr);
-    std::free(dyn);
+    for (Var& v : vars) free_shared(v.ptr, v.bytes);
+    free_shared(dyn, dyn_bytes);
+  }
+  // An exited block's shared memory: under AddressSanitizer, another block of the cluster reading
+  // it (through a pointer mapped before) is reported, as a read of freed memory.
+  void retire() {
+    exited = true;
+    for (Var& v : vars) poison(v.ptr, v.bytes, true);
+    poison(dyn, dyn_bytes, true);
+  }
+  static void poison(void* p, size_t bytes, bool on) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (p == nullptr) return;
+    if (on) {
+      ASAN_POISON_MEMORY_REGION(p, bytes);
+    } else {
+      ASAN_UNPOISON_MEMORY_REGION(p, bytes);
+    }
+#else
+    (void)p, (void)bytes, (void)on;
+#endif
+  }
+  static void free_shared(void* p, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (p != nullptr) __asan_unpoison_memory_region(p, bytes > 0 ? bytes : 1);
+#else
+    (void)bytes;
+#endif
+    std::free(p);
   }
 };
 
@@ -106,6 +138,12 @@ struct Run {
 
 Thread* g_cur = nullptr;
 ucontext_t g_sched;
+
+// EMU_SCHEDULE=N (a seed): each pass over the fibers runs them in a random order, stalls a random
+// half of the cluster's blocks and skips a quarter of the other threads, so that blocks and warps
+// run ahead of each other as on a GPU. Unset: every thread in order, each pass.
+const bool g_random_schedule = std::getenv("EMU_SCHEDULE") != nullptr;
+std::mt19937_64 g_schedule_rng(g_random_schedule ? std::strtoull(std::getenv("EMU_SCHEDULE"), nullptr, 10) : 0);
 
 // AddressSanitizer must be told of every switch between stacks (fibers and the scheduler's).
 #if defined(__SANITIZE_ADDRESS__)
@@ -216,6 +254,7 @@ void exit_thread() {
   ++g_events;
   release_if_complete(t.warp->bar, --t.warp->live);
   release_if_complete(t.block->bar, --t.block->live);
+  if (t.block->live == 0) t.block->retire();
   release_if_complete(g_run->cluster_bar, --g_run->cluster_live);
 }
 
@@ -266,6 +305,7 @@ void run_cluster(Run& run, uint64_t first) {
     for (unsigned w = 0; w < warps; ++w) blk->warps[w].live = int(std::min(32u, nt - 32 * w));
     if (run.smem > 0) {
       blk->dyn = allocate(run.smem, 16);
+      blk->dyn_bytes = run.smem;
       fill_bytes(blk->dyn, 0xff, run.smem);
     }
     for (unsigned i = 0; i < nt; ++i) {
@@ -285,10 +325,23 @@ void run_cluster(Run& run, uint64_t first) {
     run.blocks.push_back(std::move(blk));
   }
   size_t left = threads.size();
+  bool full_pass = true;  // every thread gets a turn (always, unless the schedule is random)
+  std::vector<size_t> order(threads.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   while (left > 0) {
     const uint64_t before = g_events;
-    for (Thread& t : threads) {
+    std::vector<char> stalled(run.csize, 0);
+    if (g_random_schedule) {
+      std::shuffle(order.begin(), order.end(), g_schedule_rng);
+      if (!full_pass) {
+        for (unsigned r = 0; r < run.csize; ++r) stalled[r] = g_schedule_rng() % 2;
+        stalled[g_schedule_rng() % run.csize] = 0;
+      }
+    }
+    for (size_t i : order) {
+      Thread& t = threads[i];
       if (t.done) continue;
+      if (!full_pass && (stalled[t.block->rank] || g_schedule_rng() % 4 == 0)) continue;
       g_cur = &t;
       threadIdx = t.tid;
       blockIdx = t.block->idx;
@@ -299,7 +352,13 @@ void run_cluster(Run& run, uint64_t first) {
       g_cur = nullptr;
       if (t.done) --left;
     }
-    if (left > 0 && g_events == before) {
+    const bool progress = g_events != before;
+    if (left > 0 && !progress && !full_pass) {
+      full_pass = true;  // nothing moved among the threads that ran: give every thread a turn
+      continue;
+    }
+    full_pass = !g_random_schedule;
+    if (left > 0 && !progress) {
       std::map<std::string, int> at;
       for (const Thread& t : threads)
         if (!t.done) ++at[t.waiting != nullptr ? t.waiting : "?"];
@@ -445,6 +504,7 @@ void* map_shared(const void* p, unsigned rank, size_t bytes) {
   Block& self = *cur().block;
   if (rank >= g_run->csize) fault("map_shared_rank: rank outside the cluster");
   Block& other = *g_run->blocks[rank];
+  if (other.exited) fault("map_shared_rank: that block of the cluster has exited (its shared memory is gone)");
   const auto* q = static_cast<const unsigned char*>(p);
   for (const Var& v : self.vars) {
     if (q >= v.ptr && q + bytes <= v.ptr + v.bytes) {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 
@@ -93,7 +94,10 @@ _SYNC = re.compile(r"\b(\w+)\.sync\(\)")
 
 
 def translate(text: str, name: str) -> str:
-    counter = iter(range(1, 1 << 30))
+    # Keys of the __shared__ declarations: unique across files (a kernel also declares the ones
+    # of the headers it includes), as the declarations are.
+    base = (zlib.crc32(name.encode()) & 0xFFFFF) * 1000
+    counter = iter(range(base + 1, base + 1000))
 
     def line_of(pos: int) -> int:
         return text.count("\n", 0, pos) + 1

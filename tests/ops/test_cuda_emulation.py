@@ -10,6 +10,7 @@ session; speed still needs the GPU.
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -32,18 +33,23 @@ def emu_race_checks(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cuda_emu_tsan"), sanitize="thread")
 
 
-def run(exe, name, sms=4):
+def run(exe, *args, sms=4, schedule=None):
     env = {**os.environ, "EMU_SMS": str(sms)}
-    env.pop("DALLE_FAST_GUMBEL_RESIDENT", None)
-    env.pop("DALLE_FAST_DECODE_FAST", None)
-    return subprocess.run([str(exe), name], capture_output=True, text=True, timeout=600, env=env)
+    for name in ("DALLE_FAST_GUMBEL_RESIDENT", "DALLE_FAST_DECODE_FAST", "EMU_SCHEDULE"):
+        env.pop(name, None)
+    if schedule is not None:
+        env["EMU_SCHEDULE"] = str(schedule)
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
 
 
 # A device of 4 SMs makes the kernels' grid-stride and tile loops take several turns on small
-# shapes; one of 132 (the H100's) gives the one-read kernels the H100's cluster counts.
-@pytest.mark.parametrize("name,sms", [(name, 4) for name in CHECKS] + [("gumbel_fwd", 132), ("gumbel_bwd", 132)])
-def test_kernel_matches_reference_on_emulation(emu_checks, name, sms):
-    result = run(emu_checks, name, sms)
+# shapes; one of 132 (the H100's) gives the one-read kernels the H100's cluster counts. The
+# threads run in a random order (EMU_SCHEDULE: blocks and warps run ahead of each other), and
+# once, for the cluster kernels, in order.
+@pytest.mark.parametrize("name,sms,schedule", [(name, 4, 1) for name in CHECKS] +
+                         [("gumbel_fwd", 132, None), ("gumbel_bwd", 132, None)])
+def test_kernel_matches_reference_on_emulation(emu_checks, name, sms, schedule):
+    result = run(emu_checks, name, sms=sms, schedule=schedule)
     assert result.returncode == 0, f"{name} failed on the emulation:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
 
@@ -57,19 +63,17 @@ def test_kernel_has_no_race_on_emulation(emu_race_checks, name):
 
 # Random shapes, dtypes and options of every kernel (`emu_checks fuzz COUNT SEED`: see checks.cpp);
 # a failing case's line names its shape.
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_shapes_on_emulation(emu_checks, seed):
-    result = subprocess.run([str(emu_checks), "fuzz", "3", str(seed)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "EMU_SMS": "4"})
+    result = run(emu_checks, "fuzz", 3, seed, schedule=seed)
     assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_shapes_have_no_race_on_emulation(emu_race_checks, seed):
-    result = subprocess.run([str(emu_race_checks), "fuzz", "2", str(seed)], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "EMU_SMS": "4"})
+    result = run(emu_race_checks, "fuzz", 2, seed)
     assert "ThreadSanitizer" not in result.stderr, f"seed {seed}:\n{result.stderr[-8000:]}"
     assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
@@ -93,21 +97,30 @@ def test_a_race_is_reported(tmp_path):
     assert result.returncode != 0
 
 
-def test_a_broken_kernel_fails(tmp_path):
-    """The checks are not vacuous: the one-read forward without the cluster barrier before the
-    other blocks' statistics are read (a race on the GPU) reads unwritten shared memory here."""
+def drop_combine_barrier(src):
+    """combine() reads the other blocks' statistics without waiting for them to be written."""
+    path = src / "gumbel" / "cuda" / "gumbel_cluster.h"
+    text = path.read_text()
+    at = text.index("cluster.sync_at(", text.index("Part combine("))
+    path.write_text(text[:at] + "if (false) " + text[at:])
 
-    def drop_cluster_barrier(src):
-        path = src / "gumbel" / "cuda" / "gumbel_cluster.h"
-        text = path.read_text()
-        start = text.index("Part combine(")
-        at = text.index("cluster.sync_at(", start)
-        path.write_text(text[:at] + "if (false) " + text[at:])
 
-    exe = build(tmp_path, patch=drop_cluster_barrier)
-    result = run(exe, "gumbel_fwd")
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "FAIL gumbel_fwd one-read" in result.stdout
+def drop_final_cluster_barrier(src):
+    """A block leaves while another block of its cluster may still read its statistics."""
+    path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
+    text = path.read_text()
+    at = text.index("cluster.sync_at(", text.index("resident_kernel("))
+    path.write_text(text[:at] + "if (false) " + text[at:])
+
+
+@pytest.mark.parametrize("patch,expect", [(drop_combine_barrier, "FAIL gumbel_fwd one-read"),
+                                          (drop_final_cluster_barrier, "that block of the cluster has exited")])
+def test_a_broken_kernel_fails(tmp_path, patch, expect):
+    """The checks are not vacuous: each of these bugs (races on a GPU) is reported."""
+    exe = build(tmp_path, sanitize="none", patch=patch)
+    result = run(exe, "gumbel_fwd", schedule=1)
+    assert result.returncode != 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert expect in result.stdout + result.stderr
 
 
 def test_translation_of_cuda_syntax():
@@ -125,7 +138,7 @@ void launch() { k<T, 4><<<grid, 256, smem, stream>>>(p, 3); other<<<1, 32>>>(); 
 """
     out = translate(src, "x.cu")
     assert "unsigned char* raw = ::emu::dynamic_shared<unsigned char>();" in out
-    assert "auto& part = ::emu::shared_var<float[kWarps][HD], 1>();" in out
+    assert re.search(r"auto& part = ::emu::shared_var<float\[kWarps\]\[HD\], \d+>\(\);", out)
     assert "(void)0;" in out and "r = ::emu::ex2_approx_ftz(x * 2.0f);" in out
     assert 'cluster.sync_at("x.cu:" EMU_STR(__LINE__))' in out
     assert "::emu::launch_kernel(k<T, 4>, dim3(grid), dim3(256), smem, stream, p, 3);" in out
