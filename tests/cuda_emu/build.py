@@ -30,7 +30,7 @@ KERNELS = [  # the .cu files the checks run
     "attention/cuda/decode.cu",
     "linear/cuda/skinny_linear.cu",
 ]
-CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear"]
+CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear", "conversions"]
 
 
 SANITIZERS = {

@@ -7,6 +7,7 @@
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
 //                   general one, with and without appending this step's key and value
 //   skinny_linear   out = act(ln(x) w^T + bias) + residual on the tensor-core path
+//   conversions     the emulation's float <-> half / bfloat16 conversions
 //   fuzz            random cases of all of them
 // Usage: emu_checks NAME, or emu_checks fuzz [COUNT [SEED]]. Prints one line per case and exits 1
 // if any case fails.
@@ -130,6 +131,9 @@ void expect(bool ok, const std::string& what) {
   if (!ok) ++g_failures;
 }
 
+std::string detail(const char* err) { return err != nullptr ? std::string(" (") + err + ")" : std::string(); }
+void launched(const std::string& name, const char* err) { expect(err == nullptr, name + ": launched" + detail(err)); }
+
 void set_env(const char* name, const char* value) {
   if (value == nullptr) {
     unsetenv(name);
@@ -203,6 +207,26 @@ GumbelParams gumbel_params(const Shape& s, float tau) {
   return p;
 }
 
+// Runs a Gumbel op on the one-read kernels, required (the case fails where they did not run), or
+// on the two-sweep ones (DALLE_FAST_GUMBEL_RESIDENT=0, through the op's entry point); returns the
+// case's name.
+template <class T, class OneRead, class TwoSweep>
+std::string run_gumbel(const char* op, const Shape& s, bool with_kl, bool resident, OneRead one_read,
+                       TwoSweep two_sweep) {
+  const std::string name = std::string(op) + (resident ? " one-read " : " two-sweep ") + type_name<T>() + " " +
+                           s.str() + (with_kl ? " kl" : "");
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", resident ? "require" : "0");
+  if (resident) {
+    const char* err = nullptr;
+    const bool took = one_read(&err);
+    expect(took && err == nullptr, name + ": the one-read kernel ran" + detail(err));
+  } else {
+    launched(name, two_sweep());
+  }
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  return name;
+}
+
 template <class T>
 void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng) {
   const float tau = 0.7f;
@@ -215,19 +239,10 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
   p.y = y.p;
   p.kl = with_kl ? kl.p : nullptr;
   p.rng_state = state;
-  const std::string name = std::string("gumbel_fwd ") + (resident ? "one-read " : "two-sweep ") + type_name<T>() +
-                           " " + s.str() + (with_kl ? " kl" : "");
-  const char* err = nullptr;
-  if (resident) {
-    set_env("DALLE_FAST_GUMBEL_RESIDENT", "require");
-    const bool took = dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, &err);
-    expect(took && err == nullptr, name + ": the one-read kernel ran" + (err ? std::string(" (") + err + ")" : ""));
-  } else {
-    set_env("DALLE_FAST_GUMBEL_RESIDENT", "0");
-    err = dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr);
-    expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
-  }
-  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  const std::string name = run_gumbel<T>(
+      "gumbel_fwd", s, with_kl, resident,
+      [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err); },
+      [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
   expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
   Compare cy{name + " y", tolerance<T>(), std::max(1e-6, smallest_normal<T>())}, ck{name + " kl", tolerance<T>() * 10, 1e-3};
   std::vector<float> xs(s.vocab);
@@ -269,19 +284,10 @@ void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19
   p.grad_kl = with_kl ? gkl.p : nullptr;
   p.rng_in = state;
   p.grad_logits = dx.p;
-  const std::string name = std::string("gumbel_bwd ") + (resident ? "one-read " : "two-sweep ") + type_name<T>() +
-                           " " + s.str() + (with_kl ? " kl" : "");
-  const char* err = nullptr;
-  if (resident) {
-    set_env("DALLE_FAST_GUMBEL_RESIDENT", "require");
-    const bool took = dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, &err);
-    expect(took && err == nullptr, name + ": the one-read kernel ran" + (err ? std::string(" (") + err + ")" : ""));
-  } else {
-    set_env("DALLE_FAST_GUMBEL_RESIDENT", "0");
-    err = dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr);
-    expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
-  }
-  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  const std::string name = run_gumbel<T>(
+      "gumbel_bwd", s, with_kl, resident,
+      [&](const char** err) { return dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, err); },
+      [&] { return dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr); });
   // grad_v = y_v (dy_v - sum y dy) / tau + gkl p_v (log p_v - sum p log p). The scale of a
   // position's errors: the largest magnitude of the terms before they cancel, y_v (|dy_v| +
   // sum |y dy|) / tau and |gkl| p_v (|log p_v| + |sum p log p|).
@@ -332,7 +338,7 @@ void gumbel_argmax_case(const Shape& s, std::mt19937& rng) {
   p.rng_state = state;
   const std::string name = std::string("gumbel_argmax ") + type_name<T>() + " " + s.str();
   const char* err = dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr);
-  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  launched(name, err);
   size_t wrong = 0;
   for (int64_t pos = 0; pos < s.positions(); ++pos) {
     int64_t best = -1;
@@ -468,7 +474,7 @@ void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng
   const char* err = dalle_fast::cuda::sparse_decode(p, attn_dtype<T>(), nullptr);
   const void* kernel = emu::last_kernel();
   set_env("DALLE_FAST_DECODE_FAST", nullptr);
-  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  launched(name, err);
   Compare c{name + " out", tolerance<T>() * 2, 0.05};
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const T* qr = q.p + (bh / H) * q_sb + (bh % H) * D;
@@ -575,7 +581,7 @@ void linear_case(int64_t m, int64_t n, int64_t k, bool ln, bool bias, bool gelu,
                            " n=" + std::to_string(n) + " k=" + std::to_string(k) + (ln ? " ln" : "") +
                            (bias ? " bias" : "") + (gelu ? " gelu" : "") + (residual ? " residual" : "");
   const char* err = dalle_fast::cuda::skinny_linear(p, attn_dtype<T>(), nullptr);
-  expect(err == nullptr, name + ": launched" + (err ? std::string(" (") + err + ")" : ""));
+  launched(name, err);
   Compare c{name, tolerance<T>() * 2, 0.1};
   std::vector<double> xr(k);
   for (int64_t i = 0; i < m; ++i) {
@@ -611,6 +617,53 @@ void skinny_linear() {
   linear_case<__half>(64, 16, 1024, true, false, false, true, rng);
   linear_case<__nv_bfloat16>(17, 32, 32, true, true, true, true, rng);
   linear_case<__half>(16, 1536, 512, true, true, false, false, rng);  // a sampling step's qkv projection
+}
+
+// ---- The emulation's own 16-bit conversions --------------------------------------------------
+// The stand-in cuda_fp16.h / cuda_bf16.h against independent ones: the compiler's _Float16 (IEEE
+// round to nearest even), and for bfloat16 the nearer of the two neighbouring values (ties to the
+// even one), on every 16-bit value and on random and special floats.
+uint16_t bf16_reference(float f) {
+  const uint32_t x = emu::bit_cast<uint32_t>(f);
+  if (std::isnan(f)) return uint16_t((x >> 16) | 0x40u);
+  const uint16_t lo = uint16_t(x >> 16), hi = uint16_t(lo + 1);  // truncated, and one unit further from 0
+  // hi's value; past the largest finite bfloat16 that is 2^128, where IEEE rounding puts infinity
+  const auto value = [](uint16_t b) {
+    const float v = emu::bit_cast<float>(uint32_t(b) << 16);
+    return std::isinf(v) ? std::copysign(std::ldexp(1.0, 128), double(v)) : double(v);
+  };
+  if (std::isinf(f) || (x & 0xffffu) == 0) return lo;
+  const double dl = std::fabs(value(lo) - double(f)), dh = std::fabs(value(hi) - double(f));
+  if (dl != dh) return dl < dh ? lo : hi;
+  return (lo & 1u) == 0 ? lo : hi;  // a tie: the even one
+}
+
+void conversions() {
+  size_t bad = 0;
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const _Float16 h = emu::bit_cast<_Float16>(uint16_t(b));
+    const float want = float(h), got = __half2float(__half{uint16_t(b)});
+    bad += !(emu::bit_cast<uint32_t>(want) == emu::bit_cast<uint32_t>(got) || (std::isnan(want) && std::isnan(got)));
+    const float bf = __bfloat162float(__nv_bfloat16{uint16_t(b)});
+    bad += emu::bit_cast<uint32_t>(bf) != b << 16;
+  }
+  expect(bad == 0, "every half and bfloat16 value to float: " + std::to_string(bad) + " wrong");
+  std::mt19937 rng(6);
+  std::vector<float> floats = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 65504.0f, 65519.99f, 65520.0f, 6.1035156e-05f,
+                               5.9604645e-08f, 2.9802322e-08f, 2.9802326e-08f, 3.3895314e38f, 3.4028235e38f, 1e-40f};
+  for (int i = 0; i < 2000000; ++i) floats.push_back(emu::bit_cast<float>(uint32_t(rng())));
+  std::uniform_real_distribution<float> small(-70000.0f, 70000.0f);
+  for (int i = 0; i < 1000000; ++i) floats.push_back(small(rng));
+  size_t bad_h = 0, bad_b = 0;
+  for (float f : floats) {
+    const uint16_t want = emu::bit_cast<uint16_t>(static_cast<_Float16>(f)), got = __float2half_rn(f).__x;
+    bad_h += !(want == got || (std::isnan(f) && (got & 0x7c00u) == 0x7c00u && (got & 0x3ffu) != 0));
+    if (__float2bfloat16_rn(f).__x != bf16_reference(f) && bad_b++ < 5)
+      std::printf("  bf16 of %a (0x%08x): got 0x%04x, want 0x%04x\n", f, emu::bit_cast<uint32_t>(f),
+                  __float2bfloat16_rn(f).__x, bf16_reference(f));
+  }
+  expect(bad_h == 0, "float to half, " + std::to_string(floats.size()) + " values: " + std::to_string(bad_h) + " wrong");
+  expect(bad_b == 0, "float to bfloat16, " + std::to_string(floats.size()) + " values: " + std::to_string(bad_b) + " wrong");
 }
 
 // ---- Random shapes --------------------------------------------------------------------------
@@ -692,7 +745,7 @@ int main(int argc, char** argv) {
   }
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
-      {"decode", decode},         {"skinny_linear", skinny_linear},
+      {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},
   };
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);

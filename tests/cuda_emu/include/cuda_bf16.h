@@ -2,7 +2,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "emu_device.h"
 
 struct __nv_bfloat16 {
   uint16_t __x;
@@ -11,15 +12,9 @@ struct __nv_bfloat162 {
   __nv_bfloat16 x, y;
 };
 
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t bits = uint32_t(h.__x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return ::emu::bit_cast<float>(uint32_t(h.__x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  uint32_t x = ::emu::bit_cast<uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((x >> 16) | 0x40u)};
   x += 0x7fffu + ((x >> 16) & 1u);
   return {static_cast<uint16_t>(x >> 16)};
