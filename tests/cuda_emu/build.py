@@ -29,8 +29,13 @@ KERNELS = [  # the .cu files the checks run
     "gumbel/cuda/gumbel_bwd_resident.cu",
     "attention/cuda/decode.cu",
     "linear/cuda/skinny_linear.cu",
+    "attention/cuda/attention_fwd.cu",
+    "attention/cuda/attention_bwd.cu",
+    "attention/cuda/flash_fwd.cu",
+    "attention/cuda/flash_bwd.cu",
 ]
-CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear", "conversions"]
+HOST = ["attention/tile_plan.cpp", "attention/cuda/device_plan.cpp"]  # host code the kernels' callers need
+CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear", "attention", "conversions"]
 
 
 SANITIZERS = {
@@ -56,6 +61,7 @@ def build(out: Path, sanitize: str = "address", cxx: str = "g++", patch=None) ->
     # Under ThreadSanitizer the scheduler itself stays uninstrumented: it only annotates.
     runtime = ["-DEMU_TSAN", "-fno-tree-loop-distribute-patterns"] if sanitize == "thread" else sanitizer
     jobs = [(out / "csrc" / cu, device, out / (Path(cu).stem + ".o")) for cu in KERNELS]
+    jobs += [(out / "csrc" / cpp, sanitizer, out / (Path(cpp).stem + ".o")) for cpp in HOST]
     jobs.append((HERE / "emu_runtime.cpp", runtime, out / "emu_runtime.o"))
     jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}", *sanitizer], out / "checks.o"))
 

@@ -7,6 +7,8 @@
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
 //                   general one, with and without appending this step's key and value
 //   skinny_linear   out = act(ln(x) w^T + bias) + residual on the tensor-core path
+//   attention       sparse attention forward and backward, one-warp and flash kernels (these have
+//                   run on an H100: a control of the emulation itself)
 //   conversions     the emulation's float <-> half / bfloat16 conversions
 //   fuzz            random cases of all of them
 // Usage: emu_checks NAME, or emu_checks fuzz [COUNT [SEED]]. Prints one line per case and exits 1
@@ -33,6 +35,7 @@ namespace ref {
 }
 
 #include "attention/cuda/attention_cuda.h"
+#include "attention/cuda/device_plan.h"
 #include "gumbel/cuda/gumbel_cuda.h"
 #include "linear/cuda/linear_cuda.h"
 
@@ -619,6 +622,119 @@ void skinny_linear() {
   linear_case<__half>(16, 1536, 512, true, true, false, false, rng);  // a sampling step's qkv projection
 }
 
+// ---- Sparse attention (GPU-proven kernels: the emulation's control) ------------------------------
+// The one-warp-per-row kernels (attention_fwd.cu, attention_bwd.cu) and the flash tensor-core
+// ones (flash_fwd.cu, flash_bwd.cu: cp.async, ldmatrix, mma, fp32 atomics for dq) against dense
+// masked attention in double: out, lse, then dq, dk, dv from dout.
+template <class T>
+void attention_case(const MaskSpec& mask, int64_t B, int64_t H, int64_t D, bool flash, std::mt19937& rng) {
+  const int64_t N = mask.seq_len();
+  const size_t n = size_t(B * H * N * D), rows = size_t(B * H * N);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Buf<T> q(n), k(n), v(n), out(n), dout(n), dq(n), dk(n), dv(n);
+  Buf<float> lse(rows), delta(rows), dq_acc(n);
+  for (size_t i = 0; i < n; ++i) {
+    q[i] = from_f<T>(normal(rng)), k[i] = from_f<T>(normal(rng)), v[i] = from_f<T>(normal(rng));
+    dout[i] = from_f<T>(normal(rng)), dq_acc[i] = 0.0f;
+  }
+  AttnParams p;
+  p.batch = B;
+  p.heads = H;
+  p.seq = N;
+  p.dim = D;
+  p.scale = 1.0 / std::sqrt(double(D));
+  p.mask = mask;
+  const auto bhnd = [&](void* ptr) { return BHND{ptr, H * N * D, N * D, D}; };
+  p.q = bhnd(q.p), p.k = bhnd(k.p), p.v = bhnd(v.p), p.out = bhnd(out.p);
+  p.dout = bhnd(dout.p), p.dq = bhnd(dq.p), p.dk = bhnd(dk.p), p.dv = bhnd(dv.p);
+  p.lse = {lse.p, H, N};
+  p.delta = {delta.p, H, N};
+  const char* kinds[] = {"row", "column", "conv", "causal"};
+  const std::string name = std::string("attention ") + (flash ? "flash " : "one-warp ") + type_name<T>() + " " +
+                           kinds[int(mask.kind)] + " T=" + std::to_string(mask.text_len) + " S=" +
+                           std::to_string(mask.grid) + " B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                           " D=" + std::to_string(D);
+  if (flash) {
+    const bool ok = dalle_fast::cuda::flash_forward_supported(p, attn_dtype<T>()) &&
+                    dalle_fast::cuda::flash_backward_supported(p, attn_dtype<T>());
+    expect(ok, name + ": the flash kernels take this call");
+    if (!ok) return;
+    const dalle_fast::cuda::PlanView plan = dalle_fast::cuda::device_plan(mask, dalle_fast::cuda::kFlashTile, 0);
+    launched(name + " forward", dalle_fast::cuda::flash_forward(p, plan, attn_dtype<T>(), nullptr));
+    launched(name + " delta", dalle_fast::cuda::attention_delta(p, attn_dtype<T>(), nullptr));
+    launched(name + " backward", dalle_fast::cuda::flash_backward(p, plan, dq_acc.p, attn_dtype<T>(), nullptr));
+  } else {
+    launched(name + " forward", dalle_fast::cuda::attention_forward(p, attn_dtype<T>(), nullptr));
+    launched(name + " backward", dalle_fast::cuda::attention_backward(p, attn_dtype<T>(), nullptr));
+  }
+  const double tol = tolerance<T>() * 2;
+  Compare co{name + " out", tol, 0.05}, cl{name + " lse", tol, 0.05}, cq{name + " dq", tol, 0.1},
+      ck{name + " dk", tol, 0.1}, cv{name + " dv", tol, 0.1};
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const auto at = [&](int64_t i, int64_t d) { return size_t((bh * N + i) * D + d); };
+    std::vector<double> P(size_t(N * N), 0.0), dP(size_t(N * N), 0.0);
+    std::vector<double> gq(size_t(N * D), 0.0), gk(size_t(N * D), 0.0), gv(size_t(N * D), 0.0);
+    for (int64_t i = 0; i < N; ++i) {
+      double top = -INFINITY;
+      for (int64_t j = 0; j < N; ++j) {
+        if (!allowed(mask, i, j)) continue;
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(to_f(q[at(i, d)])) * to_f(k[at(j, d)]);
+        P[size_t(i * N + j)] = dot * p.scale;
+        top = std::max(top, dot * p.scale);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < N; ++j)
+        if (allowed(mask, i, j)) sum += (P[size_t(i * N + j)] = std::exp(P[size_t(i * N + j)] - top));
+      cl(lse[size_t(bh * N + i)], top + std::log(sum), size_t(bh * N + i));
+      double dsum = 0;  // delta = rowsum(dout * out)
+      for (int64_t d = 0; d < D; ++d) {
+        double o = 0;
+        for (int64_t j = 0; j < N; ++j) o += (P[size_t(i * N + j)] /= (d == 0 ? sum : 1.0)) * to_f(v[at(j, d)]);
+        co(to_f(out[at(i, d)]), o, at(i, d));
+        dsum += double(to_f(dout[at(i, d)])) * to_f(out[at(i, d)]);
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        const double pij = P[size_t(i * N + j)];
+        if (pij == 0) continue;
+        double dpij = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dpij += double(to_f(dout[at(i, d)])) * to_f(v[at(j, d)]);
+          gv[size_t(j * D + d)] += pij * to_f(dout[at(i, d)]);
+        }
+        const double ds = pij * (dpij - dsum) * p.scale;
+        for (int64_t d = 0; d < D; ++d) {
+          gq[size_t(i * D + d)] += ds * to_f(k[at(j, d)]);
+          gk[size_t(j * D + d)] += ds * to_f(q[at(i, d)]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t d = 0; d < D; ++d) {
+        cq(flash ? double(dq_acc[at(i, d)]) : double(to_f(dq[at(i, d)])), gq[size_t(i * D + d)], at(i, d));
+        ck(to_f(dk[at(i, d)]), gk[size_t(i * D + d)], at(i, d));
+        cv(to_f(dv[at(i, d)]), gv[size_t(i * D + d)], at(i, d));
+      }
+    }
+  }
+  for (Compare* c : {&co, &cl, &cq, &ck, &cv}) c->report();
+}
+
+void attention() {
+  std::mt19937 rng(7);
+  const MaskSpec masks[] = {{MaskKind::Row, 16, 8, 0},
+                            {MaskKind::Column, 5, 9, 0},
+                            {MaskKind::Conv, 8, 10, 1},
+                            {MaskKind::Causal, 3, 7, 0}};
+  for (const MaskSpec& m : masks) {
+    attention_case<__half>(m, 2, 1, 64, true, rng);
+    attention_case<float>(m, 1, 2, 40, false, rng);
+  }
+  attention_case<__nv_bfloat16>({MaskKind::Conv, 20, 12, 2}, 1, 2, 32, true, rng);
+  attention_case<__half>({MaskKind::Row, 7, 11, 0}, 1, 1, 128, true, rng);
+  attention_case<__nv_bfloat16>({MaskKind::Column, 9, 6, 0}, 2, 1, 24, false, rng);
+}
+
 // ---- The emulation's own 16-bit conversions --------------------------------------------------
 // The stand-in cuda_fp16.h / cuda_bf16.h against independent ones: the compiler's _Float16 (IEEE
 // round to nearest even), and for bfloat16 the nearer of the two neighbouring values (ties to the
@@ -746,6 +862,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
       {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},
+      {"attention", attention},
   };
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);

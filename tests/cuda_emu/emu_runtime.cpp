@@ -53,12 +53,18 @@ struct Var {
   const void* key;
   unsigned char* ptr;
   size_t bytes;
+  uint32_t address;  // in the block's shared window (__cvta_generic_to_shared)
 };
+
+constexpr uint32_t kDynamicAddress = 0x1000000;  // the dynamic memory's place in the shared window
 
 struct Warp {
   int live = 0;
   Barrier bar;
-  alignas(16) unsigned char slot[32][kSlot];
+  // Each lane's value of a warp collective, in two sets used alternately: a lane writes set
+  // (its collective count) % 2, the warp meets once, and every lane reads the set. A lane cannot
+  // write that set again before every lane has met it at the next collective, so after reading.
+  alignas(16) unsigned char slot[2][32][kSlot];
 };
 
 struct Block {
@@ -117,6 +123,10 @@ struct Thread {
   int lane = 0;
   bool done = false;
   const char* waiting = nullptr;
+  unsigned collectives = 0;  // warp collectives so far: which set of the warp's slots
+  std::vector<AsyncCopy> copies;  // cp.async not yet done, oldest first
+  std::vector<size_t> group_ends;  // the committed groups: copies [0, group_ends[0]), ...
+  std::vector<AsyncCopy> taken;   // the copies a wait_group is doing
 };
 
 struct KernelInfo {
@@ -427,10 +437,10 @@ void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned ma
   if (mask != 0xffffffffu) fault("warp exchange: only the full mask is emulated");
   if (w.live != 32) fault("warp exchange with a full mask, but not all 32 lanes of the warp are running");
   if (bytes > kSlot) fault("warp exchange: value too large");
-  copy_bytes(w.slot[t.lane], in, bytes);
+  auto& slot = w.slot[t.collectives++ % 2];
+  copy_bytes(slot[t.lane], in, bytes);
   wait(w.bar, w.live, site, "warp exchange", false);
-  copy_bytes(out, w.slot[src], bytes);
-  wait(w.bar, w.live, site, "warp exchange", false);
+  copy_bytes(out, slot[src], bytes);
 }
 
 namespace {
@@ -450,11 +460,11 @@ void mma_m16n8k16(float& c0, float& c1, float& c2, float& c3, uint32_t a0, uint3
   Warp& w = *t.warp;
   if (w.live != 32) fault("mma.sync with lanes of the warp not running");
   const MmaLane mine{{a0, a1, a2, a3}, {b0, b1}};
-  copy_bytes(w.slot[t.lane], &mine, sizeof mine);
+  auto& slot = w.slot[t.collectives++ % 2];
+  copy_bytes(slot[t.lane], &mine, sizeof mine);
   wait(w.bar, w.live, "mma.sync", "mma.sync", false);
   MmaLane all[32];
-  for (int l = 0; l < 32; ++l) copy_bytes(&all[l], w.slot[l], sizeof(MmaLane));
-  wait(w.bar, w.live, "mma.sync", "mma.sync", false);
+  for (int l = 0; l < 32; ++l) copy_bytes(&all[l], slot[l], sizeof(MmaLane));
   // A (16 x 16, row): row r, column k sits in lane (r % 8) * 4 + (k % 8) / 2, register
   // (r >= 8) + 2 (k >= 8), half k % 2. B (16 x 8, col): row k, column n in lane n * 4 + (k % 8) / 2,
   // register k >= 8, half k % 2. C, D: lane's rows g and g + 8, columns 2 (lane % 4) + {0, 1}.
@@ -489,7 +499,7 @@ void* shared_storage(const void* key, size_t bytes, size_t align) {
   unsigned char* p = allocate(bytes, align);
   fill_bytes(p, 0xff, bytes);
   tsan_release(p);
-  b.vars.push_back({key, p, bytes});
+  b.vars.push_back({key, p, bytes, uint32_t(16 + b.static_bytes)});
   b.static_bytes += (bytes + 15) / 16 * 16;
   return p;
 }
@@ -498,6 +508,64 @@ void* dynamic_shared_storage() {
   Block& b = *cur().block;
   if (b.dyn == nullptr) fault("extern __shared__ used by a launch without dynamic shared memory");
   return b.dyn;
+}
+
+uint32_t shared_address(const void* p) {
+  const Block& b = *cur().block;
+  const auto* q = static_cast<const unsigned char*>(p);
+  for (const Var& v : b.vars)
+    if (q >= v.ptr && q < v.ptr + v.bytes) return v.address + uint32_t(q - v.ptr);
+  if (b.dyn != nullptr && q >= b.dyn && q < b.dyn + b.dyn_bytes) return kDynamicAddress + uint32_t(q - b.dyn);
+  fault("__cvta_generic_to_shared: not an address of this block's shared memory");
+}
+
+void* shared_pointer(uint32_t address) {
+  const Block& b = *cur().block;
+  for (const Var& v : b.vars)
+    if (address >= v.address && address < v.address + v.bytes) return v.ptr + (address - v.address);
+  if (b.dyn != nullptr && address >= kDynamicAddress && address < kDynamicAddress + b.dyn_bytes)
+    return b.dyn + (address - kDynamicAddress);
+  fault("shared memory address outside every shared variable of the block");
+}
+
+void cp_async_enqueue(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  Thread& t = cur();
+  void* d = shared_pointer(dst);
+  if (reinterpret_cast<uintptr_t>(d) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
+    fault("cp.async: source or destination not aligned to the copy size");
+  shared_pointer(dst + uint32_t(bytes) - 1);  // the whole destination lies in one variable
+  t.copies.push_back({d, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Thread& t = cur();
+  t.group_ends.push_back(t.copies.size());
+}
+
+size_t cp_async_take(int keep, const AsyncCopy** out) {
+  Thread& t = cur();
+  const int done = int(t.group_ends.size()) - keep;
+  t.taken.clear();
+  if (done > 0) {
+    const size_t n = t.group_ends[size_t(done - 1)];
+    t.taken.assign(t.copies.begin(), t.copies.begin() + long(n));
+    t.copies.erase(t.copies.begin(), t.copies.begin() + long(n));
+    t.group_ends.erase(t.group_ends.begin(), t.group_ends.begin() + done);
+    for (size_t& e : t.group_ends) e -= n;
+  }
+  *out = t.taken.data();
+  return t.taken.size();
+}
+
+void warp_allgather(const void* in, void* all, size_t bytes, const char* site) {
+  Thread& t = cur();
+  Warp& w = *t.warp;
+  if (w.live != 32) fault("warp collective with lanes of the warp not running");
+  if (bytes > kSlot) fault("warp collective: value too large");
+  auto& slot = w.slot[t.collectives++ % 2];
+  copy_bytes(slot[t.lane], in, bytes);
+  wait(w.bar, w.live, site, "warp collective", false);
+  for (int l = 0; l < 32; ++l) copy_bytes(static_cast<unsigned char*>(all) + size_t(l) * bytes, slot[l], bytes);
 }
 
 void* map_shared(const void* p, unsigned rank, size_t bytes) {

@@ -79,6 +79,17 @@ def _asm(body: str, where: str) -> str:
         return "(void)0;"  # a compiler barrier or a cache hint: nothing to emulate
     if name == "ex2.approx.ftz.f32":
         return f"{outs[0]} = ::emu::ex2_approx_ftz({ins[0]});"
+    if name in ("cp.async.cg.shared.global", "cp.async.ca.shared.global"):
+        size = re.search(r"\],\s*(\d+),", template).group(1)
+        return f"::emu::cp_async({ins[0]}, {ins[1]}, {size}, {ins[2]});"
+    if name == "cp.async.commit_group;":
+        return "::emu::cp_async_commit();"
+    if name == "cp.async.wait_group":
+        return f"::emu::cp_async_wait({ins[0]});"
+    ld = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x4(\.trans)?\.shared\.b16", name)
+    if ld:
+        trans = "true" if ld.group(1) else "false"
+        return f'::emu::ldmatrix_x4({", ".join(outs)}, {ins[0]}, {trans}, "{where}");'
     mma = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32", name)
     if mma:
         tag = "Bf16Tag" if mma.group(1) == "bf16" else "F16Tag"

@@ -63,8 +63,8 @@ namespace emu {
 // site: the call's "file:line", so that threads meeting at different barriers are reported.
 void sync_block(const char* site);
 void sync_cluster(const char* site);
-// The warp's exchange: every lane of the (full) warp writes `bytes` bytes, then reads the ones lane
-// `src` wrote. Aborts unless all 32 lanes take part (a full mask).
+// The warp's exchange: every lane of the (full) warp writes `bytes` bytes, the warp meets, and each
+// lane reads the ones lane `src` wrote. Aborts unless all 32 lanes take part (a full mask).
 void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site);
 int lane_id();
 
@@ -123,6 +123,57 @@ inline float ex2_approx_ftz(float x) {
   const float r = std::exp2(x);
   return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f * r : r;
 }
+// ---- Shared-memory addresses, cp.async, ldmatrix --------------------------------------------
+// __cvta_generic_to_shared: a 32-bit address in the block's shared window (each variable and the
+// dynamic memory at their own offsets), and back; a pointer outside shared memory faults.
+uint32_t shared_address(const void* p);
+void* shared_pointer(uint32_t address);
+// cp.async: queued per thread in commit groups and done at cp.async.wait_group (by the inline
+// code below, so that the sanitizers see the copies as the thread's): a read of the destination
+// before the wait sees the old bytes, as on the GPU it may.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+void cp_async_enqueue(uint32_t dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+// The copies of every group but the newest `keep`, removed from the queue: *out points at them.
+size_t cp_async_take(int keep, const AsyncCopy** out);
+// Every lane's `bytes` (<= 64) into all[lane] (the warp meets once, as in warp_exchange).
+void warp_allgather(const void* in, void* all, size_t bytes, const char* site);
+
+inline void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  if (src_bytes < 0 || src_bytes > bytes) fault("cp.async: src-size outside [0, cp-size]");
+  cp_async_enqueue(dst, src, bytes, src_bytes);
+}
+inline void cp_async_wait(int keep) {
+  const AsyncCopy* c = nullptr;
+  const size_t n = cp_async_take(keep, &c);
+  for (size_t i = 0; i < n; ++i) {
+    auto* d = static_cast<unsigned char*>(c[i].dst);
+    const auto* s = static_cast<const unsigned char*>(c[i].src);
+    for (int b = 0; b < c[i].bytes; ++b) d[b] = b < c[i].src_bytes ? s[b] : 0;  // zero fill past src-size
+  }
+}
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the rows of 8x8 tile i;
+// register i of lane l gets tile i's row l / 4, columns 2 (l % 4) and + 1 (transposed: rows
+// 2 (l % 4) and + 1 of column l / 4).
+inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t address, bool trans,
+                        const char* site) {
+  const void* mine = shared_pointer(address);
+  const void* rows[32];
+  warp_allgather(&mine, rows, sizeof mine, site);
+  const int lane = lane_id();
+  uint32_t* r[4] = {&r0, &r1, &r2, &r3};
+  for (int i = 0; i < 4; ++i) {
+    const auto row = [&](int j) { return static_cast<const uint16_t*>(rows[8 * i + j]); };
+    const uint16_t lo = trans ? row(2 * (lane % 4))[lane / 4] : row(lane / 4)[2 * (lane % 4)];
+    const uint16_t hi = trans ? row(2 * (lane % 4) + 1)[lane / 4] : row(lane / 4)[2 * (lane % 4) + 1];
+    *r[i] = uint32_t(lo) | uint32_t(hi) << 16;
+  }
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 of the warp: the PTX fragment
 // layout (groupID = lane / 4, threadID_in_group = lane % 4).
 struct F16Tag {};
@@ -164,6 +215,18 @@ inline T shfl(const char* site, unsigned mask, T v, int src, int width = 32) {
 #define __shfl_xor_sync(...) ::emu::shfl_xor(EMU_WHERE, __VA_ARGS__)
 #define __shfl_sync(...) ::emu::shfl(EMU_WHERE, __VA_ARGS__)
 
+// CUDA's min / max overloads of device code, for any two arithmetic types.
+template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+inline std::common_type_t<A, B> min(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  return C(b) < C(a) ? C(b) : C(a);
+}
+template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+inline std::common_type_t<A, B> max(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  return C(a) < C(b) ? C(b) : C(a);
+}
+
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
@@ -179,4 +242,19 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
+inline size_t __cvta_generic_to_shared(const void* p) { return ::emu::shared_address(p); }
+
+// Atomics as compare-and-swap loops of the compiler's __atomic builtins (atomic for the sanitizers).
+inline float atomicAdd(float* p, float v) {
+  auto* u = reinterpret_cast<uint32_t*>(p);
+  uint32_t old = __atomic_load_n(u, __ATOMIC_RELAXED);
+  while (!__atomic_compare_exchange_n(u, &old, ::emu::bit_cast<uint32_t>(::emu::bit_cast<float>(old) + v), false,
+                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return ::emu::bit_cast<float>(old);
+}
+inline float2 atomicAdd(float2* p, float2 v) {  // sm_90: elementwise, each element atomic
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) ::emu::fault("atomicAdd(float2*): address not 8-byte aligned");
+  return {atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y)};
+}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
