@@ -838,6 +838,26 @@ void fuzz(int count, unsigned seed) {
     if (ddt == 1) decode_case<__half>(d, append, Pick::Any, rng);
     if (ddt == 2) decode_case<__nv_bfloat16>(d, append, Pick::Any, rng);
 
+    // Sparse attention: every mask kind, flash (16-bit, head dims 32 / 64 / 128) or one-warp.
+    const MaskKind kind = MaskKind(uni(0, 3));
+    const MaskSpec mask{kind, uni(1, 40), uni(1, 12), kind == MaskKind::Conv ? uni(1, 3) : 0};
+    const int64_t ab = uni(1, 2), ah = uni(1, 2);
+    if (uni(0, 1) == 0) {
+      const int64_t hd = 32 << uni(0, 2);
+      if (uni(0, 1) == 0) {
+        attention_case<__half>(mask, ab, ah, hd, true, rng);
+      } else {
+        attention_case<__nv_bfloat16>(mask, ab, ah, hd, true, rng);
+      }
+    } else {
+      const int64_t hd = uni(1, 96);
+      if (uni(0, 1) == 0) {
+        attention_case<float>(mask, ab, ah, hd, false, rng);
+      } else {
+        attention_case<__half>(mask, ab, ah, hd, false, rng);
+      }
+    }
+
     // skinny_linear: any m <= 64, n % 8 == 0, k % 32 == 0, every epilogue.
     const int64_t m = uni(1, 64), n = 8 * uni(1, 40), k = 32 * uni(1, 24);
     const bool ln = uni(0, 1), bias = uni(0, 1), gelu = uni(0, 1), residual = uni(0, 1);

@@ -29,6 +29,8 @@
 #endif
 #if defined(EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
 #endif
 
 #include "cuda_bf16.h"
@@ -44,6 +46,10 @@ constexpr size_t kDefaultShared = 48 * 1024;    // without cudaFuncAttributeMaxD
 constexpr size_t kSlot = 64;                    // bytes a lane can put into one warp exchange
 
 struct Barrier {
+  // ThreadSanitizer's sync addresses, one per generation parity: a thread leaving round k must not
+  // acquire what a faster thread released on arriving at round k + 1 (never freed: the barriers
+  // of a launch's blocks are few).
+  char* token = new char[2];
   int arrived = 0;
   uint64_t gen = 0;
   const char* site = nullptr;
@@ -171,25 +177,59 @@ void to_scheduler(void**) {}
 void back_in_fiber(void*) {}
 #endif
 
-// ThreadSanitizer's view: the scheduler's switch into a fiber passes what the host did before
-// (the launch's inputs); a fiber's switch back passes nothing, so fibers are ordered only by the
-// barriers (release on arrival, acquire on leaving) and by their ends before the host reads.
+// ThreadSanitizer's view: no switch between a fiber and the scheduler orders anything. A launch
+// passes the host's writes (its inputs) to every thread through g_launch_begin, and the host
+// takes every thread's writes at the launch's end through g_launch_end; between them only the
+// barriers order threads (release on arrival, acquire on leaving), so threads of different
+// blocks and clusters are concurrent, as on the GPU. Each cluster gets new fibers (and fresh
+// stacks), so no thread inherits the history of the one that ran before on its fiber.
 #if defined(EMU_TSAN)
 void* g_tsan_host = nullptr;
-std::vector<void*> g_tsan_fibers;  // reused by every cluster: ThreadSanitizer allows 8128 threads
-char g_launch_end;
-void* tsan_create(size_t i) {
+char g_launch_begin, g_launch_end;
+// The fibers of a cluster's threads, each with its own stack (a fiber keeps its stack, so a
+// stack's shadow only ever holds its own fiber's accesses). Consecutive clusters take them from
+// alternate pools, so no two clusters in a row share a fiber (a fiber's earlier accesses are
+// ordered before its later ones); a cluster too large for two pools under ThreadSanitizer's 8128
+// threads gets all-new fibers and fresh stacks.
+struct Slot {
+  void* fiber = nullptr;
+  void* stack = nullptr;
+};
+std::vector<Slot> g_pool[2];
+int g_turn = 0;
+constexpr size_t kPoolThreads = 4000;
+void* new_stack(void* at);
+Slot* cluster_slots(size_t n) {
   if (g_tsan_host == nullptr) g_tsan_host = __tsan_get_current_fiber();
-  while (g_tsan_fibers.size() <= i) g_tsan_fibers.push_back(__tsan_create_fiber(0));
-  return g_tsan_fibers[i];
+  if (n <= kPoolThreads) {
+    g_turn ^= 1;
+  } else {
+    for (auto& pool : g_pool)
+      for (Slot& slot : pool)
+        if (slot.fiber != nullptr) __tsan_destroy_fiber(slot.fiber), slot.fiber = nullptr;
+  }
+  auto& pool = g_pool[g_turn];
+  if (pool.size() < n) pool.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (pool[i].fiber != nullptr) continue;
+    pool[i].fiber = __tsan_create_fiber(0);
+    pool[i].stack = new_stack(pool[i].stack);  // a destroyed fiber's stack: fresh memory, fresh shadow
+  }
+  return pool.data();
 }
-void tsan_enter(void* f) { __tsan_switch_to_fiber(f, 0); }
+void tsan_enter(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
 void tsan_leave() { __tsan_switch_to_fiber(g_tsan_host, __tsan_switch_to_fiber_no_sync); }
 void tsan_release(const void* a) { __tsan_release(const_cast<void*>(a)); }
 void tsan_acquire(const void* a) { __tsan_acquire(const_cast<void*>(a)); }
+// Host-side writes ThreadSanitizer must not count as a thread's (allocating and freeing shared
+// memory): scoped.
+struct IgnoreWrites {
+  IgnoreWrites() { AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
+  ~IgnoreWrites() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); }
+};
 #else
-char g_launch_end;
-void* tsan_create(size_t) { return nullptr; }
+char g_launch_begin, g_launch_end;
+struct IgnoreWrites {};
 void tsan_enter(void*) {}
 void tsan_leave() {}
 void tsan_release(const void*) {}
@@ -237,7 +277,7 @@ void wait(Barrier& b, const int& live, const char* site, const char* kind, bool 
     fault("divergent barrier");
   }
   const uint64_t gen = b.gen;
-  if (sync) tsan_release(&b);
+  if (sync) tsan_release(b.token + (gen & 1));
   ++b.arrived;
   ++g_events;
   if (b.arrived >= live) {
@@ -248,7 +288,7 @@ void wait(Barrier& b, const int& live, const char* site, const char* kind, bool 
     while (b.gen == gen) yield();
     g_cur->waiting = nullptr;
   }
-  if (sync) tsan_acquire(&b);
+  if (sync) tsan_acquire(b.token + (gen & 1));
 }
 
 void release_if_complete(Barrier& b, int live) {
@@ -260,6 +300,8 @@ void release_if_complete(Barrier& b, int live) {
 
 void exit_thread() {
   Thread& t = cur();
+  if (t.warp->bar.arrived > 0)
+    fault("a thread exits while the other lanes of its warp wait for it at a shuffle or mma (a full mask)");
   t.done = true;
   ++g_events;
   release_if_complete(t.warp->bar, --t.warp->live);
@@ -270,6 +312,7 @@ void exit_thread() {
 
 void fiber_main() {
   back_in_fiber(nullptr);
+  tsan_acquire(&g_launch_begin);
   (*g_run->body)();
   exit_thread();
   tsan_release(&g_launch_end);
@@ -278,12 +321,16 @@ void fiber_main() {
   setcontext(&g_sched);
 }
 
+// A thread stack: new, or (at != nullptr) the same addresses mapped afresh.
+void* new_stack(void* at) {
+  void* s = mmap(at, kStack, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (at != nullptr ? MAP_FIXED : 0), -1, 0);
+  if (s == MAP_FAILED) fault("out of memory for thread stacks");
+  return s;
+}
+
 void* stack(size_t i) {
-  while (g_stacks.size() <= i) {
-    void* s = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (s == MAP_FAILED) fault("out of memory for thread stacks");
-    g_stacks.push_back(s);
-  }
+  while (g_stacks.size() <= i) g_stacks.push_back(new_stack(nullptr));
   return g_stacks[i];
 }
 
@@ -304,6 +351,9 @@ void run_cluster(Run& run, uint64_t first) {
   run.cluster_live = 0;
   run.cluster_bar = Barrier{};
   std::vector<Thread> threads(size_t(run.csize) * nt);
+#if defined(EMU_TSAN)
+  Slot* const slots = cluster_slots(threads.size());
+#endif
   for (unsigned r = 0; r < run.csize; ++r) {
     auto blk = std::make_unique<Block>();
     const uint64_t linear = first + r;
@@ -314,6 +364,7 @@ void run_cluster(Run& run, uint64_t first) {
     blk->warps = std::vector<Warp>(warps);
     for (unsigned w = 0; w < warps; ++w) blk->warps[w].live = int(std::min(32u, nt - 32 * w));
     if (run.smem > 0) {
+      IgnoreWrites ignore;  // the host's allocation, made after the launch's begin: no thread's write
       blk->dyn = allocate(run.smem, 16);
       blk->dyn_bytes = run.smem;
       fill_bytes(blk->dyn, 0xff, run.smem);
@@ -324,9 +375,15 @@ void run_cluster(Run& run, uint64_t first) {
       t.block = blk.get();
       t.warp = &blk->warps[i / 32];
       t.lane = int(i % 32);
-      t.tsan_fiber = tsan_create(size_t(r) * nt + i);
+      const size_t k = size_t(r) * nt + i;
+#if defined(EMU_TSAN)
+      t.tsan_fiber = slots[k].fiber;
       getcontext(&t.ctx);
-      t.ctx.uc_stack.ss_sp = stack(size_t(r) * nt + i);
+      t.ctx.uc_stack.ss_sp = slots[k].stack;
+#else
+      getcontext(&t.ctx);
+      t.ctx.uc_stack.ss_sp = stack(k);
+#endif
       t.ctx.uc_stack.ss_size = kStack;
       t.ctx.uc_link = &g_sched;
       makecontext(&t.ctx, fiber_main, 0);
@@ -377,7 +434,6 @@ void run_cluster(Run& run, uint64_t first) {
       fault("deadlock");
     }
   }
-  tsan_acquire(&g_launch_end);
   // The limits the driver checks at launch, now that the kernel's static shared memory is known.
   KernelInfo& info = g_kernels[run.kernel];
   for (const auto& blk : run.blocks) {
@@ -392,7 +448,11 @@ void run_cluster(Run& run, uint64_t first) {
       fault("the launch would fail: too much shared memory");
     }
   }
+  // Freeing the cluster's blocks and threads (their cp.async queues were grown by the threads):
+  // the host's, not a write ThreadSanitizer should order against the threads'.
+  IgnoreWrites ignore;
   run.blocks.clear();
+  std::vector<Thread>().swap(threads);
 }
 
 }  // namespace
@@ -429,6 +489,13 @@ void sync_block(const char* site) {
 void sync_cluster(const char* site) {
   cur();
   wait(g_run->cluster_bar, g_run->cluster_live, site, "cluster.sync", true);
+}
+
+void sync_warp(const char* site, unsigned mask) {
+  Thread& t = cur();
+  if (mask != 0xffffffffu) fault("__syncwarp: only the full mask is emulated");
+  if (t.warp->live != 32) fault("__syncwarp with a full mask, but not all 32 lanes of the warp are running");
+  wait(t.warp->bar, t.warp->live, site, "__syncwarp", true);
 }
 
 void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site) {
@@ -488,17 +555,16 @@ template void mma_m16n8k16<Bf16Tag>(float&, float&, float&, float&, uint32_t, ui
 
 void* shared_storage(const void* key, size_t bytes, size_t align) {
   Block& b = *cur().block;
-  // Every thread passes its declaration before using the variable: the first allocates it, and
-  // each acquires the allocation (ThreadSanitizer counts it as the first thread's write).
-  for (const Var& v : b.vars) {
-    if (v.key == key) {
-      tsan_acquire(v.ptr);
-      return v.ptr;
-    }
+  // The first thread to pass the declaration allocates the variable; ThreadSanitizer must not count
+  // that as its write (the fill below is uninstrumented).
+  for (const Var& v : b.vars)
+    if (v.key == key) return v.ptr;
+  unsigned char* p = nullptr;
+  {
+    IgnoreWrites ignore;
+    p = allocate(bytes, align);
   }
-  unsigned char* p = allocate(bytes, align);
   fill_bytes(p, 0xff, bytes);
-  tsan_release(p);
   b.vars.push_back({key, p, bytes, uint32_t(16 + b.static_bytes)});
   b.static_bytes += (bytes + 15) / 16 * 16;
   return p;
@@ -573,6 +639,8 @@ void* map_shared(const void* p, unsigned rank, size_t bytes) {
   if (rank >= g_run->csize) fault("map_shared_rank: rank outside the cluster");
   Block& other = *g_run->blocks[rank];
   if (other.exited) fault("map_shared_rank: that block of the cluster has exited (its shared memory is gone)");
+  if (rank != self.rank && g_run->cluster_bar.gen == 0)
+    fault("map_shared_rank: another block's shared memory before any cluster.sync (it may not have started)");
   const auto* q = static_cast<const unsigned char*>(p);
   for (const Var& v : self.vars) {
     if (q >= v.ptr && q + bytes <= v.ptr + v.bytes) {
@@ -671,10 +739,12 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, unsigned cl
   run.kernel = kernel;
   run.body = &body;
   g_run = &run;
+  tsan_release(&g_launch_begin);
   blockDim = block;
   gridDim = grid;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   for (uint64_t first = 0; first < blocks; first += cluster) run_cluster(run, first);
+  tsan_acquire(&g_launch_end);
   g_run = nullptr;
   g_last_kernel = kernel;
   return cudaSuccess;

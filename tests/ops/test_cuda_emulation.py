@@ -84,22 +84,34 @@ def test_random_shapes_have_no_race_on_emulation(emu_race_checks, seed):
     assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
-def test_a_race_is_reported(tmp_path):
-    """The race check is not vacuous: with one buffer of block statistics instead of two
-    alternating ones, a block may overwrite its statistics of the next tile while another block
-    of the cluster still reads this tile's. The values come out right in the emulator's order;
-    ThreadSanitizer reports the race."""
+def one_parity(src):
+    """One buffer of block statistics instead of two alternating ones: a block may overwrite its
+    statistics of the next tile while another block of the cluster still reads this tile's."""
+    path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
+    text = path.read_text()
+    assert "tile += pl.clusters, parity ^= 1" in text
+    path.write_text(text.replace("tile += pl.clusters, parity ^= 1", "tile += pl.clusters"))
 
-    def one_parity(src):
-        path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
-        text = path.read_text()
-        assert "tile += pl.clusters, parity ^= 1" in text
-        path.write_text(text.replace("tile += pl.clusters, parity ^= 1", "tile += pl.clusters"))
 
-    exe = build(tmp_path, sanitize="thread", patch=one_parity)
-    result = run(exe, "gumbel_fwd")
+def reuse_scratch_early(src):
+    """decode's block reduction without its second barrier: the next reduction may overwrite the
+    scratch while a slower warp still reads it (write after read)."""
+    path = src / "attention" / "cuda" / "decode.cu"
+    text = path.read_text()
+    line = "  __syncthreads();  // scratch is reused by the next reduction\n"
+    assert line in text
+    path.write_text(text.replace(line, "\n"))
+
+
+@pytest.mark.parametrize("patch,check,where", [(one_parity, "gumbel_fwd", "gumbel_cluster.h"),
+                                               (reuse_scratch_early, "decode", "decode.cu")])
+def test_a_race_is_reported(tmp_path, patch, check, where):
+    """The race check is not vacuous: these races give right values in the emulator's order, and
+    ThreadSanitizer reports them."""
+    exe = build(tmp_path, sanitize="thread", patch=patch)
+    result = run(exe, check)
     assert "WARNING: ThreadSanitizer: data race" in result.stderr
-    assert "gumbel_cluster.h" in result.stderr  # in combine(), where the blocks read each other's statistics
+    assert where in result.stderr
     assert result.returncode != 0
 
 

@@ -63,6 +63,8 @@ namespace emu {
 // site: the call's "file:line", so that threads meeting at different barriers are reported.
 void sync_block(const char* site);
 void sync_cluster(const char* site);
+// __syncwarp: the warp's barrier, ordering memory among its lanes (only the full mask is emulated).
+void sync_warp(const char* site, unsigned mask = 0xffffffffu);
 // The warp's exchange: every lane of the (full) warp writes `bytes` bytes, the warp meets, and each
 // lane reads the ones lane `src` wrote. Aborts unless all 32 lanes take part (a full mask).
 void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site);
@@ -193,7 +195,7 @@ extern dim3 blockDim, gridDim;
 #define EMU_WHERE (__FILE__ ":" EMU_STR(__LINE__))
 
 #define __syncthreads() ::emu::sync_block(EMU_WHERE)
-inline void __syncwarp(unsigned = 0xffffffffu) {}
+#define __syncwarp(...) ::emu::sync_warp(EMU_WHERE, ##__VA_ARGS__)
 #define __trap() ::emu::fault("__trap()")
 
 namespace emu {
