@@ -104,26 +104,35 @@ struct Buf {
   T& operator[](size_t i) { return p[i]; }
 };
 
-// |got - want| <= tol * (|want| + scale) for every element; prints the case's verdict.
+// |got - want| <= tol * (|want| + floor) for every element, floor = scale + rms * (the values'
+// root mean square, known at the end); prints the case's verdict.
 struct Compare {
   std::string name;
-  double tol, scale, worst = 0;
-  size_t bad = 0, count = 0, first_bad = 0;
-  double got_bad = 0, want_bad = 0;
-  void operator()(double got, double want, size_t at) {
-    ++count;
-    const double err = std::isnan(want) ? (std::isnan(got) ? 0 : INFINITY) : std::fabs(got - want);
-    const double rel = err / (std::fabs(want) + scale);
-    if (!(rel <= tol)) {
-      if (bad++ == 0) first_bad = at, got_bad = got, want_bad = want;
-    }
-    if (rel > worst || std::isnan(rel)) worst = std::isnan(rel) ? INFINITY : rel;
-  }
+  double tol, scale = 0, rms = 0;
+  struct Value {
+    double got, want, scale;
+    size_t at;
+  };
+  std::vector<Value> values;
+  void operator()(double got, double want, size_t at) { values.push_back({got, want, scale, at}); }
   void report() {
-    const bool ok = bad == 0 && count > 0;
+    double sq = 0;
+    for (const Value& v : values) sq += std::isfinite(v.want) ? v.want * v.want : 0.0;
+    const double floor_rms = values.empty() ? 0.0 : rms * std::sqrt(sq / double(values.size()));
+    double worst = 0;
+    size_t bad = 0;
+    const Value* first = nullptr;
+    for (const Value& v : values) {
+      const double err = std::isnan(v.want) ? (std::isnan(v.got) ? 0 : INFINITY) : std::fabs(v.got - v.want);
+      const double rel = err / (std::fabs(v.want) + v.scale + floor_rms);
+      if (!(rel <= tol) && bad++ == 0) first = &v;
+      worst = std::isnan(rel) ? INFINITY : std::max(worst, rel);
+    }
+    const bool ok = bad == 0 && !values.empty();
     std::printf("%s %s: %zu values, worst relative error %.3g (tolerance %.3g)", ok ? "PASS" : "FAIL", name.c_str(),
-                count, worst, tol);
-    if (bad > 0) std::printf("; %zu bad, first at %zu: got %.9g, want %.9g", bad, first_bad, got_bad, want_bad);
+                values.size(), worst, tol);
+    if (first != nullptr)
+      std::printf("; %zu bad, first at %zu: got %.9g, want %.9g", bad, first->at, first->got, first->want);
     std::printf("\n");
     if (!ok) ++g_failures;
   }
@@ -247,7 +256,7 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
       [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err); },
       [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
   expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
-  Compare cy{name + " y", tolerance<T>(), std::max(1e-6, smallest_normal<T>())}, ck{name + " kl", tolerance<T>() * 10, 1e-3};
+  Compare cy{name + " y", tolerance<T>(), std::max(1e-6, smallest_normal<T>())}, ck{name + " kl", tolerance<T>(), 1e-3};
   std::vector<float> xs(s.vocab);
   std::vector<double> yr;
   for (int64_t pos = 0; pos < s.positions(); ++pos) {
@@ -478,7 +487,7 @@ void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng
   const void* kernel = emu::last_kernel();
   set_env("DALLE_FAST_DECODE_FAST", nullptr);
   launched(name, err);
-  Compare c{name + " out", tolerance<T>() * 2, 0.05};
+  Compare c{name + " out", tolerance<T>(), 0, 0.1};
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const T* qr = q.p + (bh / H) * q_sb + (bh % H) * D;
     std::vector<double> w;
@@ -539,7 +548,7 @@ void decode() {
   for (int64_t o = 0; o < 1100; o += 3) far.push_back(o);
   const DecodeShape shapes[] = {
       {2, 3, 64, 1024, 64, conv, 200},   // few keys
-      {1, 2, 16, 1024, 32, far, 1000},   // more than one key group of HD 32 (1024 keys)
+      {1, 2, 1100, 1024, 32, far, 1000}, // more than one key group of HD 32 (1024 keys): 1467 keys
       {2, 2, 300, 256, 128, conv, 40},   // groups of 256 keys at HD 128
       {1, 1, 8, 64, 64, conv, 0},        // g = 0: offsets before the image start
       {3, 2, 32, 256, 64, conv, 255, 3}, // q a view of a qkv projection; the last position
@@ -553,6 +562,7 @@ void decode() {
     decode_case<__nv_bfloat16>(s, true, Pick::Fast, rng);
   }
   decode_case<float>({2, 2, 20, 100, 48, conv, 50}, true, Pick::General, rng);
+  decode_case<float>({1, 2, 600, 1024, 64, far, 900}, false, Pick::General, rng);
 }
 
 // ---- skinny_linear --------------------------------------------------------------------------
@@ -585,7 +595,7 @@ void linear_case(int64_t m, int64_t n, int64_t k, bool ln, bool bias, bool gelu,
                            (bias ? " bias" : "") + (gelu ? " gelu" : "") + (residual ? " residual" : "");
   const char* err = dalle_fast::cuda::skinny_linear(p, attn_dtype<T>(), nullptr);
   launched(name, err);
-  Compare c{name, tolerance<T>() * 2, 0.1};
+  Compare c{name, tolerance<T>(), 0, 0.1};
   std::vector<double> xr(k);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < k; ++j) xr[j] = to_f(x[size_t(i * xs + j)]);
@@ -667,9 +677,11 @@ void attention_case(const MaskSpec& mask, int64_t B, int64_t H, int64_t D, bool 
     launched(name + " forward", dalle_fast::cuda::attention_forward(p, attn_dtype<T>(), nullptr));
     launched(name + " backward", dalle_fast::cuda::attention_backward(p, attn_dtype<T>(), nullptr));
   }
-  const double tol = tolerance<T>() * 2;
-  Compare co{name + " out", tol, 0.05}, cl{name + " lse", tol, 0.05}, cq{name + " dq", tol, 0.1},
-      ck{name + " dk", tol, 0.1}, cv{name + " dv", tol, 0.1};
+  // flash rounds P to T before P V and dS to T before dS K / dS^T Q, errors of the output's scale
+  // (its root mean square) rather than of each element's
+  const double tol = tolerance<T>() * (flash ? 4 : 1), floor = flash ? 1.0 : 0.1;
+  Compare co{name + " out", tol, 0, floor}, cl{name + " lse", tol, 0, floor}, cq{name + " dq", tol, 0, floor},
+      ck{name + " dk", tol, 0, floor}, cv{name + " dv", tol, 0, floor};
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const auto at = [&](int64_t i, int64_t d) { return size_t((bh * N + i) * D + d); };
     std::vector<double> P(size_t(N * N), 0.0), dP(size_t(N * N), 0.0);
@@ -816,7 +828,7 @@ void fuzz(int count, unsigned seed) {
     d.batch = uni(1, 3);
     d.heads = uni(1, 3);
     d.dim = uni(0, 2) > 0 ? 32 << uni(0, 2) : uni(1, 160);
-    d.text = uni(1, 300);
+    d.text = uni(0, 4) == 0 ? uni(600, 1200) : uni(1, 300);  // sometimes past a key group of HD 32
     const int64_t side = uni(1, 32);
     d.image = side * side;
     const int64_t n_off = uni(1, std::min<int64_t>(d.image, 60));

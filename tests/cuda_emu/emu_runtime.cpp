@@ -45,11 +45,21 @@ constexpr size_t kMaxSharedPerBlock = 232448;  // sm_90: 227 KiB, static and dyn
 constexpr size_t kDefaultShared = 48 * 1024;    // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kSlot = 64;                    // bytes a lane can put into one warp exchange
 
+// Two bytes of their own for a barrier's ThreadSanitizer sync addresses (never freed, so never
+// reused by a later barrier); none without ThreadSanitizer.
+inline char* sync_tokens() {
+#if defined(EMU_TSAN)
+  return new char[2];
+#else
+  return nullptr;
+#endif
+}
+
 struct Barrier {
   // ThreadSanitizer's sync addresses, one per generation parity: a thread leaving round k must not
   // acquire what a faster thread released on arriving at round k + 1 (never freed: the barriers
   // of a launch's blocks are few).
-  char* token = new char[2];
+  char* token = sync_tokens();
   int arrived = 0;
   uint64_t gen = 0;
   const char* site = nullptr;
@@ -57,6 +67,7 @@ struct Barrier {
 
 struct Var {
   const void* key;
+  unsigned char* base;  // the allocation (ptr is inside it: see shared_storage)
   unsigned char* ptr;
   size_t bytes;
   uint32_t address;  // in the block's shared window (__cvta_generic_to_shared)
@@ -88,7 +99,7 @@ struct Block {
   Block(const Block&) = delete;
   Block& operator=(const Block&) = delete;
   ~Block() {
-    for (Var& v : vars) free_shared(v.ptr, v.bytes);
+    for (Var& v : vars) free_shared(v.base, size_t(v.ptr - v.base) + v.bytes);
     free_shared(dyn, dyn_bytes);
   }
   // An exited block's shared memory: under AddressSanitizer, another block of the cluster reading
@@ -559,14 +570,17 @@ void* shared_storage(const void* key, size_t bytes, size_t align) {
   // that as its write (the fill below is uninstrumented).
   for (const Var& v : b.vars)
     if (v.key == key) return v.ptr;
-  unsigned char* p = nullptr;
+  // At exactly `align` (not 2 align) below 16 bytes: see shared_var.
+  const size_t skew = align < 16 ? align : 0;
+  unsigned char* base = nullptr;
   {
     IgnoreWrites ignore;
-    p = allocate(bytes, align);
+    base = allocate(bytes + skew, align < 16 ? 16 : align);
   }
+  unsigned char* p = base + skew;
   fill_bytes(p, 0xff, bytes);
-  b.vars.push_back({key, p, bytes, uint32_t(16 + b.static_bytes)});
-  b.static_bytes += (bytes + 15) / 16 * 16;
+  b.vars.push_back({key, base, p, bytes, uint32_t(16 + b.static_bytes + skew)});
+  b.static_bytes += (skew + bytes + 15) / 16 * 16;
   return p;
 }
 

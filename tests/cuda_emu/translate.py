@@ -21,6 +21,34 @@ import zlib
 from pathlib import Path
 
 
+def strip_comments(text: str) -> str:
+    """text with its comments blanked (newlines kept, so line numbers stay): the rewrites below
+    must not match inside a comment, nor a comment swallow code after them."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'":  # a string or character literal, escapes included
+            j = i + 1
+            while j < n and text[j] != ch:
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append("".join(c if c == "\n" else " " for c in text[i:j]))
+            i = j
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
 def _matching(text: str, open_at: int, pair: str = "()") -> int:
     """Index of the bracket closing the one at open_at (skipping string literals)."""
     depth, i = 0, open_at
@@ -77,30 +105,35 @@ def _asm(body: str, where: str) -> str:
     name = template.split(" ")[0]
     if template == "" or name.startswith("prefetch"):
         return "(void)0;"  # a compiler barrier or a cache hint: nothing to emulate
-    if name == "ex2.approx.ftz.f32":
+    operands = re.sub(r"\s+", " ", template[len(name) :]).strip()
+    if name == "ex2.approx.ftz.f32" and operands == "%0, %1;":
         return f"{outs[0]} = ::emu::ex2_approx_ftz({ins[0]});"
-    if name in ("cp.async.cg.shared.global", "cp.async.ca.shared.global"):
+    if name in ("cp.async.cg.shared.global", "cp.async.ca.shared.global") and re.fullmatch(
+        r"\[%0\], \[%1\], \d+, %2;", operands):
         size = re.search(r"\],\s*(\d+),", template).group(1)
         return f"::emu::cp_async({ins[0]}, {ins[1]}, {size}, {ins[2]});"
     if name == "cp.async.commit_group;":
         return "::emu::cp_async_commit();"
-    if name == "cp.async.wait_group":
+    if name == "cp.async.wait_group" and operands == "%0;":
         return f"::emu::cp_async_wait({ins[0]});"
     ld = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x4(\.trans)?\.shared\.b16", name)
-    if ld:
+    if ld and operands == "{%0, %1, %2, %3}, [%4];":
         trans = "true" if ld.group(1) else "false"
         return f'::emu::ldmatrix_x4({", ".join(outs)}, {ins[0]}, {trans}, "{where}");'
     mma = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32", name)
-    if mma:
+    if mma and operands == "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};":
         tag = "Bf16Tag" if mma.group(1) == "bf16" else "F16Tag"
         return f"::emu::mma_m16n8k16<::emu::{tag}>({', '.join(outs + ins)});"
+    # Anything else, or a known instruction with its operands in another order: a fault when run.
     return f'::emu::unsupported_asm("{where}: {name}");'
 
 
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
-_SHARED = re.compile(r"__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\]]*\])*)\s*;")
+_EXTERN_SHARED = re.compile(r"extern\s+(?:volatile\s+)?__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_SHARED = re.compile(
+    r"(?:\bstatic\s+)?(?:\bvolatile\s+)?__shared__\s+((?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*)([\w:<>, ]+?)\s+(\w+)"
+    r"\s*((?:\[[^\]]*\])*)\s*;")
 _SYNC = re.compile(r"\b(\w+)\.sync\(\)")
 
 
@@ -109,6 +142,7 @@ def translate(text: str, name: str) -> str:
     # of the headers it includes), as the declarations are.
     base = (zlib.crc32(name.encode()) & 0xFFFFF) * 1000
     counter = iter(range(base + 1, base + 1000))
+    text = strip_comments(text)
 
     def line_of(pos: int) -> int:
         return text.count("\n", 0, pos) + 1
@@ -134,9 +168,11 @@ def translate(text: str, name: str) -> str:
     text = _LAUNCH.sub(launch, text)
     text = re.sub(r"(::emu::launch_kernel\([^;]*?), \s*\)", r"\1)", text)  # kernels without arguments
     text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", text)
-    text = _SHARED.sub(
-        lambda m: f"auto& {m.group(2)} = ::emu::shared_var<{m.group(1)}{m.group(3)}, {next(counter)}>();", text
-    )
+    def shared(m: re.Match) -> str:
+        align = max([int(a) for a in re.findall(r"\d+", m.group(1))] or [0])  # declared, else the type's
+        return f"auto& {m.group(3)} = ::emu::shared_var<{m.group(2)}{m.group(4)}, {next(counter)}, {align}>();"
+
+    text = _SHARED.sub(shared, text)
     text = _SYNC.sub(lambda m: f'{m.group(1)}.sync_at("{name}:" EMU_STR(__LINE__))', text)
     return text
 

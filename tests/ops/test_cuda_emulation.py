@@ -148,6 +148,7 @@ def test_translation_of_cuda_syntax():
 __global__ void k(const P p) {
   extern __shared__ __align__(16) unsigned char raw[];
   __shared__ float part[kWarps][HD];
+  static __shared__ alignas(16) float4 q4[8];  // asm( in a comment, not code
   asm volatile("" : "+l"(x));
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 2.0f));
   cluster.sync();
@@ -156,7 +157,9 @@ void launch() { k<T, 4><<<grid, 256, smem, stream>>>(p, 3); other<<<1, 32>>>(); 
 """
     out = translate(src, "x.cu")
     assert "unsigned char* raw = ::emu::dynamic_shared<unsigned char>();" in out
-    assert re.search(r"auto& part = ::emu::shared_var<float\[kWarps\]\[HD\], \d+>\(\);", out)
+    assert re.search(r"auto& part = ::emu::shared_var<float\[kWarps\]\[HD\], \d+, 0>\(\);", out)
+    assert re.search(r"auto& q4 = ::emu::shared_var<float4\[8\], \d+, 16>\(\);", out)  # static, alignas kept
+    assert "// asm(" not in out and "not code" not in out  # comments are blanked, never rewritten
     assert "(void)0;" in out and "r = ::emu::ex2_approx_ftz(x * 2.0f);" in out
     assert 'cluster.sync_at("x.cu:" EMU_STR(__LINE__))' in out
     assert "::emu::launch_kernel(k<T, 4>, dim3(grid), dim3(256), smem, stream, p, 3);" in out
