@@ -35,7 +35,8 @@ KERNELS = [  # the .cu files the checks run
     "attention/cuda/flash_bwd.cu",
 ]
 HOST = ["attention/tile_plan.cpp", "attention/cuda/device_plan.cpp"]  # host code the kernels' callers need
-CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear", "attention", "conversions"]
+CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_fallback", "gumbel_argmax", "decode", "skinny_linear", "attention",
+          "conversions"]
 
 
 SANITIZERS = {

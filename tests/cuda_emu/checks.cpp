@@ -3,6 +3,7 @@
 // path of philox.h):
 //   gumbel_fwd      the one-read cluster forward (soft, with and without KL) and the two-sweep one
 //   gumbel_bwd      the one-read cluster backward and the two-sweep one
+//   gumbel_fallback the two-sweep kernels where too few clusters fit (EMU_MAX_CLUSTERS)
 //   gumbel_argmax   the Gumbel-max draw (index of the first max of x * scale + g)
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
 //                   general one, with and without appending this step's key and value
@@ -397,6 +398,39 @@ void gumbel_fwd() {
   gumbel_forward_case<__nv_bfloat16>(shapes[1], false, true, rng);
   gumbel_forward_case<float>(shapes[1], true, false, rng);
   gumbel_forward_case<__nv_bfloat16>({5, 300, 1}, true, false, rng);
+}
+
+// A device that keeps too few clusters resident (EMU_MAX_CLUSTERS=1 on 132 SMs): the one-read
+// kernels refuse the call, "require" says so, and by default the ops fall back to the two-sweep
+// kernels with the same results. Its own process: the plan caches the device's answer.
+void gumbel_fallback() {
+  set_env("EMU_SMS", "132");
+  set_env("EMU_MAX_CLUSTERS", "1");
+  std::mt19937 rng(8);
+  const Shape s{2, 8192, 40};
+  Buf<float> x(s.size()), y(s.size());
+  int64_t state[2] = {-1, -1};
+  fill_logits(x, s, rng, false);
+  GumbelParams p = gumbel_params(s, 0.7f);
+  p.logits = x.p;
+  p.y = y.p;
+  p.rng_state = state;
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", "require");
+  const char* err = dalle_fast::cuda::gumbel_forward(p, GumbelDType::Float32, nullptr);
+  expect(err != nullptr && std::string(err).find("too few clusters resident") != std::string::npos,
+         "gumbel_fallback: require refuses a device with too few clusters resident" + detail(err));
+  set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
+  launched("gumbel_fallback forward", dalle_fast::cuda::gumbel_forward(p, GumbelDType::Float32, nullptr));
+  Compare c{"gumbel_fallback y", tolerance<float>(), 1e-6};
+  std::vector<float> xs(s.vocab);
+  std::vector<double> yr;
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    for (int64_t v = 0; v < s.vocab; ++v) xs[v] = x[s.at(pos, v)];
+    double kl = 0;
+    gumbel_reference(xs, pos, 0.7f, yr, kl);
+    for (int64_t v = 0; v < s.vocab; ++v) c(y[s.at(pos, v)], yr[v], s.at(pos, v));
+  }
+  c.report();
 }
 
 void gumbel_bwd() {
@@ -894,7 +928,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
       {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},
-      {"attention", attention},
+      {"attention", attention}, {"gumbel_fallback", gumbel_fallback},
   };
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);

@@ -736,7 +736,10 @@ int max_active_clusters(const void* kernel, const cudaLaunchConfig_t* cfg, int* 
   const unsigned c = cluster_of(cfg, &err);
   if (err == 0) err = check_config(kernel, dim3(c), cfg->blockDim, cfg->dynamicSmemBytes, c);
   if (err != 0) return err;
-  *n = std::max(1, sms() / int(c));
+  // EMU_MAX_CLUSTERS: a device that keeps fewer clusters resident (small GPCs), for the callers'
+  // fallbacks; else as many as the SMs hold, at least one.
+  const char* cap = std::getenv("EMU_MAX_CLUSTERS");
+  *n = cap != nullptr ? std::atoi(cap) : std::max(1, sms() / int(c));
   return cudaSuccess;
 }
 
