@@ -36,7 +36,7 @@ def emu_race_checks(tmp_path_factory):
 
 def run(exe, *args, sms=4, schedule=None):
     env = {**os.environ, "EMU_SMS": str(sms)}
-    for name in ("DALLE_FAST_GUMBEL_RESIDENT", "DALLE_FAST_DECODE_FAST", "EMU_SCHEDULE"):
+    for name in ("DALLE_FAST_GUMBEL_RESIDENT", "DALLE_FAST_DECODE_FAST", "EMU_SCHEDULE", "EMU_MAX_CLUSTERS"):
         env.pop(name, None)
     if schedule is not None:
         env["EMU_SCHEDULE"] = str(schedule)
