@@ -7,9 +7,11 @@
 //
 // Built with EMU_TSAN (this file itself uninstrumented, the kernels under ThreadSanitizer), it is
 // a race check: each fiber is a ThreadSanitizer fiber, and the only happens-before edges between
-// them are the ones CUDA guarantees: __syncthreads within a block, cluster.sync within a cluster
-// (warp shuffles and mma order nothing). So two threads touching the same global or shared bytes,
-// one of them writing, with no barrier between, are reported, whatever order the fibers ran in.
+// them are the ones CUDA guarantees: __syncthreads within a block, __syncwarp within a warp,
+// cluster.sync within a cluster (warp shuffles and mma order nothing), and a launch's start and
+// end for the host. So two threads touching the same global or shared bytes, one of them writing,
+// with no barrier between, are reported, whatever order the fibers ran in, blocks and clusters
+// included.
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -18,8 +20,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <random>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
