@@ -96,11 +96,10 @@ def one_parity(src):
 def reuse_scratch_early(src):
     """decode's block reduction without its second barrier: the next reduction may overwrite the
     scratch while a slower warp still reads it (write after read)."""
-    path = src / "attention" / "cuda" / "decode.cu"
-    text = path.read_text()
-    line = "  __syncthreads();  // scratch is reused by the next reduction\n"
-    assert line in text
-    path.write_text(text.replace(line, "\n"))
+    path = src / "attention" / "cuda" / "decode.cu"  # translated: comments are blank
+    text, n = re.subn(r"(x = op\(x, scratch\[w\]\);\n)\s*__syncthreads\(\);", r"\1", path.read_text())
+    assert n == 1
+    path.write_text(text)
 
 
 @pytest.mark.parametrize("patch,check,where", [(one_parity, "gumbel_fwd", "gumbel_cluster.h"),
@@ -131,7 +130,7 @@ def drop_final_cluster_barrier(src):
     path.write_text(text[:at] + "if (false) " + text[at:])
 
 
-@pytest.mark.parametrize("patch,expect", [(drop_combine_barrier, "FAIL gumbel_fwd one-read"),
+@pytest.mark.parametrize("patch,expect", [(drop_combine_barrier, "another block's shared memory before any cluster.sync"),
                                           (drop_final_cluster_barrier, "that block of the cluster has exited")])
 def test_a_broken_kernel_fails(tmp_path, patch, expect):
     """The checks are not vacuous: each of these bugs (races on a GPU) is reported."""
