@@ -108,19 +108,14 @@ struct Block {
   // it (through a pointer mapped before) is reported, as a read of freed memory.
   void retire() {
     exited = true;
-    for (Var& v : vars) poison(v.ptr, v.bytes, true);
-    poison(dyn, dyn_bytes, true);
+    for (Var& v : vars) poison(v.ptr, v.bytes);
+    poison(dyn, dyn_bytes);
   }
-  static void poison(void* p, size_t bytes, bool on) {
+  static void poison(void* p, size_t bytes) {
 #if defined(__SANITIZE_ADDRESS__)
-    if (p == nullptr) return;
-    if (on) {
-      ASAN_POISON_MEMORY_REGION(p, bytes);
-    } else {
-      ASAN_UNPOISON_MEMORY_REGION(p, bytes);
-    }
+    if (p != nullptr) ASAN_POISON_MEMORY_REGION(p, bytes);
 #else
-    (void)p, (void)bytes, (void)on;
+    (void)p, (void)bytes;
 #endif
   }
   static void free_shared(void* p, size_t bytes) {
@@ -153,6 +148,12 @@ struct KernelInfo {
   bool non_portable = false;
   size_t static_bytes = 0;  // seen in earlier launches
 };
+
+// The dynamic shared memory a launch of the kernel may take, with `static_bytes` of static.
+size_t dynamic_allowed(const KernelInfo& info, size_t static_bytes) {
+  if (info.max_dynamic > 0) return info.max_dynamic;
+  return static_bytes < kDefaultShared ? kDefaultShared - static_bytes : 0;
+}
 
 struct Run {
   dim3 grid, block;
@@ -194,8 +195,8 @@ void back_in_fiber(void*) {}
 // passes the host's writes (its inputs) to every thread through g_launch_begin, and the host
 // takes every thread's writes at the launch's end through g_launch_end; between them only the
 // barriers order threads (release on arrival, acquire on leaving), so threads of different
-// blocks and clusters are concurrent, as on the GPU. Each cluster gets new fibers (and fresh
-// stacks), so no thread inherits the history of the one that ran before on its fiber.
+// blocks and clusters are concurrent, as on the GPU (cluster_slots: no thread inherits the
+// history of the one that ran before it on its fiber).
 #if defined(EMU_TSAN)
 void* g_tsan_host = nullptr;
 char g_launch_begin, g_launch_end;
@@ -408,9 +409,10 @@ void run_cluster(Run& run, uint64_t first) {
   bool full_pass = true;  // every thread gets a turn (always, unless the schedule is random)
   std::vector<size_t> order(threads.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::vector<char> stalled(run.csize, 0);
   while (left > 0) {
     const uint64_t before = g_events;
-    std::vector<char> stalled(run.csize, 0);
+    std::fill(stalled.begin(), stalled.end(), 0);
     if (g_random_schedule) {
       std::shuffle(order.begin(), order.end(), g_schedule_rng);
       if (!full_pass) {
@@ -451,9 +453,7 @@ void run_cluster(Run& run, uint64_t first) {
   KernelInfo& info = g_kernels[run.kernel];
   for (const auto& blk : run.blocks) {
     info.static_bytes = std::max(info.static_bytes, blk->static_bytes);
-    const size_t allowed = info.max_dynamic > 0 ? info.max_dynamic
-                           : blk->static_bytes < kDefaultShared ? kDefaultShared - blk->static_bytes
-                                                                : 0;
+    const size_t allowed = dynamic_allowed(info, blk->static_bytes);
     if (blk->static_bytes > kDefaultShared) fault("more than 48 KiB of static shared memory");
     if (run.smem > allowed || blk->static_bytes + run.smem > kMaxSharedPerBlock) {
       std::fprintf(stderr, "emu: static %zu + dynamic %zu bytes of shared memory; dynamic allowed: %zu\n",
@@ -511,16 +511,25 @@ void sync_warp(const char* site, unsigned mask) {
   wait(t.warp->bar, t.warp->live, site, "__syncwarp", true);
 }
 
-void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site) {
+namespace {
+// A warp collective: the lane puts its `bytes` into the warp's slot set of this collective, the
+// whole warp meets, and the set (every lane's bytes) is returned for reading.
+using Slots = unsigned char[32][kSlot];
+const Slots& meet(const void* in, size_t bytes, const char* site, const char* kind) {
   Thread& t = cur();
   Warp& w = *t.warp;
-  if (mask != 0xffffffffu) fault("warp exchange: only the full mask is emulated");
-  if (w.live != 32) fault("warp exchange with a full mask, but not all 32 lanes of the warp are running");
-  if (bytes > kSlot) fault("warp exchange: value too large");
+  if (w.live != 32) fault("warp collective with a full mask, but not all 32 lanes of the warp are running");
+  if (bytes > kSlot) fault("warp collective: value too large");
   auto& slot = w.slot[t.collectives++ % 2];
   copy_bytes(slot[t.lane], in, bytes);
-  wait(w.bar, w.live, site, "warp exchange", false);
-  copy_bytes(out, slot[src], bytes);
+  wait(w.bar, w.live, site, kind, false);
+  return slot;
+}
+}  // namespace
+
+void warp_exchange(const void* in, void* out, size_t bytes, int src, unsigned mask, const char* site) {
+  if (mask != 0xffffffffu) fault("warp exchange: only the full mask is emulated");
+  copy_bytes(out, meet(in, bytes, site, "warp exchange")[src], bytes);
 }
 
 namespace {
@@ -536,13 +545,9 @@ struct MmaLane {
 template <class Tag>
 void mma_m16n8k16(float& c0, float& c1, float& c2, float& c3, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                   uint32_t b0, uint32_t b1) {
-  Thread& t = cur();
-  Warp& w = *t.warp;
-  if (w.live != 32) fault("mma.sync with lanes of the warp not running");
+  const Thread& t = cur();
   const MmaLane mine{{a0, a1, a2, a3}, {b0, b1}};
-  auto& slot = w.slot[t.collectives++ % 2];
-  copy_bytes(slot[t.lane], &mine, sizeof mine);
-  wait(w.bar, w.live, "mma.sync", "mma.sync", false);
+  const Slots& slot = meet(&mine, sizeof mine, "mma.sync", "mma.sync");
   MmaLane all[32];
   for (int l = 0; l < 32; ++l) copy_bytes(&all[l], slot[l], sizeof(MmaLane));
   // A (16 x 16, row): row r, column k sits in lane (r % 8) * 4 + (k % 8) / 2, register
@@ -640,13 +645,7 @@ size_t cp_async_take(int keep, const AsyncCopy** out) {
 }
 
 void warp_allgather(const void* in, void* all, size_t bytes, const char* site) {
-  Thread& t = cur();
-  Warp& w = *t.warp;
-  if (w.live != 32) fault("warp collective with lanes of the warp not running");
-  if (bytes > kSlot) fault("warp collective: value too large");
-  auto& slot = w.slot[t.collectives++ % 2];
-  copy_bytes(slot[t.lane], in, bytes);
-  wait(w.bar, w.live, site, "warp collective", false);
+  const Slots& slot = meet(in, bytes, site, "warp collective");
   for (int l = 0; l < 32; ++l) copy_bytes(static_cast<unsigned char*>(all) + size_t(l) * bytes, slot[l], bytes);
 }
 
@@ -690,7 +689,7 @@ int func_attributes(const void* kernel, cudaFuncAttributes* attr) {
   const KernelInfo& info = g_kernels[kernel];
   *attr = cudaFuncAttributes{};
   attr->sharedSizeBytes = info.static_bytes;
-  attr->maxDynamicSharedSizeBytes = int(info.max_dynamic > 0 ? info.max_dynamic : kDefaultShared - info.static_bytes);
+  attr->maxDynamicSharedSizeBytes = int(dynamic_allowed(info, info.static_bytes));
   return cudaSuccess;
 }
 
@@ -727,8 +726,7 @@ int check_config(const void* kernel, dim3 grid, dim3 block, size_t smem, unsigne
   if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
   if (cluster == 0 || cluster > 16 || (cluster > 8 && !info.non_portable)) return cudaErrorInvalidValue;
   if (cluster > 1 && (grid.x % cluster != 0 || grid.y != 1 || grid.z != 1)) return cudaErrorInvalidValue;
-  const size_t allowed = info.max_dynamic > 0 ? info.max_dynamic : kDefaultShared - info.static_bytes;
-  if (smem > allowed) return cudaErrorInvalidValue;
+  if (smem > dynamic_allowed(info, info.static_bytes)) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 }  // namespace

@@ -4,7 +4,7 @@
 
 Copies SRC_DIR (the repository's csrc) to OUT_DIR, rewriting in every .cu and .h file:
   - kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  ::emu::launch_kernel(kernel, grid, block, smem, stream, args)
-  - __shared__ T name[dims];         ->  auto& name = ::emu::shared_var<T[dims], N>();
+  - __shared__ T name[dims];         ->  auto& name = ::emu::shared_var<T[dims], N, ALIGN>();
   - extern __shared__ T name[];      ->  T* name = ::emu::dynamic_shared<T>();
   - x.sync()                         ->  x.sync_at("file:line")   (cluster barriers, by place)
   - asm statements                   ->  the emulator's function for the PTX they hold, or a call
@@ -163,10 +163,10 @@ def translate(text: str, name: str) -> str:
     def launch(m: re.Match) -> str:
         cfg = [c.strip() for c in _split_top(m.group(2), ",")]
         cfg += ["0", "nullptr"][len(cfg) - 2 :]
-        return f"::emu::launch_kernel({m.group(1)}, dim3({cfg[0]}), dim3({cfg[1]}), {cfg[2]}, {cfg[3]}, "
+        no_args = m.string[m.end() :].lstrip().startswith(")")
+        return f"::emu::launch_kernel({m.group(1)}, dim3({cfg[0]}), dim3({cfg[1]}), {cfg[2]}, {cfg[3]}{'' if no_args else ', '}"
 
     text = _LAUNCH.sub(launch, text)
-    text = re.sub(r"(::emu::launch_kernel\([^;]*?), \s*\)", r"\1)", text)  # kernels without arguments
     text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", text)
     def shared(m: re.Match) -> str:
         align = max([int(a) for a in re.findall(r"\d+", m.group(1))] or [0])  # declared, else the type's

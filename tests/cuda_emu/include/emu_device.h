@@ -108,8 +108,9 @@ int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, unsign
 }
 // The kernel of the last launch that ran (for a test to tell which kernel a launcher chose).
 const void* last_kernel();
-// kernel<<<grid, block, smem, stream>>>(args...), as translate.py writes it.
+// A launch error for cudaGetLastError.
 void set_last_error(int err);
+// kernel<<<grid, block, smem, stream>>>(args...), as translate.py writes it.
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, const void* /*stream*/,
                    Args&&... args) {
@@ -204,18 +205,15 @@ extern dim3 blockDim, gridDim;
 
 namespace emu {
 template <class T>
-inline T shfl_xor(const char* site, unsigned mask, T v, int lane_mask, int width = 32) {
-  if (width != 32) fault("__shfl_xor_sync: only width 32 is emulated");
-  T r;
-  warp_exchange(&v, &r, sizeof(T), lane_id() ^ lane_mask, mask, site);
-  return r;
-}
-template <class T>
 inline T shfl(const char* site, unsigned mask, T v, int src, int width = 32) {
-  if (width != 32) fault("__shfl_sync: only width 32 is emulated");
+  if (width != 32) fault("__shfl_sync / __shfl_xor_sync: only width 32 is emulated");
   T r;
   warp_exchange(&v, &r, sizeof(T), src & 31, mask, site);
   return r;
+}
+template <class T>
+inline T shfl_xor(const char* site, unsigned mask, T v, int lane_mask, int width = 32) {
+  return shfl(site, mask, v, lane_id() ^ lane_mask, width);
 }
 }  // namespace emu
 #define __shfl_xor_sync(...) ::emu::shfl_xor(EMU_WHERE, __VA_ARGS__)
