@@ -1,6 +1,6 @@
 """Builds the CPU emulation of the CUDA kernels: emu_checks, the checks of checks.cpp.
 
-    python tests/cuda_emu/build.py OUT_DIR [--sanitize address|thread|none]
+    python tests/cuda_emu/build.py OUT_DIR [--sanitize address|thread|traffic|none]
 
 translate.py rewrites csrc into OUT_DIR/csrc; the kernels' .cu files are compiled as host C++
 against the stand-in CUDA headers of include/, with
@@ -8,6 +8,8 @@ against the stand-in CUDA headers of include/, with
     misaligned vector accesses);
   - thread: ThreadSanitizer, the CUDA threads as its fibers ordered only by the barriers CUDA
     guarantees (a race check, as compute-sanitizer's racecheck on a GPU);
+  - traffic: every load and store of the kernels counted (include/emu_traffic.h: how often each
+    byte of a buffer is read and written, and how much of each 32-byte sector a warp uses);
   - none: plain, the fastest to build.
 """
 
@@ -36,14 +38,20 @@ KERNELS = [  # the .cu files the checks run
 ]
 HOST = ["attention/tile_plan.cpp", "attention/cuda/device_plan.cpp"]  # host code the kernels' callers need
 CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_fallback", "gumbel_argmax", "decode", "skinny_linear", "attention",
-          "conversions"]
+          "conversions", "traffic"]
 
 
 SANITIZERS = {
     "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
     "thread": ["-fsanitize=thread"],
+    "traffic": ["-fsanitize=kernel-address", "--param=asan-instrumentation-with-call-threshold=0",
+                "--param=asan-stack=0", "--param=asan-globals=0", "-fno-tree-sra"],
     "none": [],
 }
+# The flags of the uninstrumented parts (the scheduler, the traffic counter, the checks, the link),
+# where they differ from the kernels'. Under ThreadSanitizer the scheduler only annotates.
+RUNTIME = {"thread": ["-DEMU_TSAN", "-fno-tree-loop-distribute-patterns"], "traffic": ["-DEMU_TRAFFIC"]}
+HOST_SIDE = {"traffic": []}
 
 
 def build(out: Path, sanitize: str = "address", cxx: str = "g++", patch=None) -> Path:
@@ -59,12 +67,12 @@ def build(out: Path, sanitize: str = "address", cxx: str = "g++", patch=None) ->
     flags = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", f"-I{HERE / 'include'}"]
     sanitizer = SANITIZERS[sanitize]
     device = ["-x", "c++", "-D__CUDACC__", "-D__CUDA_ARCH__=900", "-include", "emu_device.h", *sanitizer]
-    # Under ThreadSanitizer the scheduler itself stays uninstrumented: it only annotates.
-    runtime = ["-DEMU_TSAN", "-fno-tree-loop-distribute-patterns"] if sanitize == "thread" else sanitizer
+    runtime = RUNTIME.get(sanitize, sanitizer)
+    host_side = HOST_SIDE.get(sanitize, sanitizer)
     jobs = [(out / "csrc" / cu, device, out / (Path(cu).stem + ".o")) for cu in KERNELS]
     jobs += [(out / "csrc" / cpp, sanitizer, out / (Path(cpp).stem + ".o")) for cpp in HOST]
-    jobs.append((HERE / "emu_runtime.cpp", runtime, out / "emu_runtime.o"))
-    jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}", *sanitizer], out / "checks.o"))
+    jobs += [(HERE / f"{name}.cpp", runtime, out / f"{name}.o") for name in ("emu_runtime", "emu_traffic")]
+    jobs.append((HERE / "checks.cpp", [f"-I{REPO / 'csrc'}", *host_side], out / "checks.o"))
 
     def compile_one(job):
         src, extra, obj = job
@@ -74,7 +82,7 @@ def build(out: Path, sanitize: str = "address", cxx: str = "g++", patch=None) ->
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, jobs))
     exe = out / "emu_checks"
-    subprocess.run([cxx, *flags, *sanitizer, *map(str, objs), "-o", str(exe)], check=True)
+    subprocess.run([cxx, *flags, *host_side, *map(str, objs), "-o", str(exe)], check=True)
     return exe
 
 

@@ -11,7 +11,11 @@
 //   attention       sparse attention forward and backward, one-warp and flash kernels (these have
 //                   run on an H100: a control of the emulation itself)
 //   conversions     the emulation's float <-> half / bfloat16 conversions
+//   traffic         the Gumbel kernels at the dVAE's layout (see traffic())
 //   fuzz            random cases of all of them
+// In the traffic build (build.py --sanitize traffic) the Gumbel, decode and skinny_linear cases
+// also check their kernels' memory traffic: how often each byte is loaded and stored, which cache
+// rows decode reads, how much of each 32-byte sector a warp request uses (emu_traffic.h).
 // Usage: emu_checks NAME, or emu_checks fuzz [COUNT [SEED]]. Prints one line per case and exits 1
 // if any case fails.
 #include <algorithm>
@@ -28,6 +32,7 @@
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
+#include "emu_traffic.h"
 
 // The reference's noise: philox.h compiled for the host (its own namespace, so that it cannot be
 // merged with the emulated device copy).
@@ -89,7 +94,7 @@ DType attn_dtype() {
 
 // A 64-byte aligned buffer of exactly `count` elements (the kernels' vector loads need 16; under
 // AddressSanitizer an access past the end shows), filled with NaN so that an element a kernel
-// should have written and did not shows.
+// should have written and did not shows; watched by the traffic counter (emu_traffic.h).
 template <class T>
 struct Buf {
   T* p = nullptr;
@@ -99,9 +104,13 @@ struct Buf {
     if (posix_memalign(&mem, 64, count * sizeof(T) + (count == 0)) != 0) std::abort();
     p = static_cast<T*>(mem);
     for (size_t i = 0; i < n; ++i) p[i] = from_f<T>(std::numeric_limits<float>::quiet_NaN());
+    emu::watch(p, count * sizeof(T));
   }
   Buf(const Buf&) = delete;
-  ~Buf() { std::free(p); }
+  ~Buf() {
+    emu::unwatch(p);
+    std::free(p);
+  }
   T& operator[](size_t i) { return p[i]; }
 };
 
@@ -146,6 +155,43 @@ void expect(bool ok, const std::string& what) {
 
 std::string detail(const char* err) { return err != nullptr ? std::string(" (") + err + ")" : std::string(); }
 void launched(const std::string& name, const char* err) { expect(err == nullptr, name + ": launched" + detail(err)); }
+
+// ---- Memory traffic (the traffic build: emu_traffic.h; elsewhere nothing is counted) ------------
+// What a case's kernels must do with one buffer: load and store each of its bytes exactly `loads`
+// and `stores` times (-1: any number), and use at least `sector_use` of the bytes of the 32-byte
+// sectors their warp requests touch.
+struct Use {
+  const char* what;
+  const void* p;
+  int loads = -1, stores = -1;
+  double sector_use = 0;
+};
+
+std::string times(size_t count, size_t max, size_t bytes) {
+  char s[96];
+  std::snprintf(s, sizeof s, "%.3gx (at most %zux)", bytes == 0 ? 0.0 : double(count) / double(bytes), max);
+  return s;
+}
+
+void expect_traffic(const std::string& name, std::initializer_list<Use> uses) {
+  if (!emu::traffic_counted()) return;
+  for (const Use& u : uses) {
+    const emu::Traffic t = emu::traffic(u.p);
+    const auto exactly = [&](int want, size_t total, size_t max) {
+      return want < 0 || (max == size_t(want) && total == size_t(want) * t.bytes);
+    };
+    char use[64];
+    std::snprintf(use, sizeof use, "%.1f%% of sector bytes used", 100.0 * t.sector_use());
+    std::string what = "traffic " + name + ": " + u.what + " loaded " + times(t.loaded, t.max_loads, t.bytes) +
+                       ", stored " + times(t.stored, t.max_stores, t.bytes) + ", " + use;
+    if (u.loads >= 0) what += "; want loads " + std::to_string(u.loads) + "x";
+    if (u.stores >= 0) what += "; want stores " + std::to_string(u.stores) + "x";
+    if (u.sector_use > 0) what += "; want use >= " + std::to_string(int(100 * u.sector_use)) + "%";
+    expect(exactly(u.loads, t.loaded, t.max_loads) && exactly(u.stores, t.stored, t.max_stores) &&
+               t.sector_use() >= u.sector_use,
+           what);
+  }
+}
 
 void set_env(const char* name, const char* value) {
   if (value == nullptr) {
@@ -240,8 +286,9 @@ std::string run_gumbel(const char* op, const Shape& s, bool with_kl, bool reside
   return name;
 }
 
+// sector_use: the least share of the sectors' bytes the traffic build must see used.
 template <class T>
-void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng) {
+void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng, double sector_use = 0) {
   const float tau = 0.7f;
   Buf<T> x(s.size()), y(s.size()), kl(size_t(s.positions()));
   int64_t state[2] = {-1, -1};
@@ -257,6 +304,9 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
       [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err); },
       [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
   expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
+  // The one-read kernels read each logit once, the two-sweep ones twice.
+  expect_traffic(name, {{"logits", x.p, resident ? 1 : 2, 0, sector_use}, {"y", y.p, 0, 1, sector_use},
+                        {"kl", kl.p, 0, with_kl ? 1 : 0}});
   Compare cy{name + " y", tolerance<T>(), std::max(1e-6, smallest_normal<T>())}, ck{name + " kl", tolerance<T>(), 1e-3};
   std::vector<float> xs(s.vocab);
   std::vector<double> yr;
@@ -272,7 +322,7 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
 }
 
 template <class T>
-void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng) {
+void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng, double sector_use = 0) {
   const float tau = 0.7f;
   Buf<T> x(s.size()), y(s.size()), dy(s.size()), dx(s.size()), gkl(size_t(s.positions()));
   int64_t state[2] = {int64_t(kSeed), int64_t(kOffset)};
@@ -301,6 +351,12 @@ void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19
       "gumbel_bwd", s, with_kl, resident,
       [&](const char** err) { return dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, err); },
       [&] { return dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr); });
+  // y and dy once each (twice on the two-sweep kernels), the logits only for the KL term.
+  const int sweeps = resident ? 1 : 2;
+  expect_traffic(name, {{"logits", x.p, with_kl ? sweeps : 0, 0, sector_use},
+                        {"y", y.p, sweeps, 0, sector_use},
+                        {"dy", dy.p, sweeps, 0, sector_use},
+                        {"dlogits", dx.p, 0, 1, sector_use}});
   // grad_v = y_v (dy_v - sum y dy) / tau + gkl p_v (log p_v - sum p log p). The scale of a
   // position's errors: the largest magnitude of the terms before they cancel, y_v (|dy_v| +
   // sum |y dy|) / tau and |gkl| p_v (|log p_v| + |sum p log p|).
@@ -352,6 +408,7 @@ void gumbel_argmax_case(const Shape& s, std::mt19937& rng) {
   const std::string name = std::string("gumbel_argmax ") + type_name<T>() + " " + s.str();
   const char* err = dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr);
   launched(name, err);
+  expect_traffic(name, {{"logits", x.p, 1, 0}});
   size_t wrong = 0;
   for (int64_t pos = 0; pos < s.positions(); ++pos) {
     int64_t best = -1;
@@ -452,6 +509,21 @@ void gumbel_argmax() {
   gumbel_argmax_case<__nv_bfloat16>({2, 513, 3}, rng);
 }
 
+// The memory traffic of the kernels at the shapes the issues' targets name, scaled down (the
+// traffic build: elsewhere it checks values only). The dVAE's NCHW logits (inner = 32 x 32
+// positions, a vocabulary of 8192 as clusters of 8 blocks) must be read once and written once in
+// whole sectors, forward and backward, in every dtype; a sampling step's skinny_linear must read
+// the weights once in whole sectors.
+void traffic() {
+  std::mt19937 rng(9);
+  for (const Shape& s : {Shape{1, 8192, 64}, Shape{1, 1024, 1024}}) {
+    gumbel_forward_case<float>(s, true, true, rng, 1.0);
+    gumbel_forward_case<__nv_bfloat16>(s, false, true, rng, 1.0);
+    gumbel_backward_case<float>(s, true, true, rng, 1.0);
+    gumbel_backward_case<__half>(s, false, true, rng, 1.0);
+  }
+}
+
 // ---- Decode ---------------------------------------------------------------------------------
 struct DecodeShape {
   int64_t batch, heads, text, image, dim;
@@ -522,6 +594,7 @@ void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng
   set_env("DALLE_FAST_DECODE_FAST", nullptr);
   launched(name, err);
   Compare c{name + " out", tolerance<T>(), 0, 0.1};
+  std::vector<char> read(size_t(B * H * N), 0);  // the cache rows the step must read
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const T* qr = q.p + (bh / H) * q_sb + (bh % H) * D;
     std::vector<double> w;
@@ -535,6 +608,7 @@ void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng
         key = s.text + src;
       }
       const bool fresh = key == row;
+      read[size_t(bh * N + key)] = !(fresh && append);  // appending, this step's key comes from k_new
       const T* kr = fresh ? kn.p + bh * D : &k_before[at(bh, key, 0)];
       double dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += double(to_f(qr[d])) * to_f(kr[d]);
@@ -565,6 +639,29 @@ void decode_case(const DecodeShape& s, bool append, Pick pick, std::mt19937& rng
     }
   }
   expect(wrong == 0, name + ": the caches hold this step's key and value (appending) and are otherwise unchanged");
+  if (emu::traffic_counted()) {
+    // The step reads the rows of the keys its mask allows, whole, and no other byte of the caches
+    // (padding included). The fast kernel reads each of those bytes once, in whole sectors, but
+    // for row 0, which its idle and masked slots read instead of a key (their weight is 0).
+    size_t wrong_rows = 0, rereads = 0;
+    for (const Buf<T>* cache : {&k, &v}) {
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        for (int64_t n = 0; n < N; ++n) {
+          const emu::Traffic t = emu::traffic_in(cache->p, at(bh, n, 0) * sizeof(T), size_t(R) * sizeof(T));
+          wrong_rows += t.loaded_once != (read[size_t(bh * N + n)] ? size_t(D) * sizeof(T) : 0);
+          rereads += n > 0 && t.max_loads > 1;
+        }
+      }
+    }
+    expect(wrong_rows == 0, "traffic " + name + ": " + std::to_string(wrong_rows) +
+                                " cache rows read otherwise than the mask allows");
+    if (pick == Pick::Fast) {
+      const double use = std::min(emu::traffic(k.p).sector_use(), emu::traffic(v.p).sector_use());
+      expect(rereads == 0 && use >= 1.0, "traffic " + name + ": " + std::to_string(rereads) +
+                                             " rows past row 0 read more than once; " +
+                                             std::to_string(int(100 * use)) + "% of sector bytes used");
+    }
+  }
   static const void* general_kernel[3] = {};
   const int t = std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2;
   if (pick == Pick::General) general_kernel[t] = kernel;
@@ -629,6 +726,8 @@ void linear_case(int64_t m, int64_t n, int64_t k, bool ln, bool bias, bool gelu,
                            (bias ? " bias" : "") + (gelu ? " gelu" : "") + (residual ? " residual" : "");
   const char* err = dalle_fast::cuda::skinny_linear(p, attn_dtype<T>(), nullptr);
   launched(name, err);
+  // The weights once, each warp request using whole sectors (16 contiguous bytes per lane).
+  expect_traffic(name, {{"w", w.p, 1, 0, 1.0}, {"out", out.p, 0, 1}});
   Compare c{name, tolerance<T>(), 0, 0.1};
   std::vector<double> xr(k);
   for (int64_t i = 0; i < m; ++i) {
@@ -928,7 +1027,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
       {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},
-      {"attention", attention}, {"gumbel_fallback", gumbel_fallback},
+      {"attention", attention}, {"gumbel_fallback", gumbel_fallback}, {"traffic", traffic},
   };
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s NAME (one of:", argv[0]);

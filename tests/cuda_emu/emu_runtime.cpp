@@ -262,6 +262,7 @@ void fill_bytes(void* dst, unsigned char v, size_t n) {
   for (size_t i = 0; i < n; ++i) d[i] = v;
 }
 Run* g_run = nullptr;
+uint64_t g_launches = 0;  // launches begun
 uint64_t g_events = 0;
 int g_last_error = 0;
 const void* g_last_kernel = nullptr;
@@ -488,6 +489,16 @@ void unsupported_asm(const char* text) {
 }
 
 int lane_id() { return cur().lane; }
+
+bool current_warp(uint64_t* warp, int* lane) {
+  if (g_cur == nullptr) return false;
+  const Thread& t = *g_cur;
+  const uint3 b = t.block->idx;
+  const uint64_t linear = b.x + uint64_t(g_run->grid.x) * (b.y + uint64_t(g_run->grid.y) * b.z);
+  *warp = (g_launches << 44) | (linear << 5) | uint64_t(t.warp - t.block->warps.data());
+  *lane = t.lane;
+  return true;
+}
 unsigned cluster_rank() { return cur().block->rank; }
 unsigned cluster_blocks() {
   cur();
@@ -756,6 +767,7 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, unsigned cl
   run.kernel = kernel;
   run.body = &body;
   g_run = &run;
+  ++g_launches;
   tsan_release(&g_launch_begin);
   blockDim = block;
   gridDim = grid;

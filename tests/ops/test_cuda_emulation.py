@@ -6,7 +6,8 @@ decode kernels (fast and general, with the cache write), skinny_linear's tensor-
 the sparse-attention kernels (one-warp and flash, forward and backward).
 Once under AddressSanitizer and UBSan (values, out-of-bounds and misaligned accesses, unwritten
 shared memory), once under ThreadSanitizer (races: accesses of two threads with no barrier
-between). They catch indexing, predicate, barrier and cluster-exchange bugs before a GPU
+between), once with every global load and store counted (how often each byte is read and written,
+how much of each 32-byte sector a warp's request uses). They catch indexing, predicate, barrier and cluster-exchange bugs before a GPU
 session; speed still needs the GPU.
 """
 
@@ -32,6 +33,11 @@ def emu_checks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def emu_race_checks(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cuda_emu_tsan"), sanitize="thread")
+
+
+@pytest.fixture(scope="module")
+def emu_traffic_checks(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_emu_traffic"), sanitize="traffic")
 
 
 def run(exe, *args, sms=4, schedule=None):
@@ -60,7 +66,9 @@ def test_kernel_matches_reference_on_emulation(emu_checks, name, sms, schedule):
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
 
 
-@pytest.mark.parametrize("name", CHECKS)
+# "traffic" repeats gumbel_fwd and gumbel_bwd's kernels at larger shapes, whose many clusters of
+# 4096 threads would pass ThreadSanitizer's thread limit.
+@pytest.mark.parametrize("name", [name for name in CHECKS if name != "traffic"])
 def test_kernel_has_no_race_on_emulation(emu_race_checks, name):
     result = run(emu_race_checks, name)
     assert "ThreadSanitizer" not in result.stderr, result.stderr[-8000:]
@@ -138,6 +146,52 @@ def test_a_broken_kernel_fails(tmp_path, patch, expect):
     result = run(exe, "gumbel_fwd", schedule=1)
     assert result.returncode != 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert expect in result.stdout + result.stderr
+
+
+# The memory traffic of the kernels the issues' targets rest on (include/emu_traffic.h): the
+# one-read Gumbel kernels read each logit once (the two-sweep ones twice) and write once, in whole
+# 32-byte sectors at the dVAE's layout; decode reads exactly the cache rows its mask allows;
+# skinny_linear reads the weights once, in whole sectors.
+TRAFFIC_CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear", "traffic"]
+
+
+@pytest.mark.parametrize("name", TRAFFIC_CHECKS)
+def test_kernel_memory_traffic_on_emulation(emu_traffic_checks, name):
+    result = run(emu_traffic_checks, name)
+    assert result.returncode == 0, f"{name}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert "PASS traffic" in result.stdout
+
+
+def reread_row_one(src):
+    """decode's idle slots read row 1 instead of row 0: the same values, a row read twice."""
+    path = src / "attention" / "cuda" / "decode.cu"
+    text = path.read_text()
+    at = "const int64_t at = row[r] >= 0 ? row[r] : 0;"
+    assert text.count(at) == 1
+    path.write_text(text.replace(at, at.replace(": 0;", ": 1;")))
+
+
+def scatter_key_chunks(src):
+    """decode's lanes over keys instead of over a key's chunks: each lane of a request reads 16
+    bytes of another row, half of every 32-byte sector unused."""
+    path = src / "attention" / "cuda" / "decode.cu"
+    text, n = re.subn(r"chunk = static_cast<int>\(threadIdx\.x\) % kChunks, slot = static_cast<int>\(threadIdx\.x\) / kChunks",
+                      "chunk = static_cast<int>(threadIdx.x) / kSlots, slot = static_cast<int>(threadIdx.x) % kSlots",
+                      path.read_text())
+    assert n == 1
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("patch,expect", [
+    (reread_row_one, r"FAIL traffic decode fast [^\n]*: [1-9][0-9]* rows past row 0 read more than once; 100%"),
+    (scatter_key_chunks, r"FAIL traffic decode fast [^\n]*read more than once; [0-9]{1,2}% of sector bytes used"),
+])
+def test_wasted_traffic_is_reported(tmp_path, patch, expect):
+    """The traffic checks are not vacuous: a re-read row and uncoalesced loads are reported."""
+    exe = build(tmp_path, sanitize="traffic", patch=patch)
+    result = run(exe, "decode")
+    assert result.returncode != 0
+    assert re.search(expect, result.stdout), result.stdout[-3000:]
 
 
 def test_translation_of_cuda_syntax():
