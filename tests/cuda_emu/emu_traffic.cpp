@@ -21,29 +21,18 @@ struct Watched {
 };
 std::map<uintptr_t, Watched> g_watched;  // by first byte
 
-// One warp instruction's accesses: the n-th pass of each lane over code address pc.
+// A warp's accesses at code address pc: of one lane (n: the lane), or one request (n: the pass,
+// the n-th time each lane got there).
 struct Key {
   uint64_t warp;
   uintptr_t pc;
-  uint32_t pass;
+  uint32_t n;
   bool store;
-  bool operator==(const Key& o) const {
-    return warp == o.warp && pc == o.pc && pass == o.pass && store == o.store;
-  }
-};
-struct LaneKey {
-  uint64_t warp;
-  uintptr_t pc;
-  int lane;
-  bool store;
-  bool operator==(const LaneKey& o) const {
-    return warp == o.warp && pc == o.pc && lane == o.lane && store == o.store;
-  }
+  bool operator==(const Key& o) const { return warp == o.warp && pc == o.pc && n == o.n && store == o.store; }
 };
 struct Hash {
   static size_t mix(uint64_t h, uint64_t v) { return size_t((h ^ v) * 0x9e3779b97f4a7c15ull + (h >> 29)); }
-  size_t operator()(const Key& k) const { return mix(mix(mix(k.warp, k.pc), k.pass), k.store); }
-  size_t operator()(const LaneKey& k) const { return mix(mix(mix(k.warp, k.pc), uint64_t(k.lane)), k.store); }
+  size_t operator()(const Key& k) const { return mix(mix(mix(k.warp, k.pc), k.n), k.store); }
 };
 struct Request {
   uint64_t first;   // order of the first access
@@ -51,7 +40,7 @@ struct Request {
   std::vector<std::pair<uintptr_t, uint32_t>> parts;  // (address, bytes)
 };
 std::unordered_map<Key, Request, Hash> g_requests;
-std::unordered_map<LaneKey, uint32_t, Hash> g_passes;  // of the launch g_launch
+std::unordered_map<Key, uint32_t, Hash> g_passes;  // of the launch g_launch
 uint64_t g_launch = 0;
 uint64_t g_seq = 0;
 
@@ -75,7 +64,7 @@ Watched* find(uintptr_t a, uintptr_t* begin) {
   auto& count = store ? w->stores : w->loads;
   for (size_t i = 0; i < n; ++i) ++count[a - begin + i];
   if (warp >> 44 != g_launch) g_passes.clear(), g_launch = warp >> 44;  // current_warp's launch number
-  const uint32_t pass = g_passes[{warp, pc, lane, store}]++;
+  const uint32_t pass = g_passes[{warp, pc, uint32_t(lane), store}]++;
   Request& r = g_requests[{warp, pc, pass, store}];
   if (r.parts.empty()) r.first = g_seq++, r.buffer = begin;
   r.parts.emplace_back(a, uint32_t(n));
