@@ -41,6 +41,9 @@ CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_fallback", "gumbel_argmax", "decod
           "conversions", "traffic"]
 
 
+# The kernels' flags. traffic: every load and store a call to emu_traffic.cpp's hooks (the
+# kernel-address instrumentation has no runtime library of its own), and no scalar replacement
+# of aggregates, so that a 16-byte vector load stays one access as on the GPU.
 SANITIZERS = {
     "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
     "thread": ["-fsanitize=thread"],
@@ -48,8 +51,9 @@ SANITIZERS = {
                 "--param=asan-stack=0", "--param=asan-globals=0", "-fno-tree-sra"],
     "none": [],
 }
-# The flags of the uninstrumented parts (the scheduler, the traffic counter, the checks, the link),
-# where they differ from the kernels'. Under ThreadSanitizer the scheduler only annotates.
+# Where they differ from the kernels', the flags of the scheduler and the traffic counter (under
+# ThreadSanitizer the scheduler only annotates; in the traffic build the counter defines the
+# hooks), and of the checks and the link (the traffic build counts the kernels' accesses alone).
 RUNTIME = {"thread": ["-DEMU_TSAN", "-fno-tree-loop-distribute-patterns"], "traffic": ["-DEMU_TRAFFIC"]}
 HOST_SIDE = {"traffic": []}
 
