@@ -505,6 +505,12 @@ unsigned cluster_blocks() {
   return g_run->csize;
 }
 
+void launch_bounds(unsigned max_threads) {
+  cur();
+  if (threads_per_block(g_run->block) > max_threads)
+    fault("a block of more threads than the kernel's __launch_bounds__ (the launch would fail)");
+}
+
 void sync_block(const char* site) {
   Block& b = *cur().block;
   wait(b.bar, b.live, site, "__syncthreads", true);

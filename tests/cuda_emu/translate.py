@@ -7,6 +7,7 @@ Copies SRC_DIR (the repository's csrc) to OUT_DIR, rewriting in every .cu and .h
   - __shared__ T name[dims];         ->  auto& name = ::emu::shared_var<T[dims], N, ALIGN>();
   - extern __shared__ T name[];      ->  T* name = ::emu::dynamic_shared<T>();
   - x.sync()                         ->  x.sync_at("file:line")   (cluster barriers, by place)
+  - __launch_bounds__(N[, M]) k(...) { ->  k(...) { ::emu::launch_bounds(N);   (checked at run time)
   - asm statements                   ->  the emulator's function for the PTX they hold, or a call
                                          that faults at run time for PTX it does not know
 Everything else is left as written, so the emulated kernels are the repository's kernels.
@@ -135,6 +136,27 @@ _SHARED = re.compile(
     r"(?:\bstatic\s+)?(?:\bvolatile\s+)?__shared__\s+((?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*)([\w:<>, ]+?)\s+(\w+)"
     r"\s*((?:\[[^\]]*\])*)\s*;")
 _SYNC = re.compile(r"\b(\w+)\.sync\(\)")
+_BOUNDS = re.compile(r"\b__launch_bounds__\s*\(")
+
+
+def _launch_bounds(text: str) -> str:
+    """Each __launch_bounds__ dropped; in a definition, its maximum block size checked on entry."""
+    out, pos = [], 0
+    for m in _BOUNDS.finditer(text):
+        close = _matching(text, m.end() - 1)
+        limit = _split_top(text[m.end() : close], ",")[0].strip()
+        params = _matching(text, text.index("(", close + 1))  # the kernel's parameter list
+        body = re.match(r"\s*\{", text[params + 1 :])
+        out.append(text[pos : m.start()])
+        if body is None:  # a declaration
+            out.append(text[close + 1 : params + 1])
+            pos = params + 1
+        else:
+            brace = params + 1 + body.end()
+            out.append(text[close + 1 : brace] + f" ::emu::launch_bounds({limit});")
+            pos = brace
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def translate(text: str, name: str) -> str:
@@ -174,7 +196,7 @@ def translate(text: str, name: str) -> str:
 
     text = _SHARED.sub(shared, text)
     text = _SYNC.sub(lambda m: f'{m.group(1)}.sync_at("{name}:" EMU_STR(__LINE__))', text)
-    return text
+    return _launch_bounds(text)
 
 
 def main(src: Path, dst: Path) -> None:

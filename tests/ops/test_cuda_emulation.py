@@ -138,12 +138,23 @@ def drop_final_cluster_barrier(src):
     path.write_text(text[:at] + "if (false) " + text[at:])
 
 
-@pytest.mark.parametrize("patch,expect", [(drop_combine_barrier, "another block's shared memory before any cluster.sync"),
-                                          (drop_final_cluster_barrier, "that block of the cluster has exited")])
-def test_a_broken_kernel_fails(tmp_path, patch, expect):
-    """The checks are not vacuous: each of these bugs (races on a GPU) is reported."""
+def tighten_launch_bounds(src):
+    """decode's fast kernel declared for half the threads it is launched with (a launch error)."""
+    path = src / "attention" / "cuda" / "decode.cu"
+    text = path.read_text()
+    assert text.count("::emu::launch_bounds(kFastThreads);") == 1
+    path.write_text(text.replace("::emu::launch_bounds(kFastThreads);", "::emu::launch_bounds(kFastThreads / 2);"))
+
+
+@pytest.mark.parametrize("patch,check,expect", [
+    (drop_combine_barrier, "gumbel_fwd", "another block's shared memory before any cluster.sync"),
+    (drop_final_cluster_barrier, "gumbel_fwd", "that block of the cluster has exited"),
+    (tighten_launch_bounds, "decode", "more threads than the kernel's __launch_bounds__"),
+])
+def test_a_broken_kernel_fails(tmp_path, patch, check, expect):
+    """The checks are not vacuous: each of these bugs (races or launch errors on a GPU) is reported."""
     exe = build(tmp_path, sanitize="none", patch=patch)
-    result = run(exe, "gumbel_fwd", schedule=1)
+    result = run(exe, check, schedule=1)
     assert result.returncode != 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert expect in result.stdout + result.stderr
 
@@ -206,6 +217,10 @@ __global__ void k(const P p) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 2.0f));
   cluster.sync();
 }
+template <int HD>
+__global__ void __launch_bounds__(kThreads, HD == 128 ? 2 : 4)
+    k2(const P p, float* __restrict__ out) { body(); }
+__global__ void __launch_bounds__(256) k3(int n);
 void launch() { k<T, 4><<<grid, 256, smem, stream>>>(p, 3); other<<<1, 32>>>(); }
 """
     out = translate(src, "x.cu")
@@ -217,4 +232,7 @@ void launch() { k<T, 4><<<grid, 256, smem, stream>>>(p, 3); other<<<1, 32>>>(); 
     assert 'cluster.sync_at("x.cu:" EMU_STR(__LINE__))' in out
     assert "::emu::launch_kernel(k<T, 4>, dim3(grid), dim3(256), smem, stream, p, 3);" in out
     assert "::emu::launch_kernel(other, dim3(1), dim3(32), 0, nullptr);" in out
-    assert "asm" not in out and "<<<" not in out and "__shared__" not in out
+    assert "k2(const P p, float* __restrict__ out) { ::emu::launch_bounds(kThreads); body(); }" in out
+    assert "__global__ void  k3(int n);" in out  # a declaration: nothing to check
+    assert out.count("\n") == src.count("\n")  # line numbers kept (the sites of barriers)
+    assert "asm" not in out and "<<<" not in out and "__shared__" not in out and "__launch_bounds__" not in out

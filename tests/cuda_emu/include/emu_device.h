@@ -22,7 +22,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
 struct uint3 {
@@ -106,6 +105,9 @@ int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, unsign
   };
   return run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, cluster, body);
 }
+// A kernel's __launch_bounds__ (translate.py puts the call first in its body): a block of more
+// threads faults, as the launch would fail on the GPU.
+void launch_bounds(unsigned max_threads);
 // The kernel of the last launch that ran (for a test to tell which kernel a launcher chose).
 const void* last_kernel();
 // A launch error for cudaGetLastError.
