@@ -509,11 +509,10 @@ void gumbel_argmax() {
   gumbel_argmax_case<__nv_bfloat16>({2, 513, 3}, rng);
 }
 
-// The memory traffic of the kernels at the shapes the issues' targets name, scaled down (the
-// traffic build: elsewhere it checks values only). The dVAE's NCHW logits (inner = 32 x 32
-// positions, a vocabulary of 8192 as clusters of 8 blocks) must be read once and written once in
-// whole sectors, forward and backward, in every dtype; a sampling step's skinny_linear must read
-// the weights once in whole sectors.
+// The one-read Gumbel kernels at the layout of issue 4's target, scaled down (the traffic build;
+// elsewhere it checks values only): the dVAE's NCHW logits (a vocabulary of 8192, as clusters of
+// 8 blocks; inner = 32 x 32 positions) must be read once and written once in whole sectors,
+// forward and backward, in every dtype. (skinny_linear's sampling-step case is in skinny_linear.)
 void traffic() {
   std::mt19937 rng(9);
   for (const Shape& s : {Shape{1, 8192, 64}, Shape{1, 1024, 1024}}) {
