@@ -7,8 +7,8 @@ the sparse-attention kernels (one-warp and flash, forward and backward).
 Once under AddressSanitizer and UBSan (values, out-of-bounds and misaligned accesses, unwritten
 shared memory), once under ThreadSanitizer (races: accesses of two threads with no barrier
 between), once with every global load and store counted (how often each byte is read and written,
-how much of each 32-byte sector a warp's request uses). They catch indexing, predicate, barrier and cluster-exchange bugs before a GPU
-session; speed still needs the GPU.
+how much of each 32-byte sector a warp's request uses). They catch indexing, predicate, barrier,
+cluster-exchange and memory-traffic bugs before a GPU session; speed still needs the GPU.
 """
 
 import os
@@ -92,13 +92,18 @@ def test_random_shapes_have_no_race_on_emulation(emu_race_checks, seed):
     assert result.returncode == 0, f"seed {seed}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
+def replace_once(path, old, new):
+    """A deliberate bug: `old`, which must occur once in the translated file (comments blank), becomes `new`."""
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} in {path}"
+    path.write_text(text.replace(old, new))
+
+
 def one_parity(src):
     """One buffer of block statistics instead of two alternating ones: a block may overwrite its
     statistics of the next tile while another block of the cluster still reads this tile's."""
-    path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
-    text = path.read_text()
-    assert "tile += pl.clusters, parity ^= 1" in text
-    path.write_text(text.replace("tile += pl.clusters, parity ^= 1", "tile += pl.clusters"))
+    replace_once(src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu", "tile += pl.clusters, parity ^= 1",
+                 "tile += pl.clusters")
 
 
 def reuse_scratch_early(src):
@@ -140,10 +145,8 @@ def drop_final_cluster_barrier(src):
 
 def tighten_launch_bounds(src):
     """decode's fast kernel declared for half the threads it is launched with (a launch error)."""
-    path = src / "attention" / "cuda" / "decode.cu"
-    text = path.read_text()
-    assert text.count("::emu::launch_bounds(kFastThreads);") == 1
-    path.write_text(text.replace("::emu::launch_bounds(kFastThreads);", "::emu::launch_bounds(kFastThreads / 2);"))
+    replace_once(src / "attention" / "cuda" / "decode.cu", "::emu::launch_bounds(kFastThreads);",
+                 "::emu::launch_bounds(kFastThreads / 2);")
 
 
 @pytest.mark.parametrize("patch,check,expect", [
@@ -175,22 +178,16 @@ def test_kernel_memory_traffic_on_emulation(emu_traffic_checks, name):
 
 def reread_row_one(src):
     """decode's idle slots read row 1 instead of row 0: the same values, a row read twice."""
-    path = src / "attention" / "cuda" / "decode.cu"
-    text = path.read_text()
-    at = "const int64_t at = row[r] >= 0 ? row[r] : 0;"
-    assert text.count(at) == 1
-    path.write_text(text.replace(at, at.replace(": 0;", ": 1;")))
+    replace_once(src / "attention" / "cuda" / "decode.cu", "const int64_t at = row[r] >= 0 ? row[r] : 0;",
+                 "const int64_t at = row[r] >= 0 ? row[r] : 1;")
 
 
 def scatter_key_chunks(src):
     """decode's lanes over keys instead of over a key's chunks: each lane of a request reads 16
     bytes of another row, half of every 32-byte sector unused."""
-    path = src / "attention" / "cuda" / "decode.cu"
-    text, n = re.subn(r"chunk = static_cast<int>\(threadIdx\.x\) % kChunks, slot = static_cast<int>\(threadIdx\.x\) / kChunks",
-                      "chunk = static_cast<int>(threadIdx.x) / kSlots, slot = static_cast<int>(threadIdx.x) % kSlots",
-                      path.read_text())
-    assert n == 1
-    path.write_text(text)
+    replace_once(src / "attention" / "cuda" / "decode.cu",
+                 "chunk = static_cast<int>(threadIdx.x) % kChunks, slot = static_cast<int>(threadIdx.x) / kChunks",
+                 "chunk = static_cast<int>(threadIdx.x) / kSlots, slot = static_cast<int>(threadIdx.x) % kSlots")
 
 
 @pytest.mark.parametrize("patch,expect", [
