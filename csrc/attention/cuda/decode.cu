@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
 
   // Scores. Thread (slot, chunk) takes chunk `chunk` of keys j = slot + kSlots r: the K (and, in
   // the first group, V) chunks of kRounds keys are loaded at once, the chunks' partial dots met
-  // by shuffles over the kChunks adjacent lanes of a key. A masked key reads row 0 (readable;
-  // its weight will be 0).
+  // by shuffles over the kChunks adjacent lanes of a key. An idle slot (past the last key) or a
+  // masked key loads nothing: its chunks are zero, its score -inf and its weight 0.
   uint4 v0[kRounds];  // the first group's V chunks, loaded with its K chunks
   for (int base = 0; base < n; base += kGroup) {
     int32_t row[kRounds];
@@ -153,9 +153,8 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
       const int j = base + slot + kSlots * r;
       const int64_t key = j < n ? p.key_at(j, g, off[r]) : -1;
       row[r] = key >= 0 ? static_cast<int32_t>(key) : -1;
-      const int64_t at = row[r] >= 0 ? row[r] : 0;
-      kw[r] = reinterpret_cast<const uint4*>(p.k_row<T>(b, h, at, g))[chunk];
-      if (base == 0) v0[r] = reinterpret_cast<const uint4*>(p.v_row<T>(b, h, at, g))[chunk];
+      kw[r] = row[r] >= 0 ? reinterpret_cast<const uint4*>(p.k_row<T>(b, h, row[r], g))[chunk] : uint4{};
+      if (base == 0) v0[r] = row[r] >= 0 ? reinterpret_cast<const uint4*>(p.v_row<T>(b, h, row[r], g))[chunk] : uint4{};
     }
 #pragma unroll
     for (int r = 0; r < kRounds; ++r) {
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
       const int j = base + slot + kSlots * r;
       if (chunk == 0 && j < n) {
         scores[j] = row[r] >= 0 ? s * scale : ninf;
-        rows[j] = row[r] >= 0 ? row[r] : 0;
+        rows[j] = row[r];
       }
     }
   }
@@ -187,7 +186,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
   sum = block_reduce<kFastWarps>(sum, scratch, [](float a, float c) { return a + c; });  // its barrier publishes scores
 
   // Values: the same keys per thread, weights from shared memory, V chunks from the registers
-  // (first group) or loaded kRounds at once (later groups).
+  // (first group) or loaded kRounds at once (later groups), none for an idle slot or masked key.
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.f;
@@ -201,7 +200,8 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
       if (base == 0) {
         vw[r] = v0[r];
       } else {
-        vw[r] = reinterpret_cast<const uint4*>(p.v_row<T>(b, h, j < n ? rows[j] : 0, g))[chunk];
+        const int32_t at = j < n ? rows[j] : -1;
+        vw[r] = at >= 0 ? reinterpret_cast<const uint4*>(p.v_row<T>(b, h, at, g))[chunk] : uint4{};
       }
     }
 #pragma unroll
