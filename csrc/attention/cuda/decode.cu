@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
       float v8[8];
       unpack8<T>(vw[r], v8);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] += w[r] != 0.f ? w[r] * v8[i] : 0.f;  // a masked row's values may be anything
+      for (int i = 0; i < 8; ++i) acc[i] += w[r] != 0.f ? w[r] * v8[i] : 0.f;  // weight 0 adds 0, even to an inf value
     }
   }
   // Sum over the keys: the lanes of a warp with the same chunk, then the warps.
