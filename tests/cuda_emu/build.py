@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,17 @@ KERNELS = [  # the .cu files the checks run
     "attention/cuda/flash_bwd.cu",
 ]
 HOST = ["attention/tile_plan.cpp", "attention/cuda/device_plan.cpp"]  # host code the kernels' callers need
-CHECKS = ["gumbel_fwd", "gumbel_bwd", "gumbel_fallback", "gumbel_argmax", "decode", "skinny_linear", "attention",
-          "conversions", "traffic"]
+
+
+def check_names() -> list[str]:
+    """The names emu_checks takes, read from the table of main() in checks.cpp (their one list)."""
+    table = re.search(r"checks = \{\n(.*?)\n  \};", (HERE / "checks.cpp").read_text(), re.S)
+    if table is None:
+        raise RuntimeError("checks.cpp: no table of checks in main()")
+    return re.findall(r'\{"(\w+)", \w+\}', table.group(1))
+
+
+CHECKS = check_names()
 
 
 # The kernels' flags. traffic: every load and store a call to emu_traffic.cpp's hooks (the

@@ -706,7 +706,10 @@ void linear_case(int64_t m, int64_t n, int64_t k, bool ln, bool bias, bool gelu,
   for (size_t i = 0; i < w.n; ++i) w[i] = from_f<T>(normal(rng) / std::sqrt(float(k)));
   for (size_t i = 0; i < b.n; ++i) b[i] = from_f<T>(normal(rng));
   for (size_t i = 0; i < r.n; ++i) r[i] = from_f<T>(normal(rng));
-  for (size_t i = 0; i < gam.n; ++i) gam[i] = from_f<T>(1.0f + 0.2f * normal(rng)), bet[i] = from_f<T>(0.1f * normal(rng));
+  for (size_t i = 0; i < gam.n; ++i) {
+    gam[i] = from_f<T>(1.0f + 0.2f * normal(rng));
+    bet[i] = from_f<T>(0.1f * normal(rng));
+  }
   LinearParams p;
   p.m = m;
   p.n = n;
@@ -922,8 +925,9 @@ void conversions() {
       std::printf("  bf16 of %a (0x%08x): got 0x%04x, want 0x%04x\n", f, emu::bit_cast<uint32_t>(f),
                   __float2bfloat16_rn(f).__x, bf16_reference(f));
   }
-  expect(bad_h == 0, "float to half, " + std::to_string(floats.size()) + " values: " + std::to_string(bad_h) + " wrong");
-  expect(bad_b == 0, "float to bfloat16, " + std::to_string(floats.size()) + " values: " + std::to_string(bad_b) + " wrong");
+  const std::string count = std::to_string(floats.size()) + " values: ";
+  expect(bad_h == 0, "float to half, " + count + std::to_string(bad_h) + " wrong");
+  expect(bad_b == 0, "float to bfloat16, " + count + std::to_string(bad_b) + " wrong");
 }
 
 // ---- Random shapes --------------------------------------------------------------------------
@@ -1023,6 +1027,7 @@ int main(int argc, char** argv) {
     std::printf("fuzz %d %u: %d failure(s)\n", count, seed, g_failures);
     return g_failures == 0 ? 0 : 1;
   }
+  // build.py reads the checks' names from this table.
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
       {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},

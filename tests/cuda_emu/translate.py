@@ -131,9 +131,11 @@ def _asm(body: str, where: str) -> str:
 
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-_EXTERN_SHARED = re.compile(r"extern\s+(?:volatile\s+)?__shared__\s+(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_ALIGN = r"(?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)"  # an alignment attribute of a __shared__ array
+_EXTERN_SHARED = re.compile(
+    rf"extern\s+(?:volatile\s+)?__shared__\s+{_ALIGN}*([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
 _SHARED = re.compile(
-    r"(?:\bstatic\s+)?(?:\bvolatile\s+)?__shared__\s+((?:alignas\(\d+\)\s*|__align__\(\d+\)\s*)*)([\w:<>, ]+?)\s+(\w+)"
+    rf"(?:\bstatic\s+)?(?:\bvolatile\s+)?__shared__\s+({_ALIGN}*)([\w:<>, ]+?)\s+(\w+)"
     r"\s*((?:\[[^\]]*\])*)\s*;")
 _SYNC = re.compile(r"\b(\w+)\.sync\(\)")
 _BOUNDS = re.compile(r"\b__launch_bounds__\s*\(")
@@ -186,7 +188,8 @@ def translate(text: str, name: str) -> str:
         cfg = [c.strip() for c in _split_top(m.group(2), ",")]
         cfg += ["0", "nullptr"][len(cfg) - 2 :]
         no_args = m.string[m.end() :].lstrip().startswith(")")
-        return f"::emu::launch_kernel({m.group(1)}, dim3({cfg[0]}), dim3({cfg[1]}), {cfg[2]}, {cfg[3]}{'' if no_args else ', '}"
+        head = f"::emu::launch_kernel({m.group(1)}, dim3({cfg[0]}), dim3({cfg[1]}), {cfg[2]}, {cfg[3]}"
+        return head if no_args else head + ", "
 
     text = _LAUNCH.sub(launch, text)
     text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", text)
