@@ -127,20 +127,21 @@ def test_a_race_is_reported(tmp_path, patch, check, where):
     assert result.returncode != 0
 
 
+def skip_cluster_barrier(path, after):
+    """A deliberate bug: the first cluster barrier after `after` in the translated file never runs."""
+    text = path.read_text()
+    at = text.index("cluster.sync_at(", text.index(after))
+    path.write_text(text[:at] + "if (false) " + text[at:])
+
+
 def drop_combine_barrier(src):
     """combine() reads the other blocks' statistics without waiting for them to be written."""
-    path = src / "gumbel" / "cuda" / "gumbel_cluster.h"
-    text = path.read_text()
-    at = text.index("cluster.sync_at(", text.index("Part combine("))
-    path.write_text(text[:at] + "if (false) " + text[at:])
+    skip_cluster_barrier(src / "gumbel" / "cuda" / "gumbel_cluster.h", "Part combine(")
 
 
 def drop_final_cluster_barrier(src):
     """A block leaves while another block of its cluster may still read its statistics."""
-    path = src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu"
-    text = path.read_text()
-    at = text.index("cluster.sync_at(", text.index("resident_kernel("))
-    path.write_text(text[:at] + "if (false) " + text[at:])
+    skip_cluster_barrier(src / "gumbel" / "cuda" / "gumbel_fwd_resident.cu", "resident_kernel(")
 
 
 def tighten_launch_bounds(src):
