@@ -70,25 +70,27 @@ Watched* find(uintptr_t a, uintptr_t* begin) {
   r.parts.emplace_back(a, uint32_t(n));
 }
 
-// The sectors a group of accesses touches, and the distinct bytes it asks for.
-void sectors_of(const std::vector<std::pair<uintptr_t, uint32_t>>& parts, std::vector<uintptr_t>& sectors,
-                size_t& used) {
-  sectors.clear();
-  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
-  for (const auto& [a, n] : parts) {
+// The 32-byte sectors a group of accesses touches, sorted, each once.
+std::vector<uintptr_t> sectors_of(const std::vector<std::pair<uintptr_t, uint32_t>>& parts) {
+  std::vector<uintptr_t> sectors;
+  for (const auto& [a, n] : parts)
     for (uintptr_t s = a / 32; s <= (a + n - 1) / 32; ++s) sectors.push_back(s);
-    spans.emplace_back(a, a + n);
-  }
   std::sort(sectors.begin(), sectors.end());
   sectors.erase(std::unique(sectors.begin(), sectors.end()), sectors.end());
-  std::sort(spans.begin(), spans.end());
-  used = 0;
+  return sectors;
+}
+
+// The distinct bytes a group of accesses asks for.
+size_t bytes_of(std::vector<std::pair<uintptr_t, uint32_t>> parts) {
+  std::sort(parts.begin(), parts.end());
+  size_t used = 0;
   uintptr_t reach = 0;
-  for (const auto& [lo, hi] : spans) {
-    const uintptr_t from = std::max(lo, reach);
-    if (hi > from) used += hi - from;
-    reach = std::max(reach, hi);
+  for (const auto& [a, n] : parts) {
+    const uintptr_t from = std::max(a, reach), to = a + n;
+    if (to > from) used += to - from;
+    reach = std::max(reach, to);
   }
+  return used;
 }
 
 }  // namespace
@@ -143,25 +145,24 @@ Traffic traffic(const void* p) {
   std::sort(mine.begin(), mine.end(), [](const auto& a, const auto& b) {
     return a.first->warp != b.first->warp ? a.first->warp < b.first->warp : a.second->first < b.second->first;
   });
-  std::vector<uintptr_t> sectors, last;
+  // The run's sectors: those of each of its requests.
+  std::vector<uintptr_t> run_sectors;
   std::vector<std::pair<uintptr_t, uint32_t>> run;
   const Key* run_key = nullptr;
   const auto close = [&] {
     if (run.empty()) return;
-    size_t used = 0;
-    sectors_of(run, sectors, used);
-    t.sectors += sectors.size();
-    t.used += used;
+    t.sectors += run_sectors.size();
+    t.used += bytes_of(run);
     run.clear();
   };
   for (const auto& [k, r] : mine) {
-    size_t used = 0;
-    sectors_of(r->parts, sectors, used);
-    const bool same = run_key != nullptr && run_key->warp == k->warp && run_key->store == k->store && sectors == last;
+    std::vector<uintptr_t> sectors = sectors_of(r->parts);
+    const bool same =
+        run_key != nullptr && run_key->warp == k->warp && run_key->store == k->store && sectors == run_sectors;
     if (!same) close();
     run.insert(run.end(), r->parts.begin(), r->parts.end());
     run_key = k;
-    last = sectors;
+    run_sectors = std::move(sectors);
   }
   close();
   return t;
