@@ -84,22 +84,19 @@ def _cmd_train_tokenizer(args) -> int:
 def _cmd_generate(args) -> int:
     import time
 
-    import torch
-
     from . import images as imageio
     from .pipeline import generate, load_models
 
     if (args.prime is None) != (args.rows is None):
         raise ValueError("--prime IMAGE and --rows R go together")
     sampling = _sampling(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
+    out = _out_folder(args.out)  # before the work, not after it
     t0 = time.perf_counter()
     models = load_models(args.model, device=device)
     load_s = time.perf_counter() - t0
     result = generate(models, args.prompt, num=args.num, keep=args.keep, seed=args.seed, sampling=sampling,
                       prime_image=args.prime, prime_rows=args.rows or 0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for rank, image in enumerate(result.images):
         imageio.to_pil(image).save(out / f"rank{rank}.png")
     imageio.save_grid(result.images, out / "grid.png", scale=args.grid_scale)
@@ -138,6 +135,42 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
                              "call compiles for seconds to a minute, so it pays off for large batches or many calls)")
 
 
+def _device(name: str):
+    """--device: auto (CUDA when torch sees a device), cpu, cuda or cuda:N, checked before any work."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _out_folder(path: str) -> Path:
+    """The output folder, made now so that a bad --out fails before minutes of work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _sampling(args):
     from .sampler import SamplingConfig
 
@@ -158,7 +191,7 @@ def _add_generate(sub) -> None:
     gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
     gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")
     _add_sampling_args(gen)
-    gen.add_argument("--grid-scale", type=int, default=2, help="pixel scale of grid.png (default: 2)")
+    gen.add_argument("--grid-scale", type=_positive_int, default=2, help="pixel scale of grid.png (default: 2)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     gen.set_defaults(run=_cmd_generate)
     exp = sub.add_parser("export-model", help="write a model folder for `generate` from training runs")
@@ -181,14 +214,11 @@ def _cmd_train_reranker(args) -> int:
 
 
 def _cmd_eval_shapes(args) -> int:
-    import torch
-
     from .evaluate import evaluate_shapes, format_report
     from .pipeline import load_models
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_models(args.model, device=device)
-    out = Path(args.out)
+    out = _out_folder(args.out)
+    models = load_models(args.model, device=_device(args.device))
 
     def progress(done: int, total: int) -> None:
         if done % 10 == 0 or done == total:
@@ -251,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input or files (UnreadableImage is a ValueError): a message
         print(f"dalle-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,9 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     if tokenizer.text_vocab_size(prior.config.text_len) != prior.config.text_vocab_total:
         raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the prior's "
                          f"text vocabulary of {prior.config.text_vocab}")
+    if reranker is not None and tokenizer.text_vocab_size(reranker.config.text_len) != reranker.config.text_vocab:
+        raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the reranker's "
+                         f"text vocabulary of {reranker.config.text_vocab} (was it trained with another tokenizer?)")
     if dvae.config.colour_codes != prior.config.colour_codes:
         raise ValueError(f"{folder}: the dVAE's codes have {dvae.config.colour_codes or 'no'} colour factors but the "
                          f"prior expects {prior.config.colour_codes or 'none'}")
@@ -140,6 +143,8 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if keep > num:
         raise ValueError(f"keep ({keep}) cannot exceed num ({num})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     device = models.device
     text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
     prime = None

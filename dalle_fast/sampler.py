@@ -31,6 +31,10 @@ from .ops.masks import image_offset_allowed
 from .prior import Prior
 
 
+# Logits are scaled by 1 / temperature in float32; a floor keeps the scale (and scaled logits) finite.
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0  # logits are divided by it; lower is more conservative
@@ -45,8 +49,10 @@ class SamplingConfig:
     cond_scale: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be a number >= {MIN_TEMPERATURE:g} (for greedy decoding use "
+                             f"top_k=1), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
@@ -156,7 +162,7 @@ class IncrementalPrior:
         return self._step(token, g)
 
     def _step_eager(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        prior, cfg = self.prior, self.cfg
+        prior = self.prior
         grid_pos = g.view(1)
         x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
@@ -251,6 +257,9 @@ def sample_image_tokens(prior: Prior, text: torch.Tensor, *, prime: Optional[tor
     (`TextTokenizer.null_text`)."""
     config = config or SamplingConfig()
     cfg = prior.config
+    if prime is not None and (prime.dim() != 2 or prime.shape[1] > cfg.image_len):
+        raise ValueError(f"prime must be [B, n0] with n0 <= {cfg.image_len} (the grid's {cfg.grid}x{cfg.grid} "
+                         f"tokens), got {tuple(prime.shape)}")
     if config.guided:
         if null_text is None:
             raise ValueError("cond_scale > 1 needs null_text, the empty caption's ids (TextTokenizer.null_text)")

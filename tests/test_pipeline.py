@@ -14,6 +14,7 @@ from dalle_fast.data import ShapesDataset
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.pipeline import BUNDLED, export_model_folder, generate, load_models
 from dalle_fast.prior import Prior, PriorConfig
+from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.checkpoint import save_checkpoint
 
@@ -77,6 +78,52 @@ def test_model_folder_errors(tmp_path, model_folder):
     (tmp_path / "partial" / "tokenizer.json").write_bytes((model_folder / "tokenizer.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="lacks dvae.safetensors, prior.safetensors"):
         load_models(tmp_path / "partial")
+
+
+def test_a_reranker_of_another_tokenizer_is_refused(tmp_path, model_folder):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("dvae.safetensors", "prior.safetensors", "tokenizer.json"):
+        (folder / name).write_bytes((model_folder / name).read_bytes())
+    tokenizer = TextTokenizer.load(folder / "tokenizer.json")
+    for text_vocab, ok in ((tokenizer.text_vocab_size(16), True), (tokenizer.text_vocab_size(16) + 500, False)):
+        config = RerankerConfig(image_size=64, text_len=16, text_vocab=text_vocab, embed_dim=16, width=16,
+                                text_layers=1, heads=2, image_width=8)
+        save_checkpoint(folder / "reranker.safetensors", modules={"model": Reranker(config)},
+                        meta={"model_config": dataclasses.asdict(config), "kind": "reranker"}, rng=False)
+        if ok:
+            assert load_models(folder).reranker is not None
+        else:
+            with pytest.raises(ValueError, match="reranker's text vocabulary"):
+                load_models(folder)
+
+
+def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
+    """Bad files, devices and options end in one line on stderr and exit code 2, not a traceback, and
+    before minutes of sampling."""
+    model = ["--model", str(model_folder)]
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    cases = [
+        (["--prime", str(tmp_path / "missing.png"), "--rows", "2"], "missing.png"),
+        (["--prime", str(not_an_image), "--rows", "2"], "notes.txt"),
+        (["--out", str(not_an_image)], "is a file, not a folder"),
+        (["--device", "tpu"], "--device must be"),
+        (["--seed", str(2**64)], "seed must be"),
+        (["--temperature", "1e-9"], "temperature must be"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device"))
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["generate", "a red circle", *model, "--num", "1", "--keep", "1",
+                     "--out", str(tmp_path / "out"), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "dalle-fast generate: error:" in err and message in err and "Traceback" not in err, (extra, err)
+    assert not_an_image.read_text() == "not an image"
+    assert not (tmp_path / "out" / "grid.png").exists()
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", *model, "--grid-scale", "0"])
 
 
 def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, capsys):

@@ -94,10 +94,12 @@ def test_seeded_generation_repeats_and_priming_keeps_the_rows():
     primed = run(5, prime=image[:, :n0])
     assert torch.equal(primed[:, :n0], image[:, :n0])
     assert torch.equal(run(5, prime=image), image)  # nothing left to sample
+    with pytest.raises(ValueError, match="prime must be"):
+        run(5, prime=torch.cat([image, image[:, :1]], dim=1))  # longer than the grid
 
 
 def test_sampling_config_rejects_bad_values():
-    for bad in (dict(temperature=0.0), dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
+    for bad in (dict(temperature=0.0), dict(temperature=1e-39), dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
                 dict(top_p=1.5), dict(cond_scale=0.5), dict(cond_scale=float("inf"))):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)

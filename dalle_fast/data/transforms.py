@@ -20,7 +20,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(ValueError):
     """An image that Pillow cannot decode (corrupt, truncated, not an image, too large)."""
 
 
