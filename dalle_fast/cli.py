@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -37,12 +36,13 @@ def _cmd_info(args) -> int:
 
 
 def _training_exit_code() -> int:
-    """0 for a run that ended at its step budget (or --run-steps), 143 (128 + SIGTERM) for one
-    stopped by SIGTERM: its checkpoint is written, and a scheduler that requeues on a nonzero
-    exit code runs it again (with --resume it continues where it stopped)."""
-    from .train.loop import terminated_by_signal
+    """0 for a run that ended at its step budget (or --run-steps), 128 + the signal for one stopped
+    by SIGTERM (143) or Ctrl-C (130): its checkpoint is written, and a scheduler that requeues on
+    a nonzero exit code runs it again (with --resume it continues where it stopped)."""
+    from .train.loop import stopped_by_signal
 
-    return 128 + signal.SIGTERM if terminated_by_signal() else 0
+    signum = stopped_by_signal()
+    return 128 + signum if signum else 0
 
 
 def _cmd_train_vae(args) -> int:

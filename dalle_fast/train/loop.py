@@ -95,23 +95,24 @@ def ema_with_warmup(decay: float):
     return update
 
 
-# Set by the SIGTERM handler of any run in this process: the command line then exits with
-# 128 + SIGTERM (143) after the checkpoint is written, as schedulers that requeue preempted jobs
-# expect, instead of 0 (a finished run).
-_terminated_by_signal = False
+# Set by the SIGTERM / SIGINT handlers of any run in this process: the command line then exits
+# with 128 + the signal (143 for SIGTERM, as schedulers that requeue preempted jobs expect; 130 for
+# Ctrl-C) after the checkpoint is written, instead of 0 (a finished run).
+_stopped_by: Optional[int] = None
 
 
-def terminated_by_signal() -> bool:
-    """Whether a run in this process stopped early on SIGTERM (its checkpoint is saved)."""
-    return _terminated_by_signal
+def stopped_by_signal() -> Optional[int]:
+    """The signal (SIGTERM, SIGINT) that stopped a run in this process early, its checkpoint saved."""
+    return _stopped_by
 
 
 class TrainingRun:
     """A run folder `out` holding checkpoint.safetensors, config.json and metrics.jsonl.
 
     With `resume` and an existing checkpoint, the modules, optimizer, generators and RNG states
-    are restored and `step` continues; otherwise the folder starts afresh. `guard()` saves on
-    Ctrl-C (then re-raises) and closes the progress bar; `finish()` writes the last checkpoint.
+    are restored and `step` continues; otherwise the folder starts afresh. `guard()` turns Ctrl-C
+    and SIGTERM into a stop at the next step boundary and closes the progress bar; `finish()`
+    writes the last checkpoint.
     """
 
     def __init__(self, out: str | Path, info: distributed.DistInfo, *, modules: dict[str, torch.nn.Module],
@@ -162,6 +163,13 @@ class TrainingRun:
         self.step += 1
 
     def save(self) -> None:
+        """Write the checkpoint, unless the weights went non-finite: a diverged state never replaces
+        the last good checkpoint (FloatingPointError)."""
+        bad = [name for name, module in self.modules.items()
+               if not all(bool(torch.isfinite(p).all()) for p in module.parameters())]
+        if bad:
+            raise FloatingPointError(f"non-finite weights in {', '.join(bad)} at step {self.step}; "
+                                     f"{self.ckpt} keeps the last good state")
         if self.info.is_main:
             save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
                             meta=self.meta, generators=self.generators)
@@ -169,9 +177,9 @@ class TrainingRun:
 
     def log(self, metrics: dict[str, float], log: bool) -> None:
         """Advance the bar; on a logging step, write the metrics (and stop on a non-finite one)."""
-        if log and not all(math.isfinite(v) for v in metrics.values()):
-            self.save()
-            raise FloatingPointError(f"non-finite metrics at step {self.step}: {metrics}")
+        if log and not all(math.isfinite(v) for v in metrics.values()):  # the checkpoint keeps the last good state
+            raise FloatingPointError(f"non-finite metrics at step {self.step}: {metrics}; {self.ckpt} "
+                                     "keeps the last good state")
         self.progress.update(self.step, metrics, log)
 
     def per_second(self, units_per_step: float) -> float:
@@ -192,29 +200,35 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def guard(self):
-        """Ctrl-C saves a checkpoint and re-raises; SIGTERM (a scheduler's preemption, `kill`)
-        ends the run after the current step, so `finish` saves a state `--resume` continues exactly
-        (and the command line exits with 143: `terminated_by_signal`)."""
-        previous = None
+        """Ctrl-C and SIGTERM (a scheduler's preemption, `kill`) end the run after the current
+        step, so `finish` saves a state `--resume` continues exactly, and the command line exits
+        with 130 or 143 (`stopped_by_signal`). A second Ctrl-C quits at once without saving (an
+        interrupt inside an update would save a half-applied step); the last checkpoint stays."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, self._terminate)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._stop)
         try:
             yield self
         except KeyboardInterrupt:
             if self.info.is_main:
-                print(f"\ninterrupted at step {self.step}: saving {self.ckpt}; continue with --resume")
-            self.save()
+                print(f"\nquit at step {self.step} without saving; {self.ckpt} keeps the last checkpoint", flush=True)
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.progress.close()
 
-    def _terminate(self, signum, frame) -> None:
-        global _terminated_by_signal
-        _terminated_by_signal = True
+    def _stop(self, signum, frame) -> None:
+        global _stopped_by
+        _stopped_by = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.info.is_main and not self._terminated:
-            print(f"\nSIGTERM at step {self.step}: stopping after this step; continue with --resume", flush=True)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""
+            print(f"\n{name} at step {self.step}: stopping after this step{again}; continue with --resume",
+                  flush=True)
         self._terminated = True
 
     def finish(self) -> Path:

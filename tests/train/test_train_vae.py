@@ -12,6 +12,8 @@ import torch
 
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from dalle_fast.train.distributed import DistInfo
+from dalle_fast.train.loop import TrainingRun
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.sampler import ResumableSampler
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
@@ -107,7 +109,9 @@ def test_sampler_splits_ranks_and_resumes_mid_epoch():
     assert list(s) != full[0]  # a new epoch, a new order
 
 
-def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("signum, said, code", [(signal.SIGTERM, "SIGTERM at step", 143),
+                                               (signal.SIGINT, "Ctrl-C at step", 130)])
+def test_a_signal_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, signum, said, code):
     steps = 60
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # both runs: same threads, same sums
     cmd = [sys.executable, "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps",
@@ -121,15 +125,34 @@ def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, output  # saved, but not finished: a scheduler requeues it
-    assert "SIGTERM at step" in output
+    assert proc.returncode == code, output  # saved, but not finished: a scheduler requeues it
+    assert said in output
     stopped = read_metrics(metrics)[-1]["step"]
     assert 2 <= stopped < steps, "the run ended before the signal: make it longer"
     assert read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == stopped
     subprocess.run([*cmd, "--out", str(tmp_path / "split"), "--resume"], env=env, check=True, capture_output=True)
     assert_same_run(tmp_path / "straight", tmp_path / "split", ("loss", "nll", "psnr", "perplexity"), steps=steps)
+
+
+def test_a_diverged_run_never_overwrites_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = TrainingRun(tmp_path, DistInfo(), modules={"model": model}, optimizer=optimizer, generators={},
+                      meta={}, record={}, resume=False, steps=10, run_steps=0, desc="test")
+    with run.guard():
+        run.update(model(torch.ones(1, 3)).sum(), 0.1, model, None, 0.0)
+        run.save()
+        good = read_checkpoint(run.ckpt)
+        run.update(model(torch.ones(1, 3)).sum() * float("nan"), 0.1, model, None, 0.0)
+        with pytest.raises(FloatingPointError, match="keeps the last good state"):
+            run.log({"loss": float("nan")}, log=True)
+        with pytest.raises(FloatingPointError, match="non-finite weights in model at step 2"):
+            run.save()
+    after = read_checkpoint(run.ckpt)
+    assert after[1]["step"] == good[1]["step"] == 1
+    assert all(torch.equal(after[0][name], good[0][name]) for name in good[0])
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
