@@ -50,9 +50,13 @@ TORCH_LIBRARY(dalle_fast, m) {
   // Fused Gumbel-softmax over `dim`. Returns (y, kl, rng_state): y the soft sample (the one-hot of
   // its argmax when hard), kl = KL(softmax(logits) || uniform) per position when with_kl (else
   // empty), rng_state the (seed, offset) of the Philox noise, which the backward regenerates.
+  // The draws are tagged nondeterministic_seeded, as aten's random ops: otherwise the compiler
+  // takes them for pure functions and merges two draws from the same logits into one (CSE) or
+  // drops an unused one, which would change how far the generator advances.
   m.def(
       "gumbel_softmax_fwd(Tensor logits, float tau, int dim, bool hard, bool with_kl, Generator? generator) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
   // grad_logits from grad_y (straight-through the soft sample when hard) and optional grad_kl.
   m.def(
       "gumbel_softmax_bwd(Tensor grad_y, Tensor? grad_kl, Tensor logits, Tensor y, Tensor rng_state, "
@@ -61,7 +65,8 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("gumbel_noise(Tensor logits, Tensor rng_state, int dim) -> Tensor");
   // Gumbel-max draw: int64 indices, the first argmax over `dim` of fma(logits, scale, g), with the
   // noise gumbel_softmax_fwd draws from the same generator state (the sampler's token draw).
-  m.def("gumbel_argmax(Tensor logits, float scale, int dim, Generator? generator) -> Tensor");
+  m.def("gumbel_argmax(Tensor logits, float scale, int dim, Generator? generator) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
 }
 
 namespace {

@@ -128,6 +128,25 @@ def test_same_seed_same_bits_and_fresh_noise_each_call():
         torch.set_num_threads(threads)
 
 
+def test_compiled_draws_stay_separate_draws():
+    """Two draws from the same logits in one compiled training step stay two draws, in eager's order
+    (the ops are tagged nondeterministic_seeded: without it the joint graph's CSE merged them)."""
+    x = torch.randn(16, 40, requires_grad=True)
+
+    def step(x):
+        return ops.gumbel_softmax(x, 0.5, dim=-1), ops.gumbel_softmax(x, 0.5, dim=-1, hard=True)
+
+    torch.manual_seed(3)
+    eager = step(x)
+    torch.manual_seed(3)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    assert not torch.equal(eager[0].argmax(-1), eager[1].argmax(-1))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert "nondeterministic_seeded" in str(fwd.default.tags)
+    assert "nondeterministic_seeded" in str(torch.ops.dalle_fast.gumbel_argmax.default.tags)
+
+
 def test_argmax_frequencies_follow_softmax():
     # Gumbel-max: argmax(logits + g) ~ Categorical(softmax(logits)). 120k draws of one
     # distribution over 8 classes, chi-square with 7 degrees of freedom.
