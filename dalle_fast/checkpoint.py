@@ -9,6 +9,7 @@ file's metadata. Loading never unpickles anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -151,6 +152,17 @@ def _weights(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, t
     if "n_averaged" in sub:
         sub = {k[len("module."):]: v for k, v in sub.items() if k.startswith("module.")}
     return sub
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes): whether two models are the
+    same weights, wherever they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -14,6 +14,7 @@ A cache folder holds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from ..checkpoint import weights_digest
 from ..data import make_dataset
 from ..dvae import DVAE
 from ..tokenizer import TextTokenizer
@@ -115,6 +117,17 @@ def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: i
     return out, truncated
 
 
+# Keys of a cache's meta.json that older caches lack, and what such a cache cannot promise.
+_LATER_KEYS = {
+    "captions": "was built before token caches kept every caption line: it holds one line per image "
+                "(the same for one-line captions)",
+    "dvae_weights": "was built before token caches recorded the dVAE's weights: a dVAE retrained at the same "
+                    "path goes unnoticed",
+    "tokenizer": "was built before token caches recorded the tokenizer: its own tokenizer.json is used, "
+                 "whatever --tokenizer or --text-vocab say",
+}
+
+
 def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int, num_images: Optional[int],
                       tokenizer: Optional[TextTokenizer] = None, text_vocab: int = 16384, variants: int = 8,
                       dropout: float = 0.1, seed: int = 0, batch_size: int = 64, workers: int = 0,
@@ -127,18 +140,22 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
             "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
             "colour_codes": dvae.config.colour_codes,
-            "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines"}
+            "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines",
+            # what the tokens depend on beyond the paths: the dVAE's weights (retrained in place, the
+            # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
+            "dvae_weights": weights_digest(dvae),
+            "tokenizer": f"trained on the captions, {text_vocab} ids" if tokenizer is None else
+            "given, sha256 " + hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()}
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
         old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
-        if {k: old.get(k) for k in meta} == meta:
+        unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
+        if {k: old.get(k) for k in meta if k not in unknown} == {k: v for k, v in meta.items() if k not in unknown}:
+            for key in unknown:
+                warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
             return cache
-        if "captions" not in old and {k: old.get(k) for k in meta if k != "captions"} == \
-                {k: v for k, v in meta.items() if k != "captions"}:
-            warnings.warn(f"{cache} was built before token caches kept every caption line: it holds one "
-                          "line per image (the same for one-line captions); delete it to rebuild", stacklevel=2)
-            return cache
-        raise ValueError(f"{cache} holds a token cache built from other inputs ({old}); "
+        changed = ", ".join(k for k in meta if k not in unknown and old.get(k) != meta[k])
+        raise ValueError(f"{cache} holds a token cache built from other inputs (they differ in: {changed}); "
                          "delete it or pass another cache folder")
     dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True)
     cache.mkdir(parents=True, exist_ok=True)

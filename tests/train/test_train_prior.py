@@ -89,11 +89,23 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
     assert (cache / "images.npy").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other inputs"):
         build_token_cache(tmp_path / "c", **(kw | dict(num_images=30)))
-    # a cache from before every caption line was kept is reused, with a warning
+    # another dVAE (retrained at the same path) or another tokenizer is refused, whatever the paths say
+    other = DVAE(dvae.config)
+    with pytest.raises(ValueError, match="differ in: dvae_weights"):
+        build_token_cache(tmp_path / "c", **(kw | dict(dvae=other)))
+    with pytest.raises(ValueError, match="differ in: tokenizer"):
+        build_token_cache(tmp_path / "c", **(kw | dict(text_vocab=999)))
+    with pytest.raises(ValueError, match="differ in: tokenizer"):
+        build_token_cache(tmp_path / "c", **(kw | dict(tokenizer=TextTokenizer.train(["a b c"] * 5, vocab_size=260))))
+    # a cache from before every caption line, the dVAE's weights and the tokenizer were recorded is
+    # reused, with a warning for each
     meta = json.loads((cache / "meta.json").read_text())
-    (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "captions"}))
-    with pytest.warns(UserWarning, match="one line per image"):
+    old = ("captions", "dvae_weights", "tokenizer")
+    (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in old}))
+    with pytest.warns(UserWarning) as caught:
         assert build_token_cache(tmp_path / "c", **kw) == cache
+    said = " ".join(str(w.message) for w in caught)
+    assert "one line per image" in said and "dVAE's weights" in said and "recorded the tokenizer" in said
     assert 0.0 < data.unigram_entropy() <= np.log(256)
 
 
