@@ -66,9 +66,9 @@ def _loader(dataset, batch_size: int, seed: int, workers: int, info: distributed
 def batches(dataset, *, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
             step: int) -> Iterator:
     """Batches from `step` on, forever, in the order an uninterrupted run would see them."""
-    if isinstance(dataset, IterableDataset):  # streams restart on resume; order is the shards'
-        while True:
-            yield from _loader(dataset, batch_size, seed, workers, info, None)
+    if isinstance(dataset, IterableDataset):
+        yield from _stream_batches(dataset, batch_size, seed, workers, info, step)
+        return
     sampler = ResumableSampler(len(dataset), seed, info.rank, info.world_size)
     per_epoch = sampler.share() // batch_size
     if per_epoch == 0:
@@ -80,6 +80,30 @@ def batches(dataset, *, batch_size: int, seed: int, workers: int, info: distribu
             dataset.set_epoch(epoch)
         yield from _loader(dataset, batch_size, seed, workers, info, sampler)
         epoch, offset = epoch + 1, 0
+
+
+def _stream_batches(dataset: IterableDataset, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
+                    step: int) -> Iterator:
+    """A stream's batches (tar shards), epoch after epoch: a stream has no index to seek to, so a
+    resumed run reads past the batches before `step` again, which decodes their images but keeps
+    every later batch exact (each epoch's order is a function of the seed and the epoch)."""
+    epoch, skip = 0, step
+    if skip and info.is_main:
+        print(f"resuming a stream of tar shards: reading past its first {skip} batches", flush=True)
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        produced = 0
+        for batch in _loader(dataset, batch_size, seed, workers, info, None):
+            produced += 1
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        if produced == 0:
+            raise ValueError(f"a whole pass over the data gave no batch of {batch_size} (fewer readable samples "
+                             f"than the batch size in each of the {max(workers, 1)} loader processes)")
+        epoch += 1
 
 
 def ema_with_warmup(decay: float):

@@ -169,3 +169,18 @@ def test_split_key_follows_webdataset():
     assert split_key("dir/abc.seg.JPG") == ("dir/abc", "seg.jpg")
     assert split_key("abc.txt") == ("abc", "txt")
     assert split_key("abc") == ("abc", "")
+
+
+def test_training_batches_of_a_stream_change_each_epoch_and_resume_exactly(tmp_path):
+    from dalle_fast.train.distributed import DistInfo
+    from dalle_fast.train.loop import batches
+
+    write_shards(tmp_path, shards=3, per_shard=5)
+    dataset = lambda: TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=4, seed=1)
+    take = lambda step, n: [b[1] for b, _ in zip(batches(dataset(), batch_size=4, seed=1, workers=0, info=DistInfo(),
+                                                         step=step), range(n))]
+    straight = take(0, 9)  # 15 samples: 3 batches per epoch
+    assert straight[:3] != straight[3:6]  # each epoch its own order
+    assert take(4, 5) == straight[4:]  # a resumed run sees what the uninterrupted one saw
+    with pytest.raises(ValueError, match="no batch of 16"):
+        next(batches(dataset(), batch_size=16, seed=1, workers=0, info=DistInfo(), step=0))
