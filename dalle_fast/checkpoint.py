@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +58,24 @@ def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
+def _rank_rng(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """One process's RNG tensors out of a checkpoint: rank 0's are stored as 'rng.*' (as a single
+    process's), rank r's as 'rng.rank{r}.*'."""
+    if rank == 0:
+        return {k: v for k, v in tensors.items() if k.startswith("rng.") and not k.startswith("rng.rank")}
+    prefix = f"rng.rank{rank}."
+    return {"rng." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None,
+                rank: int = 0) -> None:
+    """Restore the RNG states `rank` saved (rng_tensors); a rank the checkpoint has none for (it
+    was written by fewer processes) keeps its seeded state, with a warning."""
+    tensors = _rank_rng(tensors, rank)
+    if "rng.cpu" not in tensors:
+        warnings.warn(f"the checkpoint holds no RNG state of rank {rank}: its random draws start from the seed",
+                      stacklevel=2)
+        return
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
@@ -70,11 +88,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
 
 def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None = None, step: int = 0, meta: dict | None = None,
-                    generators: dict[str, torch.Generator] | None = None, rng: bool = True) -> Path:
+                    generators: dict[str, torch.Generator] | None = None, rng: bool = True,
+                    rank_rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
     """Write atomically (temporary file in the same folder, then rename): a crash mid-write
     leaves the previous checkpoint intact. `rng`: also store the RNG states, which resuming a
     training needs; an exported model leaves them out, so that the same weights export to the
-    same bytes."""
+    same bytes. `rank_rng`: every process's rng_tensors, by rank (a distributed run's); default:
+    this process's, with `generators`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -86,7 +106,9 @@ def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
         opt_tensors, info["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
     if rng:
-        tensors.update({k: v.cpu() for k, v in rng_tensors(generators).items()})
+        for rank, states in enumerate(rank_rng if rank_rng is not None else [rng_tensors(generators)]):
+            name = "rng." if rank == 0 else f"rng.rank{rank}."
+            tensors.update({name + k[len("rng."):]: v.cpu() for k, v in states.items()})
     # safetensors refuses tensors that share memory (tied weights): store copies.
     seen: set[int] = set()
     for k, v in tensors.items():
@@ -122,8 +144,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None = None,
-                    generators: dict[str, torch.Generator] | None = None, restore_rng_state: bool = True) -> dict:
-    """Load what save_checkpoint wrote into the given objects; returns the JSON info."""
+                    generators: dict[str, torch.Generator] | None = None, restore_rng_state: bool = True,
+                    rank: int = 0) -> dict:
+    """Load what save_checkpoint wrote into the given objects (the RNG states of process `rank`);
+    returns the JSON info."""
     tensors, info = read_checkpoint(path)
     for prefix, module in modules.items():
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -135,7 +159,7 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
             raise ValueError(f"{path} holds no optimizer state")
         _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}, info["optimizer"])
     if restore_rng_state:
-        restore_rng(tensors, generators)
+        restore_rng(tensors, generators, rank)
     return info
 
 

@@ -65,6 +65,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather_to_all(value) -> list:
+    """Every rank's `value` (a small picklable object, e.g. RNG states), by rank: [value] without a
+    process group. A collective: every rank calls it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

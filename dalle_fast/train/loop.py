@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, rng_tensors, save_checkpoint
 from .progress import Progress
 from .sampler import ResumableSampler
 
@@ -147,7 +147,8 @@ class TrainingRun:
         self.modules, self.optimizer, self.generators, self.meta = modules, optimizer, generators, meta
         self.step = 0
         if resume and self.ckpt.exists():
-            state = load_checkpoint(self.ckpt, modules=modules, optimizer=optimizer, generators=generators)
+            state = load_checkpoint(self.ckpt, modules=modules, optimizer=optimizer, generators=generators,
+                                    rank=info.rank)
             self.step = state["step"]
             if info.is_main:
                 print(f"resuming from {self.ckpt} at step {self.step}")
@@ -194,9 +195,10 @@ class TrainingRun:
         if bad:
             raise FloatingPointError(f"non-finite weights in {', '.join(bad)} at step {self.step}; "
                                      f"{self.ckpt} keeps the last good state")
+        rank_rng = distributed.gather_to_all(rng_tensors(self.generators))  # each process's draws resume
         if self.info.is_main:
             save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
-                            meta=self.meta, generators=self.generators)
+                            meta=self.meta, rank_rng=rank_rng)
         distributed.barrier()
 
     def log(self, metrics: dict[str, float], log: bool) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dalle_fast.dvae import DVAE, DVAEConfig
-from dalle_fast.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from dalle_fast.checkpoint import load_checkpoint, load_model, read_checkpoint, rng_tensors, save_checkpoint
 from dalle_fast.train.distributed import DistInfo
 from dalle_fast.train.loop import TrainingRun
 from dalle_fast.train.progress import read_metrics
@@ -99,6 +99,23 @@ def test_checkpoint_refuses_foreign_files(tmp_path):
         read_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_each_rank_restores_its_own_rng_states(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    states = []
+    for rank in range(2):  # what two processes' rng_tensors would hold
+        torch.manual_seed(10 + rank)
+        states.append(rng_tensors({f"noise{rank}": torch.Generator().manual_seed(20 + rank)}))
+    save_checkpoint(tmp_path / "c.safetensors", modules={"model": model}, rank_rng=states)
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(0)
+        load_checkpoint(tmp_path / "c.safetensors", modules={"model": model}, generators={f"noise{rank}": gen},
+                        rank=rank)
+        assert torch.equal(torch.get_rng_state(), states[rank]["rng.cpu"])
+        assert torch.equal(gen.get_state(), states[rank][f"rng.gen.noise{rank}"])
+    with pytest.warns(UserWarning, match="no RNG state of rank 2"):
+        load_checkpoint(tmp_path / "c.safetensors", modules={"model": model}, rank=2)
+
+
 def test_sampler_splits_ranks_and_resumes_mid_epoch():
     full = [list(ResumableSampler(10, seed=1, rank=r, world_size=2)) for r in range(2)]
     assert sorted(full[0] + full[1]) == list(range(10))
@@ -155,16 +172,21 @@ def test_a_diverged_run_never_overwrites_the_last_good_checkpoint(tmp_path):
     assert all(torch.equal(after[0][name], good[0][name]) for name in good[0])
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
-    out = tmp_path / "ddp"
+def test_torchrun_two_processes_gloo_resume_exactly(tmp_path):
+    """Two processes, each with its own noise generator and RNG: a run stopped after 2 steps and
+    resumed matches an uninterrupted one (every rank's RNG states are in the checkpoint)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps", "3",
-           "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [p.name for p in out.glob("*.safetensors")] == ["checkpoint.safetensors"]
-    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 3
+           "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps", "4",
+           "--batch-size", "2", "--log-every", "1", "--sample-every", "1000", "--seed", "3", "--device", "cpu"]
+    for out, extra in (("straight", []), ("split", ["--run-steps", "2"]), ("split", ["--resume"])):
+        result = subprocess.run([*cmd, "--out", str(tmp_path / out), *extra], capture_output=True, text=True,
+                                timeout=600, env=env, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "split").glob("*.safetensors")] == ["checkpoint.safetensors"]
+    tensors, _ = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
+    assert "rng.gen.noise0" in tensors and "rng.rank1.gen.noise1" in tensors and "rng.rank1.cpu" in tensors
+    assert_same_run(tmp_path / "straight", tmp_path / "split", ("loss", "nll", "psnr", "perplexity"), steps=4)
 
 
 def test_ema_warms_up_then_decays_slowly():
