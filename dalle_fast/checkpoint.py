@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +18,8 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_write
 
 _META_KEY = "dalle_fast"
 
@@ -116,15 +116,7 @@ def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
         if ptr in seen and v.numel() > 0:
             tensors[k] = v.clone()
         seen.add(ptr)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(info)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(info)}))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

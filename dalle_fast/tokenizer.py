@@ -22,14 +22,14 @@ back to its normalized form.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .atomic import atomic_write
 
 _N_BYTES = 256
 
@@ -118,19 +118,8 @@ class TextTokenizer:
         return cls(tok)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Same folder as the target, so os.replace is an atomic rename: a crash never leaves a
-        # half-written tokenizer where a training run expects a good one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            self.tokenizer.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the tokenizer's JSON atomically (a crash never leaves half a file)."""
+        return atomic_write(path, self.tokenizer.save)
 
     @property
     def bpe_vocab_size(self) -> int:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -27,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from ..atomic import atomic_write
 from ..checkpoint import weights_digest
 from ..data import make_dataset
 from ..dvae import DVAE
@@ -35,27 +34,16 @@ from ..tokenizer import TextTokenizer
 _STREAM = 0x70C5  # separates this module's random streams from other users of the same seed
 
 
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
-    _atomic_save(path, write)
+    atomic_write(path, write)
 
 
 def _save_json(path: Path, value) -> None:
-    _atomic_save(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
 
 @torch.no_grad()
