@@ -1,7 +1,6 @@
 #include "gumbel_args.h"
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -18,7 +17,10 @@ int64_t check_logits(const at::Tensor& logits, double tau, int64_t dim, const ch
                    op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
   TORCH_CHECK_VALUE(logits.dim() >= 1, op, ": logits must have at least one dimension");
   TORCH_CHECK_VALUE(logits.numel() > 0, op, ": logits is empty, shape ", logits.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": ", tau_name, " must be a positive finite number, got ", tau);
+  // tau and 1 / tau stay normal float32 numbers (dalle_fast/ops/gumbel.py: TAU_RANGE).
+  constexpr double kTauMin = 1e-30, kTauMax = 1e30;
+  TORCH_CHECK_VALUE(tau >= kTauMin && tau <= kTauMax, op, ": ", tau_name, " must be a positive number in [",
+                    kTauMin, ", ", kTauMax, "], got ", tau);
   TORCH_CHECK_VALUE(dim >= -logits.dim() && dim < logits.dim(), op, ": dim ", dim, " is out of range for ",
                     logits.dim(), "-d logits");
   return dim < 0 ? dim + logits.dim() : dim;
@@ -63,8 +65,6 @@ GumbelForwardCall prepare_gumbel_forward(const at::Tensor& logits_in, double tau
 
 GumbelForwardCall prepare_gumbel_argmax(const at::Tensor& logits_in, double scale, int64_t dim_in) {
   const int64_t dim = check_logits(logits_in, scale, dim_in, "gumbel_argmax", "scale");
-  TORCH_CHECK_VALUE(scale <= std::numeric_limits<float>::max(), "gumbel_argmax: scale must be a finite float32, got ",
-                    scale);
   GumbelForwardCall c;
   c.logits = logits_in.contiguous();
   c.index = at::empty(position_sizes(c.logits, dim), c.logits.options().dtype(at::kLong));

@@ -8,7 +8,6 @@ comes from PyTorch's generator (the given one or the default of the logits' devi
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 
 import torch
@@ -16,6 +15,10 @@ import torch
 from . import _backend, reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# tau (and gumbel_argmax's scale) and their reciprocals stay normal float32 numbers; outside, the
+# float32 math of the kernels would turn (logits + g) / tau into inf and the sample into NaN.
+# Equal to kTauMin / kTauMax in csrc/gumbel/gumbel_args.cpp.
+TAU_RANGE = (1e-30, 1e30)
 
 
 def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generator | None, tau_name: str = "tau") -> int:
@@ -25,8 +28,8 @@ def _check(logits: torch.Tensor, tau: float, dim: int, generator: torch.Generato
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     if logits.dim() == 0 or logits.numel() == 0:
         raise ValueError(f"logits must be non-empty with at least one dimension, got shape {tuple(logits.shape)}")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"{tau_name} must be a positive finite number, got {tau!r}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not TAU_RANGE[0] <= tau <= TAU_RANGE[1]:
+        raise ValueError(f"{tau_name} must be a positive number in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {tau!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -logits.dim() <= dim < logits.dim():
         raise ValueError(f"dim {dim!r} is out of range for logits of shape {tuple(logits.shape)}")
     if generator is not None:
@@ -88,8 +91,6 @@ def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
     DALLE_FAST_GUMBEL_ARGMAX=0 in the environment (read at every call) draws with the reference
     instead (PyTorch's noise, a few kernels), e.g. to rule the kernel out."""
     dim = _check(logits, scale, dim, generator, "scale")
-    if scale > torch.finfo(torch.float32).max:
-        raise ValueError(f"scale must be at most the largest float32 ({torch.finfo(torch.float32).max:.3g}), got {scale!r}")
     if (not _backend.switch_on("DALLE_FAST_GUMBEL_ARGMAX")
             or not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES)):
         return reference.gumbel_argmax(logits, dim, scale, generator=generator)

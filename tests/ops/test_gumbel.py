@@ -163,7 +163,7 @@ def test_extreme_and_infinite_logits():
     x = torch.randn(3, 16, 5, 5) * 1e4
     x[0, :, 0, 0] = torch.tensor([1e4] * 8 + [-1e4] * 8)
     x[:, 3] = float("-inf")
-    for tau in (1.0, 1 / 16):
+    for tau in (1.0, 1 / 16, 1e-30, 1e30):  # 1e-30 and 1e30: the ends of the range tau may take
         y, kl, state = fwd(x, tau, 1, False, True, None)
         assert torch.isfinite(y).all() and torch.isfinite(kl).all()
         assert (y[:, 3] == 0).all()  # -inf is never sampled
@@ -224,6 +224,10 @@ def test_opcheck(with_kl, hard):
     (lambda x: ops.gumbel_softmax(x, tau=0), ValueError, "tau must be a positive"),
     (lambda x: ops.gumbel_softmax(x, tau=-1.0), ValueError, "tau must be a positive"),
     (lambda x: ops.gumbel_softmax(x, tau=float("inf")), ValueError, "tau must be a positive"),
+    (lambda x: ops.gumbel_softmax(x, tau=1e-39), ValueError, r"tau must be a positive number in \[1e-30, 1e\+30\]"),
+    (lambda x: ops.gumbel_softmax(x, tau=1e39), ValueError, "tau must be a positive"),
+    (lambda x: fwd(x, 1e-39, 1, True, False, None), ValueError, "tau must be a positive number in"),
+    (lambda x: fwd(x, 1e39, 1, False, False, None), ValueError, "tau must be a positive number in"),
     (lambda x: ops.gumbel_softmax(x[:0]), ValueError, "non-empty"),
     (lambda x: ops.gumbel_softmax(x.long()), TypeError, "floating"),
     (lambda x: ops.gumbel_softmax(x, dim=4), ValueError, "out of range"),

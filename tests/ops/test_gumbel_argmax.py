@@ -105,13 +105,13 @@ def test_opcheck():
     (lambda x: ops.gumbel_argmax(x, scale=0.0), ValueError, "scale must be a positive"),
     (lambda x: ops.gumbel_argmax(x, scale=-1.0), ValueError, "scale must be a positive"),
     (lambda x: ops.gumbel_argmax(x, scale=float("nan")), ValueError, "scale must be a positive"),
-    (lambda x: ops.gumbel_argmax(x, scale=1e39), ValueError, "largest float32"),
+    (lambda x: ops.gumbel_argmax(x, scale=1e39), ValueError, "scale must be a positive number in"),
     (lambda x: ops.gumbel_argmax(x[:0]), ValueError, "non-empty"),
     (lambda x: ops.gumbel_argmax(x.long()), TypeError, "floating"),
     (lambda x: ops.gumbel_argmax(x, dim=2), ValueError, "out of range"),
     (lambda x: ops.gumbel_argmax(x, generator=3), TypeError, "torch.Generator"),
     (lambda x: torch.ops.dalle_fast.gumbel_argmax(x, 0.0, 1, None), ValueError, "scale must be a positive"),
-    (lambda x: torch.ops.dalle_fast.gumbel_argmax(x, 1e39, 1, None), ValueError, "finite float32"),
+    (lambda x: torch.ops.dalle_fast.gumbel_argmax(x, 1e39, 1, None), ValueError, "scale must be a positive number in"),
     (lambda x: torch.ops.dalle_fast.gumbel_argmax(x.double(), 1.0, 1, None), TypeError, "float32, float16"),
 ])
 def test_bad_inputs(call, error, message):
