@@ -11,9 +11,12 @@ optional PowerSGD gradient-compression hook.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -35,7 +38,8 @@ class TrainPriorConfig(RunOptions):
     out: str = _f("runs/prior", "run folder: checkpoint, tokenizer, metrics.jsonl")
     cache: str = _f("", "token cache folder (default: OUT/cache); reused when built from the same inputs")
     num_images: int = _f(20000, "images to encode into the cache (0: the whole dataset; tar shards need a number)")
-    tokenizer: str = _f("", "a trained tokenizer.json to use (default: train a BPE on the cached captions)")
+    tokenizer: str = _f("", "a trained tokenizer.json to use (default: --init's run's, else train a BPE on the "
+                            "cached captions)")
     text_vocab: int = _f(16384, "BPE vocabulary size when training one (small corpora stop earlier)")
     bpe_dropout: float = _f(0.1, "BPE dropout of the cached caption tokenizations used in training")
     text_variants: int = _f(8, "tokenizations cached per caption (the first without dropout)")
@@ -78,7 +82,10 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
     if info.is_main:
         text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
         dvae = load_model(cfg.dvae, DVAE, DVAEConfig).to(info.device)
-        tokenizer = TextTokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+        tokenizer_file = cfg.tokenizer or (cfg.init and _init_run_file(cfg.init, "tokenizer.json"))
+        if tokenizer_file and not cfg.tokenizer:
+            print(f"--init: using its run's tokenizer {tokenizer_file}")
+        tokenizer = TextTokenizer.load(tokenizer_file) if tokenizer_file else None
         build_token_cache(cache_dir, dvae=dvae, data=cfg.data, text_len=text_len,
                           num_images=cfg.num_images or None, tokenizer=tokenizer, text_vocab=cfg.text_vocab,
                           variants=cfg.text_variants, dropout=cfg.bpe_dropout, seed=cfg.seed,
@@ -110,8 +117,26 @@ def drop_words(text: torch.Tensor, bpe_vocab: int, prob: float, generator: torch
     return torch.where(freed, bpe_vocab + position, out)
 
 
-def _load_init(model: Prior, path: str) -> None:
-    """Copy the weights of a prior checkpoint of the same architecture into `model`."""
+def _init_run_file(path: str, name: str) -> Optional[Path]:
+    """A file of the run an --init checkpoint comes from (beside the checkpoint), if it is there."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return folder / name if (folder / name).is_file() else None
+
+
+def _load_init(model: Prior, path: str, tokenizer: TextTokenizer, cache: TokenCache) -> None:
+    """Copy the weights of a prior checkpoint of the same architecture into `model`, refusing one
+    that read other text ids (another tokenizer) or other image tokens (another dVAE)."""
+    theirs_tok = _init_run_file(path, "tokenizer.json")
+    if theirs_tok is None:
+        warnings.warn(f"--init {path}: no tokenizer.json beside it, so whether it used this run's tokenizer "
+                      "cannot be checked", stacklevel=2)
+    elif TextTokenizer.load(theirs_tok).tokenizer.to_str() != tokenizer.tokenizer.to_str():
+        raise ValueError(f"--init {path} was trained with another tokenizer than this run's: its text embeddings "
+                         f"would read other words; pass --tokenizer {theirs_tok} (and a new --cache or --out)")
+    record = _init_run_file(path, "config.json")
+    theirs_dvae = json.loads(record.read_text()).get("cache", {}).get("dvae_weights") if record else None
+    if theirs_dvae is not None and cache.meta.get("dvae_weights") not in (None, theirs_dvae):
+        raise ValueError(f"--init {path} was trained on the image tokens of another dVAE than this run's --dvae")
     source = load_model(path, Prior, PriorConfig)
     # activation checkpointing is how a run trains, not part of the architecture
     theirs = dataclasses.replace(source.config, checkpoint_activations=model.config.checkpoint_activations)
@@ -162,7 +187,7 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = Prior(model_cfg).to(info.device)
     if cfg.init:
-        _load_init(model, cfg.init)
+        _load_init(model, cfg.init, tokenizer, cache)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = _optimizer(model, cfg)
     record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),

@@ -116,6 +116,10 @@ _LATER_KEYS = {
 }
 
 
+def _digest(tokenizer: TextTokenizer) -> str:
+    return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()
+
+
 def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int, num_images: Optional[int],
                       tokenizer: Optional[TextTokenizer] = None, text_vocab: int = 16384, variants: int = 8,
                       dropout: float = 0.1, seed: int = 0, batch_size: int = 64, workers: int = 0,
@@ -133,10 +137,12 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
             # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
             "dvae_weights": weights_digest(dvae),
             "tokenizer": f"trained on the captions, {text_vocab} ids" if tokenizer is None else
-            "given, sha256 " + hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()}
+            f"given, sha256 {_digest(tokenizer)}"}
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
         old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
+        if tokenizer is not None and old.get("tokenizer_sha256") == _digest(tokenizer):
+            old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained is the one given now
         unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
         if {k: old.get(k) for k in meta if k not in unknown} == {k: v for k, v in meta.items() if k not in unknown}:
             for key in unknown:
@@ -156,7 +162,8 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     _save_npy(cache / "images.npy", images)
     _save_npy(cache / "text.npy", text)
     _save_json(cache / "captions.json", captions)
-    meta.update(count=len(captions), truncated=truncated, bpe_vocab=tokenizer.bpe_vocab_size)
+    meta.update(count=len(captions), truncated=truncated, bpe_vocab=tokenizer.bpe_vocab_size,
+                tokenizer_sha256=_digest(tokenizer))
     _save_json(cache / "meta.json", meta)  # last: its presence marks a complete cache
     return cache
 

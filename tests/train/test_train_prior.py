@@ -185,6 +185,17 @@ def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dva
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # one step at lr 1e-12 from the same weights
     with pytest.raises(ValueError, match="architecture"):
         train_prior(tiny(tmp_path / "wide", dvae_checkpoint, d_model=64, init=str(tmp_path / "first")))
+    # the tuned run took the init's tokenizer; another tokenizer of the same size is refused
+    assert (tmp_path / "tuned" / "tokenizer.json").read_text() == (tmp_path / "first" / "tokenizer.json").read_text()
+    other = TextTokenizer.load(tmp_path / "first" / "tokenizer.json")
+    spec = json.loads(other.tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = [k for k in vocab if vocab[k] > 100][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, other words
+    (tmp_path / "swapped.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train_prior(tiny(tmp_path / "swapped", dvae_checkpoint, init=str(tmp_path / "first"),
+                         tokenizer=str(tmp_path / "swapped.json"), cache=str(tmp_path / "swapped_cache")))
     with pytest.raises(FileNotFoundError, match="--init"):
         train_prior(tiny(tmp_path / "none", dvae_checkpoint, init=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="null_caption"):
