@@ -194,16 +194,17 @@ class Reranker(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
 
-    def loss(self, text_ids: torch.Tensor, images: torch.Tensor,
-             negatives: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def loss(self, text_ids: torch.Tensor, images: torch.Tensor, negatives: Optional[torch.Tensor] = None,
+             true_of: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE over a batch of B matching (text_ids [B, T], images [B, 3, H, W]) pairs.
 
         `negatives` [K, T]: extra texts (e.g. captions with a swapped relation), added as K more
-        columns of the image->text logits. A text equal to an image's own caption (a caption that
-        occurs twice in the batch, or a negative that happens to be true of another image) is no
-        negative for that image: it is masked out of that image's row and column. Returns loss,
-        accuracy (fraction of images whose best text among the B + K is their own) and logits
-        [B, B + K] (image -> text).
+        columns of the image->text logits. A text that is true of an image is no negative for it
+        and is masked out of that image's row and column: one equal to its own caption (a caption
+        that occurs twice in the batch, or a negative that happens to be another image's caption),
+        and those `true_of` [B, B + K] marks (other wordings of its caption: train.reranker.encode).
+        Returns loss, accuracy (fraction of images whose best text among the B + K is their own)
+        and logits [B, B + K] (image -> text).
         """
         if text_ids.shape[0] != images.shape[0] or images.shape[0] < 1:
             raise ValueError(f"need as many texts as images (>= 1), got {text_ids.shape[0]} and {images.shape[0]}")
@@ -211,6 +212,10 @@ class Reranker(nn.Module):
         t, i = self.encode_text(texts), self.encode_image(images)
         B = images.shape[0]
         same = (text_ids[:, None, :] == texts[None, :, :]).all(-1)  # [B, B + K]
+        if true_of is not None:
+            if true_of.shape != same.shape:
+                raise ValueError(f"true_of must be [B, B + K] = {tuple(same.shape)}, got {tuple(true_of.shape)}")
+            same |= true_of.to(same.device, torch.bool)
         same[:, :B].fill_diagonal_(False)
         logits = (self.scale() * i @ t.T).masked_fill(same, float("-inf"))
         target = torch.arange(B, device=images.device)

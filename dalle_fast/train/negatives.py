@@ -37,6 +37,22 @@ def swap_relation(caption: str) -> Optional[str]:
     return f"{b} {relation} {a}"
 
 
+_MIRROR = {"to the right of": "to the left of", "below": "above"}
+
+
+def scene(caption: str) -> str:
+    """What a caption says, for telling two wordings of one scene apart from other scenes:
+    lowercased, and "B to the right of A" / "B below A" written as "A to the left of B" / "A
+    above B" (the shapes set words every two-object scene both ways)."""
+    text = " ".join(caption.lower().split())
+    match = _RELATION.match(text)
+    if match is not None:
+        a, relation, b = match.groups()
+        if relation in _MIRROR and _RELATION.match(b) is None:  # one relation, not a chain
+            return f"{b} {_MIRROR[relation]} {a}"
+    return text
+
+
 def _words(caption: str) -> list[str]:
     return caption.lower().split()
 

@@ -27,7 +27,7 @@ from ..data import make_dataset
 from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
-from .negatives import WordPairs, swap_relation
+from .negatives import WordPairs, scene, swap_relation
 from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
 from .schedules import warmup_cosine
 
@@ -77,7 +77,8 @@ def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, har
            word_pairs: Optional[WordPairs] = None, rng: Optional[np.random.Generator] = None):
     """Captions -> (text ids [B, T], negatives [K, T] or None, owners: the image of each negative,
     swaps: how many of the negatives, the first ones, are relation swaps; the others are word
-    negatives from `word_pairs`, drawn with `rng`)."""
+    negatives from `word_pairs`, drawn with `rng`; true_of [B, B + K]: which other texts say what
+    an image's own caption says in other words, so are no negatives for it)."""
     text = tokenizer.encode_batch(list(captions), text_len)
     relation = [swap_relation(c) for c in captions] if hard_negatives else [None] * len(captions)
     words = [word_pairs.negative(c, rng) for c in captions] if word_pairs is not None else [None] * len(captions)
@@ -89,7 +90,10 @@ def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, har
                 texts.append(negative)
     swaps = sum(n is not None for n in relation)
     negatives = tokenizer.encode_batch(texts, text_len) if texts else None
-    return text, negatives, owners, swaps
+    scenes = [scene(c) for c in list(captions) + texts]
+    true_of = torch.tensor([[j != i and scenes[j] == scenes[i] for j in range(len(scenes))]
+                            for i in range(len(captions))], dtype=torch.bool)
+    return text, negatives, owners, swaps, true_of
 
 
 def collect_word_pairs(dataset, count: int) -> WordPairs:
@@ -168,13 +172,13 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
             step = run.step
             images, captions = next(data)
             rng = np.random.default_rng([_NEGATIVES, cfg.seed, step, info.rank])
-            text, negatives, owners, swaps = encode(tokenizer, captions, cfg.text_len, cfg.hard_negatives,
-                                                    word_pairs, rng)
+            text, negatives, owners, swaps, true_of = encode(tokenizer, captions, cfg.text_len, cfg.hard_negatives,
+                                                             word_pairs, rng)
             images, text = images.to(info.device, non_blocking=True), text.to(info.device)
             negatives = negatives.to(info.device) if negatives is not None else None
             lr = warmup_cosine(step, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
             with autocast(cfg, info):
-                result = objective(text, images, negatives)
+                result = objective(text, images, negatives, true_of.to(info.device))
             run.update(result["loss"], lr, model, ema, cfg.grad_clip)
             step = run.step
             log = run.should_log(cfg.log_every)

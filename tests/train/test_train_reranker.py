@@ -10,7 +10,7 @@ from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
 from dalle_fast.checkpoint import load_model
 from dalle_fast.train.progress import read_metrics
-from dalle_fast.train.negatives import WordPairs, swap_relation
+from dalle_fast.train.negatives import WordPairs, scene, swap_relation
 from dalle_fast.train.reranker import TrainRerankerConfig, collect_word_pairs, encode, train_reranker
 
 from .resume import assert_same_run
@@ -54,18 +54,50 @@ def test_swap_relation_is_none_for_captions_it_does_not_understand(caption):
 def test_encode_adds_a_negative_for_each_relation_caption(tokenizer_path):
     tok = TextTokenizer.load(tokenizer_path)
     captions = ["a red square", "a red circle above a blue square", "a green circle below a red triangle"]
-    text, negatives, owners, swaps = encode(tok, captions, 24, hard_negatives=True)
+    text, negatives, owners, swaps, true_of = encode(tok, captions, 24, hard_negatives=True)
     assert torch.equal(text, tok.encode_batch(captions, 24)) and owners == [1, 2] and swaps == 2
     assert [tok.decode(n) for n in negatives] == ["a blue square above a red circle",
                                                   "a red triangle below a green circle"]
-    assert encode(tok, captions, 24, hard_negatives=False)[1:] == (None, [], 0)
-    assert encode(tok, captions[:1], 24, hard_negatives=True)[1:] == (None, [], 0)
+    assert true_of.shape == (3, 5) and not true_of.any()
+    assert encode(tok, captions, 24, hard_negatives=False)[1:4] == (None, [], 0)
+    assert encode(tok, captions[:1], 24, hard_negatives=True)[1:4] == (None, [], 0)
     # word negatives come after the relation swaps, one per caption that has any
     pairs = WordPairs(captions + ["a green square", "a blue circle"])
-    _, negatives, owners, swaps = encode(tok, captions, 24, True, pairs, np.random.default_rng(0))
+    _, negatives, owners, swaps, _ = encode(tok, captions, 24, True, pairs, np.random.default_rng(0))
     assert swaps == 2 and owners[:2] == [1, 2] and owners[2:] == [0, 1, 2]
     for owner, ids in zip(owners[2:], negatives[2:]):
         assert tok.decode(ids) in pairs.edits(captions[owner])
+
+
+def test_other_wordings_of_an_images_scene_are_no_negatives_for_it(tokenizer_path):
+    assert scene("A green triangle  below a cyan circle") == scene("a cyan circle above a green triangle")
+    assert scene("a red circle to the right of a blue square") == "a blue square to the left of a red circle"
+    assert scene("a red circle above a blue square") != scene("a blue square above a red circle")
+    tok = TextTokenizer.load(tokenizer_path)
+    captions = ["a green triangle above a cyan circle", "a green triangle below a cyan circle",
+                "a cyan circle above a green triangle", "a red square"]
+    _, _, owners, swaps, true_of = encode(tok, captions, 24, hard_negatives=True)
+    # texts: the 4 captions, then the swaps of captions 0, 1, 2
+    assert owners == [0, 1, 2] and swaps == 3
+    assert true_of[1].tolist() == [False, False, True, False, True, False, False]  # caption 2, swap of 0
+    assert true_of[2].tolist() == [False, True, False, False, True, False, False]  # caption 1, swap of 0
+    assert true_of[0].tolist() == [False, False, False, False, False, True, True]  # the swaps of 1 and 2
+    assert not true_of[3].any()
+
+
+def test_loss_masks_the_texts_true_of_an_image():
+    from dalle_fast.rerank import Reranker, RerankerConfig
+
+    torch.manual_seed(0)
+    model = Reranker(RerankerConfig(image_size=16, text_len=8, text_vocab=40, embed_dim=8, width=8, text_layers=1,
+                                    heads=2, image_width=4))
+    text, images = torch.randint(0, 40, (3, 8)), torch.rand(3, 3, 16, 16)
+    true_of = torch.zeros(3, 3, dtype=torch.bool)
+    true_of[0, 1] = True
+    logits = model.loss(text, images, true_of=true_of)["logits"]
+    assert logits[0, 1] == float("-inf") and torch.isfinite(logits[1]).all() and torch.isfinite(logits[0, 0])
+    with pytest.raises(ValueError, match="true_of"):
+        model.loss(text, images, true_of=true_of[:, :2])
 
 
 def test_word_negatives_are_one_edit_away_and_use_only_seen_word_pairs():
