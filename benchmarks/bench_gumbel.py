@@ -139,23 +139,31 @@ def bench_dtype(args, dtype_name: str) -> dict:
         compiled = torch.compile(formula)
         methods["torch.compile(formula)"] = lambda t: compiled(t, tau)
 
+    def under(name, call):  # `call` on the kernel path of method `name`
+        def run():
+            with kernel_path(name):
+                return call()
+        return run
+
+    fwds, boths = {}, {}
+    for name, fn in methods.items():
+        fwds[name] = under(name, lambda fn=fn: fn(x))
+        boths[name] = under(name, lambda fn=fn: torch.autograd.grad(fn(xg), xg, dy)[0])
     results = {}
     with ops.backend(device):
-        for name, fn in methods.items():
-            try:
-                with kernel_path(name):
-                    fwd = common.time_fn(lambda: fn(x), device, args.repeats, args.warmup)
-
-                    def fwd_bwd():
-                        (g,) = torch.autograd.grad(fn(xg), xg, dy)
-                        return g
-
-                    both = common.time_fn(fwd_bwd, device, args.repeats, args.warmup)
-            except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+        for name in list(methods):
+            try:  # a baseline that cannot run here is reported, not fatal
+                fwds[name]()
+                boths[name]()
+            except Exception as exc:
                 notes.append(f"{name}: {type(exc).__name__}: {exc}")
-                continue
-            nbytes = 2 * x.numel() * x.element_size()
-            results[name] = {"fwd": fwd, "fwd_bwd": both, "fwd_gbps": nbytes / (fwd.median_ms * 1e-3) / 1e9}
+                del fwds[name], boths[name]
+        # in rounds, every method once per round: drift on a shared machine hits them alike
+        fwd_times = common.time_interleaved(fwds, device, args.repeats, args.warmup)
+        both_times = common.time_interleaved(boths, device, args.repeats, args.warmup)
+    nbytes = 2 * x.numel() * x.element_size()
+    for name, fwd in fwd_times.items():
+        results[name] = {"fwd": fwd, "fwd_bwd": both_times[name], "fwd_gbps": nbytes / (fwd.median_ms * 1e-3) / 1e9}
     ours = results.get("ours")
     for name, r in results.items():
         if ours and name != "ours":

@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     if warning:
         print("WARNING:", warning)
     path = common.write_json(args.json or common.default_result_path("sampling", device), {
-        "benchmark": "sampling", "environment": env, "load": load.result(), "load_warning": warning,
+        "benchmark": "sampling", "argv": sys.argv[1:], "environment": env, "load": load.result(),
+        "load_warning": warning,
         "model": {"config": cfg, "dtype": spec["dtype"], "batch": text.shape[0],
                   "params": cfg.num_params()},
         "sampling": config, "results": results, "skipped": skipped,

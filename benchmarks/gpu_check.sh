@@ -10,7 +10,7 @@
 #                                         its profile, sanitizer, then attention at B=32 and
 #                                         D=128 while time is left (with DEADLINE)
 #   bash benchmarks/gpu_check.sh open     one call for what the open issues (4: Gumbel, 7: sampling)
-#                                         still need: build, the Gumbel / decode / sampler / prior
+#                                         still need: build, the Gumbel / decode / sampler
 #                                         CUDA tests, Gumbel, sampling and its profile, sanitizer
 #   bash benchmarks/gpu_check.sh all      everything (a machine without the device tool's limit)
 # After a failed step the script runs what still yields a figure without the code that may have
@@ -30,8 +30,8 @@
 # skips steps that would get under 20 s, so the summary and logs are written in time.
 # ATTENTION_ARGS (e.g. "--repeats 20") go to every bench_attention.py run. The step tests_decode
 # runs only the decode, gumbel_argmax, skinny_linear and sampler CUDA tests (after a change to
-# those alone); tests_open, the CUDA tests of the Gumbel ops, decode, skinny_linear, sampler and
-# prior (the open issues' code).
+# those alone); tests_open, the CUDA tests of the Gumbel ops, decode, skinny_linear and the
+# sampler (the open issues' code; a listed file without CUDA tests fails with pytest's rc 5).
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
@@ -117,9 +117,9 @@ step build 180 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-
   "$PY" -m pip install --no-build-isolation --no-deps -e .
 step tests 150 bash -c 'cuda_tests "$@"' _ tests/ops/test_attention_cuda.py tests/ops/test_gumbel_cuda.py tests/ops/test_attention.py \
   tests/ops/test_decode.py tests/ops/test_gumbel.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py \
-  tests/test_sampler.py tests/test_prior.py
+  tests/test_sampler.py
 step tests_open 120 bash -c 'cuda_tests "$@"' _ tests/ops/test_gumbel_cuda.py tests/ops/test_decode.py tests/ops/test_gumbel.py \
-  tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py tests/test_prior.py
+  tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py tests/test_sampler.py
 step tests_decode 60 bash -c 'cuda_tests "$@"' _ tests/ops/test_decode.py tests/ops/test_gumbel_argmax.py tests/ops/test_linear.py \
   tests/test_sampler.py
 step attention 160 "$PY" benchmarks/bench_attention.py --device cuda $ATTENTION_ARGS --json "$OUT/attention_d64.json"
@@ -153,9 +153,16 @@ step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 
 echo "targets:" >> "$OUT/summary.txt"
 targets=()  # the runs with every kernel on (not the fallbacks, whose figures would read as ours)
 for f in gumbel sampling; do [[ -f "$OUT/$f.json" ]] && targets+=("$OUT/$f.json"); done
+targets_rc=1
 if (( ${#targets[@]} )); then
   "$PY" benchmarks/check_targets.py "${targets[@]}" >> "$OUT/summary.txt" 2>&1
+  targets_rc=$?
 else
   echo "no gumbel.json or sampling.json to judge" >> "$OUT/summary.txt"
 fi
+echo "targets rc=$targets_rc" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
+# nonzero when a step failed or a target was missed: the summary says which
+status=$targets_rc
+for name in "${!RC[@]}"; do failed "$name" && status=1; done
+exit $(( status != 0 ))

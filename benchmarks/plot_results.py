@@ -130,7 +130,7 @@ def plot_gumbel(data: dict, path: Path) -> None:
 
 def plot_sampling(data: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = list(data["results"])
+    names = [n for n in data["results"] if n not in data.get("skipped", {}) and "ms_per_token" in data["results"][n]]
     _bars(ax, ["ms per token step"], {n: [data["results"][n]["ms_per_token"]] for n in names}, log=True,
           unit="ms (log scale)")
     m = data["model"]

@@ -146,5 +146,14 @@ def test_check_targets_passes_a_run_that_meets_every_target(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps(gumbel))
     run = _check_targets(tmp_path / "g.json")
     assert run.returncode == 1 and run.stdout.count("FAIL") == 5, run.stdout
+    del gumbel["results"][0]["accuracy"]  # unrecorded accuracy: unverified, not a pass
+    (tmp_path / "g.json").write_text(json.dumps(gumbel))
+    run = _check_targets(tmp_path / "g.json")
+    assert run.returncode == 1 and run.stdout.count("FAIL") == 5 and "unverified" in run.stdout, run.stdout
+    cpu = json.loads((results / "sampling_cpu_20261127-170343.json").read_text())
+    cpu["load"]["others_avg_cpus"] = 1.2  # other processes competed for the CPUs: the ratio decides nothing
+    (tmp_path / "c.json").write_text(json.dumps(cpu))
+    run = _check_targets(tmp_path / "c.json")
+    assert run.returncode == 1 and "FAIL" in run.stdout and "contended" in run.stdout, run.stdout
     run = _check_targets(results / "attention_cpu_20261126-144121.json")
     assert run.returncode == 1 and "no target decided" in run.stderr
