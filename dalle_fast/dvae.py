@@ -64,8 +64,8 @@ class DVAEConfig:
         if self.colour_codes and (self.vocab % self.colour_codes or self.vocab == self.colour_codes):
             raise ValueError(f"DVAEConfig.vocab {self.vocab} must be a multiple (> 1x) of colour_codes "
                              f"{self.colour_codes}")
-        if not 0.0 <= self.logit_laplace_eps < 0.5:
-            raise ValueError(f"DVAEConfig.logit_laplace_eps must be in [0, 0.5), got {self.logit_laplace_eps!r}")
+        if not 0.0 < self.logit_laplace_eps < 0.5:  # 0: a pixel of exactly 0 or 1 has no finite likelihood
+            raise ValueError(f"DVAEConfig.logit_laplace_eps must be in (0, 0.5), got {self.logit_laplace_eps!r}")
 
     @property
     def downsample(self) -> int:
@@ -562,14 +562,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # metrics and helpers
 
 
+PSNR_MSE_FLOOR = 1e-10  # 100 dB
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each image's PSNR in dB, images (B, C, H, W) in [0, 1]
-    (inf for identical images)."""
+    (100 dB at most: identical images would give inf, which training reads as divergence)."""
     if a.shape != b.shape or a.dim() != 4:
         raise ValueError(f"psnr needs two (B, C, H, W) batches of the same shape, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    return (-10 * torch.log10(mse)).mean()
+    return (-10 * torch.log10(mse.clamp_min(PSNR_MSE_FLOOR))).mean()
 
 
 def codebook_perplexity(tokens: torch.Tensor, vocab: int) -> torch.Tensor:

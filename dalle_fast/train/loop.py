@@ -43,6 +43,32 @@ class RunOptions:
     amp: bool = option(True, "bf16 autocast on CUDA")
 
 
+# Ranges of the options the training commands share, checked before any work: a bad value fails
+# at once instead of after minutes of training (a zero tau, a modulo by a zero interval) or
+# quietly misbehaving (a negative learning rate climbs the loss; an EMA decay outside [0, 1]
+# extrapolates).
+_POSITIVE = ("lr", "tau_start", "tau_end")
+_NON_NEGATIVE = ("workers", "run_steps", "lr_end", "weight_decay", "grad_clip", "warmup", "mse", "usage",
+                 "tau_steps", "beta_steps", "beta_end", "powersgd_rank")
+
+
+def check_options(cfg) -> None:
+    """Refuse out-of-range shared options of a training config (a RunOptions dataclass)."""
+    values = dataclasses.asdict(cfg)
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        if (name.endswith("_every") or name in _POSITIVE) and not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+        if name in _NON_NEGATIVE and value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if "ema" in values and not 0.0 <= values["ema"] <= 1.0:
+        raise ValueError(f"--ema must be in [0, 1], got {values['ema']}")
+
+
 def decay_groups(params, weight_decay: float, **extra) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices (linear, conv and embedding weights), none
     on biases, norm gains or scalars; `extra` goes into both groups."""

@@ -26,7 +26,8 @@ from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from ..checkpoint import checkpoint_file, load_model
-from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
+from .loop import (RunOptions, TrainingRun, autocast, batches, check_options, decay_groups, ema_with_warmup,
+                   option as _f)
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache
 
@@ -167,6 +168,7 @@ def _wrap(model: Prior, cfg: TrainPriorConfig, info: distributed.DistInfo):
 
 def train_prior(cfg: TrainPriorConfig) -> Path:
     """Run (or resume) a prior training; returns the checkpoint path."""
+    check_options(cfg)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     if not 0.0 <= cfg.bpe_dropout < 1.0:

@@ -28,7 +28,8 @@ from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from .negatives import WordPairs, scene, swap_relation
-from .loop import RunOptions, TrainingRun, autocast, batches, decay_groups, ema_with_warmup, option as _f
+from .loop import (RunOptions, TrainingRun, autocast, batches, check_options, decay_groups, ema_with_warmup,
+                   option as _f)
 from .schedules import warmup_cosine
 
 
@@ -138,6 +139,7 @@ def _optimizer(model: Reranker, cfg: TrainRerankerConfig) -> torch.optim.AdamW:
 
 def train_reranker(cfg: TrainRerankerConfig) -> Path:
     """Run (or resume) a reranker training; returns the checkpoint path."""
+    check_options(cfg)
     if cfg.steps < 1 or cfg.batch_size < 2:
         raise ValueError("steps must be >= 1 and batch_size >= 2 (a contrastive batch needs negatives)")
     if not 0.0 < cfg.text_lr_scale <= 1.0:

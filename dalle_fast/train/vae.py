@@ -20,7 +20,7 @@ from .. import images as imageio
 from ..data import make_dataset
 from ..dvae import DVAE, DVAEConfig, codebook_perplexity, map_pixels, psnr
 from . import distributed
-from .loop import RunOptions, TrainingRun, autocast, batches, ema_with_warmup, option as _f
+from .loop import RunOptions, TrainingRun, autocast, batches, check_options, ema_with_warmup, option as _f
 from .schedules import cosine
 
 
@@ -75,6 +75,7 @@ def _fit_palette(model: DVAE, dataset, cfg: TrainVAEConfig, info: distributed.Di
 
 def train_vae(cfg: TrainVAEConfig) -> Path:
     """Run (or resume) a dVAE training; returns the checkpoint path."""
+    check_options(cfg)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     if not cfg.logit_init > 0:

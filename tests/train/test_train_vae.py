@@ -55,6 +55,18 @@ def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
         train_vae(tiny(tmp_path / "bad", logit_init=0.0))
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("tau_end", 0.0, "--tau-end must be positive"), ("lr_end", -1e-3, "--lr-end must be >= 0"),
+    ("ema", 1.5, r"--ema must be in \[0, 1\]"), ("sample_every", 0, "--sample-every must be positive"),
+    ("log_every", 0, "--log-every must be positive"), ("save_every", 0, "--save-every must be positive"),
+    ("lr", float("nan"), "--lr must be a finite number"),
+])
+def test_out_of_range_options_fail_before_training(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        train_vae(tiny(tmp_path / "bad", **{option: value}))
+    assert not (tmp_path / "bad").exists()  # refused before the run folder was made
+
+
 def test_factored_run_starts_the_colour_codes_at_the_datas_palette(tmp_path):
     path = train_vae(tiny(tmp_path / "f", steps=1, lr=1e-12, lr_end=1e-12, logit_init=10.0, colour_codes=4,
                           palette_images=16))
