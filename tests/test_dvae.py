@@ -197,6 +197,30 @@ def test_loss_is_finite_and_gradients_reach_encoder_and_decoder():
     assert model.encoder.blocks.input.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("colour_codes", [0, 4])
+def test_loss_terms_are_the_logit_laplace_nll_and_the_kl_summed_over_the_grid(colour_codes):
+    """nll and kl against the formulas of SPEC section 3, written out here: per image, the
+    logit-Laplace NLL summed over every subpixel and KL(softmax(logits) || uniform) summed over
+    grid positions (factored codes: the colour and shape KLs, which the joint softmax's KL sums),
+    each divided by 3 * H * W."""
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.preset("tiny", dequantize=False, colour_codes=colour_codes))
+    x = images(model.config, batch=2)
+    out = model.loss(x, tau=0.5, beta=2.0, generator=torch.Generator().manual_seed(0))
+    pixels = 3 * model.config.image_size ** 2
+    logp = torch.log_softmax(out["logits"].double(), dim=1)
+    kl = ((logp.exp() * logp).sum(1) + math.log(model.config.vocab)).sum(dim=(1, 2)) / pixels
+    torch.testing.assert_close(out["kl"].double(), kl.mean(), rtol=1e-4, atol=1e-9)
+    if colour_codes == 0:  # the decoder's output for the same relaxed sample (same generator state)
+        xm = map_pixels(x, model.config.logit_laplace_eps).double()
+        z, _ = gumbel_softmax_kl(out["logits"], 0.5, dim=1, generator=torch.Generator().manual_seed(0))
+        mu, log_b = model.decoder(z).detach().double().chunk(2, dim=1)
+        b = log_b.exp()
+        nll = (torch.abs(torch.log(xm / (1 - xm)) - mu) / b + torch.log(2 * b * xm * (1 - xm))).sum(dim=(1, 2, 3))
+        torch.testing.assert_close(out["nll"].double(), (nll / pixels).mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"].detach(), out["nll"] + 2.0 * out["kl"])
+
+
 # -- factored codes -------------------------------------------------------------------
 
 

@@ -147,6 +147,25 @@ def test_loss_adds_negatives_and_masks_texts_equal_to_the_own_caption(model):
         model.loss(text[:3], images)
 
 
+def test_loss_is_the_symmetric_infonce_of_its_logits(model):
+    """loss = (CE over each image's row of B + K texts + CE over each caption's column of the B
+    images) / 2, masked entries excluded, the logits the scaled cosines of the embeddings."""
+    text, images = inputs(model.config, batch=4)
+    text[2] = text[0]
+    negatives = torch.stack([text[1].flip(0), text[3]])
+    result = model.loss(text, images, negatives)
+    t = model.encode_text(torch.cat([text, negatives])).double()
+    i = model.encode_image(images).double()
+    cosines = float(model.scale().detach()) * i @ t.T
+    masked = torch.isinf(result["logits"])
+    torch.testing.assert_close(result["logits"][~masked].double(), cosines[~masked], rtol=1e-4, atol=1e-4)
+    logits = cosines.masked_fill(masked, float("-inf"))
+    rows = [torch.logsumexp(logits[b], 0) - logits[b, b] for b in range(4)]
+    cols = [torch.logsumexp(logits[:, b], 0) - logits[b, b] for b in range(4)]
+    expected = (sum(rows) / 4 + sum(cols) / 4) / 2
+    torch.testing.assert_close(result["loss"].double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_score_is_the_scaled_cosine_and_rank_follows_it(model):
     text, images = inputs(model.config, batch=6)
     scores = model.score(text[:1], images)
