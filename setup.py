@@ -22,6 +22,28 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
+# The extension links against this torch's C++ ABI, so it must be the torch that will import it.
+# pip's default build isolation installs a fresh torch (whatever the newest release is) into a
+# throwaway environment: the library would then fail to load beside the user's torch.
+if "pip-build-env" in torch.__file__ and not os.environ.get("DALLE_FAST_ALLOW_ISOLATED_BUILD"):
+    sys.exit("dalle_fast: the extension must be built against the torch you run it with, not the one pip's build "
+             f"isolation installed ({torch.__version__} in {os.path.dirname(torch.__file__)}): install torch first, "
+             "then `pip install --no-build-isolation .` (or set DALLE_FAST_ALLOW_ISOLATED_BUILD=1)")
+
+
+def _nvcc_cuda_version() -> str | None:
+    """The CUDA release of the toolkit at CUDA_HOME ("13.0"), None where nvcc does not say."""
+    import re
+    import subprocess
+
+    try:
+        text = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+                              capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else None
+
 
 def want_cuda() -> bool:
     flag = os.environ.get("DALLE_FAST_CUDA", "").strip().lower()
@@ -32,6 +54,11 @@ def want_cuda() -> bool:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         problems.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+    elif torch.version.cuda is not None:
+        nvcc = _nvcc_cuda_version()
+        if nvcc is not None and nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+            problems.append(f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {nvcc}, torch was built with CUDA "
+                            f"{torch.version.cuda} (the major versions must match; set CUDA_HOME)")
     if problems:
         if flag in ("1", "true", "yes", "on"):
             sys.exit("DALLE_FAST_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
