@@ -31,8 +31,12 @@ setup() {
   # Rebuild the extension only when its sources or build settings changed.
   local build_stamp="$VENV/.dalle_fast_build.sha"
   local build_hash
+  # The inputs of the build: sources, setup.py, the switches, the torch it links against and the
+  # compilers it would use (a newly installed nvcc adds the CUDA kernels).
   build_hash=$( (find csrc -type f | sort | xargs sha256sum; sha256sum setup.py;
-                 echo "${DALLE_FAST_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-default}") | sha256sum | cut -d' ' -f1)
+                 echo "${DALLE_FAST_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-default} ${CUDA_HOME:-} ${CXX:-}";
+                 command -v nvcc || true; ls /usr/local/cuda/bin/nvcc 2>/dev/null || true;
+                 "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_hash" ] || ! "$PY" -c "import dalle_fast._C" 2>/dev/null; then
     echo "== building dalle_fast._C (CPU kernels, plus CUDA kernels when possible)"
     local start=$SECONDS

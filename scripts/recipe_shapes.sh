@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev.sh setup
-DF=(.venv/bin/dalle-fast)
+DF=("${VENV:-.venv}/bin/dalle-fast")
 
 RUNS=${RUNS:-runs/bundled}
 MODEL=${MODEL:-dalle_fast/assets/model}
