@@ -8,6 +8,7 @@ otherwise the reference, with one warning saying why).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 
@@ -15,8 +16,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
-try:
-    from dalle_fast import _C  # noqa: F401  (importing registers torch.ops.dalle_fast)
+try:  # by its full name: `from dalle_fast import _C` would blame a circular import when it is not built
+    _C = importlib.import_module("dalle_fast._C")  # importing registers torch.ops.dalle_fast
     _LOAD_ERROR: str | None = None
     BUILD_INFO: dict = dict(_C.build_info)
 except ImportError as exc:  # not built, or built against another torch
@@ -131,7 +132,10 @@ def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
         return True
     if name != "auto":
         raise RuntimeError(f"backend({name!r}) cannot run {op}: {why}")
-    _warn_once(f"{op}:{device}:{x.dtype}", f"dalle_fast: {op} falls back to the dense PyTorch reference: {why}")
+    if _C is None:  # no library: one warning for every op, not one per op
+        _warn_once("no library", f"dalle_fast: every op falls back to the dense PyTorch reference: {why}")
+    else:
+        _warn_once(f"{op}:{device}:{x.dtype}", f"dalle_fast: {op} falls back to the dense PyTorch reference: {why}")
     return False
 
 
