@@ -21,6 +21,7 @@ back to its normalized form.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -120,6 +121,10 @@ class TextTokenizer:
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer's JSON atomically (a crash never leaves half a file)."""
         return atomic_write(path, self.tokenizer.save)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's JSON: equal for tokenizers that encode alike, wherever loaded from."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
 
     @property
     def bpe_vocab_size(self) -> int:

@@ -216,8 +216,9 @@ class TrainingRun:
     def save(self) -> None:
         """Write the checkpoint, unless the weights went non-finite: a diverged state never replaces
         the last good checkpoint (FloatingPointError)."""
-        bad = [name for name, module in self.modules.items()
-               if not all(bool(torch.isfinite(p).all()) for p in module.parameters())]
+        finite = {name: torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
+                  for name, module in self.modules.items()}
+        bad = [name for name, ok in finite.items() if not ok]
         if bad:
             raise FloatingPointError(f"non-finite weights in {', '.join(bad)} at step {self.step}; "
                                      f"{self.ckpt} keeps the last good state")

@@ -131,7 +131,7 @@ def _load_init(model: Prior, path: str, tokenizer: TextTokenizer, cache: TokenCa
     if theirs_tok is None:
         warnings.warn(f"--init {path}: no tokenizer.json beside it, so whether it used this run's tokenizer "
                       "cannot be checked", stacklevel=2)
-    elif TextTokenizer.load(theirs_tok).tokenizer.to_str() != tokenizer.tokenizer.to_str():
+    elif TextTokenizer.load(theirs_tok).fingerprint() != tokenizer.fingerprint():
         raise ValueError(f"--init {path} was trained with another tokenizer than this run's: its text embeddings "
                          f"would read other words; pass --tokenizer {theirs_tok} (and a new --cache or --out)")
     record = _init_run_file(path, "config.json")

@@ -91,9 +91,10 @@ def encode(tokenizer: TextTokenizer, captions: Sequence[str], text_len: int, har
                 texts.append(negative)
     swaps = sum(n is not None for n in relation)
     negatives = tokenizer.encode_batch(texts, text_len) if texts else None
-    scenes = [scene(c) for c in list(captions) + texts]
-    true_of = torch.tensor([[j != i and scenes[j] == scenes[i] for j in range(len(scenes))]
-                            for i in range(len(captions))], dtype=torch.bool)
+    ids: dict[str, int] = {}
+    scenes = torch.tensor([ids.setdefault(scene(c), len(ids)) for c in list(captions) + texts])
+    true_of = scenes[:len(captions), None] == scenes[None, :]
+    true_of[:, :len(captions)].fill_diagonal_(False)
     return text, negatives, owners, swaps, true_of
 
 

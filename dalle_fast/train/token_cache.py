@@ -14,7 +14,6 @@ A cache folder holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -116,10 +115,6 @@ _LATER_KEYS = {
 }
 
 
-def _digest(tokenizer: TextTokenizer) -> str:
-    return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()
-
-
 def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int, num_images: Optional[int],
                       tokenizer: Optional[TextTokenizer] = None, text_vocab: int = 16384, variants: int = 8,
                       dropout: float = 0.1, seed: int = 0, batch_size: int = 64, workers: int = 0,
@@ -127,6 +122,7 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     """Encode `data` with `dvae`, train a BPE on its captions unless `tokenizer` is given, write
     the cache folder and return it. An existing cache built from the same inputs is reused."""
     cache = Path(cache)
+    given = tokenizer.fingerprint() if tokenizer is not None else None
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
     meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
@@ -137,20 +133,20 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
             # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
             "dvae_weights": weights_digest(dvae),
             "tokenizer": f"trained on the captions, {text_vocab} ids" if tokenizer is None else
-            f"given, sha256 {_digest(tokenizer)}"}
+            f"given, sha256 {given}"}
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
         old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
-        if tokenizer is not None and old.get("tokenizer_sha256") == _digest(tokenizer):
+        if given is not None and old.get("tokenizer_sha256") == given:
             old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained is the one given now
         unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
-        if {k: old.get(k) for k in meta if k not in unknown} == {k: v for k, v in meta.items() if k not in unknown}:
-            for key in unknown:
-                warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
-            return cache
-        changed = ", ".join(k for k in meta if k not in unknown and old.get(k) != meta[k])
-        raise ValueError(f"{cache} holds a token cache built from other inputs (they differ in: {changed}); "
-                         "delete it or pass another cache folder")
+        changed = [k for k in meta if k not in unknown and old.get(k) != meta[k]]
+        if changed:
+            raise ValueError(f"{cache} holds a token cache built from other inputs (they differ in: "
+                             f"{', '.join(changed)}); delete it or pass another cache folder")
+        for key in unknown:
+            warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
+        return cache
     dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True)
     cache.mkdir(parents=True, exist_ok=True)
     images, captions = encode_images(dvae, dataset, limit=num_images, batch_size=batch_size, workers=workers,
@@ -163,7 +159,7 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     _save_npy(cache / "text.npy", text)
     _save_json(cache / "captions.json", captions)
     meta.update(count=len(captions), truncated=truncated, bpe_vocab=tokenizer.bpe_vocab_size,
-                tokenizer_sha256=_digest(tokenizer))
+                tokenizer_sha256=tokenizer.fingerprint())
     _save_json(cache / "meta.json", meta)  # last: its presence marks a complete cache
     return cache
 
