@@ -16,7 +16,7 @@ from . import _backend, reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tau (and gumbel_argmax's scale) and their reciprocals stay normal float32 numbers; outside, the
-# float32 math of the kernels would turn (logits + g) / tau into inf and the sample into NaN.
+# float32 math of the kernels would turn 1 / tau into inf (or tau into 0) and the sample into NaN.
 # Equal to kTauMin / kTauMax in csrc/gumbel/gumbel_args.cpp.
 TAU_RANGE = (1e-30, 1e30)
 
@@ -58,10 +58,13 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """y = softmax((logits + g) / tau) along `dim`, g ~ Gumbel(0, 1).
 
-    hard=True returns the one-hot of argmax(y) with the soft sample's gradient (straight
-    through); from the same generator state it draws the same noise as the soft sample.
-    Works on the channel dim of NCHW logits without a permuted copy; -inf logits are never
-    sampled. float32, bfloat16 and float16 run our kernels (float32 math).
+    hard=True returns the one-hot of the first argmax of logits + g (the soft sample's argmax)
+    with the soft sample's gradient (straight through); from the same generator state it draws
+    the same noise as the soft sample. Works on the channel dim of NCHW logits without a
+    permuted copy; -inf logits are never sampled, and a position whose logits are all -inf gets
+    y = 0 from the kernels. Any finite logits give a finite sample (the kernels subtract the max
+    of logits + g before dividing by tau). float32, bfloat16 and float16 run our kernels
+    (float32 math).
     """
     dim = _check(logits, tau, dim, generator)
     if not _backend.use_kernel("gumbel_softmax", logits, _DTYPES, _DTYPES):

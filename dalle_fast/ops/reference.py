@@ -74,8 +74,10 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
     if noise is None:
         noise = gumbel_noise(logits.shape, generator, logits.device)
     compute = torch.promote_types(logits.dtype, torch.float32)
-    z = (logits.to(compute) + noise.to(compute)) / tau
-    y = torch.softmax(z, dim=dim)
+    u = logits.to(compute) + noise.to(compute)
+    # The max is subtracted before dividing: (logits + g) / tau itself passes the float range for
+    # finite logits beyond its largest value times tau. softmax does not depend on the shift.
+    y = torch.softmax((u - u.detach().amax(dim, keepdim=True)) / tau, dim=dim)
     if hard:
         index = y.argmax(dim=dim, keepdim=True)
         y_hard = torch.zeros_like(y).scatter_(dim, index, 1.0)
@@ -102,6 +104,8 @@ def gumbel_softmax_kl(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, nois
     y = gumbel_softmax(logits, tau, dim, False, noise, generator)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_p = torch.log_softmax(x, dim=dim)
-    p_log_p = torch.where(log_p == float("-inf"), torch.zeros_like(log_p), log_p.exp() * log_p)
+    # p log p -> 0 where p = 0 (-inf logits), in values and gradients: masking the product
+    # instead would backpropagate 0 * -inf = NaN into the whole position.
+    p_log_p = log_p.exp() * log_p.masked_fill(log_p == float("-inf"), 0.0)
     kl = p_log_p.sum(dim) + math.log(logits.shape[dim])
     return y, kl.to(logits.dtype)

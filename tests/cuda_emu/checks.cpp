@@ -1,8 +1,10 @@
 // Checks of the CUDA kernels run on the CPU emulation (include/emu_device.h), each against a
 // scalar reference written here from the ops' definitions (double precision, noise from the host
 // path of philox.h):
-//   gumbel_fwd      the one-read cluster forward (soft, with and without KL) and the two-sweep one
-//   gumbel_bwd      the one-read cluster backward and the two-sweep one
+//   gumbel_fwd      the one-read cluster forward (soft, with and without KL) and the two-sweep one,
+//                   also at logits up to about 1e38 ((x + g) / tau past FLT_MAX)
+//   gumbel_bwd      the one-read cluster backward and the two-sweep one; the hard forward and its
+//                   backward, which recomputes the soft sample
 //   gumbel_fallback the two-sweep kernels where too few clusters fit (EMU_MAX_CLUSTERS)
 //   gumbel_argmax   the Gumbel-max draw (index of the first max of x * scale + g)
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
@@ -221,35 +223,37 @@ struct Shape {
   }
 };
 
+// Normal logits of standard deviation 2 * spread, with -inf entries (never at v = 0) if with_inf.
 template <class T>
-void fill_logits(Buf<T>& x, const Shape& s, std::mt19937& rng, bool with_inf) {
-  std::normal_distribution<float> normal(0.0f, 2.0f);
+void fill_logits(Buf<T>& x, const Shape& s, std::mt19937& rng, bool with_inf, float spread = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, 2.0f * spread);
   std::uniform_int_distribution<int> pick(0, 49);
   for (int64_t pos = 0; pos < s.positions(); ++pos)
     for (int64_t v = 0; v < s.vocab; ++v)
       x[s.at(pos, v)] = from_f<T>(with_inf && v > 0 && pick(rng) == 0 ? -INFINITY : normal(rng));
 }
 
-// y = softmax((x + g) / tau) and KL(softmax(x) || uniform) of one position, in double.
+// y = softmax((x + g) / tau) and KL(softmax(x) || uniform) of one position, in double from the
+// scores u = x + g as the kernels round them (float32), at the kernels' 1 / tau (a float32).
 void gumbel_reference(const std::vector<float>& x, int64_t pos, float tau, std::vector<double>& y, double& kl) {
   const int64_t V = int64_t(x.size());
-  const float inv_tau = 1.0f / tau;
-  std::vector<double> z(V);
+  const double inv_tau = double(1.0f / tau);
+  std::vector<double> u(V);
   double m = -INFINITY, mx = -INFINITY;
   for (int64_t v = 0; v < V; ++v) {
-    z[v] = double((x[v] + noise(pos, v)) * inv_tau);
-    m = std::max(m, z[v]);
+    u[v] = double(x[v] + noise(pos, v));
+    m = std::max(m, u[v]);
     mx = std::max(mx, double(x[v]));
   }
   double s = 0, sx = 0;
   for (int64_t v = 0; v < V; ++v) {
-    s += std::exp(z[v] - m);
+    s += std::exp((u[v] - m) * inv_tau);
     sx += std::exp(double(x[v]) - mx);
   }
   y.resize(V);
   kl = std::log(double(V));
   for (int64_t v = 0; v < V; ++v) {
-    y[v] = std::exp(z[v] - m) / s;
+    y[v] = std::exp((u[v] - m) * inv_tau) / s;
     const double logp = double(x[v]) - mx - std::log(sx);
     if (std::isfinite(logp)) kl += std::exp(logp) * logp;
   }
@@ -287,12 +291,13 @@ std::string run_gumbel(const char* op, const Shape& s, bool with_kl, bool reside
 }
 
 // sector_use: the least share of the sectors' bytes the traffic build must see used.
+// spread: the logits' scale (1e37: up to about 1e38, where (x + g) / tau passes FLT_MAX at tau 0.1).
 template <class T>
-void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng, double sector_use = 0) {
-  const float tau = 0.7f;
+void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt19937& rng, double sector_use = 0,
+                         float tau = 0.7f, float spread = 1.0f) {
   Buf<T> x(s.size()), y(s.size()), kl(size_t(s.positions()));
   int64_t state[2] = {-1, -1};
-  fill_logits(x, s, rng, true);
+  fill_logits(x, s, rng, true, spread);
   GumbelParams p = gumbel_params(s, tau);
   p.with_kl = with_kl;
   p.logits = x.p;
@@ -300,7 +305,7 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
   p.kl = with_kl ? kl.p : nullptr;
   p.rng_state = state;
   const std::string name = run_gumbel<T>(
-      "gumbel_fwd", s, with_kl, resident,
+      spread == 1.0f ? "gumbel_fwd" : "gumbel_fwd near FLT_MAX", s, with_kl, resident,
       [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err); },
       [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
   expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
@@ -392,6 +397,66 @@ void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19
   c.report();
 }
 
+// The hard sample (the two-sweep forward) and its backward, which recomputes the soft sample from
+// the logits and the forward's noise: y must be the one-hot of the first argmax of u = x + g, the
+// gradient the soft sample's, y_v (dy_v - sum y dy) / tau on the reference's y.
+template <class T>
+void gumbel_hard_case(const Shape& s, std::mt19937& rng, float tau, float spread) {
+  Buf<T> x(s.size()), y(s.size()), dy(s.size()), dx(s.size());
+  int64_t state[2] = {-1, -1};
+  fill_logits(x, s, rng, true, spread);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < s.size(); ++i) dy[i] = from_f<T>(normal(rng));
+  char what[64];
+  std::snprintf(what, sizeof what, " tau %g, logits sd %g", double(tau), double(2 * spread));
+  const std::string name = std::string("gumbel_hard ") + type_name<T>() + " " + s.str() + what;
+  GumbelParams p = gumbel_params(s, tau);
+  p.hard = true;
+  p.logits = x.p;
+  p.y = y.p;
+  p.rng_state = state;
+  launched(name + " forward", dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr));
+  expect_traffic(name + " forward", {{"logits", x.p, 1, 0}, {"y", y.p, 0, 1}});
+  GumbelParams b = gumbel_params(s, tau);
+  b.hard = true;
+  b.logits = x.p;
+  b.grad_y = dy.p;
+  b.rng_in = state;
+  b.grad_logits = dx.p;
+  launched(name + " backward", dalle_fast::cuda::gumbel_backward(b, gumbel_dtype<T>(), nullptr));
+  expect_traffic(name + " backward", {{"logits", x.p, 2, 0}, {"dy", dy.p, 2, 0}, {"dlogits", dx.p, 0, 1}});
+  size_t wrong = 0;
+  Compare c{name + " grad", tolerance<T>(), 0};
+  std::vector<float> xs(s.vocab);
+  std::vector<double> yr;
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    int64_t best = 0;
+    float top = -INFINITY;
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      xs[v] = to_f(x[s.at(pos, v)]);
+      const float u = xs[v] + noise(pos, v);
+      if (u > top) top = u, best = v;
+    }
+    for (int64_t v = 0; v < s.vocab; ++v) wrong += to_f(y[s.at(pos, v)]) != (v == best ? 1.0f : 0.0f);
+    double kl;
+    gumbel_reference(xs, pos, tau, yr, kl);
+    double sum = 0, sum_abs = 0, big = 1e-30;
+    for (int64_t v = 0; v < s.vocab; ++v) {
+      const double d = to_f(dy[s.at(pos, v)]);
+      sum += yr[v] * d;
+      sum_abs += std::fabs(yr[v] * d);
+    }
+    for (int64_t v = 0; v < s.vocab; ++v)
+      big = std::max(big, yr[v] * (std::fabs(to_f(dy[s.at(pos, v)])) + sum_abs) / tau);
+    c.scale = big;
+    for (int64_t v = 0; v < s.vocab; ++v)
+      c(to_f(dx[s.at(pos, v)]), yr[v] * (to_f(dy[s.at(pos, v)]) - sum) / tau, s.at(pos, v));
+  }
+  expect(wrong == 0, name + ": y is the one-hot of the first argmax of x + g (" + std::to_string(wrong) +
+                         " entries differ)");
+  c.report();
+}
+
 template <class T>
 void gumbel_argmax_case(const Shape& s, std::mt19937& rng) {
   const float scale = 1.3f;
@@ -455,6 +520,11 @@ void gumbel_fwd() {
   gumbel_forward_case<__nv_bfloat16>(shapes[1], false, true, rng);
   gumbel_forward_case<float>(shapes[1], true, false, rng);
   gumbel_forward_case<__nv_bfloat16>({5, 300, 1}, true, false, rng);
+  // Logits up to about 1e38: (x + g) / tau passes FLT_MAX; the max comes off before the scaling.
+  gumbel_forward_case<float>(shapes[1], true, true, rng, 0, 0.1f, 1e37f);
+  gumbel_forward_case<__nv_bfloat16>(shapes[2], false, true, rng, 0, 1e-30f, 1e37f);
+  gumbel_forward_case<float>({5, 300, 1}, true, false, rng, 0, 0.1f, 1e37f);
+  gumbel_forward_case<float>(shapes[2], false, false, rng, 0, 1e-30f, 1e37f);
 }
 
 // A device that keeps too few clusters resident (EMU_MAX_CLUSTERS=1 on 132 SMs): the one-read
@@ -500,6 +570,10 @@ void gumbel_bwd() {
   gumbel_backward_case<__half>(shapes[1], true, true, rng);
   gumbel_backward_case<__nv_bfloat16>(shapes[0], false, true, rng);
   gumbel_backward_case<float>(shapes[1], true, false, rng);
+  gumbel_hard_case<float>(shapes[2], rng, 0.7f, 1.0f);
+  gumbel_hard_case<__half>({5, 300, 1}, rng, 0.7f, 1.0f);
+  gumbel_hard_case<float>({2, 1000, 3}, rng, 0.1f, 1e37f);
+  gumbel_hard_case<__nv_bfloat16>({4, 64, 1}, rng, 1e-30f, 1e37f);
 }
 
 void gumbel_argmax() {

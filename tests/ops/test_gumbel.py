@@ -173,6 +173,82 @@ def test_extreme_and_infinite_logits():
         assert torch.isfinite(dx).all()
 
 
+def test_reference_kl_gradient_at_minus_inf_logits():
+    # d KL / d x_v = p_v (log p_v - sum p log p), 0 where x_v = -inf (not NaN over the position).
+    x = torch.randn(3, 6, dtype=torch.float64)
+    x[:, 2] = float("-inf")
+    xr = x.clone().requires_grad_()
+    _, kl = reference.gumbel_softmax_kl(xr, 1.0, 1, noise=torch.zeros_like(x, dtype=torch.float32))
+    (got,) = torch.autograd.grad(kl.sum(), xr)
+    p, log_p = torch.softmax(x, 1), torch.log_softmax(x, 1).nan_to_num(neginf=0.0)
+    torch.testing.assert_close(got, p * (log_p - (p * log_p).sum(1, keepdim=True)))
+    assert (got[:, 2] == 0).all()
+
+
+def float_limit_logits(shape, dim, device, seed):
+    """Logits up to float32's largest number (|logits + g| / tau far past it at small tau), with
+    ties at +-max, a -inf entry per position, one position of -inf only and one of max only."""
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.finfo(torch.float32).max
+    x = torch.randn(shape, generator=gen).clamp(-3, 3) * 1e38
+    x = x.movedim(dim, -1)  # a view: positions first, the softmax dimension last
+    x[..., 1] = big
+    x[..., 2] = big
+    x[..., 3] = -big
+    x[..., 4] = float("-inf")
+    flat = x.reshape(-1, x.shape[-1])
+    flat[1] = float("-inf")
+    flat[2] = big
+    return x.movedim(-1, dim).contiguous().to(device), flat.shape[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_dim", [((2, 24, 3, 5), 1), ((6, 37), -1)])
+def test_logits_up_to_the_float_limit_give_the_formula(device, shape_dim):
+    # The kernels subtract each position's max of logits + g before dividing by tau: no finite
+    # input overflows, at either end of the range tau may take. A position whose logits are all
+    # -inf gets y = 0 and a zero gradient (the formula has no distribution there: NaN).
+    shape, dim = shape_dim
+    x, _ = float_limit_logits(shape, dim, device, 5)
+    for one_read in ([True, False] if device == "cuda" else [True]):
+        for tau in (1e-30, 0.1, 1.0, 1e30):
+            with cuda_one_read_kernel(one_read):
+                gen = torch.Generator(device=device).manual_seed(7)
+                y, kl, state = fwd(x, tau, dim, False, True, gen)
+                yh, _, state_h = fwd(x, tau, dim, True, False, torch.Generator(device=device).manual_seed(7))
+            g = noise_of(x, state, dim)
+            yr, klr = reference.gumbel_softmax_kl(x, tau, dim, noise=g)
+            what = f"{device}, tau {tau}, one-read {one_read}"
+            none_live = (x == float("-inf")).all(dim)
+            assert torch.isfinite(y).all(), what
+            assert torch.isfinite(kl[~none_live]).all(), what
+            assert (y.sum(dim)[none_live] == 0).all(), what
+            close(y, torch.nan_to_num(yr, nan=0.0), torch.float32, f"y ({what})")
+            close(kl[~none_live], klr[~none_live], torch.float32, f"kl ({what})")
+            # hard: the one-hot of the first argmax of logits + g (the same noise)
+            assert torch.equal(state, state_h), what
+            live = ~none_live.unsqueeze(dim).expand_as(x)
+            first_max = (x + g).argmax(dim, keepdim=True)
+            assert torch.equal(yh, torch.zeros_like(x).scatter_(dim, first_max, 1.0)), what
+            dy, dkl = torch.randn_like(x), torch.randn_like(kl)
+            with cuda_one_read_kernel(one_read):
+                dx = bwd(dy, dkl, x, y, state, tau, dim, False)
+                dx_hard = bwd(dy, None, x, yh, state, tau, dim, True)
+                dx_soft = bwd(dy, None, x, y, state, tau, dim, False)
+            assert torch.isfinite(dx).all() and torch.isfinite(dx_hard).all(), what
+            assert (dx[~live] == 0).all(), what
+            torch.testing.assert_close(dx_hard, dx_soft, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+            # The formula in float64 on the sample (held to the reference above): the float32
+            # autograd of the reference overflows here (dkl * log p at log p near -FLT_MAX).
+            ys, g64, x64 = y.double(), dy.double(), x.double()
+            expected = ys * (g64 - (ys * g64).sum(dim, keepdim=True)) / tau
+            p, log_p = torch.softmax(x64, dim), torch.log_softmax(x64, dim).nan_to_num(neginf=0.0)
+            expected = expected + dkl.double().unsqueeze(dim) * p * (log_p - (p * log_p).sum(dim, keepdim=True))
+            expected = torch.where(live, expected, 0.0)
+            scale = expected.abs().max().item() + 1e-6
+            assert (dx.double() - expected).abs().max().item() / scale <= GRAD_TOL[torch.float32], what
+
+
 def test_noise_is_finite_at_the_extreme_uniforms():
     lo, hi = _C.gumbel_from_bits(0), _C.gumbel_from_bits(0xFFFFFFFF)
     assert math.isfinite(lo) and math.isfinite(hi)

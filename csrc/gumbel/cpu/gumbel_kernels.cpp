@@ -70,21 +70,20 @@ DF_ALWAYS_INLINE void noise4(uint64_t seed, uint64_t offset, int64_t pos0, int64
   }
 }
 
-// buf holds logits; becomes z = (logits + g) * (1 / tau), or for the Gumbel-max draw
-// (kScaleFirst) z = logits * scale + g rounded once (a fused multiply-add, as the CUDA kernel).
-template <bool kScaleFirst = false>
-DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float factor, uint64_t seed, uint64_t offset, int64_t pos0) {
+// buf holds logits; becomes the scores logits * scale + g, rounded once (a fused multiply-add, as
+// the CUDA kernels): u = logits + g at scale 1 (the softmax's scores, added: the same bits, and
+// no libm call in the clone without FMA), the Gumbel-max draw's scores at its scale.
+DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float scale, uint64_t seed, uint64_t offset, int64_t pos0) {
   float g[4 * P];
+  const bool plain = scale == 1.0f;
   for (int64_t v4 = 0; v4 * 4 < V; ++v4) {
     noise4(seed, offset, pos0, v4, g);
     for (int64_t r = 0; r < 4 && v4 * 4 + r < V; ++r) {
       float* row = buf + (v4 * 4 + r) * P;
-      for (int64_t l = 0; l < P; ++l) {
-        if constexpr (kScaleFirst) {
-          row[l] = std::fma(row[l], factor, g[r * P + l]);
-        } else {
-          row[l] = (row[l] + g[r * P + l]) * factor;
-        }
+      if (plain) {
+        for (int64_t l = 0; l < P; ++l) row[l] += g[r * P + l];
+      } else {
+        for (int64_t l = 0; l < P; ++l) row[l] = std::fma(row[l], scale, g[r * P + l]);
       }
     }
   }
@@ -105,8 +104,10 @@ DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg) {
     }
 }
 
-// buf holds z; becomes softmax(z) over v for each lane.
-DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V) {
+// buf holds scores u; becomes softmax(u * f) over v for each lane, as exp((u - max) * f) / sum:
+// the max is taken before scaling, so that no finite logit overflows ((x + g) / tau itself
+// passes FLT_MAX for |x| > FLT_MAX tau). A lane whose scores are all -inf gets 0, as on CUDA.
+DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V, float f) {
   float mx[P], sum[P];
   for (int64_t l = 0; l < P; ++l) {
     mx[l] = kNegInf;
@@ -114,13 +115,14 @@ DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V) {
   }
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) mx[l] = std::max(mx[l], buf[v * P + l]);
+  for (int64_t l = 0; l < P; ++l) mx[l] = mx[l] == kNegInf ? 0.0f : mx[l];
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) {
-      const float e = exp_nonpos(buf[v * P + l] - mx[l]);
+      const float e = exp_nonpos((buf[v * P + l] - mx[l]) * f);
       buf[v * P + l] = e;
       sum[l] += e;
     }
-  for (int64_t l = 0; l < P; ++l) sum[l] = 1.0f / sum[l];
+  for (int64_t l = 0; l < P; ++l) sum[l] = sum[l] > 0.0f ? 1.0f / sum[l] : 0.0f;
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= sum[l];
 }
@@ -162,20 +164,20 @@ DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t 
     for (int64_t l = 0; l < k.n; ++l) kl[l] = Store::store(plogp[l] + log_v);
   }
   if (p.index) {  // Gumbel-max draw: the index only
-    add_noise<true>(buf, V, p.scale, seed, offset, k.pos0);
+    add_noise(buf, V, p.scale, seed, offset, k.pos0);
     int32_t arg[P];
     argmax_block(buf, V, arg);
     for (int64_t l = 0; l < k.n; ++l) p.index[k.pos0 + l] = arg[l];
     return;
   }
-  add_noise(buf, V, 1.0f / p.tau, seed, offset, k.pos0);
-  if (p.hard) {
+  add_noise(buf, V, 1.0f, seed, offset, k.pos0);
+  if (p.hard) {  // the one-hot of the first argmax of u, the soft sample's argmax
     int32_t arg[P];
     argmax_block(buf, V, arg);
     for (int64_t v = 0; v < V; ++v)
       for (int64_t l = 0; l < P; ++l) buf[v * P + l] = arg[l] == v ? 1.0f : 0.0f;
   } else {
-    softmax_block(buf, V);
+    softmax_block(buf, V, 1.0f / p.tau);
   }
   store_block<Store>(static_cast<S*>(p.y), k, V, buf);
 }
@@ -191,8 +193,8 @@ DF_CPU_CLONES void backward_block(const GumbelParams& p, uint64_t seed, uint64_t
     load_block<Store>(static_cast<const S*>(p.y_soft), k, V, ys);
   } else {  // hard forward: regenerate the soft sample from the same noise
     load_block<Store>(static_cast<const S*>(p.logits), k, V, ys);
-    add_noise(ys, V, inv_tau, seed, offset, k.pos0);
-    softmax_block(ys, V);
+    add_noise(ys, V, 1.0f, seed, offset, k.pos0);
+    softmax_block(ys, V, inv_tau);
   }
   load_block<Store>(static_cast<const S*>(p.grad_y), k, V, g);
   float dot[P];

@@ -3,8 +3,9 @@
 //          + gkl p_v (log p_v - sum_u p_u log p_u)      (when grad_kl is given; p = softmax(x))
 // with y the saved soft sample, or (hard forward) the soft sample recomputed from the logits and
 // the forward's noise. Two sweeps:
-//   1. sum y dy (saved y), or the online normaliser of z together with sum exp(z - m) dy
-//      (recomputed y), and the KL statistics of x; combined across the splits.
+//   1. sum y dy (saved y), or the online normaliser of u = x + g at 1 / tau together with
+//      sum exp((u - m) / tau) dy (recomputed y; gumbel_cuda.h: Soft), and the KL statistics of x;
+//      combined across the splits.
 //   2. reload, recompute y where needed, write grad_logits.
 // gumbel_backward first offers the call to the one-read cluster kernel (gumbel_bwd_resident.cu),
 // which takes a soft forward's backward for strided vocabularies (up to 16384 entries, 8192
@@ -26,7 +27,7 @@ namespace {
 using namespace gumbel_detail;
 
 struct BwdStats {
-  Soft soft;  // recomputed y: normaliser of z, d = sum exp(z - m) dy
+  Soft soft;  // recomputed y: normaliser of u, d = sum exp((u - m) / tau) dy
   float dot;  // saved y: sum y dy
   Kl kl;
 };
@@ -37,8 +38,9 @@ __device__ __forceinline__ BwdStats shfl_xor(const BwdStats& a, int off) {
 }
 
 struct BwdMerge {
+  float f;  // 1 / tau
   __device__ __forceinline__ BwdStats operator()(const BwdStats& a, const BwdStats& b) const {
-    return {soft_merge(a.soft, b.soft), __fadd_rn(a.dot, b.dot), kl_merge(a.kl, b.kl)};
+    return {soft_merge(a.soft, b.soft, f), __fadd_rn(a.dot, b.dot), kl_merge(a.kl, b.kl)};
   }
 };
 
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
           gumbel4(so.seed, so.offset, pos, j, g);
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            if (k < n) soft_add(st.soft, __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau), dy[k]);
+            if (k < n) soft_add(st.soft, __fadd_rn(x[k], g[k]), dy[k], inv_tau);
         }
         if constexpr (with_kl) {
 #pragma unroll
@@ -99,12 +101,12 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
         }
       }
     }
-    st = reduce_splits<kSplitFast>(st, l, smem, BwdMerge{});
+    st = reduce_splits<kSplitFast>(st, l, smem, BwdMerge{inv_tau});
 
     // Sweep 2: the gradient.
     if (valid) {
       // s == 0 only for a position whose logits are all -inf: y = 0 there, and so is the gradient.
-      const float m = st.soft.m, inv_s = st.soft.s > 0.0f ? 1.0f / st.soft.s : 0.0f;
+      const float inv_s = st.soft.s > 0.0f ? 1.0f / st.soft.s : 0.0f;
       const float dot = kSaved ? st.dot : st.soft.d * inv_s;
       KlGrad klg;
       if constexpr (with_kl) klg = KlGrad(st.kl, to_float(gkl_ptr[pos]));
@@ -120,10 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
           float g[4];
           gumbel4(so.seed, so.offset, pos, j, g);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), inv_tau);
-            ys[k] = z == neg_inf() ? 0.0f : expf(z - m) * inv_s;
-          }
+          for (int k = 0; k < 4; ++k) ys[k] = soft_value(st.soft, __fadd_rn(x[k], g[k]), inv_tau, inv_s);
         }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {

@@ -60,14 +60,17 @@ constexpr int kWarp = 32;
 constexpr int kMaxThreads = 512;  // largest block any launch uses (__launch_bounds__)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
-// exp(x) as __expf computes it (ex2.approx of x log2(e)), but with results below 2^-126 flushed to
-// 0: without the flush each call also takes a range check and two rescaling multiplies. exp(-inf)
-// is 0. For the softmax's e = exp(z - max) <= 1, where a flushed e is below any sum's rounding.
-__device__ __forceinline__ float exp_ftz(float x) {
+constexpr float kLog2E = 1.4426950408889634f;
+// 2^x by ex2.approx, with results below 2^-126 flushed to 0: without the flush each call also
+// takes a range check and two rescaling multiplies. 2^-inf is 0. For the softmax's
+// e = exp(z - max) <= 1, where a flushed e is below any sum's rounding.
+__device__ __forceinline__ float exp2_ftz(float x) {
   float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
+// exp(x) as __expf computes it (ex2.approx of x log2(e)), flushed as exp2_ftz.
+__device__ __forceinline__ float exp_ftz(float x) { return exp2_ftz(x * kLog2E); }
 
 // ---- Storage -------------------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -160,32 +163,39 @@ __device__ __forceinline__ SeedOffset take_seed_offset(const GumbelParams& p) {
 }
 
 // ---- Online statistics ---------------------------------------------------------------------
-// A softmax normaliser over one position's values z: max m and s = sum exp(z - m), plus
-// d = sum exp(z - m) w for weights w (the backward's sum y * dy). -inf values contribute 0.
+// A softmax normaliser over one position's scores u = x + g at the factor f = 1 / tau: max m of
+// u and s = sum exp((u - m) f), plus d = sum exp((u - m) f) w for weights w (the backward's
+// sum y * dy). -inf scores contribute 0. The max is taken before scaling, so that no finite
+// logit overflows: (x + g) / tau itself passes FLT_MAX for |x| > FLT_MAX tau.
 struct Soft {
   float m, s, d;
 };
 __device__ __forceinline__ Soft soft_identity() { return {neg_inf(), 0.0f, 0.0f}; }
-__device__ __forceinline__ void soft_add(Soft& a, float z, float w) {
-  if (z > a.m) {
-    const float alpha = expf(a.m - z);  // 0 while a.m is -inf
+__device__ __forceinline__ void soft_add(Soft& a, float u, float w, float f) {
+  if (u > a.m) {
+    const float alpha = expf((a.m - u) * f);  // 0 while a.m is -inf
     a.s = a.s * alpha + 1.0f;
     a.d = a.d * alpha + w;
-    a.m = z;
-  } else if (z != neg_inf()) {
-    const float e = expf(z - a.m);
+    a.m = u;
+  } else if (u != neg_inf()) {
+    const float e = expf((u - a.m) * f);
     a.s += e;
     a.d += e * w;
   }
 }
 // Combines two partial statistics; callers pass them in a fixed (split-index) order so that
 // every thread of a position gets the same bits.
-__device__ __forceinline__ Soft soft_merge(const Soft& a, const Soft& b) {
+__device__ __forceinline__ Soft soft_merge(const Soft& a, const Soft& b, float f) {
   const float m = fmaxf(a.m, b.m);
   if (m == neg_inf()) return soft_identity();
-  const float ea = a.m == neg_inf() ? 0.0f : expf(a.m - m);
-  const float eb = b.m == neg_inf() ? 0.0f : expf(b.m - m);
+  const float ea = a.m == neg_inf() ? 0.0f : expf((a.m - m) * f);
+  const float eb = b.m == neg_inf() ? 0.0f : expf((b.m - m) * f);
   return {m, __fadd_rn(__fmul_rn(a.s, ea), __fmul_rn(b.s, eb)), __fadd_rn(__fmul_rn(a.d, ea), __fmul_rn(b.d, eb))};
+}
+// The soft sample of score u from its position's total statistics: exp((u - m) f) / s, 0 for
+// u = -inf (and for a position whose scores are all -inf, where s is 0).
+__device__ __forceinline__ float soft_value(const Soft& a, float u, float f, float inv_s) {
+  return u == neg_inf() ? 0.0f : expf((u - a.m) * f) * inv_s;
 }
 
 // Statistics of p = softmax(x) for the KL term: max mx, sx = sum e_v, tx = sum e_v (x_v - mx) with

@@ -2,12 +2,12 @@
 //
 // Forward: a block owns a tile of positions and each position's vocabulary is split over
 // `splits` threads (gumbel_cuda.h: Layout). Two sweeps over the vocabulary:
-//   1. load x, draw g (Philox, 4 entries per call), z = (x + g) / tau: an online softmax
-//      normaliser of z (soft) or the first argmax of z (hard), and the KL statistics of x;
-//      the splits' statistics are combined by warp shuffles / shared memory.
-//   2. soft: reload x, redraw the same g, write y = exp(z - max) / sum; hard: write the one-hot
-//      (no loads, no noise); the Gumbel-max draw (kIndex, gumbel_argmax): no sweep 2, the first
-//      argmax of z = fma(x, scale, g) is the output.
+//   1. load x, draw g (Philox, 4 entries per call), u = x + g: an online softmax normaliser of
+//      u / tau (soft; gumbel_cuda.h: Soft) or the first argmax of u (hard), and the KL
+//      statistics of x; the splits' statistics are combined by warp shuffles / shared memory.
+//   2. soft: reload x, redraw the same g, write y = exp((u - max) / tau) / sum; hard: write the
+//      one-hot (no loads, no noise); the Gumbel-max draw (kIndex, gumbel_argmax): no sweep 2,
+//      the first argmax of fma(x, scale, g) is the output.
 // The noise is never stored; sweep 2 recomputes it. gumbel_forward first offers the call to the
 // one-read cluster kernel (gumbel_fwd_resident.cu), which takes soft samples of strided
 // vocabularies up to 16384 entries on sm_90; everything else runs here.
@@ -39,8 +39,9 @@ __device__ __forceinline__ FwdStats shfl_xor(const FwdStats& a, int off) {
 }
 
 struct FwdMerge {
+  float f;  // 1 / tau
   __device__ __forceinline__ FwdStats operator()(const FwdStats& a, const FwdStats& b) const {
-    return {soft_merge(a.soft, b.soft), argmax_merge(a.am, b.am), kl_merge(a.kl, b.kl)};
+    return {soft_merge(a.soft, b.soft, f), argmax_merge(a.am, b.am), kl_merge(a.kl, b.kl)};
   }
 };
 
@@ -74,18 +75,18 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (k < n) {
-            const float z = kIndex ? __fmaf_rn(x[k], factor, g[k]) : __fmul_rn(__fadd_rn(x[k], g[k]), factor);
+            const float u = kIndex ? __fmaf_rn(x[k], factor, g[k]) : __fadd_rn(x[k], g[k]);
             if constexpr (kHard) {
-              argmax_add(st.am, z, 4 * j + k);
+              argmax_add(st.am, u, 4 * j + k);
             } else {
-              soft_add(st.soft, z, 0.0f);
+              soft_add(st.soft, u, 0.0f, factor);
             }
             if constexpr (kKl) kl_add(st.kl, x[k]);
           }
         }
       }
     }
-    st = reduce_splits<kSplitFast>(st, l, smem, FwdMerge{});
+    st = reduce_splits<kSplitFast>(st, l, smem, FwdMerge{factor});
 
     if (valid) {
       if (kKl && l.split == 0) {
@@ -103,17 +104,14 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
           store4<kVec>(y + base + 4 * j * inner, inner, n, out);
         }
       } else {
-        const float m = st.soft.m, inv_s = 1.0f / st.soft.s;
+        const float inv_s = 1.0f / st.soft.s;
         for (int64_t j = l.split; j < J; j += l.splits) {
           const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
           float x[4], g[4], out[4];
           load4<kVec>(logits + base + 4 * j * inner, inner, n, x);
           gumbel4(so.seed, so.offset, pos, j, g);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float z = __fmul_rn(__fadd_rn(x[k], g[k]), factor);
-            out[k] = z == neg_inf() ? 0.0f : expf(z - m) * inv_s;
-          }
+          for (int k = 0; k < 4; ++k) out[k] = soft_value(st.soft, __fadd_rn(x[k], g[k]), factor, inv_s);
           store4<kVec>(y + base + 4 * j * inner, inner, n, out);
         }
       }

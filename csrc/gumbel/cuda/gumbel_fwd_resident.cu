@@ -5,8 +5,9 @@
 // The two-sweep kernel (gumbel_fwd.cu) reads every logit and draws every noise value twice; on the
 // H100 it is bound by the instructions of the noise (bf16 took as long as fp32). Here each thread
 // issues the loads of all its quads, draws their noise while the loads are in flight, keeps
-// z = (x + g) / tau in registers, then e = exp(z - m_thread); after the cluster has combined each
-// position's (max, sum), it writes y = e * exp(m_thread - max) / sum from the registers. Noise,
+// u = x + g in registers, then e = exp((u - m_thread) / tau) (the max taken before scaling, so
+// that no finite logit overflows); after the cluster has combined each position's (max, sum), it
+// writes y = e * exp((m_thread - max) / tau) / sum from the registers. Noise,
 // KL statistics and outputs follow gumbel_cuda.h's definitions, so the result equals the
 // two-sweep kernel's up to the rounding of exp.
 #include <cooperative_groups.h>
@@ -35,8 +36,9 @@ struct Part {
 
 #if DF_GUMBEL_CLUSTERS
 struct PartMerge {
+  float f;  // 1 / tau
   __device__ __forceinline__ Part operator()(const Part& a, const Part& b) const {
-    return {soft_merge(a.soft, b.soft), kl_merge(a.kl, b.kl)};
+    return {soft_merge(a.soft, b.soft, f), kl_merge(a.kl, b.kl)};
   }
 };
 #endif
@@ -44,13 +46,13 @@ struct PartMerge {
 constexpr int kQuads = 16;  // quads per thread, in registers: 64 floats
 
 #if DF_GUMBEL_CLUSTERS
-// Loads the thread's quads of one tile into z, draws their noise and keeps z = (x + g) / tau
-// (-inf past the vocabulary and the positions); adds x to kl; returns the thread's max of z.
+// Loads the thread's quads of one tile into u, draws their noise and keeps u = x + g (-inf past
+// the vocabulary and the positions); adds x to kl; returns the thread's max of u.
 // kFull: a full tile of a whole block (gumbel_cluster.h's whole_block, full_tile), walked with a
 // Cursor and no checks.
 template <bool kFull, bool kKl, class T>
 __device__ __forceinline__ float draw(const GumbelParams& p, const Place& place, const TilePos& tp, const SeedOffset& so,
-                                      float inv_tau, float (&z)[kQuads][4], Kl& kl) {
+                                      float (&u)[kQuads][4], Kl& kl) {
   float m = neg_inf();
   if constexpr (kFull) {
     const Place pl = place.fresh();
@@ -59,17 +61,17 @@ __device__ __forceinline__ float draw(const GumbelParams& p, const Place& place,
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) z[i][k] = to_float(*src.next(k));
+      for (int k = 0; k < 4; ++k) u[i][k] = to_float(*src.next(k));
     }
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
-      if constexpr (kKl) kl_add_quad(kl, z[i]);
+      if constexpr (kKl) kl_add_quad(kl, u[i]);
       float g[4];
       gumbel4(so.seed, so.offset, tp.pos, pl.quad(i), g);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        z[i][k] = __fmul_rn(__fadd_rn(z[i][k], g[k]), inv_tau);
-        m = fmaxf(m, z[i][k]);
+        u[i][k] = __fadd_rn(u[i][k], g[k]);
+        m = fmaxf(m, u[i][k]);
       }
     }
   } else {
@@ -77,7 +79,7 @@ __device__ __forceinline__ float draw(const GumbelParams& p, const Place& place,
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
       const Place ql = place.fresh();
-      load4<false>(logits + tp.base + 4 * ql.quad(i) * p.inner, p.inner, ql.count(i, tp.valid, p.vocab), z[i]);
+      load4<false>(logits + tp.base + 4 * ql.quad(i) * p.inner, p.inner, ql.count(i, tp.valid, p.vocab), u[i]);
     }
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
@@ -89,16 +91,16 @@ __device__ __forceinline__ float draw(const GumbelParams& p, const Place& place,
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (k < n) {
-            if constexpr (kKl) kl_add(kl, z[i][k]);
-            z[i][k] = __fmul_rn(__fadd_rn(z[i][k], g[k]), inv_tau);
-            m = fmaxf(m, z[i][k]);
+            if constexpr (kKl) kl_add(kl, u[i][k]);
+            u[i][k] = __fadd_rn(u[i][k], g[k]);
+            m = fmaxf(m, u[i][k]);
           } else {
-            z[i][k] = neg_inf();
+            u[i][k] = neg_inf();
           }
         }
       } else {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) z[i][k] = neg_inf();
+        for (int k = 0; k < 4; ++k) u[i][k] = neg_inf();
       }
     }
   }
@@ -123,35 +125,38 @@ __global__ void __launch_bounds__(kThreads, 1)
     const TilePos tp = pl.at(tile, p);
     const bool full = whole && full_tile(tile, p);
 
-    float z[kQuads][4];
+    float u[kQuads][4];
     Part part{soft_identity(), kl_identity()};
-    const float m = full ? draw<true, kKl, T>(p, pl, tp, so, inv_tau, z, part.kl)
-                         : draw<false, kKl, T>(p, pl, tp, so, inv_tau, z, part.kl);
-    // e = exp(z - m) in place: exp(-inf) is 0, so -inf entries give 0 without a check; a thread
-    // with no finite z subtracts 0 instead of m = -inf.
+    const float m = full ? draw<true, kKl, T>(p, pl, tp, so, u, part.kl)
+                         : draw<false, kKl, T>(p, pl, tp, so, u, part.kl);
+    // e = exp((u - m) / tau) = 2^((u - m) log2(e) / tau) in place: 2^-inf is 0, so -inf entries
+    // (and differences past -FLT_MAX) give 0 without a check; a thread with no finite u subtracts
+    // 0 instead of m = -inf.
     const float m_sub = m == neg_inf() ? 0.0f : m;
+    const float log2e_tau = kLog2E * inv_tau;
     float s = 0.0f;
 #pragma unroll
     for (int i = 0; i < kQuads; ++i) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        z[i][k] = exp_ftz(z[i][k] - m_sub);
-        s += z[i][k];
+        u[i][k] = exp2_ftz((u[i][k] - m_sub) * log2e_tau);
+        s += u[i][k];
       }
     }
     part.soft = {m, s, 0.0f};
-    const Part tot = combine(ex, part, pl, parity, cluster, PartMerge{});
+    const Part tot = combine(ex, part, pl, parity, cluster, PartMerge{inv_tau});
 
     if (tp.valid) {
       if (kKl && pl.rank == 0 && pl.warp == 0) {
         static_cast<T*>(p.kl)[tp.pos] = from_float<T>(kl_to_uniform(tot.kl, V));
       }
       // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu.
-      const float f = tot.soft.s > 0.0f && m != neg_inf() ? expf(m - tot.soft.m) / tot.soft.s : 0.0f;
+      const float f =
+          tot.soft.s > 0.0f && m != neg_inf() ? expf((m - tot.soft.m) * inv_tau) / tot.soft.s : 0.0f;
       // y = e * f from the cached e.
       const auto values = [&](int i, float(&out)[4]) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) out[k] = z[i][k] * f;
+        for (int k = 0; k < 4; ++k) out[k] = u[i][k] * f;
       };
       if (full) {
         write_tile<true, kQuads>(static_cast<T*>(p.y), p, pl, tp, values);
