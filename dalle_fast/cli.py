@@ -95,11 +95,16 @@ def _cmd_generate(args) -> int:
     t0 = time.perf_counter()
     models = load_models(args.model, device=device)
     load_s = time.perf_counter() - t0
-    result = generate(models, args.prompt, num=args.num, keep=args.keep, seed=args.seed, sampling=sampling,
+    keep = min(4, args.num) if args.keep is None else args.keep
+    result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
                       prime_image=args.prime, prime_rows=args.rows or 0)
     for rank, image in enumerate(result.images):
         imageio.to_pil(image).save(out / f"rank{rank}.png")
     imageio.save_grid(result.images, out / "grid.png", scale=args.grid_scale)
+    for stale in out.glob("rank*.png"):  # an earlier run's that kept more: not this run's images
+        index = stale.name[len("rank"):-len(".png")]
+        if index.isdigit() and int(index) >= len(result.images):
+            stale.unlink()
     ranked = "reranked" if result.scores is not None else "in sampling order (the model folder has no reranker)"
     print(f"{result.num_sampled} candidates sampled, best {len(result.images)} {ranked} -> {out}/rank*.png, "
           f"{out}/grid.png")
@@ -184,9 +189,11 @@ def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images for a text prompt (reranked, best first)")
     gen.add_argument("prompt", help="the caption of the images to generate")
     gen.add_argument("--num", type=int, default=16, help="candidates sampled as one batch (default: 16)")
-    gen.add_argument("--keep", type=int, default=4, help="best candidates written out (default: 4)")
-    gen.add_argument("--out", default="samples", help="output folder for rank*.png and grid.png (default: samples)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--keep", type=int, default=None, help="best candidates written out (default: 4, or --num if "
+                     "fewer)")
+    gen.add_argument("--out", default="samples", help="output folder for rank*.png and grid.png, replacing an earlier "
+                     "run's (default: samples)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**32 - 1 (default: 0)")
     gen.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
     gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")

@@ -112,10 +112,11 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch
         raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate, e.g. 'a red circle above a blue square'")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    truncated = tokenizer.truncated
+    with warnings.catch_warnings():  # the tokenizer warns once per instance; this, once per prompt
+        warnings.simplefilter("ignore")
         ids = tokenizer.encode_batch([prompt], text_len)
-    if any("truncat" in str(w.message) for w in caught):
+    if tokenizer.truncated > truncated:
         warnings.warn(f"the prompt is longer than the model's {text_len - 1} text tokens; only its beginning "
                       "is used", stacklevel=3)
     return ids
@@ -143,8 +144,9 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if keep > num:
         raise ValueError(f"keep ({keep}) cannot exceed num ({num})")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    # torch's CPU generator keeps 32 bits of a seed: 7 and 7 + 2**32 would draw the same images
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     device = models.device
     text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
     prime = None

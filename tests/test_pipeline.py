@@ -52,13 +52,17 @@ def test_prompts_empty_long_and_non_ascii(model_folder):
     for empty in ("", "   \n"):
         with pytest.raises(ValueError, match="prompt is empty"):
             generate(models, empty, num=1, keep=1)
-    with pytest.warns(UserWarning, match="only its beginning is used"):
-        generate(models, "a red circle " * 20, num=1, keep=1)
+    for _ in range(2):  # every over-long prompt, not the first one per tokenizer
+        with pytest.warns(UserWarning, match="only its beginning is used"):
+            generate(models, "a red circle " * 20, num=1, keep=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(models, "ein rötlicher kreis ✓", num=1, keep=1)  # byte-level BPE: any text encodes
+        generate(models, "rötlich ✓", num=1, keep=1)  # byte-level BPE: any text encodes (11 bytes: not cut)
     with pytest.raises(ValueError, match="keep"):
         generate(models, "a red circle", num=2, keep=3)
+    # torch's CPU generator keeps 32 bits of a seed: larger ones would repeat smaller ones' images
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        generate(models, "a red circle", num=1, keep=1, seed=7 + 2**32)
 
 
 def test_exporting_the_same_checkpoints_twice_writes_the_same_bytes(tmp_path, model_folder):
@@ -109,7 +113,7 @@ def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
         (["--prime", str(not_an_image), "--rows", "2"], "notes.txt"),
         (["--out", str(not_an_image)], "is a file, not a folder"),
         (["--device", "tpu"], "--device must be"),
-        (["--seed", str(2**64)], "seed must be"),
+        (["--seed", str(2**32)], "seed must be"),
         (["--temperature", "1e-9"], "temperature must be"),
     ]
     if not torch.cuda.is_available():
@@ -134,6 +138,11 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png", "rank1.png"]
     assert Image.open(out / "rank0.png").size == (64, 64)
     assert "per image" in capsys.readouterr().out
+    # a second run into the folder replaces the first one's ranks (--keep defaults to min(4, --num))
+    (out / "rank7.png").write_bytes(b"an earlier run's")
+    (out / "notes.txt").write_text("the user's")
+    assert main(["generate", "a green square", "--model", str(model_folder), "--num", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "rank0.png"]
     # priming with a rendered image keeps its top token rows
     prime = tmp_path / "prime.png"
     image, _ = ShapesDataset("test", size=64, length=5)[0]
