@@ -19,6 +19,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _target_mode(path))
         with open(tmp, "rb+") as f:  # the data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,3 +37,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     finally:
         os.close(folder)
     return path
+
+
+def _target_mode(path: Path) -> int:
+    """The permissions the file should have: those of the file it replaces, else those of a
+    newly created file (0o666 less the umask). mkstemp makes its file 0600, which would leave
+    a shared checkpoint readable by its owner alone."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
