@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
@@ -120,18 +120,43 @@ def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors of a checkpoint (on CPU) and its JSON info (step, meta, optimizer)."""
+    """All tensors of a checkpoint (on CPU) and its JSON info (step, meta, optimizer). A file
+    that is not one (another format, truncated, bad metadata) is a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        raw = (f.metadata() or {}).get(_META_KEY)
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     if raw is None:
         raise ValueError(f"{path} is not a dalle_fast training checkpoint (no '{_META_KEY}' metadata)")
-    return tensors, json.loads(raw)
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its '{_META_KEY}' metadata is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict):
+        raise ValueError(f"{path}: its '{_META_KEY}' metadata is not a JSON object with an object 'meta'")
+    return tensors, info
+
+
+def _check_fits(module: torch.nn.Module, weights: dict[str, torch.Tensor], path, what: str) -> None:
+    """A ValueError naming the file unless `weights` has exactly the module's names and shapes
+    (the module may live on the meta device: nothing is read but the shapes)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k} is {list(got[k])}, the model's {list(v)}" for k, v in expected.items()
+                 if k in got and got[k] != v]
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ValueError(f"{path}: its {what} weights do not fit this model (another preset or config?): "
+                         f"{'; '.join(problems[:4])}{more}")
 
 
 def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
@@ -145,11 +170,16 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         if not sub:
             raise ValueError(f"{path} holds no '{prefix}' weights")
+        _check_fits(module, sub, path, f"'{prefix}'")
         module.load_state_dict(sub)
     if optimizer is not None:
         if "optimizer" not in info:
             raise ValueError(f"{path} holds no optimizer state")
-        _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}, info["optimizer"])
+        try:
+            _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
+                               info["optimizer"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({exc!r})") from None
     if restore_rng_state:
         restore_rng(tensors, generators, rank)
     return info
@@ -199,10 +229,21 @@ def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = 
     config = info.get("meta", {}).get("model_config")
     if config is None:
         raise ValueError(f"{path} records no model_config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its model_config is not a JSON object")
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = set(config) - fields
     if unknown:
         raise ValueError(f"{path}: model_config has fields {sorted(unknown)} unknown to {config_cls.__name__}")
-    model = model_cls(config_cls(**config))
-    model.load_state_dict(_weights(tensors, prefix, path))
+    try:
+        config = config_cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its model_config is not a valid {config_cls.__name__}: {exc}") from None
+    weights = _weights(tensors, prefix, path)
+    # Names and shapes are checked on a model without storage first, so that a config naming a
+    # huge model (a damaged or hostile file) fails before anything is allocated.
+    with torch.device("meta"):
+        _check_fits(model_cls(config), weights, path, f"'{prefix}'")
+    model = model_cls(config)
+    model.load_state_dict(weights)
     return model.eval()
