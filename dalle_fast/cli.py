@@ -85,17 +85,18 @@ def _cmd_generate(args) -> int:
     import time
 
     from . import images as imageio
-    from .pipeline import generate, load_models
+    from .pipeline import check_request, generate, load_models
 
     if (args.prime is None) != (args.rows is None):
         raise ValueError("--prime IMAGE and --rows R go together")
     sampling = _sampling(args)
     device = _device(args.device)
+    keep = min(4, args.num) if args.keep is None else args.keep
+    check_request(args.prompt, args.num, keep, args.seed)  # a bad request leaves no --out folder behind
     out = _out_folder(args.out)  # before the work, not after it
     t0 = time.perf_counter()
     models = load_models(args.model, device=device)
     load_s = time.perf_counter() - t0
-    keep = min(4, args.num) if args.keep is None else args.keep
     result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
                       prime_image=args.prime, prime_rows=args.rows or 0)
     for rank, image in enumerate(result.images):

@@ -24,6 +24,7 @@ from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
 from .sampler import SamplingConfig, sample_image_tokens
 from .tokenizer import TextTokenizer
+from .atomic import atomic_write
 from .checkpoint import load_model, save_checkpoint
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "model"
@@ -63,36 +64,49 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     if (folder / FILES["reranker"]).is_file():
         reranker = load_model(folder / FILES["reranker"], Reranker, RerankerConfig).to(device)
     tokenizer = TextTokenizer.load(folder / FILES["tokenizer"])
+    check_compatible(folder, dvae, prior, tokenizer, reranker)
+    return Models(dvae, prior, tokenizer, reranker, folder)
+
+
+def check_compatible(where, dvae: DVAE, prior: Prior, tokenizer: TextTokenizer, reranker: Optional[Reranker]) -> None:
+    """A ValueError (naming `where`) unless the models and the tokenizer work together."""
     if tokenizer.text_vocab_size(prior.config.text_len) != prior.config.text_vocab_total:
-        raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the prior's "
+        raise ValueError(f"{where}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the prior's "
                          f"text vocabulary of {prior.config.text_vocab}")
     if reranker is not None and tokenizer.text_vocab_size(reranker.config.text_len) != reranker.config.text_vocab:
-        raise ValueError(f"{folder}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the reranker's "
+        raise ValueError(f"{where}: the tokenizer's {tokenizer.bpe_vocab_size} ids do not match the reranker's "
                          f"text vocabulary of {reranker.config.text_vocab} (was it trained with another tokenizer?)")
     if dvae.config.colour_codes != prior.config.colour_codes:
-        raise ValueError(f"{folder}: the dVAE's codes have {dvae.config.colour_codes or 'no'} colour factors but the "
+        raise ValueError(f"{where}: the dVAE's codes have {dvae.config.colour_codes or 'no'} colour factors but the "
                          f"prior expects {prior.config.colour_codes or 'none'}")
     if (dvae.config.grid, dvae.config.vocab) != (prior.config.grid, prior.config.image_vocab):
-        raise ValueError(f"{folder}: the dVAE makes {dvae.config.grid}x{dvae.config.grid} grids of "
+        raise ValueError(f"{where}: the dVAE makes {dvae.config.grid}x{dvae.config.grid} grids of "
                          f"{dvae.config.vocab} codes but the prior models {prior.config.grid}x{prior.config.grid} "
                          f"grids of {prior.config.image_vocab}")
-    return Models(dvae, prior, tokenizer, reranker, folder)
 
 
 def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path, tokenizer: str | Path,
                         reranker: Optional[str | Path] = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a model folder from training checkpoints: their EMA weights (in `dtype`) and configs."""
+    """Write a model folder from training checkpoints: their EMA weights (in `dtype`) and configs.
+    Every input is read and checked against the others before anything is written; a reranker
+    file left in `out` by an earlier export is removed when `reranker` is None."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sources = {"dvae": (dvae, DVAE, DVAEConfig), "prior": (prior, Prior, PriorConfig)}
     if reranker is not None:
         sources["reranker"] = (reranker, Reranker, RerankerConfig)
-    for key, (path, model_cls, config_cls) in sources.items():
-        model = load_model(path, model_cls, config_cls).to(dtype)
+    models = {key: load_model(path, model_cls, config_cls).to(dtype)
+              for key, (path, model_cls, config_cls) in sources.items()}
+    text = TextTokenizer.load(tokenizer)
+    check_compatible(f"export to {out}", models["dvae"], models["prior"], text, models.get("reranker"))
+    out.mkdir(parents=True, exist_ok=True)
+    for key, model in models.items():
         save_checkpoint(out / FILES[key], modules={"model": model},
                         meta={"model_config": dataclasses.asdict(model.config), "kind": key}, rng=False)
-    TextTokenizer.load(tokenizer)  # refuse a broken file before copying it
-    shutil.copyfile(tokenizer, out / FILES["tokenizer"])
+    if reranker is None:
+        (out / FILES["reranker"]).unlink(missing_ok=True)
+    target = out / FILES["tokenizer"]
+    if not (target.exists() and target.samefile(tokenizer)):  # re-exporting into the same folder
+        atomic_write(target, lambda tmp: shutil.copyfile(tokenizer, tmp))
     return out
 
 
@@ -106,12 +120,29 @@ class Generation:
     num_sampled: int
 
 
-def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch.Tensor:
-    """[1, text_len] ids; an empty prompt is an error, an over-long one is truncated (with a warning)."""
+def _check_prompt(prompt: str) -> None:
     if not isinstance(prompt, str):
         raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate, e.g. 'a red circle above a blue square'")
+
+
+def check_request(prompt: str, num: int, keep: int, seed: int) -> None:
+    """What generate() refuses, checked without a model (a CLI checks before it loads one)."""
+    _check_prompt(prompt)
+    for name, value in (("num", num), ("keep", keep)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if keep > num:
+        raise ValueError(f"keep ({keep}) cannot exceed num ({num})")
+    # torch's CPU generator keeps 32 bits of a seed: 7 and 7 + 2**32 would draw the same images
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+
+
+def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch.Tensor:
+    """[1, text_len] ids; an empty prompt is an error, an over-long one is truncated (with a warning)."""
+    _check_prompt(prompt)
     truncated = tokenizer.truncated
     with warnings.catch_warnings():  # the tokenizer warns once per instance; this, once per prompt
         warnings.simplefilter("ignore")
@@ -139,14 +170,7 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
              sampling: Optional[SamplingConfig] = None, prime_image: Optional[str | Path] = None,
              prime_rows: int = 0) -> Generation:
     """Sample `num` candidates for `prompt` as one batch, rerank them and keep the best `keep`."""
-    for name, value in (("num", num), ("keep", keep)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if keep > num:
-        raise ValueError(f"keep ({keep}) cannot exceed num ({num})")
-    # torch's CPU generator keeps 32 bits of a seed: 7 and 7 + 2**32 would draw the same images
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    check_request(prompt, num, keep, seed)
     device = models.device
     text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
     prime = None

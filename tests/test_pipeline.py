@@ -75,6 +75,37 @@ def test_exporting_the_same_checkpoints_twice_writes_the_same_bytes(tmp_path, mo
         assert (again / name).read_bytes() == (model_folder / name).read_bytes(), name
 
 
+def test_export_checks_every_input_before_writing_and_drops_a_stale_reranker(tmp_path, model_folder):
+    root = model_folder.parent
+    sources = dict(dvae=root / "dvae.ckpt", prior=root / "prior.ckpt", tokenizer=root / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        export_model_folder(tmp_path / "a", **{**sources, "tokenizer": root / "missing.json"})
+    with pytest.raises(FileNotFoundError):
+        export_model_folder(tmp_path / "a", **{**sources, "reranker": root / "missing.ckpt"})
+    assert not (tmp_path / "a").exists()  # nothing written, not even the folder
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "reranker.safetensors").write_bytes((model_folder / "prior.safetensors").read_bytes())
+    export_model_folder(folder, **sources)
+    assert not (folder / "reranker.safetensors").exists()  # an earlier export's: not this one's models
+    # re-exporting a folder with its own tokenizer (source and target are the same file)
+    export_model_folder(folder, **{**sources, "tokenizer": folder / "tokenizer.json"})
+    assert (folder / "tokenizer.json").read_bytes() == (root / "tokenizer.json").read_bytes()
+    assert load_models(folder).prior.config == load_models(model_folder).prior.config
+
+
+def test_damaged_model_files_end_in_a_message_naming_them(tmp_path, model_folder, capsys):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for name in ("dvae.safetensors", "prior.safetensors", "tokenizer.json"):
+        (folder / name).write_bytes((model_folder / name).read_bytes())
+    (folder / "prior.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors")
+    with pytest.raises(ValueError, match="prior.safetensors is not a readable safetensors file"):
+        load_models(folder)
+    assert main(["generate", "a red circle", "--model", str(folder), "--num", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "prior.safetensors" in capsys.readouterr().err
+
+
 def test_model_folder_errors(tmp_path, model_folder):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_models(tmp_path / "nothing")
@@ -115,6 +146,7 @@ def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
         (["--device", "tpu"], "--device must be"),
         (["--seed", str(2**32)], "seed must be"),
         (["--temperature", "1e-9"], "temperature must be"),
+        (["--keep", "2"], "keep (2) cannot exceed num (1)"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
@@ -125,6 +157,10 @@ def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
         err = capsys.readouterr().err
         assert "dalle-fast generate: error:" in err and message in err and "Traceback" not in err, (extra, err)
     assert not_an_image.read_text() == "not an image"
+    capsys.readouterr()
+    assert main(["generate", "  ", *model, "--out", str(tmp_path / "never")]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # a bad request leaves no folder behind
     assert not (tmp_path / "out" / "grid.png").exists()
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", *model, "--grid-scale", "0"])
