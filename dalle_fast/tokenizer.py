@@ -43,6 +43,12 @@ def _check_text_len(text_len) -> None:
 def _check_caption(caption) -> str:
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+    if not caption.isascii():
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a file decoded with surrogateescape
+            raise ValueError(f"caption {caption[:40]!r} is not valid Unicode text ({exc.reason} at "
+                             f"position {exc.start})") from None
     return caption
 
 

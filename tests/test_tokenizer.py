@@ -118,6 +118,14 @@ def test_non_ascii_and_emoji(tok):
         assert tok.decode(ids) == caption.lower()
 
 
+def test_a_lone_surrogate_is_a_clear_error(tok):
+    bad = b"caf\xe9 au lait".decode("utf-8", errors="surrogateescape")  # how Latin-1 bytes arrive via os APIs
+    with pytest.raises(ValueError, match="not valid Unicode text"):
+        tok.encode(bad, 16)
+    with pytest.raises(ValueError, match="not valid Unicode text"):
+        tok.encode_batch(["fine", bad], 16)
+
+
 def test_literal_bos_text_is_not_the_bos_token(tok):
     ids = tok.encode("x <|bos|> y", 32)
     assert (ids == tok.bos_id).sum().item() == 1

@@ -33,13 +33,15 @@ def scan_pairs(root: Path) -> tuple[list[tuple[Path, Path]], int]:
             continue
         visited.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        names = set(files)
+        # caption files by stem, the extension in any case (a.TXT beside a.JPG; a.txt first)
+        captions = {os.path.splitext(n)[0]: n for n in sorted(files)
+                    if os.path.splitext(n)[1].lower() == ".txt"}
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if name.startswith(".") or ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if stem + ".txt" in names:
-                pairs.append((Path(folder) / name, Path(folder) / (stem + ".txt")))
+            if stem in captions:
+                pairs.append((Path(folder) / name, Path(folder) / captions[stem]))
             else:
                 uncaptioned.append(Path(folder) / name)
     if uncaptioned:
@@ -94,7 +96,7 @@ class ImageTextFolder(Dataset):
     def _load(self, position: int, rng: np.random.Generator) -> tuple[torch.Tensor, str]:
         image_path, caption_path = self.pairs[position]
         try:
-            text = caption_path.read_text(encoding="utf-8", errors="replace")
+            text = caption_path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM is no text
         except OSError as exc:
             raise UnreadableImage(f"caption {caption_path}: {exc}") from exc
         caption = pick_caption(text, rng, self.all_captions)

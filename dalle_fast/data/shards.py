@@ -144,9 +144,16 @@ class TarShards(IterableDataset):
         consumer, consumers = self.consumer()
         epoch = self.epoch
         while True:
-            yield from self._epoch(epoch, consumer, consumers)
+            yielded = False
+            for sample in self._epoch(epoch, consumer, consumers):
+                yielded = True
+                yield sample
             if not self.repeat:
                 return
+            if not yielded:  # another pass would find nothing either: repeating would hang
+                raise ValueError(f"TarShards: a whole pass over {len(self.paths)} shards gave consumer {consumer} "
+                                 f"of {consumers} no readable sample ({self.skipped} skipped, {self.incomplete} "
+                                 f"incomplete, {self.bad_shards} unreadable shards)")
             epoch += 1
 
     def _epoch(self, epoch: int, consumer: int, consumers: int) -> Iterator[tuple[torch.Tensor, str]]:
@@ -208,7 +215,7 @@ class TarShards(IterableDataset):
             self.incomplete += 1
             log.warning("skipping %s: no %s", key, "image" if image is None else "caption")
             return None
-        return key, image, members["txt"].decode("utf-8", errors="replace")
+        return key, image, members["txt"].decode("utf-8-sig", errors="replace")  # a BOM is no text
 
     def __repr__(self) -> str:
         return (f"TarShards({len(self.paths)} shards, size={self.size}, crop={self.crop}, "

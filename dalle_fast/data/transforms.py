@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
@@ -16,6 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -42,11 +45,22 @@ def load_rgb(source: ImageSource) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, im).convert("RGB")
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A greyscale image of 16-bit integers (modes I;16*, and I, which is how Pillow decodes
+    16-bit PNGs and TIFFs) or of floats in [0, 1] (mode F) as 8-bit 'L'. Pillow's own conversion
+    clips those values at 255 instead of rescaling them, which turns nearly every pixel white."""
+    values = np.asarray(im, dtype=np.float64)
+    scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 
 def to_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
@@ -135,8 +149,10 @@ def prepare_image(image: Image.Image, size: int, crop: RandomResizedCrop | None,
 
 
 def caption_lines(text: str) -> list[str]:
-    """The non-empty lines of a caption file, stripped: one caption each."""
-    return [line for line in (raw.strip() for raw in text.splitlines()) if line]
+    """The non-empty lines of a caption file, stripped: one caption each. Lines end at \n, \r\n
+    or \r only (str.splitlines also splits at form feeds, \x1c-\x1e, NEL and U+2028/9, which
+    may sit inside one caption)."""
+    return [line for line in (raw.strip() for raw in _LINE_BREAK.split(text)) if line]
 
 
 def pick_caption(text: str, rng: np.random.Generator, all_lines: bool = False) -> str | None:

@@ -136,3 +136,13 @@ def test_dataloader_batches(tmp_path):
     images, captions = next(iter(loader))
     assert images.shape == (4, 3, 16, 16) and len(captions) == 4
     assert np.isclose(float(images.max()), 1.0)
+
+
+def test_captions_with_a_bom_or_an_upper_case_extension(tmp_path):
+    _write(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa red circle\n".encode("utf-8"))  # Notepad's UTF-8
+    _write(tmp_path / "B.JPG", fmt="JPEG")
+    (tmp_path / "B.TXT").write_text("a blue square")
+    data = ImageTextFolder(tmp_path, size=8)
+    assert data.missing_captions == 0
+    assert sorted(data[i][1] for i in range(len(data))) == ["a blue square", "a red circle"]

@@ -184,3 +184,21 @@ def test_training_batches_of_a_stream_change_each_epoch_and_resume_exactly(tmp_p
     assert take(4, 5) == straight[4:]  # a resumed run sees what the uninterrupted one saw
     with pytest.raises(ValueError, match="no batch of 16"):
         next(batches(dataset(), batch_size=16, seed=1, workers=0, info=DistInfo(), step=0))
+
+
+def test_a_repeating_stream_without_a_readable_sample_raises_instead_of_hanging(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        _add(tar, "k0.png", b"not a png")
+        _add(tar, "k0.txt", b"a caption")
+        _add(tar, "k1.txt", b"\xef\xbb\xbfa caption without an image")
+    data = TarShards(str(tmp_path / "bad.tar"), size=8, repeat=True)
+    with pytest.raises(ValueError, match="no readable sample"):
+        next(iter(data))
+    assert data.skipped == 1 and data.incomplete == 1
+
+
+def test_a_bom_is_not_part_of_the_caption(tmp_path):
+    with tarfile.open(tmp_path / "bom.tar", "w") as tar:
+        _add(tar, "k0.png", _png((1, 2, 3)))
+        _add(tar, "k0.txt", "\ufeffa red circle".encode("utf-8"))
+    assert _consume(TarShards(str(tmp_path / "bom.tar"), size=8)) == ["a red circle"]

@@ -107,3 +107,24 @@ def test_to_tensor_and_load_rgb():
     for junk in (b"", b"not an image", buf.getvalue()[:40]):
         with pytest.raises(UnreadableImage):
             load_rgb(junk)
+
+
+def test_16_bit_and_float_greyscale_images_are_rescaled_not_clipped(tmp_path):
+    # Pillow's own conversion clips 16-bit values at 255: a mid-grey 16-bit PNG came out white.
+    ramp = np.linspace(0, 65535, 12 * 10).reshape(10, 12).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)  # decoded as mode I or I;16, depending on Pillow
+    pixels = np.asarray(load_rgb(path)).astype(int)
+    expected = np.rint(ramp / 257.0).astype(int)
+    assert (np.abs(pixels[..., 0] - expected) <= 1).all() and (pixels[..., 0] == pixels[..., 2]).all()
+    floats = Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F")
+    buf = io.BytesIO()
+    floats.save(buf, format="TIFF")
+    assert np.asarray(load_rgb(buf.getvalue()))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_caption_lines_break_at_newlines_only():
+    from dalle_fast.data.transforms import caption_lines
+
+    text = "a red\x0ccircle\u2028left\r\n  a blue square \rthird\n\n"
+    assert caption_lines(text) == ["a red\x0ccircle\u2028left", "a blue square", "third"]
