@@ -4,6 +4,8 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace dalle_fast {
 
 MaskKind parse_kind(const std::string& kind) {
@@ -64,6 +66,8 @@ BHN as_bhn(const at::Tensor& t) {
 
 AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const MaskSpec& mask, double scale) {
+  // Called directly (torch.ops.dalle_fast.*), the op gets no Python-side check.
+  TORCH_CHECK_VALUE(std::isfinite(scale), "sparse_attention: scale must be finite, got ", scale);
   AttnParams p;
   p.batch = q.size(0);
   p.heads = q.size(1);

@@ -105,6 +105,8 @@ def switch(name: str, enabled: bool):
 
 
 def _warn_once(key: str, message: str) -> None:
+    if torch.compiler.is_compiling():  # a warning would break the graph; the next eager call warns
+        return
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)

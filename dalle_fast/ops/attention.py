@@ -48,11 +48,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
     """
     check_mask_args(kind, text_len, grid, kernel)
     _check_inputs(q, k, v, text_len, grid)
-    if scale is None:
+    if scale is None:  # no float(): under torch.compile with dynamic shapes D may be symbolic
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
     if not _backend.use_kernel("sparse_attention", q, _CPU_DTYPES):
         return reference.sparse_attention(q, k, v, kind, text_len, grid, kernel, scale)
     out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, grid, kernel, scale)
@@ -78,11 +79,12 @@ if _backend.has_kernels():
     def _setup_context(ctx, inputs, output):
         q, k, v, kind, text_len, grid, kernel, scale = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # a loss on lse (calling the op directly) gets an error, not zeros
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask_args = (kind, text_len, grid, kernel, scale)
 
     def _backward(ctx, grad_out, grad_lse):
-        # lse is an internal output of the public op: its gradient is never requested.
+        # lse is marked non-differentiable: grad_lse is always None or zeros.
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.dalle_fast.sparse_attention_bwd(grad_out, q, k, v, out, lse, *ctx.mask_args)
         return dq, dk, dv, None, None, None, None, None

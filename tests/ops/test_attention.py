@@ -116,6 +116,16 @@ def test_compile_fullgraph_matches_eager():
         assert_close(a.grad, b.grad, "compiled grad")
 
 
+def test_compile_with_dynamic_shapes_and_the_default_scale():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: ops.sparse_attention(q, k, v, "row", 4, 3), fullgraph=True,
+                             dynamic=True)
+    for batch in (1, 2):
+        q, k, v = make_qkv(batch, 2, 4, 3, 8, seed=batch)
+        with ops.backend("cpu"):
+            assert_close(compiled(q, k, v), ops.sparse_attention(q, k, v, "row", 4, 3), "dynamic compile")
+
+
 @pytest.mark.parametrize("heads", [1, 8])
 def test_deterministic(heads):
     q, k, v = (t.requires_grad_() for t in make_qkv(1, heads, 16, 6, 32, seed=5))
@@ -174,6 +184,18 @@ def test_compiled_op_validates_too():
         torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "conv", 4, 3, 2, 1.0)
     with pytest.raises(TypeError, match="float32 and float64"):
         torch.ops.dalle_fast.sparse_attention_fwd(q.half(), k.half(), v.half(), "row", 4, 3, 11, 1.0)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 4, 3, 11, scale)
+
+
+def test_the_ops_lse_output_is_not_differentiable():
+    """lse is the backward's input, not a result: a loss on it is refused rather than given no gradient."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 4, 3, 8))
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 4, 3, 11, 0.5)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
 
 
 def test_backend_selection():
