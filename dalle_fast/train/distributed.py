@@ -39,7 +39,7 @@ def setup(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device (use --device cpu)")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     elif device == "cpu":

@@ -47,9 +47,10 @@ class RunOptions:
 # at once instead of after minutes of training (a zero tau, a modulo by a zero interval) or
 # quietly misbehaving (a negative learning rate climbs the loss; an EMA decay outside [0, 1]
 # extrapolates).
-_POSITIVE = ("lr", "tau_start", "tau_end")
+_POSITIVE = ("lr", "tau_start", "tau_end", "text_variants", "pair_captions")
 _NON_NEGATIVE = ("workers", "run_steps", "lr_end", "weight_decay", "grad_clip", "warmup", "mse", "usage",
-                 "tau_steps", "beta_steps", "beta_end", "powersgd_rank")
+                 "tau_steps", "beta_steps", "beta_end", "powersgd_rank", "num_images", "text_len", "layers",
+                 "d_model", "heads")
 
 
 def check_options(cfg) -> None:

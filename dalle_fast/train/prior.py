@@ -68,8 +68,13 @@ class TrainPriorConfig(RunOptions):
                        "e.g. to fine-tune with --null-caption; ignored on --resume")
 
 
+def _arch_overrides(cfg: TrainPriorConfig) -> dict[str, int]:
+    """The architecture options given (0: the preset's)."""
+    return {k: getattr(cfg, k) for k in ("layers", "d_model", "heads") if getattr(cfg, k)}
+
+
 def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokenizer) -> PriorConfig:
-    overrides = {k: getattr(cfg, k) for k in ("layers", "d_model", "heads") if getattr(cfg, k)}
+    overrides = _arch_overrides(cfg)
     text_len = int(cache.meta["text_len"])
     return PriorConfig.preset(cfg.preset, text_len=text_len, grid=int(cache.meta["grid"]),
                               image_vocab=int(cache.meta["image_vocab"]), text_vocab=tokenizer.bpe_vocab_size,
@@ -177,6 +182,8 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
         raise ValueError(f"null_caption must be in [0, 1), got {cfg.null_caption}")
     if not 0.0 <= cfg.word_dropout < 1.0:
         raise ValueError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
+    # The architecture's own checks (heads dividing d_model, ...) before the long cache build.
+    PriorConfig.preset(cfg.preset, **_arch_overrides(cfg), **({"text_len": cfg.text_len} if cfg.text_len else {}))
     if cfg.init and not checkpoint_file(cfg.init).is_file():
         raise FileNotFoundError(f"--init: no prior checkpoint at {cfg.init}")
     if not checkpoint_file(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):

@@ -54,6 +54,9 @@ def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int 
         total = limit if total is None else min(total, limit)
     if total is None:
         raise ValueError("a streamed dataset (tar shards) needs a number of images to cache")
+    if dvae.config.vocab > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"the token cache stores image codes as uint16: a dVAE of {dvae.config.vocab} codes "
+                         f"does not fit (at most {np.iinfo(np.uint16).max + 1})")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
     tokens, captions = [], []
     dvae.eval()

@@ -131,6 +131,15 @@ def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpo
     assert all(tok.decode(data.text[1, v].tolist()) == lines["b"][0] for v in range(5))
 
 
+def test_a_dvae_with_more_codes_than_uint16_holds_is_refused(tmp_path):
+    from dalle_fast.data import ShapesDataset
+    from dalle_fast.train.token_cache import encode_images
+
+    dvae = DVAE(DVAEConfig.preset("tiny", vocab=2**16 + 1))
+    with pytest.raises(ValueError, match="65537 codes does not fit"):
+        encode_images(dvae, ShapesDataset("train", size=32, length=2), limit=None, progress=False)
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, dvae_checkpoint):
     # with caption and word dropout on: their generator is checkpointed and resumed too
     drop = dict(null_caption=0.3, word_dropout=0.3)
@@ -238,6 +247,26 @@ def test_missing_dvae_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-vae"):
         train_prior(tiny(tmp_path / "run", tmp_path / "nothing.safetensors", cache=""))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(d_model=30, heads=4), "d_model 30 must be divisible by heads 4"),
+    (dict(num_images=-1), "--num-images must be >= 0"),
+    (dict(heads=-2), "--heads must be >= 0"),
+    (dict(text_variants=0), "--text-variants must be positive"),
+])
+def test_bad_architecture_options_fail_before_the_cache_is_built(tmp_path, dvae_checkpoint, options, message):
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=message):
+        train_prior(tiny(tmp_path / "run", dvae_checkpoint, cache=str(cache), **options))
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_architecture_is_a_clear_error(tmp_path, dvae_checkpoint):
+    out = tmp_path / "run"
+    train_prior(tiny(out, dvae_checkpoint, steps=1))
+    with pytest.raises(ValueError, match="checkpoint.safetensors: its 'model' weights do not fit"):
+        train_prior(tiny(out, dvae_checkpoint, steps=2, d_model=64, resume=True))
 
 
 def test_torchrun_two_processes_gloo_with_powersgd(tmp_path, dvae_checkpoint):
