@@ -497,7 +497,9 @@ class DVAE(nn.Module):
         # code of its own.
         usage_logits = shape if self.config.colour_codes else logits
         mean_probs = usage_logits.float().softmax(dim=1).mean(dim=(0, 2, 3))  # (codes,)
-        usage_kl = math.log(mean_probs.numel()) + (mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+        # sum p log(p V), not log V + sum p log p: the latter cancels two numbers near log V and
+        # kept ~1e-5 of a small KL's value in float32
+        usage_kl = (mean_probs * (mean_probs * mean_probs.numel()).clamp_min(1e-30).log()).sum()
         if usage > 0:
             loss = loss + usage * usage_kl
         # Squared error of the decoder mean in pixel units, unclamped so that saturated wrong
