@@ -225,14 +225,18 @@ def test_factored_dvae_codes_train_a_factored_prior_that_generates(tmp_path):
     folder = export_model_folder(tmp_path / "model", dvae=path, prior=ckpt, tokenizer=tmp_path / "prior" / "tokenizer.json")
     result = generate(load_models(folder), "a red circle", num=2, keep=1, seed=0)
     assert result.images.shape == (1, 3, 64, 64)
-    # a plain dVAE with a factored prior is refused
+    # a plain dVAE with a factored prior is refused: by the export, and in a folder put together by hand
+    with pytest.raises(ValueError, match="colour factors"):
+        export_model_folder(tmp_path / "plain_src", dvae=_plain_dvae(tmp_path), prior=ckpt,
+                            tokenizer=tmp_path / "prior" / "tokenizer.json")
+    assert not (tmp_path / "plain_src").exists()
     plain = tmp_path / "plain"
     plain.mkdir()
     for name in ("prior.safetensors", "tokenizer.json"):
         (plain / name).write_bytes((folder / name).read_bytes())
-    export_model_folder(tmp_path / "plain_src", dvae=_plain_dvae(tmp_path), prior=ckpt,
-                        tokenizer=tmp_path / "prior" / "tokenizer.json")
-    (plain / "dvae.safetensors").write_bytes((tmp_path / "plain_src" / "dvae.safetensors").read_bytes())
+    dvae_plain = DVAE(DVAEConfig.preset("tiny"))
+    save_checkpoint(plain / "dvae.safetensors", modules={"model": dvae_plain},
+                    meta={"model_config": dataclasses.asdict(dvae_plain.config), "kind": "dvae"}, rng=False)
     with pytest.raises(ValueError, match="colour factors"):
         load_models(plain)
 
