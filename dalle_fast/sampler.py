@@ -18,6 +18,7 @@ graph and replayed for every token.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -31,8 +32,13 @@ from .ops.masks import image_offset_allowed
 from .prior import Prior
 
 
-# Logits are scaled by 1 / temperature in float32; a floor keeps the scale (and scaled logits) finite.
-MIN_TEMPERATURE = 1e-6
+# Logits are scaled by 1 / temperature in float32: the bounds keep the scale (and the scaled
+# logits) finite and inside gumbel_argmax's range; beyond them the draw is greedy (use top_k=1)
+# or uniform in all but name.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+# Guidance scales the caption's logit difference: far beyond useful (1 to ~10) it overflows
+# float32 to inf and every candidate is one degenerate argmax.
+MAX_COND_SCALE = 1e3
 
 
 @dataclass
@@ -49,20 +55,27 @@ class SamplingConfig:
     cond_scale: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= MIN_TEMPERATURE):
-            raise ValueError(f"temperature must be a number >= {MIN_TEMPERATURE:g} (for greedy decoding use "
-                             f"top_k=1), got {self.temperature!r}")
+        if not (_is_number(self.temperature) and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (for greedy "
+                             f"decoding use top_k=1), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
-        if not (isinstance(self.cond_scale, (int, float)) and math.isfinite(self.cond_scale) and self.cond_scale >= 1):
-            raise ValueError(f"cond_scale must be a number >= 1 (1: no guidance), got {self.cond_scale!r}")
+        if not (_is_number(self.cond_scale) and 1 <= self.cond_scale <= MAX_COND_SCALE):
+            raise ValueError(f"cond_scale must be a number in [1, {MAX_COND_SCALE:g}] (1: no guidance), "
+                             f"got {self.cond_scale!r}")
+        for name in ("cuda_graph", "compile_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def guided(self) -> bool:
         return self.cond_scale != 1.0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def key_offsets(kind: str, grid: int, kernel: int) -> torch.Tensor:
@@ -74,8 +87,10 @@ def key_offsets(kind: str, grid: int, kernel: int) -> torch.Tensor:
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the top-p nucleus. [B, V] -> [B, V]."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # exactly k tokens, also when several tie with the k-th (top_k=1 is then one token, not a draw
+        # among the tied ones, as a threshold at the k-th value would make it)
+        top = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
@@ -255,16 +270,47 @@ def sample_image_tokens(prior: Prior, text: torch.Tensor, *, prime: Optional[tor
     sampled one position at a time. Seeded `generator`s repeat exactly. Guided sampling
     (`config.cond_scale` > 1) needs `null_text` [T], the empty caption's ids
     (`TextTokenizer.null_text`)."""
-    config = config or SamplingConfig()
+    config = SamplingConfig() if config is None else config
+    _check_inputs(prior, text, prime, config, generator, null_text)
+    # the graph capture, its stream and the default generator's state are those of the current
+    # CUDA device: make it the model's (cuda:1 while cuda:0 is current would capture on the wrong one)
+    with torch.cuda.device(text.device) if text.is_cuda else contextlib.nullcontext():
+        return _sample(prior, text, prime, config, generator, null_text)
+
+
+def _check_inputs(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], config: SamplingConfig,
+                  generator: Optional[torch.Generator], null_text: Optional[torch.Tensor]) -> None:
+    """Clear errors for what would otherwise fail deep in the model (or not at all)."""
     cfg = prior.config
-    if prime is not None and (prime.dim() != 2 or prime.shape[1] > cfg.image_len):
-        raise ValueError(f"prime must be [B, n0] with n0 <= {cfg.image_len} (the grid's {cfg.grid}x{cfg.grid} "
-                         f"tokens), got {tuple(prime.shape)}")
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    device = next(prior.parameters()).device
+    if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[0] < 1:
+        raise ValueError(f"text must be a [B, {cfg.text_len}] tensor of token ids with B >= 1, got "
+                         f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+    if text.device != device:
+        raise ValueError(f"text is on {text.device} but the prior on {device}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the prior on {device}")
+    if prime is not None:
+        if prime.dim() != 2 or prime.shape[1] > cfg.image_len or prime.shape[0] != text.shape[0]:
+            raise ValueError(f"prime must be [B, n0] with B = {text.shape[0]} (the captions) and n0 <= "
+                             f"{cfg.image_len} (the grid's {cfg.grid}x{cfg.grid} tokens), got {tuple(prime.shape)}")
+        if prime.dtype != torch.long or prime.device != device:
+            raise ValueError(f"prime must be int64 token ids on {device}, got {prime.dtype} on {prime.device}")
+        if prime.numel() and not 0 <= int(prime.min()) <= int(prime.max()) < cfg.image_vocab:
+            raise ValueError(f"prime tokens must be in [0, {cfg.image_vocab}) (the prior's image vocabulary), got "
+                             f"{int(prime.min())}..{int(prime.max())}: were they made by this model's dVAE?")
     if config.guided:
         if null_text is None:
             raise ValueError("cond_scale > 1 needs null_text, the empty caption's ids (TextTokenizer.null_text)")
         if null_text.shape != (cfg.text_len,):
             raise ValueError(f"null_text must have shape ({cfg.text_len},), got {tuple(null_text.shape)}")
+
+
+def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], config: SamplingConfig,
+            generator: Optional[torch.Generator], null_text: Optional[torch.Tensor]) -> torch.Tensor:
+    cfg = prior.config
     was_training = prior.training
     prior.eval()
     try:

@@ -70,6 +70,20 @@ def test_filters_keep_the_right_tokens():
     assert torch.equal(filter_logits(logits), logits)
 
 
+def test_top_k_keeps_exactly_k_tokens_when_the_kth_ties():
+    # bf16 logits tie often: top_k=1 must leave one token (greedy), not a draw among the tied ones
+    logits = torch.tensor([[2.0, 5.0, 5.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    for k in (1, 2, 4):
+        kept = torch.isfinite(filter_logits(logits, top_k=k))
+        assert kept.sum(-1).tolist() == [k, k], k
+    kept = filter_logits(logits, top_k=2)
+    assert set(kept[0].isfinite().nonzero().ravel().tolist()) <= {1, 2, 4}  # among the 5.0s
+    assert torch.equal(kept[kept.isfinite()], torch.tensor([5.0, 5.0, 0.0, 0.0], dtype=torch.bfloat16))
+    greedy = SamplingConfig(top_k=1)
+    draws = {int(sample_logits(logits[:1], greedy, torch.Generator().manual_seed(seed))[0]) for seed in range(20)}
+    assert len(draws) == 1
+
+
 def test_sampling_follows_the_distribution_and_the_seed():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(60000, 4)
     draws = sample_logits(logits, SamplingConfig(), torch.Generator().manual_seed(0))
@@ -100,9 +114,34 @@ def test_seeded_generation_repeats_and_priming_keeps_the_rows():
 
 def test_sampling_config_rejects_bad_values():
     for bad in (dict(temperature=0.0), dict(temperature=1e-39), dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
-                dict(top_p=1.5), dict(cond_scale=0.5), dict(cond_scale=float("inf"))):
+                dict(top_p=1.5), dict(cond_scale=0.5), dict(cond_scale=float("inf")),
+                # 1 / 1e31 is below gumbel_argmax's scale range: it failed at the first token, after prefill
+                dict(temperature=1e31), dict(temperature=2e6),
+                dict(cond_scale=1e30), dict(top_k=True), dict(temperature="1")):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+    with pytest.raises(TypeError):
+        SamplingConfig(cuda_graph="no")
+    SamplingConfig(temperature=1e6, cond_scale=1e3)  # the bounds themselves are fine
+
+
+def test_sample_image_tokens_checks_its_inputs():
+    prior = make_prior(["row", "conv"], dtype=torch.float32)
+    cfg = prior.config
+    text, image = tokens_for(cfg, batch=2)
+    gen = torch.Generator().manual_seed(0)
+    for bad_prime, match in ((image[:, :5] + cfg.image_vocab, "prime tokens must be in"),
+                             (image[:, :5] - image[:, :5] - 1, "prime tokens must be in"),
+                             (image[:1, :5], "prime must be"),
+                             (image[:, :5].int(), "int64")):
+        with pytest.raises(ValueError, match=match):
+            sample_image_tokens(prior, text, prime=bad_prime, generator=gen)
+    with pytest.raises(ValueError, match="B >= 1"):
+        sample_image_tokens(prior, text[:0], generator=gen)
+    with pytest.raises(TypeError, match="SamplingConfig"):
+        sample_image_tokens(prior, text, config={"top_k": 3}, generator=gen)
+    with pytest.raises(ValueError, match="on meta but the prior"):
+        sample_image_tokens(prior, text.to("meta"), generator=gen)
 
 
 def null_text_for(cfg):
