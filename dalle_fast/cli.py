@@ -84,21 +84,30 @@ def _cmd_train_tokenizer(args) -> int:
 def _cmd_generate(args) -> int:
     import time
 
+    import torch
+
     from . import images as imageio
-    from .pipeline import check_request, generate, load_models
+    from .pipeline import check_prime, check_request, generate, load_models
 
     if (args.prime is None) != (args.rows is None):
         raise ValueError("--prime IMAGE and --rows R go together")
     sampling = _sampling(args)
     device = _device(args.device)
     keep = min(4, args.num) if args.keep is None else args.keep
-    check_request(args.prompt, args.num, keep, args.seed)  # a bad request leaves no --out folder behind
-    out = _out_folder(args.out)  # before the work, not after it
+    check_request(args.prompt, args.num, keep, args.seed, args.batch)  # a bad request leaves no --out folder behind
     t0 = time.perf_counter()
     models = load_models(args.model, device=device)
     load_s = time.perf_counter() - t0
-    result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
-                      prime_image=args.prime, prime_rows=args.rows or 0)
+    if args.prime is not None:  # --rows against the model's grid, and the image readable
+        check_prime(args.prime, args.rows, models.dvae.config.grid)
+    out = _out_folder(args.out)  # before the sampling, not after it
+    try:
+        result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
+                          prime_image=args.prime, prime_rows=args.rows or 0, batch=args.batch)
+    except torch.OutOfMemoryError:
+        at_once = args.num if args.batch is None else min(args.batch, args.num)
+        raise ValueError(f"out of memory on {device} sampling {at_once} candidates at once: sample fewer at a "
+                         "time with --batch (or lower --num)") from None
     for rank, image in enumerate(result.images):
         imageio.to_pil(image).save(out / f"rank{rank}.png")
     imageio.save_grid(result.images, out / "grid.png", scale=args.grid_scale)
@@ -189,7 +198,10 @@ def _sampling(args):
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images for a text prompt (reranked, best first)")
     gen.add_argument("prompt", help="the caption of the images to generate")
-    gen.add_argument("--num", type=int, default=16, help="candidates sampled as one batch (default: 16)")
+    gen.add_argument("--num", type=int, default=16, help="candidates sampled, as one batch unless --batch "
+                     "(default: 16)")
+    gen.add_argument("--batch", type=int, default=None, help="sample the candidates this many at a time: less "
+                     "memory (a seed then draws other images than in one batch) (default: all at once)")
     gen.add_argument("--keep", type=int, default=None, help="best candidates written out (default: 4, or --num if "
                      "fewer)")
     gen.add_argument("--out", default="samples", help="output folder for rank*.png and grid.png, replacing an earlier "

@@ -127,10 +127,10 @@ def _check_prompt(prompt: str) -> None:
         raise ValueError("the prompt is empty: describe the image to generate, e.g. 'a red circle above a blue square'")
 
 
-def check_request(prompt: str, num: int, keep: int, seed: int) -> None:
+def check_request(prompt: str, num: int, keep: int, seed: int, batch: Optional[int] = None) -> None:
     """What generate() refuses, checked without a model (a CLI checks before it loads one)."""
     _check_prompt(prompt)
-    for name, value in (("num", num), ("keep", keep)):
+    for name, value in (("num", num), ("keep", keep), ("batch", 1 if batch is None else batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if keep > num:
@@ -153,12 +153,18 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch
     return ids
 
 
+def check_prime(image_path: str | Path, rows: int, grid: int):
+    """The priming image (a PIL image) once `rows` is a row count of the grid and the file an image;
+    a ValueError (or FileNotFoundError) otherwise."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= grid:
+        raise ValueError(f"rows must be an int in 1..{grid} (the model's grid has {grid} token rows), got {rows!r}")
+    return load_rgb(image_path)
+
+
 def prime_tokens(dvae: DVAE, image_path: str | Path, rows: int) -> torch.Tensor:
     """The first `rows` rows of an image's dVAE tokens: [rows * S]."""
-    grid = dvae.config.grid
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= grid:
-        raise ValueError(f"rows must be an int in 1..{grid} (the grid has {grid} rows), got {rows!r}")
-    image = to_tensor(center_crop_resize(load_rgb(image_path), dvae.config.image_size))
+    image = check_prime(image_path, rows, dvae.config.grid)
+    image = to_tensor(center_crop_resize(image, dvae.config.image_size))
     device = next(dvae.parameters()).device
     with torch.no_grad():
         tokens = dvae.encode(image.unsqueeze(0).to(device))  # (1, S, S)
@@ -168,29 +174,37 @@ def prime_tokens(dvae: DVAE, image_path: str | Path, rows: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: int = 0,
              sampling: Optional[SamplingConfig] = None, prime_image: Optional[str | Path] = None,
-             prime_rows: int = 0) -> Generation:
-    """Sample `num` candidates for `prompt` as one batch, rerank them and keep the best `keep`."""
-    check_request(prompt, num, keep, seed)
+             prime_rows: int = 0, batch: Optional[int] = None) -> Generation:
+    """Sample `num` candidates for `prompt`, rerank them and keep the best `keep`. The candidates
+    are sampled as one batch, or `batch` at a time (less memory; a seed then draws other images)."""
+    check_request(prompt, num, keep, seed, batch)
+    if prime_image is None and prime_rows:
+        raise ValueError(f"prime_rows={prime_rows!r} needs prime_image, the image whose top rows are kept")
     device = models.device
     text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
     prime = None
     if prime_image is not None:
-        prime = prime_tokens(models.dvae, prime_image, prime_rows).to(device).expand(num, -1)
+        prime = prime_tokens(models.dvae, prime_image, prime_rows).to(device).unsqueeze(0)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     guided = sampling is not None and sampling.guided
     null = models.tokenizer.null_text(models.prior.config.text_len).to(device) if guided else None
-    tokens = sample_image_tokens(models.prior, text.expand(num, -1), prime=prime, config=sampling,
-                                 generator=generator, null_text=null)
+    rr = models.reranker
+    rtext = None if rr is None else encode_prompt(models.tokenizer, prompt, rr.config.text_len).to(device)
     grid = models.prior.config.grid
-    images = models.dvae.decode(tokens.view(num, grid, grid)).float()
-    scores = None
-    order = torch.arange(num, device=device)
-    if models.reranker is not None:
-        rr = models.reranker
-        rtext = encode_prompt(models.tokenizer, prompt, rr.config.text_len).to(device)
-        scores = rr.score(rtext, images)
-        order = scores.argsort(descending=True)
+    batch = num if batch is None else batch
+    tokens, images, scores = [], [], []
+    for first in range(0, num, batch):
+        n = min(batch, num - first)
+        tokens.append(sample_image_tokens(models.prior, text.expand(n, -1),
+                                          prime=None if prime is None else prime.expand(n, -1), config=sampling,
+                                          generator=generator, null_text=null))
+        images.append(models.dvae.decode(tokens[-1].view(n, grid, grid)).float())
+        if rr is not None:
+            scores.append(rr.score(rtext, images[-1]))
+    tokens, images = torch.cat(tokens), torch.cat(images)
+    scores = torch.cat(scores) if scores else None
+    order = torch.arange(num, device=device) if scores is None else scores.argsort(descending=True)
     order = order[:keep]
     if device.type == "cuda":
         torch.cuda.synchronize()

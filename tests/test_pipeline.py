@@ -63,6 +63,20 @@ def test_prompts_empty_long_and_non_ascii(model_folder):
     # torch's CPU generator keeps 32 bits of a seed: larger ones would repeat smaller ones' images
     with pytest.raises(ValueError, match="seed must be an int in"):
         generate(models, "a red circle", num=1, keep=1, seed=7 + 2**32)
+    with pytest.raises(ValueError, match="batch must be"):
+        generate(models, "a red circle", num=2, keep=1, batch=0)
+    with pytest.raises(ValueError, match="needs prime_image"):  # was silently sampled unprimed
+        generate(models, "a red circle", num=1, keep=1, prime_rows=2)
+
+
+def test_generate_in_batches_keeps_the_best_of_all_candidates(model_folder):
+    models = load_models(model_folder)
+    whole = generate(models, "a red circle", num=5, keep=5, seed=2)
+    assert torch.equal(generate(models, "a red circle", num=5, keep=5, seed=2, batch=5).tokens, whole.tokens)
+    chunked = generate(models, "a red circle", num=5, keep=3, seed=2, batch=2)
+    assert chunked.tokens.shape == (3, 64) and chunked.num_sampled == 5
+    assert sorted(chunked.order.tolist()) == chunked.order.tolist() == [0, 1, 2]  # no reranker: sampling order
+    assert torch.equal(chunked.tokens, generate(models, "a red circle", num=5, keep=3, seed=2, batch=2).tokens)
 
 
 def test_exporting_the_same_checkpoints_twice_writes_the_same_bytes(tmp_path, model_folder):
@@ -161,6 +175,12 @@ def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
     assert main(["generate", "  ", *model, "--out", str(tmp_path / "never")]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()  # a bad request leaves no folder behind
+    # nor does a priming row count the model's grid does not have, or an unreadable priming image
+    for extra in (["--rows", "9", "--prime", str(tmp_path / "missing.png")], ["--rows", "2", "--prime", str(not_an_image)],
+                  ["--rows", "0", "--prime", str(not_an_image)], ["--batch", "0"], ["--temperature", "1e31"]):
+        assert main(["generate", "a red circle", *model, "--out", str(tmp_path / "never"), *extra]) == 2, extra
+        assert "Traceback" not in capsys.readouterr().err
+        assert not (tmp_path / "never").exists(), extra
     assert not (tmp_path / "out" / "grid.png").exists()
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", *model, "--grid-scale", "0"])
@@ -190,6 +210,21 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
     assert main(["generate", "x", "--model", str(model_folder), "--cond-scale", "0.5"]) == 2
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(model_folder), "--num", "3", "--batch", "2", "--out", str(out)]) == 0
+    assert "3 candidates sampled" in capsys.readouterr().out
+
+
+def test_cli_generate_out_of_memory_is_one_line(tmp_path, model_folder, capsys, monkeypatch):
+    import dalle_fast.pipeline as pipeline
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipeline, "sample_image_tokens", no_memory)
+    assert main(["generate", "x", "--model", str(model_folder), "--num", "64", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "64 candidates at once" in err and "--batch" in err and "Traceback" not in err
 
 
 def test_the_bundled_model_loads_fits_and_generates(tmp_path, capsys):
