@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 namespace dalle_fast {
 
@@ -19,6 +20,9 @@ MaskKind parse_kind(const std::string& kind) {
 MaskSpec make_mask_spec(const std::string& kind, int64_t text_len, int64_t grid, int64_t kernel) {
   TORCH_CHECK_VALUE(text_len >= 1, "text_len must be >= 1, got ", text_len);
   TORCH_CHECK_VALUE(grid >= 1, "grid must be >= 1, got ", grid);
+  // MaskSpec::seq_len() is text_len + grid * grid in int64: refuse what would overflow it.
+  TORCH_CHECK_VALUE(grid <= (std::numeric_limits<int64_t>::max() - text_len) / grid, "text_len + grid**2 = ",
+                    text_len, " + ", grid, "**2 does not fit in int64");
   TORCH_CHECK_VALUE(kernel >= 1 && kernel % 2 == 1, "kernel must be a positive odd int, got ", kernel);
   return MaskSpec{parse_kind(kind), text_len, grid, kernel / 2};
 }

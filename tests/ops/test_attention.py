@@ -189,6 +189,17 @@ def test_compiled_op_validates_too():
             torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 4, 3, 11, scale)
 
 
+def test_compiled_op_refuses_a_grid_whose_square_overflows():
+    """text_len + grid**2 in int64: grid = 2**32 wrapped it to text_len, so q, k, v of N = text_len
+    passed the shape check and ran with a mask of 2**64 image positions."""
+    q, k, v = make_qkv(1, 2, 4, 3, 8)  # N = 13
+    for grid in (2**32, 2**31 * 3, 2**62):
+        with pytest.raises(ValueError, match="does not fit in int64"):
+            torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 13, grid, 11, 1.0)
+    with pytest.raises(ValueError, match="does not fit in int64"):  # text_len pushes it over
+        torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, "row", 2**63 - 2**62, 2**31, 11, 1.0)
+
+
 def test_the_ops_lse_output_is_not_differentiable():
     """lse is the backward's input, not a result: a loss on it is refused rather than given no gradient."""
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 4, 3, 8))
