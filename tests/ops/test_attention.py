@@ -138,6 +138,28 @@ def test_deterministic(heads):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch, heads", [(1, 4), (2, 5), (4, 8)])
+def test_backward_bits_do_not_depend_on_the_thread_count(batch, heads):
+    """The backward's two schedules sum dq in different orders; it picked one by thread count
+    (batch * heads >= 2 * threads), so dq changed bits with torch.set_num_threads."""
+    q, k, v = make_qkv(batch, heads, 16, 6, 32, seed=7)
+    dout = torch.randn_like(q)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3, 8):
+            torch.set_num_threads(n)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            with ops.backend("cpu"):
+                out = ops.sparse_attention(qq, kk, vv, "conv", 16, 6, 5)
+            results.append(torch.autograd.grad(out, (qq, kk, vv), dout))
+    finally:
+        torch.set_num_threads(threads)
+    for grads in results[1:]:
+        for name, a, b in zip(("dq", "dk", "dv"), results[0], grads):
+            assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max()}"
+
+
 def test_default_scale_is_inverse_sqrt_dim():
     q, k, v = make_qkv(1, 1, 3, 2, 16, torch.float64, seed=6)
     with ops.backend("cpu"):
