@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -67,6 +68,23 @@ DecodeCall prepare_decode_append(const at::Tensor& q, const at::Tensor& k_new, c
                     q.device());
   TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_v.dim() == 4 && cache_k.stride(3) == 1 && cache_v.stride(3) == 1,
                     op, ": the caches are written in place: their last dim must be contiguous");
+  // Written in place, so no two of their elements may share memory (an expand()ed cache would
+  // take every batch's row in one place, the last write winning), nor may they share memory with
+  // each other or with this step's key and value, which are read while the caches are written.
+  for (const auto* t : {&cache_k, &cache_v})
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, op,
+                      ": the caches are written in place, but one has elements sharing memory (sizes ",
+                      t->sizes(), ", strides ", t->strides(), ", e.g. from expand()); pass a clone()");
+  const auto check_apart = [op](const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+    const auto status = at::get_overlap_status(a, b);
+    TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+                      a_name, " and ", b_name, " share memory, but the caches are written in place; pass a clone()");
+  };
+  check_apart(cache_k, "cache_k", cache_v, "cache_v");
+  for (const auto& [cache, cache_name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {
+    check_apart(*cache, cache_name, k_new, "k_new");
+    check_apart(*cache, cache_name, v_new, "v_new");
+  }
   DecodeCall c = prepare_decode(q, cache_k, cache_v, offsets, g, text_len, scale);
   c.k_new = k_new.stride(2) == 1 ? k_new : k_new.contiguous();
   c.v_new = v_new.stride(2) == 1 ? v_new : v_new.contiguous();

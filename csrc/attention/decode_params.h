@@ -27,10 +27,15 @@ struct DecodeParams {
     return key_at(j, g_value, j < text_len ? 0 : offsets[j - text_len]);
   }
   // The same with the image key's offset (offsets[j - text_len]) already loaded.
+  // g_value and offset come from tensors the checks cannot read (device memory), so any int64
+  // may arrive: the bounds are compared without forming text_len + g or g - offset first
+  // (signed overflow; it wrapped a huge g onto a text row).
   DF_HD int64_t key_at(int64_t j, int64_t g_value, int64_t offset) const {
     if (j < text_len) return j;
-    const int64_t src = g_value - offset;
-    return src >= 0 && text_len + src < seq ? text_len + src : -1;
+    if (g_value < offset) return -1;  // a key after the query
+    const int64_t rows = seq - text_len;  // image rows of the cache; prepare_decode: text_len <= seq
+    const bool inside = offset >= 0 ? g_value - offset < rows : g_value < rows + offset;
+    return inside ? text_len + (g_value - offset) : -1;
   }
   DF_HD int64_t num_keys() const { return text_len + num_offsets; }
   template <class T>
@@ -40,17 +45,17 @@ struct DecodeParams {
   // Whether this call writes this step's key and value to row text_len + g: appending, and g a
   // position inside the cache (append() and the reads below agree on it).
   DF_HD bool writes_row(int64_t g_value) const {
-    return k_new.ptr != nullptr && g_value >= 0 && text_len + g_value < seq;
+    return k_new.ptr != nullptr && g_value >= 0 && g_value < seq - text_len;
   }
   // Where key `key` (a cache row) of (b, h) is read: this step's k_new / v_new for the row this
-  // call writes, else the cache.
+  // call writes, else the cache (writes_row first: it bounds g, so text_len + g cannot overflow).
   template <class T>
   DF_HD const T* k_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return key == text_len + g_value && writes_row(g_value) ? k_new.row<const T>(b, h, 0) : k.row<const T>(b, h, key);
+    return writes_row(g_value) && key == text_len + g_value ? k_new.row<const T>(b, h, 0) : k.row<const T>(b, h, key);
   }
   template <class T>
   DF_HD const T* v_row(int64_t b, int64_t h, int64_t key, int64_t g_value) const {
-    return key == text_len + g_value && writes_row(g_value) ? v_new.row<const T>(b, h, 0) : v.row<const T>(b, h, key);
+    return writes_row(g_value) && key == text_len + g_value ? v_new.row<const T>(b, h, 0) : v.row<const T>(b, h, key);
   }
   // Appending: (b, h)'s threads copy this step's key and value into the caches (thread `t` of
   // `threads` takes elements t, t + threads, ...); nothing for a position outside the cache.

@@ -124,6 +124,47 @@ def test_append_without_the_fused_kernel_and_bad_inputs():
             pass
 
 
+def test_append_refuses_caches_sharing_memory():
+    """The caches are written in place: an expanded cache (every batch's row in one place) or a
+    cache sharing memory with the other or with k_new / v_new is refused, not written silently."""
+    q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
+    offsets = key_offsets("conv", 3, 3)
+    k_new, v_new = q.clone(), q.clone()
+    expanded_k, expanded_v = k[:1].expand_as(k), v[:1].expand_as(v)
+    for cache_k, cache_v, message in [(expanded_k, v, "sharing memory"), (k, expanded_v, "sharing memory"),
+                                      (k, k, "cache_k and cache_v share memory")]:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.dalle_fast.sparse_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, 3, 0.3)
+    # k_new / v_new inside a cache's memory (dense views: PyTorch's overlap test gives up on others)
+    inside_k, inside_v = (c.reshape(-1)[: q.numel()].view_as(q) for c in (k, v))
+    for new, message in [(dict(k_new=inside_k), "cache_k and k_new"), (dict(v_new=inside_v), "cache_v and v_new")]:
+        args = dict(k_new=k_new, v_new=v_new) | new
+        with pytest.raises(ValueError, match=message):
+            torch.ops.dalle_fast.sparse_decode_append(q, args["k_new"], args["v_new"], k, v, offsets, g, 3, 0.3)
+    with pytest.raises(ValueError, match="sharing memory"):  # through the Python op too
+        ops.sparse_decode(q, expanded_k, v, offsets, g, 3, k_new=k_new, v_new=v_new)
+
+
+@pytest.mark.parametrize("append", [False, True])
+@pytest.mark.parametrize("g", [2**63 - 2, 2**63 - 1, -(2**63), 2**62])
+def test_positions_far_outside_the_cache(append, g):
+    """A g (or an offset) near the int64 limits reads only the keys inside the cache and writes
+    nothing: the bounds must not be checked by forming text_len + g (it wrapped onto a text row)."""
+    B, H, T, S, D = 1, 2, 3, 3, 8
+    q, k, v, _ = make_step(B, H, T, S, D, 0)
+    k0, v0 = k.clone(), v.clone()
+    offsets = torch.tensor([0, 1, 2**62, -(2**63), 2**63 - 1])
+    g_t = torch.tensor(g)
+    inside = torch.tensor([d for d in offsets.tolist() if 0 <= g - d < S * S], dtype=torch.long)
+    want = reference.sparse_decode(q, k, v, inside, g_t, T, 0.3)
+    if append:
+        out = torch.ops.dalle_fast.sparse_decode_append(q, q.clone(), q.clone(), k, v, offsets, g_t, T, 0.3)
+    else:
+        out = torch.ops.dalle_fast.sparse_decode(q, k, v, offsets, g_t, T, 0.3)
+    assert torch.equal(k, k0) and torch.equal(v, v0), "a position outside the cache was written"
+    assert_close(out, want, f"g={g}")
+
+
 def test_append_opcheck():
     q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
     torch.library.opcheck(torch.ops.dalle_fast.sparse_decode_append.default,
