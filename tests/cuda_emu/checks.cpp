@@ -507,6 +507,44 @@ bool fits_race_check(const Shape& s, int quads_per_thread, const char* what) {
   return true;
 }
 
+// Near-uniform logits (x ~ 1e-4, KL ~5e-9): the KL as log V + sum p log p cancelled to a few
+// -1e-7 in float32. The one-pass statistics still round sum e^x (~1e-7 relative), but the KL
+// must stay >= 0 and within 3e-7 of the float64 one.
+void gumbel_kl_near_uniform(std::mt19937& rng) {
+  std::normal_distribution<float> small(0.0f, 1e-4f);
+  for (const Shape& s : {Shape{2, 8192, 3}, Shape{3, 4096, 1}}) {
+    for (bool resident : {true, false}) {
+      if (resident && (s.inner == 1 || !fits_race_check(s, 16, "gumbel_fwd near-uniform"))) continue;
+      Buf<float> x(s.size()), y(s.size()), kl(size_t(s.positions()));
+      int64_t state[2] = {-1, -1};
+      for (size_t i = 0; i < x.n; ++i) x[i] = small(rng);
+      GumbelParams p = gumbel_params(s, 1.0f);
+      p.with_kl = true;
+      p.logits = x.p;
+      p.y = y.p;
+      p.kl = kl.p;
+      p.rng_state = state;
+      const std::string name = run_gumbel<float>(
+          "gumbel_fwd near-uniform", s, true, resident,
+          [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, GumbelDType::Float32, nullptr, err); },
+          [&] { return dalle_fast::cuda::gumbel_forward(p, GumbelDType::Float32, nullptr); });
+      std::vector<float> xs(s.vocab);
+      std::vector<double> yr;
+      double worst = 0, lowest = INFINITY;
+      for (int64_t pos = 0; pos < s.positions(); ++pos) {
+        for (int64_t v = 0; v < s.vocab; ++v) xs[v] = x[s.at(pos, v)];
+        double klr = 0;
+        gumbel_reference(xs, pos, 1.0f, yr, klr);
+        worst = std::max(worst, std::fabs(double(kl[size_t(pos)]) - klr));
+        lowest = std::min(lowest, double(kl[size_t(pos)]));
+      }
+      char line[160];
+      std::snprintf(line, sizeof line, ": kl >= 0 (least %.3g) and within 3e-7 of float64 (worst %.3g)", lowest, worst);
+      expect(lowest >= 0 && worst <= 3e-7, name + line);
+    }
+  }
+}
+
 void gumbel_fwd() {
   std::mt19937 rng(1);
   // Clusters of 8 whole blocks over 2.5 tiles; 5 partial blocks; one block; 16 blocks (non-portable).
@@ -527,6 +565,7 @@ void gumbel_fwd() {
   gumbel_forward_case<__nv_bfloat16>(shapes[2], false, true, rng, 0, 1e-30f, 1e37f);
   gumbel_forward_case<float>({5, 300, 1}, true, false, rng, 0, 0.1f, 1e37f);
   gumbel_forward_case<float>(shapes[2], false, false, rng, 0, 1e-30f, 1e37f);
+  gumbel_kl_near_uniform(rng);
 }
 
 // A device that keeps too few clusters resident (EMU_MAX_CLUSTERS=1 on 132 SMs): the one-read

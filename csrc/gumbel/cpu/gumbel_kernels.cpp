@@ -127,9 +127,13 @@ DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V, float f) {
     for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= sum[l];
 }
 
-// For logits x in buf: per lane max mx, log of sum exp(x - mx), and sum p log p (= KL - log V).
-DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, float* log_sum, float* plogp) {
-  float sum[P], t[P];
+// For logits x in buf: per lane max mx, log of sum exp(x - mx), and mean_d = sum p (x - mx), so
+// that log p - sum p log p = (x - mx) - mean_d (the KL term's gradient), free of the log sum.
+// The sum is accumulated in double: in float, adding V values near 1 rounded with a bias (to
+// ~1e-5 of the sum at V = 8192), which kl_to_uniform's terms feel to second order (~1e-10).
+DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, float* log_sum, float* mean_d) {
+  double sum[P];
+  float t[P];
   for (int64_t l = 0; l < P; ++l) {
     mx[l] = kNegInf;
     sum[l] = 0.0f;
@@ -145,9 +149,43 @@ DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, floa
       t[l] += e > 0.0f ? e * d : 0.0f;  // -inf logits: p log p -> 0, not 0 * -inf
     }
   for (int64_t l = 0; l < P; ++l) {
-    log_sum[l] = std::log(sum[l]);
-    plogp[l] = t[l] / sum[l] - log_sum[l];
+    log_sum[l] = static_cast<float>(std::log(sum[l]));
+    mean_d[l] = static_cast<float>(t[l] / sum[l]);
   }
+}
+
+// KL(softmax(x) || uniform) per lane from softmax_stats' mx and log_sum, as the sum over v of
+// p log(p V) - p + 1/V (the added terms sum to 0) = phi(w) / V, phi(w) = (w - 1) e^w + 1 >= 0,
+// with w = log(p V). log V + sum p log p cancelled to a few 1e-7 for near-uniform logits, where
+// the KL itself is ~1e-9, and came out negative; here every term is >= 0, and an error in the
+// normaliser log_sum changes the sum only to second order (phi's terms with w + c sum to
+// e^c (KL + c) - e^c + 1). Near w = 0, phi is its series, (w - 1) e^w + 1 cancelling there.
+DF_ALWAYS_INLINE void kl_to_uniform(const float* buf, int64_t V, const float* mx, const float* log_sum, float* kl) {
+  float c[P], r[P], acc[P];
+  const float log_v = std::log(static_cast<float>(V));
+  for (int64_t l = 0; l < P; ++l) {
+    c[l] = log_sum[l] - log_v;  // w = (x - mx) - c
+    r[l] = std::exp(-c[l]);     // e^w = exp(x - mx) r
+    acc[l] = 0.0f;
+  }
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t l = 0; l < P; ++l) {
+      const float d = buf[v * P + l] - mx[l];
+      const float w = d - c[l];
+      const float e = exp_nonpos(d) * r[l];
+      float series = 1.0f / 5760.0f;
+      series = series * w + 1.0f / 840.0f;
+      series = series * w + 1.0f / 144.0f;
+      series = series * w + 1.0f / 30.0f;
+      series = series * w + 1.0f / 8.0f;
+      series = series * w + 1.0f / 3.0f;
+      series = series * w + 0.5f;
+      // e == 0 (p = 0, w possibly -inf): phi = 1, not (-inf) * 0.
+      const float phi = std::fabs(w) < 0.25f ? w * w * series : e > 0.0f ? (w - 1.0f) * e + 1.0f : 1.0f;
+      acc[l] += phi;
+    }
+  const float inv_v = 1.0f / static_cast<float>(V);
+  for (int64_t l = 0; l < P; ++l) kl[l] = acc[l] * inv_v;
 }
 
 template <class Store>
@@ -157,11 +195,11 @@ DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t 
   const int64_t V = p.vocab;
   load_block<Store>(static_cast<const S*>(p.logits), k, V, buf);
   if (p.with_kl) {
-    float mx[P], log_sum[P], plogp[P];
-    softmax_stats(buf, V, mx, log_sum, plogp);
+    float mx[P], log_sum[P], mean_d[P], kl_l[P];
+    softmax_stats(buf, V, mx, log_sum, mean_d);
+    kl_to_uniform(buf, V, mx, log_sum, kl_l);
     S* kl = static_cast<S*>(p.kl) + k.pos0;
-    const float log_v = std::log(static_cast<float>(V));
-    for (int64_t l = 0; l < k.n; ++l) kl[l] = Store::store(plogp[l] + log_v);
+    for (int64_t l = 0; l < k.n; ++l) kl[l] = Store::store(kl_l[l]);
   }
   if (p.index) {  // Gumbel-max draw: the index only
     add_noise(buf, V, p.scale, seed, offset, k.pos0);
@@ -204,17 +242,17 @@ DF_CPU_CLONES void backward_block(const GumbelParams& p, uint64_t seed, uint64_t
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) g[v * P + l] = ys[v * P + l] * (g[v * P + l] - dot[l]) * inv_tau;
   if (p.grad_kl) {
-    // d KL / d x_v = p_v (log p_v - sum_u p_u log p_u)
+    // d KL / d x_v = p_v (log p_v - sum_u p_u log p_u) = p_v ((x_v - mx) - mean_d)
     load_block<Store>(static_cast<const S*>(p.logits), k, V, x);
-    float mx[P], log_sum[P], plogp[P], gkl[P];
-    softmax_stats(x, V, mx, log_sum, plogp);
+    float mx[P], log_sum[P], mean_d[P], gkl[P];
+    softmax_stats(x, V, mx, log_sum, mean_d);
     const S* grad_kl = static_cast<const S*>(p.grad_kl) + k.pos0;
     for (int64_t l = 0; l < P; ++l) gkl[l] = l < k.n ? Store::load(grad_kl[l]) : 0.0f;
     for (int64_t v = 0; v < V; ++v)
       for (int64_t l = 0; l < P; ++l) {
-        const float logp = x[v * P + l] - mx[l] - log_sum[l];
-        const float pv = exp_nonpos(x[v * P + l] - mx[l] - log_sum[l]);
-        g[v * P + l] += pv > 0.0f ? gkl[l] * pv * (logp - plogp[l]) : 0.0f;
+        const float d = x[v * P + l] - mx[l];
+        const float pv = exp_nonpos(d - log_sum[l]);
+        g[v * P + l] += pv > 0.0f ? gkl[l] * pv * (d - mean_d[l]) : 0.0f;
       }
   }
   store_block<Store>(static_cast<S*>(p.grad_logits), k, V, g);

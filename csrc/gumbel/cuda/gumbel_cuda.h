@@ -259,23 +259,33 @@ __device__ __forceinline__ Kl kl_merge(const Kl& a, const Kl& b) {
   return {m, __fadd_rn(__fmul_rn(a.sx, ea), __fmul_rn(b.sx, eb)), __fadd_rn(ta, tb)};
 }
 
-// KL(p || uniform) over V entries from a position's total statistics: sum p log p + log V.
+// KL(p || uniform) over V entries from a position's total statistics: sum p log p + log V =
+// tx / sx - log(sx / V). Written as logf(sx) - logf(V), the two ~log V terms cancelled to a few
+// 1e-7 for near-uniform logits (KL ~1e-9) and came out negative; sx / V near 1 goes through
+// log1pf of sx - V (exact there), so what is left is the rounding of the one-pass sums (~1e-7
+// relative to sx), and the result is clamped at 0. The CPU kernel and the reference sum
+// p log(p V) - p + 1/V term by term instead, which needs a second sweep over the logits (the
+// one-read kernel has none); they agree with this to ~1e-7.
 __device__ __forceinline__ float kl_to_uniform(const Kl& a, int64_t V) {
-  const float plogp = a.tx / a.sx - logf(a.sx);
-  return plogp + logf(static_cast<float>(V));
+  const float v = static_cast<float>(V);
+  const float ratio = a.sx / v;
+  const float log_ratio = ratio > 0.5f ? log1pf((a.sx - v) / v) : logf(ratio);
+  const float kl = a.tx / a.sx - log_ratio;
+  return kl < 0.0f ? 0.0f : kl;  // NaN (every logit -inf) stays NaN
 }
 
 // The KL term's gradient at one entry x of a position, gkl p (log p - sum p log p), from the
-// position's total statistics and its upstream gradient gkl.
+// position's total statistics and its upstream gradient gkl. log p - sum p log p is taken as
+// (x - mx) - tx / sx: the log of the sum drops out, instead of cancelling between two ~log V terms.
 struct KlGrad {
-  float gkl = 0.0f, mx = 0.0f, log_s = 0.0f, plogp = 0.0f;
+  float gkl = 0.0f, mx = 0.0f, log_s = 0.0f, mean_d = 0.0f;
   KlGrad() = default;
   __device__ __forceinline__ KlGrad(const Kl& a, float g)
-      : gkl(g), mx(a.mx), log_s(logf(a.sx)), plogp(a.tx / a.sx - log_s) {}
+      : gkl(g), mx(a.mx), log_s(logf(a.sx)), mean_d(a.tx / a.sx) {}
   __device__ __forceinline__ float at(float x) const {
-    const float logp = x - mx - log_s;
-    const float pv = expf(logp);
-    return pv > 0.0f ? gkl * pv * (logp - plogp) : 0.0f;
+    const float d = x - mx;
+    const float pv = expf(d - log_s);
+    return pv > 0.0f ? gkl * pv * (d - mean_d) : 0.0f;
   }
 };
 
