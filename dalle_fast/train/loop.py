@@ -47,10 +47,12 @@ class RunOptions:
 # at once instead of after minutes of training (a zero tau, a modulo by a zero interval) or
 # quietly misbehaving (a negative learning rate climbs the loss; an EMA decay outside [0, 1]
 # extrapolates).
-_POSITIVE = ("lr", "tau_start", "tau_end", "text_variants", "pair_captions")
+_POSITIVE = ("steps", "batch_size", "lr", "tau_start", "tau_end", "text_variants", "pair_captions", "logit_init",
+             "palette_images")
 _NON_NEGATIVE = ("workers", "run_steps", "lr_end", "weight_decay", "grad_clip", "warmup", "mse", "usage",
                  "tau_steps", "beta_steps", "beta_end", "powersgd_rank", "num_images", "text_len", "layers",
                  "d_model", "heads")
+_PROBABILITY = ("bpe_dropout", "null_caption", "word_dropout")  # in [0, 1): at 1 nothing would be left
 
 
 def check_options(cfg) -> None:
@@ -66,8 +68,14 @@ def check_options(cfg) -> None:
             raise ValueError(f"{flag} must be positive, got {value}")
         if name in _NON_NEGATIVE and value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+        if name in _PROBABILITY and not 0.0 <= value < 1.0:
+            raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if "ema" in values and not 0.0 <= values["ema"] <= 1.0:
         raise ValueError(f"--ema must be in [0, 1], got {values['ema']}")
+    # A warm-up as long as the run would end at (or before) the peak learning rate, never decaying.
+    if "warmup" in values and values["warmup"] >= values["steps"]:
+        raise ValueError(f"--warmup {values['warmup']} must be less than --steps {values['steps']} (the "
+                         "learning rate decays after the warm-up)")
 
 
 def decay_groups(params, weight_decay: float, **extra) -> list[dict]:

@@ -174,14 +174,6 @@ def _wrap(model: Prior, cfg: TrainPriorConfig, info: distributed.DistInfo):
 def train_prior(cfg: TrainPriorConfig) -> Path:
     """Run (or resume) a prior training; returns the checkpoint path."""
     check_options(cfg)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
-    if not 0.0 <= cfg.bpe_dropout < 1.0:
-        raise ValueError(f"bpe_dropout must be in [0, 1), got {cfg.bpe_dropout}")
-    if not 0.0 <= cfg.null_caption < 1.0:
-        raise ValueError(f"null_caption must be in [0, 1), got {cfg.null_caption}")
-    if not 0.0 <= cfg.word_dropout < 1.0:
-        raise ValueError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
     # The architecture's own checks (heads dividing d_model, ...) before the long cache build.
     PriorConfig.preset(cfg.preset, **_arch_overrides(cfg), **({"text_len": cfg.text_len} if cfg.text_len else {}))
     if cfg.init and not checkpoint_file(cfg.init).is_file():

@@ -141,10 +141,12 @@ def _optimizer(model: Reranker, cfg: TrainRerankerConfig) -> torch.optim.AdamW:
 def train_reranker(cfg: TrainRerankerConfig) -> Path:
     """Run (or resume) a reranker training; returns the checkpoint path."""
     check_options(cfg)
-    if cfg.steps < 1 or cfg.batch_size < 2:
-        raise ValueError("steps must be >= 1 and batch_size >= 2 (a contrastive batch needs negatives)")
+    if cfg.batch_size < 2:
+        raise ValueError(f"--batch-size must be >= 2 (a contrastive batch needs negatives), got {cfg.batch_size}")
     if not 0.0 < cfg.text_lr_scale <= 1.0:
-        raise ValueError(f"text_lr_scale must be in (0, 1], got {cfg.text_lr_scale}")
+        raise ValueError(f"--text-lr-scale must be in (0, 1], got {cfg.text_lr_scale}")
+    if cfg.text_len < 2:  # BOS alone: every caption would read as the same text
+        raise ValueError(f"--text-len must be >= 2 (BOS and at least one caption token), got {cfg.text_len}")
     if not Path(cfg.tokenizer).is_file():
         raise FileNotFoundError(f"no tokenizer at {cfg.tokenizer}: pass the prior's (`dalle-fast train-tokenizer` "
                                 "makes one for both, or use runs/prior/tokenizer.json) so that both models "

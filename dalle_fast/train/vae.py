@@ -76,12 +76,6 @@ def _fit_palette(model: DVAE, dataset, cfg: TrainVAEConfig, info: distributed.Di
 def train_vae(cfg: TrainVAEConfig) -> Path:
     """Run (or resume) a dVAE training; returns the checkpoint path."""
     check_options(cfg)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
-    if not cfg.logit_init > 0:
-        raise ValueError(f"logit_init must be positive, got {cfg.logit_init}")
-    if cfg.palette_images < 1:
-        raise ValueError(f"palette_images must be >= 1, got {cfg.palette_images}")
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)
     model_cfg = DVAEConfig.preset(cfg.preset, colour_codes=cfg.colour_codes)

@@ -207,7 +207,7 @@ def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dva
                          tokenizer=str(tmp_path / "swapped.json"), cache=str(tmp_path / "swapped_cache")))
     with pytest.raises(FileNotFoundError, match="--init"):
         train_prior(tiny(tmp_path / "none", dvae_checkpoint, init=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="null_caption"):
+    with pytest.raises(ValueError, match="--null-caption"):
         train_prior(tiny(tmp_path / "bad", dvae_checkpoint, null_caption=1.0))
 
 
@@ -218,7 +218,7 @@ def test_factored_dvae_codes_train_a_factored_prior_that_generates(tmp_path):
     dvae = DVAE(DVAEConfig.preset("tiny", colour_codes=4))
     path = save_checkpoint(tmp_path / "dvae.safetensors", modules={"model": dvae, "ema": AveragedModel(dvae)},
                            meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
-    ckpt = train_prior(tiny(tmp_path / "prior", path, steps=2))
+    ckpt = train_prior(tiny(tmp_path / "prior", path, steps=2, warmup=1))
     prior = load_model(ckpt, Prior, PriorConfig)
     assert prior.config.colour_codes == 4 and prior.config.image_vocab == 256
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["colour_codes"] == 4
@@ -258,6 +258,12 @@ def test_missing_dvae_is_a_clear_error(tmp_path):
     (dict(num_images=-1), "--num-images must be >= 0"),
     (dict(heads=-2), "--heads must be >= 0"),
     (dict(text_variants=0), "--text-variants must be positive"),
+    # the flag's name, not the config field's
+    (dict(steps=0), "--steps must be positive"), (dict(batch_size=0), "--batch-size must be positive"),
+    (dict(bpe_dropout=1.0), r"--bpe-dropout must be in \[0, 1\)"),
+    (dict(word_dropout=-0.1), r"--word-dropout must be in \[0, 1\)"),
+    # a warm-up as long as the run never reaches the peak's cosine decay
+    (dict(warmup=6), "--warmup 6 must be less than --steps 6"),
 ])
 def test_bad_architecture_options_fail_before_the_cache_is_built(tmp_path, dvae_checkpoint, options, message):
     cache = tmp_path / "cache"
@@ -268,9 +274,9 @@ def test_bad_architecture_options_fail_before_the_cache_is_built(tmp_path, dvae_
 
 def test_resuming_with_another_architecture_is_a_clear_error(tmp_path, dvae_checkpoint):
     out = tmp_path / "run"
-    train_prior(tiny(out, dvae_checkpoint, steps=1))
+    train_prior(tiny(out, dvae_checkpoint, steps=1, warmup=0))
     with pytest.raises(ValueError, match="checkpoint.safetensors: its 'model' weights do not fit"):
-        train_prior(tiny(out, dvae_checkpoint, steps=2, d_model=64, resume=True))
+        train_prior(tiny(out, dvae_checkpoint, steps=2, warmup=0, d_model=64, resume=True))
 
 
 def test_torchrun_two_processes_gloo_with_powersgd(tmp_path, dvae_checkpoint):

@@ -128,11 +128,13 @@ def test_collect_word_pairs_reads_the_first_captions(tokenizer_path):
     assert pairs.pairs == expected.pairs
 
 
+def cli_flags(cfg: TrainRerankerConfig) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+            for k, v in vars(cfg).items()]
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizer_path):
-    cfg = tiny(tmp_path / "straight", tokenizer_path)
-    flags = [f"--{k.replace('_', '-')}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"
-             for k, v in vars(cfg).items()]
-    assert main(["train-reranker", *flags]) == 0  # the CLI is the same call
+    assert main(["train-reranker", *cli_flags(tiny(tmp_path / "straight", tokenizer_path))]) == 0  # the same call
     train_reranker(tiny(tmp_path / "split", tokenizer_path, run_steps=3))
     assert read_metrics(tmp_path / "split" / "metrics.jsonl")[-1]["step"] == 3
     train_reranker(tiny(tmp_path / "split", tokenizer_path, resume=True))
@@ -151,6 +153,23 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         train_reranker(tiny(tmp_path / "run", tmp_path / "nothing.json"))
     assert not (tmp_path / "run").exists()
     assert main(["train-reranker", "--tokenizer", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "run")]) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    # the flag's name, not the config field's
+    (dict(steps=0), "--steps must be positive"), (dict(batch_size=1), "--batch-size must be >= 2"),
+    (dict(text_lr_scale=1.5), r"--text-lr-scale must be in \(0, 1\]"),
+    # BOS alone: every caption would be the same text
+    (dict(text_len=1), "--text-len must be >= 2"),
+    # a warm-up as long as the run never reaches the peak's cosine decay
+    (dict(warmup=6), "--warmup 6 must be less than --steps 6"), (dict(warmup=7), "--warmup 7 must be less"),
+])
+def test_bad_options_fail_before_training(tmp_path, tokenizer_path, options, message):
+    cfg = tiny(tmp_path / "run", tokenizer_path, **options)
+    with pytest.raises(ValueError, match=message):
+        train_reranker(cfg)
+    assert main(["train-reranker", *cli_flags(cfg)]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, tokenizer_path):
@@ -175,7 +194,8 @@ def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, token
 
 
 def test_captions_without_relations_train_without_extra_negatives(tmp_path, tokenizer_path):
-    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, hard_negatives=False, word_negatives=False))
+    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, warmup=1, hard_negatives=False,
+                        word_negatives=False))
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(metrics) == 2 and metrics[-1]["loss"] > 0
     assert "swap_accuracy" not in metrics[-1] and "word_negative_accuracy" not in metrics[-1]

@@ -51,7 +51,7 @@ def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
     # a run folder stands for its checkpoint
     from_folder = load_model(tmp_path / "4.0", DVAE, DVAEConfig)
     torch.testing.assert_close(from_folder.encoder.blocks.output.conv.weight, w4["ema.module." + key[len("model."):]])
-    with pytest.raises(ValueError, match="logit_init"):
+    with pytest.raises(ValueError, match="--logit-init"):
         train_vae(tiny(tmp_path / "bad", logit_init=0.0))
 
 
@@ -60,6 +60,9 @@ def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
     ("ema", 1.5, r"--ema must be in \[0, 1\]"), ("sample_every", 0, "--sample-every must be positive"),
     ("log_every", 0, "--log-every must be positive"), ("save_every", 0, "--save-every must be positive"),
     ("lr", float("nan"), "--lr must be a finite number"),
+    # the flag's name, not the config field's
+    ("steps", 0, "--steps must be positive"), ("batch_size", 0, "--batch-size must be positive"),
+    ("logit_init", 0.0, "--logit-init must be positive"), ("palette_images", 0, "--palette-images must be positive"),
 ])
 def test_out_of_range_options_fail_before_training(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
