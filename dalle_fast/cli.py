@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as exc:  # bad input or files (UnreadableImage is a ValueError): a message
+    # bad input or files (UnreadableImage is a ValueError), a diverged training (FloatingPointError): a message
+    except (ValueError, OSError, FloatingPointError) as exc:
         print(f"dalle-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

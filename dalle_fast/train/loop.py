@@ -181,10 +181,11 @@ class TrainingRun:
         self.ckpt = self.out / "checkpoint.safetensors"
         self.modules, self.optimizer, self.generators, self.meta = modules, optimizer, generators, meta
         self.step = 0
+        self._saved: Optional[int] = None  # the step of the checkpoint this run wrote or resumed from
         if resume and self.ckpt.exists():
             state = load_checkpoint(self.ckpt, modules=modules, optimizer=optimizer, generators=generators,
                                     rank=info.rank)
-            self.step = state["step"]
+            self.step = self._saved = state["step"]
             if info.is_main:
                 print(f"resuming from {self.ckpt} at step {self.step}")
         elif info.is_main:
@@ -229,19 +230,27 @@ class TrainingRun:
                   for name, module in self.modules.items()}
         bad = [name for name, ok in finite.items() if not ok]
         if bad:
-            raise FloatingPointError(f"non-finite weights in {', '.join(bad)} at step {self.step}; "
-                                     f"{self.ckpt} keeps the last good state")
+            raise FloatingPointError(f"training diverged: non-finite weights in {', '.join(bad)} at step "
+                                     f"{self.step}; {self._last_good()}")
         rank_rng = distributed.gather_to_all(rng_tensors(self.generators))  # each process's draws resume
         if self.info.is_main:
             save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
                             meta=self.meta, rank_rng=rank_rng)
         distributed.barrier()
+        self._saved = self.step
+
+    def _last_good(self) -> str:
+        """Where a diverged run's last good state is, if anywhere: a fresh run in an old run's
+        folder has not written the checkpoint that may lie there."""
+        if self._saved is None:
+            return "this run wrote no checkpoint yet"
+        return f"{self.ckpt} keeps the last good state, step {self._saved} (--resume continues from it)"
 
     def log(self, metrics: dict[str, float], log: bool) -> None:
         """Advance the bar; on a logging step, write the metrics (and stop on a non-finite one)."""
         if log and not all(math.isfinite(v) for v in metrics.values()):  # the checkpoint keeps the last good state
-            raise FloatingPointError(f"non-finite metrics at step {self.step}: {metrics}; {self.ckpt} "
-                                     "keeps the last good state")
+            raise FloatingPointError(f"training diverged: non-finite metrics at step {self.step}: {metrics}; "
+                                     f"{self._last_good()}")
         self.progress.update(self.step, metrics, log)
 
     def per_second(self, units_per_step: float) -> float:

@@ -187,6 +187,44 @@ def test_a_diverged_run_never_overwrites_the_last_good_checkpoint(tmp_path):
     assert all(torch.equal(after[0][name], good[0][name]) for name in good[0])
 
 
+def test_a_diverged_run_names_its_last_checkpoint_only_if_it_wrote_one(tmp_path):
+    def run_in(folder, resume):
+        model = torch.nn.Linear(3, 2)
+        return TrainingRun(folder, DistInfo(), modules={"model": model}, optimizer=torch.optim.SGD(model.parameters()),
+                           generators={}, meta={}, record={}, resume=resume, steps=10, run_steps=0, desc="test")
+
+    old = run_in(tmp_path, resume=False)
+    old.step = 5
+    old.save()  # an earlier run's checkpoint in the folder: not this fresh run's last good state
+    run = run_in(tmp_path, resume=False)
+    with pytest.raises(FloatingPointError, match="this run wrote no checkpoint yet"):
+        run.log({"loss": float("nan")}, log=True)
+    run.step = 2
+    run.save()
+    with pytest.raises(FloatingPointError, match="keeps the last good state, step 2"):
+        run.log({"loss": float("inf")}, log=True)
+    resumed = run_in(tmp_path, resume=True)
+    resumed.step = 3
+    with pytest.raises(FloatingPointError, match="keeps the last good state, step 2"):
+        resumed.log({"loss": float("nan")}, log=True)
+
+
+def test_the_cli_reports_a_diverged_run_in_one_line(tmp_path, capsys):
+    from dalle_fast.cli import main
+
+    # Adam moves every weight by about lr per step: at 1e30 the second step's activations overflow.
+    args = ["train-vae", "--data", "shapes", "--preset", "tiny", "--steps", "6", "--batch-size", "4",
+            "--log-every", "1", "--sample-every", "100", "--seed", "3", "--device", "cpu", "--lr", "1e30",
+            "--lr-end", "1e30", "--grad-clip", "0"]
+    for save_every, said in (("100", "this run wrote no checkpoint yet"), ("1", "keeps the last good state, step")):
+        capsys.readouterr()
+        assert main([*args, "--save-every", save_every, "--out", str(tmp_path / save_every)]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("dalle-fast train-vae: error: training diverged"), err
+        assert said in errors[0] and "Traceback" not in err
+
+
 def test_torchrun_two_processes_gloo_resume_exactly(tmp_path):
     """Two processes, each with its own noise generator and RNG: a run stopped after 2 steps and
     resumed matches an uninterrupted one (every rank's RNG states are in the checkpoint)."""
