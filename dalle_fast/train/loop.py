@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
 from ..checkpoint import load_checkpoint, rng_tensors, save_checkpoint
-from .progress import Progress
+from .progress import Progress, drop_metrics_after
 from .sampler import ResumableSampler
 
 
@@ -188,6 +188,7 @@ class TrainingRun:
             self.step = self._saved = state["step"]
             if info.is_main:
                 print(f"resuming from {self.ckpt} at step {self.step}")
+                drop_metrics_after(self.out / "metrics.jsonl", self.step)
         elif info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..atomic import atomic_write
+
 
 class Progress:
     def __init__(self, total: int, start: int, metrics_path: Path, enabled: bool, desc: str):
@@ -35,3 +37,26 @@ class Progress:
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_metrics_after(path: str | Path, step: int) -> None:
+    """Keep only the records of `path` up to `step` (a resumed checkpoint's): the steps a run logged
+    after its last checkpoint are logged again when it resumes from there. A line cut short by a
+    crash mid-write goes too. Rewritten atomically: a crash now keeps the old file whole."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+
+    atomic_write(path, write)

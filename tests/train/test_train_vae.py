@@ -40,6 +40,20 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert (tmp_path / "straight" / "recon_final.png").exists()
 
 
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
+    train_vae(tiny(tmp_path / "straight"))
+    split = tmp_path / "split"
+    train_vae(tiny(split, run_steps=2))
+    at_two = (split / "checkpoint.safetensors").read_bytes()
+    train_vae(tiny(split, resume=True, run_steps=2))
+    # a crash after step 4 was logged but before its checkpoint, mid-way through writing step 5's line
+    (split / "checkpoint.safetensors").write_bytes(at_two)
+    with open(split / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')
+    train_vae(tiny(split, resume=True))
+    assert_same_run(tmp_path / "straight", split, ("loss", "nll", "psnr"), steps=6)
+
+
 def test_logit_init_scales_the_encoder_output_at_initialisation(tmp_path):
     paths = {}
     for scale in (1.0, 4.0):
