@@ -38,7 +38,9 @@ class RunOptions:
     save_every: int = option(500, "steps between checkpoints (one is always written at the end)")
     run_steps: int = option(0, "stop after this many steps in this invocation (0: run to the end); "
                                "with --resume, for time-sliced jobs")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors if it exists")
+    resume: bool = option(False, "continue from OUT/checkpoint.safetensors if it exists (same architecture); "
+                                 "the options given now (learning-rate schedule, weight decay, --text-lr-scale, "
+                                 "...) apply from its step on")
     device: str = option("auto", "auto, cpu or cuda")
     amp: bool = option(True, "bf16 autocast on CUDA")
 
@@ -183,8 +185,13 @@ class TrainingRun:
         self.step = 0
         self._saved: Optional[int] = None  # the step of the checkpoint this run wrote or resumed from
         if resume and self.ckpt.exists():
+            # The checkpoint's parameter groups would bring back the old run's weight decay and
+            # learning-rate scales: the options given now apply from the resumed step on.
+            hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             state = load_checkpoint(self.ckpt, modules=modules, optimizer=optimizer, generators=generators,
                                     rank=info.rank)
+            for group, options in zip(optimizer.param_groups, hyper):
+                group.update(options)
             self.step = self._saved = state["step"]
             if info.is_main:
                 print(f"resuming from {self.ckpt} at step {self.step}")

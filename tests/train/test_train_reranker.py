@@ -193,6 +193,27 @@ def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, token
     assert all(group["lr"] == 0.1 for group in optimizer.param_groups)
 
 
+def test_resume_applies_the_weight_decay_and_text_lr_scale_given_now(tmp_path, tokenizer_path):
+    from torch.optim.swa_utils import AveragedModel
+
+    from dalle_fast.train.distributed import DistInfo
+    from dalle_fast.train.loop import TrainingRun
+    from dalle_fast.train.reranker import _optimizer, model_config
+
+    train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, warmup=1, weight_decay=0.01, text_lr_scale=0.2))
+    cfg = tiny(tmp_path / "run", tokenizer_path, steps=4, warmup=1, weight_decay=0.3, text_lr_scale=0.5, resume=True)
+    model = Reranker(model_config(cfg, TextTokenizer.load(tokenizer_path)))
+    optimizer = _optimizer(model, cfg)
+    run = TrainingRun(cfg.out, DistInfo(), modules={"model": model, "ema": AveragedModel(model, use_buffers=True)},
+                      optimizer=optimizer, generators={}, meta={}, record={}, resume=True, steps=4, run_steps=0,
+                      desc="test")
+    run.progress.close()
+    assert run.step == 2 and len(optimizer.state) == len(list(model.parameters()))  # Adam's moments came back
+    text, image = optimizer.param_groups[:2], optimizer.param_groups[2:]
+    assert [g["lr_scale"] for g in text] == [0.5, 0.5] and [g["lr_scale"] for g in image] == [1.0, 1.0]
+    assert [g["weight_decay"] for g in text] == [g["weight_decay"] for g in image] == [0.3, 0.0]
+
+
 def test_captions_without_relations_train_without_extra_negatives(tmp_path, tokenizer_path):
     train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, warmup=1, hard_negatives=False,
                         word_negatives=False))
