@@ -189,8 +189,15 @@ class Reranker(nn.Module):
         return F.normalize(self.image_proj(x), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The logit scale exp(logit_scale), capped at 100 as in CLIP."""
-        return self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
+        """The logit scale exp(logit_scale), at most 100 as in CLIP: training caps the parameter
+        itself after each step (`clamp_logit_scale_`), not the forward pass, whose clamp would zero
+        the gradient above the cap and leave the parameter stuck there."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Cap the logit scale at 100 in place (train.reranker calls it after each optimizer step)."""
+        self.logit_scale.clamp_(max=_MAX_LOGIT_SCALE)
 
     # -- training ----------------------------------------------------------------------------
 

@@ -184,7 +184,18 @@ def test_logit_scale_starts_at_one_over_007_and_is_capped_at_100(model):
     assert model.scale().item() == pytest.approx(1 / 0.07)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale_()  # training caps the parameter after each step, as CLIP
     assert model.scale().item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("offset", [-1e-3, 0.0, 1e-3])
+def test_the_logit_scale_has_a_gradient_at_its_cap(model, offset):
+    # A clamp in the forward pass would zero it above the cap (where Adam's momentum can carry
+    # the parameter) and leave it stuck there.
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) + offset)
+    model.loss(*inputs(model.config))["loss"].backward()
+    assert model.logit_scale.grad.abs().item() > 0
 
 
 def test_bad_inputs_are_clear_errors(model):

@@ -129,13 +129,17 @@ def _optimizer(model: Reranker, cfg: TrainRerankerConfig) -> torch.optim.AdamW:
     words (early on the image side cannot tell "A left of B" from "B left of A" either), at 0.2x
     it keeps its order-aware initial features (Reranker._init_text) while the image side learns
     where things are. On shapes at 64 px the in-batch relation-swap accuracy reaches 0.94 at
-    step 150 with 0.2x, against 0.52 at step 150 and 0.89 at step 350 with 1x."""
+    step 150 with 0.2x, against 0.52 at step 150 and 0.89 at step 350 with 1x. Each step ends
+    with the logit scale capped at 100 (CLIP)."""
     groups = []
     for text in (True, False):
         params = [p for n, p in model.named_parameters() if n.startswith(_TEXT) == text]
         scale = cfg.text_lr_scale if text else 1.0
         groups += decay_groups(params, cfg.weight_decay, lr_scale=scale)
-    return _AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = _AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # right after each step, before TrainingRun.update's EMA copies the weights
+    optimizer.register_step_post_hook(lambda *_: model.clamp_logit_scale_())
+    return optimizer
 
 
 def train_reranker(cfg: TrainRerankerConfig) -> Path:

@@ -214,6 +214,24 @@ def test_resume_applies_the_weight_decay_and_text_lr_scale_given_now(tmp_path, t
     assert [g["weight_decay"] for g in text] == [g["weight_decay"] for g in image] == [0.3, 0.0]
 
 
+def test_optimizer_steps_never_take_the_logit_scale_past_ln_100(tmp_path, tokenizer_path):
+    import math
+
+    from dalle_fast.train.reranker import _optimizer
+
+    model = Reranker(RerankerConfig(image_size=16, text_len=24, text_vocab=324, embed_dim=16, width=32,
+                                    text_layers=1, heads=2, image_width=8))
+    optimizer = _optimizer(model, tiny(tmp_path, tokenizer_path, lr=0.1))
+    cap = torch.tensor(math.log(100.0)).item()  # ln 100 in float32
+    with torch.no_grad():
+        model.logit_scale.fill_(cap - 0.15)
+    for _ in range(4):
+        model.logit_scale.grad = torch.tensor(-1.0)  # pushes it up by about lr a step
+        optimizer.step()
+        assert model.logit_scale.item() <= cap
+    assert model.logit_scale.item() == cap
+
+
 def test_captions_without_relations_train_without_extra_negatives(tmp_path, tokenizer_path):
     train_reranker(tiny(tmp_path / "run", tokenizer_path, steps=2, warmup=1, hard_negatives=False,
                         word_negatives=False))
