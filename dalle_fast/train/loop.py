@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -284,6 +285,7 @@ class TrainingRun:
         with 130 or 143 (`stopped_by_signal`). A second Ctrl-C quits at once without saving (an
         interrupt inside an update would save a half-applied step); the last checkpoint stays."""
         previous = {}
+        self._installer = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._stop)
@@ -300,6 +302,11 @@ class TrainingRun:
 
     def _stop(self, signum, frame) -> None:
         global _stopped_by
+        if os.getpid() != self._installer:
+            # A forked DataLoader worker, which inherited this handler and gets the terminal's Ctrl-C
+            # too: it keeps serving batches (the step in progress may wait for one), and the
+            # process running the training stops it with the others at the end.
+            return
         _stopped_by = signum
         if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -182,6 +182,33 @@ def test_a_signal_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, signum,
     assert_same_run(tmp_path / "straight", tmp_path / "split", ("loss", "nll", "psnr", "perplexity"), steps=steps)
 
 
+class _InterruptedWorker(torch.utils.data.Dataset):
+    """Each item read sends Ctrl-C's SIGINT to the process reading it (a DataLoader worker)."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.tensor(index)
+
+
+def test_a_dataloader_worker_leaves_ctrl_c_to_the_process_that_runs_the_training(tmp_path, capfd):
+    # Ctrl-C reaches every process of the terminal's group; forked workers inherit the handler.
+    from dalle_fast.train.loop import stopped_by_signal
+
+    model = torch.nn.Linear(3, 2)
+    run = TrainingRun(tmp_path, DistInfo(), modules={"model": model}, optimizer=torch.optim.SGD(model.parameters()),
+                      generators={}, meta={}, record={}, resume=False, steps=10, run_steps=0, desc="test")
+    with run.guard():
+        loader = torch.utils.data.DataLoader(_InterruptedWorker(), batch_size=1, num_workers=1,
+                                             multiprocessing_context="fork")
+        assert [int(b) for b in loader] == [0, 1]  # the worker went on reading
+        assert signal.getsignal(signal.SIGINT) == run._stop
+    assert "Ctrl-C" not in capfd.readouterr().out
+    assert run.running and stopped_by_signal() is None
+
+
 def test_a_diverged_run_never_overwrites_the_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
