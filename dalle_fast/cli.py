@@ -234,18 +234,25 @@ def _cmd_train_reranker(args) -> int:
 
 
 def _cmd_eval_shapes(args) -> int:
-    from .evaluate import evaluate_shapes, format_report
+    from .evaluate import evaluate_shapes, format_report, select_captions
     from .pipeline import load_models
 
-    out = _out_folder(args.out)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    sampling = _sampling(args)
     models = load_models(args.model, device=_device(args.device))
+    try:  # a fraction of a second: the test split has enough captions
+        select_captions(models.dvae.config.image_size, args.captions, args.seed)
+    except ValueError as exc:
+        raise ValueError(f"--captions {args.captions}: {exc}") from None
+    out = _out_folder(args.out)  # once the inputs are good: a bad one leaves no --out folder behind
 
     def progress(done: int, total: int) -> None:
         if done % 10 == 0 or done == total:
             print(f"{done}/{total} captions", file=sys.stderr, flush=True)
 
     report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
-                             sampling=_sampling(args), out_json=out / "eval.json", out_png=out / "samples.png",
+                             sampling=sampling, out_json=out / "eval.json", out_png=out / "samples.png",
                              progress=progress)
     print(format_report(report))
     print(f"-> {out / 'eval.json'}, {out / 'samples.png'}")
@@ -285,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval-shapes", help="zero-shot accuracy on shapes test captions, seen and held-out pairs, "
                                             "judged by a pixel detector")
     ev.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    ev.add_argument("--captions", type=int, default=50, help="captions of each kind, seen and held-out (default: 50)")
-    ev.add_argument("--candidates", type=int, default=8, help="images sampled per caption (default: 8)")
+    ev.add_argument("--captions", type=_positive_int, default=50, help="captions of each kind, seen and held-out "
+                    "(default: 50)")
+    ev.add_argument("--candidates", type=_positive_int, default=8, help="images sampled per caption (default: 8)")
     ev.add_argument("--seed", type=int, default=0, help="caption selection and sampling seed (default: 0)")
     ev.add_argument("--out", default="eval-shapes", help="folder for eval.json and samples.png (default: eval-shapes)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
