@@ -93,7 +93,7 @@ def test_factored_run_starts_the_colour_codes_at_the_datas_palette(tmp_path):
     torch.testing.assert_close(b, -10.0 * palette.pow(2).sum(1), rtol=1e-4, atol=1e-4)
     # on shapes (4 centres for 7 hues here): one centre near the black background, others on bright colours
     assert palette.norm(dim=1).min() < 0.3 and (palette.max(1).values > 0.8).sum() >= 2
-    with pytest.raises(ValueError, match="palette_images"):
+    with pytest.raises(ValueError, match="--palette-images"):
         train_vae(tiny(tmp_path / "bad", colour_codes=4, palette_images=0))
 
 
