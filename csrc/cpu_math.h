@@ -10,8 +10,18 @@
 #include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// arch=haswell: AVX2 with FMA, so std::fma stays an instruction there.
-#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define DF_CPU_CLONING 1
+// The instruction sets, best first. AVX2 with FMA (so std::fma stays an instruction) is
+// arch=x86-64-v3, which GCC 12 dispatches by the CPU's features. arch=haswell, the spelling
+// before, is dispatched by CPU model: only an Intel Haswell took that clone, and every other
+// AVX2 CPU (AMD Zen 1-3, later Intel cores without AVX-512) ran the SSE2 default, 10x slower.
+#define DF_ISA_TOP "avx512f"
+#if __GNUC__ >= 12
+#define DF_ISA_MID "arch=x86-64-v3"
+#else
+#define DF_ISA_MID "avx2"  // no FMA in this clone: std::fma is a library call there
+#endif
+#define DF_CPU_CLONES __attribute__((target_clones(DF_ISA_TOP, DF_ISA_MID, "default")))
 #else
 #define DF_CPU_CLONES
 #endif

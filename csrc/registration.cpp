@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "attention/attention_args.h"
+#include "cpu_math.h"
 #include "masks.h"
 #include "philox.h"
 
@@ -106,6 +107,15 @@ pybind11::bytes mask_bytes(const std::string& kind, int64_t text_len, int64_t gr
 // The Gumbel noise the kernels derive from 32 random bits (for tests of the extremes).
 float gumbel_from_bits(uint32_t bits) { return dalle_fast::philox::gumbel_from_bits(bits); }
 
+// Which of the DF_CPU_CLONES versions this CPU runs: the same targets, so the same dispatch.
+#ifdef DF_CPU_CLONING
+__attribute__((target(DF_ISA_TOP))) std::string cpu_clone() { return DF_ISA_TOP; }
+__attribute__((target(DF_ISA_MID))) std::string cpu_clone() { return DF_ISA_MID; }
+__attribute__((target("default"))) std::string cpu_clone() { return "default"; }
+#else
+std::string cpu_clone() { return "none (one build for every CPU)"; }
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -129,6 +139,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("mask_bytes", &mask_bytes, "The [N, N] mask from csrc/masks.h as N*N bytes (for tests)",
         pybind11::arg("kind"), pybind11::arg("text_len"), pybind11::arg("grid"), pybind11::arg("kernel"),
         pybind11::arg("source"));
+  m.def("cpu_clone", [] { return cpu_clone(); }, "The instruction-set version of the CPU kernels this CPU runs");
   m.def("gumbel_from_bits", &gumbel_from_bits, "Gumbel noise from 32 random bits, as the CPU kernels compute it",
         pybind11::arg("bits"));
 }

@@ -20,10 +20,12 @@ try:  # by its full name: `from dalle_fast import _C` would blame a circular imp
     _C = importlib.import_module("dalle_fast._C")  # importing registers torch.ops.dalle_fast
     _LOAD_ERROR: str | None = None
     BUILD_INFO: dict = dict(_C.build_info)
+    CPU_CLONE: str | None = _C.cpu_clone()  # the instruction-set version of the CPU kernels this CPU runs
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _LOAD_ERROR = f"dalle_fast._C could not be imported ({exc}); build it with `pip install --no-build-isolation -e .`"
     BUILD_INFO = {}
+    CPU_CLONE = None
 
 _selected = "auto"  # process-wide; a plain global so torch.compile can guard on it
 _warned: set[str] = set()
@@ -36,7 +38,8 @@ def has_kernels() -> bool:
 def _cpu_status() -> tuple[bool, str]:
     if _C is None:
         return False, _LOAD_ERROR or "not built"
-    return True, f"compiled with {BUILD_INFO.get('compiler', '?')} against torch {BUILD_INFO.get('torch_version', '?')}"
+    return True, (f"compiled with {BUILD_INFO.get('compiler', '?')} against torch {BUILD_INFO.get('torch_version', '?')}; "
+                  f"this CPU runs its {CPU_CLONE} version")
 
 
 def _cuda_status() -> tuple[bool, str]:

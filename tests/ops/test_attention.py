@@ -1,6 +1,7 @@
 """sparse_attention: our kernels against the dense reference, values and gradients."""
 
 import math
+import platform
 import subprocess
 import sys
 
@@ -259,6 +260,23 @@ def test_backend_info_names_missing_backends():
     info = ops.backend_info()
     assert info["reference"]["available"] and info["cpu"]["available"]
     assert isinstance(info["cuda"]["why"], str) and info["cuda"]["why"]
+
+
+def test_the_cpu_kernels_run_a_vector_version_where_torch_does():
+    """The kernels are compiled per instruction set and picked at load time. arch=haswell was
+    picked by CPU model, so an AMD Zen 3 with AVX2 ran the SSE2 version (gumbel_softmax 13x
+    slower); the pick must follow the CPU's features, as torch's own does."""
+    from dalle_fast.ops import _backend
+
+    clone = _backend.CPU_CLONE
+    assert clone == _backend._C.cpu_clone() and clone in ops.backend_info()["cpu"]["why"]
+    if not (platform.machine() == "x86_64" and sys.platform == "linux" and "gcc" in _backend.BUILD_INFO["compiler"]):
+        pytest.skip("one build for every CPU: no versions to pick from")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        assert clone == "avx512f", (clone, capability)
+    elif capability == "AVX2":
+        assert clone in ("arch=x86-64-v3", "avx2"), (clone, capability)
 
 
 def test_works_without_compiled_library():
