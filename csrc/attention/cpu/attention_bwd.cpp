@@ -1,6 +1,5 @@
 // Backward. Both schedules recompute the probabilities from q, k and the saved log-sum-exp, and
-// no two threads ever write the same row, and the schedule depends on the shape only (so results
-// are bitwise the same for every thread count):
+// no two threads ever write the same row (so results are deterministic):
 //   many heads: one thread per head walks its key tiles, each over the queries that see it,
 //     accumulating dk, dv in the tile and dq in a per-head buffer (5 block products);
 //   few heads: two gather passes in parallel over tiles, dq per query tile over its keys and
@@ -158,12 +157,6 @@ void compute_delta(const AttnParams& p, int64_t bh) {
 
 }  // namespace
 
-// The schedule is chosen by batch * heads alone: the two sum dq's terms in different orders,
-// and a choice by thread count (it was bh >= 2 * threads) made dq's bits depend on
-// torch.set_num_threads. 32 heads keep up to 16 cores busy two heads each; fewer heads run the
-// tile-parallel passes whatever the thread count.
-constexpr int64_t kPerHeadFrom = 32;
-
 template <class T>
 void attention_backward(const AttnParams& p) {
   const auto plan = get_tile_plan(p.mask, kTile);
@@ -182,8 +175,10 @@ void attention_backward(const AttnParams& p) {
   const int64_t D = p.dim, M = kTile, C = kChunk;
   const int64_t ws_size = 5 * M * D + 2 * C * M + 2 * C * D + 2 * std::max(M, C);
   auto workspace = [&] { return std::vector<T>(static_cast<size_t>(ws_size)); };
-  if (bh >= kPerHeadFrom) {
-    // Enough heads to keep the threads busy: one thread per head walks its key tiles and also
+  // By thread count: the schedules sum dq in other orders, so dq's bits depend on the thread
+  // count where this choice does (README); a choice by shape alone was 10-40% slower on 2 cores.
+  if (bh >= 2 * at::get_num_threads()) {
+    // Enough heads to keep every thread busy: one thread per head walks its key tiles and also
     // accumulates dq (5 block products per visible block instead of 7 for the two passes).
     parallel_dynamic(bh, [&] { return std::make_pair(workspace(), std::vector<T>(plan->seq * D)); },
                      [&](auto& state, int64_t head) {
