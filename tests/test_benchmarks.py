@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,16 @@ def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
 
 
 def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
+    # A fixed set of the committed runs, so that a newer run committed later does not change the answer.
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("attention_cpu_20261126-130852", "attention_cpu_20261126-144121", "attention_cuda_20261127-074006",
+                 "attention_cuda_20261127-075723", "attention_cuda_20261127-080717_b32", "gumbel_cpu_20261128-104352",
+                 "gumbel_cuda_20261127-075818", "sampling_cpu_20261127-170343", "sampling_cuda_20261127-080631"):
+        shutil.copy(REPO / "benchmarks" / "results" / f"{name}.json", results)
     out = tmp_path / "plots"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(results),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert {p.name for p in out.iterdir()} == {f"{b}_{d}.png" for b in ("attention", "gumbel", "sampling")
                                                for d in ("cpu", "cuda")}
