@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import (IMAGE_EXTENSIONS, RandomResizedCrop, UnreadableImage, check_seed,
-                         check_size, load_rgb, pick_caption, prepare_image)
+from .transforms import (IMAGE_EXTENSIONS, RandomResizedCrop, UnreadableCaption, UnreadableSample,
+                         check_seed, check_size, decode_caption, load_rgb, pick_caption, prepare_image)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class ImageTextFolder(Dataset):
     DistributedSampler) for fresh draws.
 
     Images without a caption file are dropped at scan time (`missing_captions`). An image that
-    cannot be decoded, or whose caption file is empty or unreadable, is skipped when first met:
+    cannot be decoded, or whose caption file is empty, unreadable or not text (captions are UTF-8,
+    or UTF-16 / UTF-32 with a BOM: see `decode_caption`), is skipped when first met:
     the access falls back to the next readable pair, the file is logged once and `skipped`
     counts it. With DataLoader workers each worker keeps its own counters.
     """
@@ -96,12 +97,12 @@ class ImageTextFolder(Dataset):
     def _load(self, position: int, rng: np.random.Generator) -> tuple[torch.Tensor, str]:
         image_path, caption_path = self.pairs[position]
         try:
-            text = caption_path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM is no text
-        except OSError as exc:
-            raise UnreadableImage(f"caption {caption_path}: {exc}") from exc
+            text = decode_caption(caption_path.read_bytes())
+        except (OSError, UnreadableCaption) as exc:
+            raise UnreadableCaption(f"{caption_path}: {exc}") from exc
         caption = pick_caption(text, rng, self.all_captions)
         if caption is None:
-            raise UnreadableImage(f"caption file {caption_path} is empty")
+            raise UnreadableCaption(f"caption file {caption_path} is empty")
         image = load_rgb(image_path)
         return prepare_image(image, self.size, self.crop, rng), caption
 
@@ -122,7 +123,7 @@ class ImageTextFolder(Dataset):
             rng = np.random.default_rng([_STREAM, self.seed, self.epoch, index, position])
             try:
                 return self._load(position, rng)
-            except UnreadableImage as exc:
+            except UnreadableSample as exc:
                 self._bad.add(position)
                 self.skipped += 1
                 log.warning("skipping unreadable pair %s: %s", self.pairs[position][0], exc)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .transforms import (RandomResizedCrop, UnreadableImage, check_seed, check_size, load_rgb,
-                         pick_caption, prepare_image)
+from .transforms import (RandomResizedCrop, UnreadableCaption, UnreadableSample, check_seed, check_size,
+                         decode_caption, load_rgb, pick_caption, prepare_image)
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class TarShards(IterableDataset):
     detected (torch.distributed or RANK / WORLD_SIZE, and get_worker_info()).
 
     Counters (per process, so per DataLoader worker): `skipped` samples whose image could not
-    be decoded or whose caption is empty, `incomplete` samples lacking an image or a caption,
-    `bad_shards` shards that failed to open or broke off mid-stream (samples read before the
+    be decoded or whose caption is empty or not text (see `decode_caption`), `incomplete`
+    samples lacking an image or a caption, `bad_shards` shards that failed to open or broke off mid-stream (samples read before the
     break are kept).
     """
 
@@ -174,16 +174,14 @@ class TarShards(IterableDataset):
         if shuffle:
             samples = _shuffled(samples, self.shuffle_buffer, shuffle_rng)
         for key, image_bytes, text in samples:
-            caption = pick_caption(text, augment_rng, self.all_captions)
-            if caption is None:
-                self.skipped += 1
-                log.warning("skipping %s: empty caption", key)
-                continue
             try:
+                caption = pick_caption(decode_caption(text), augment_rng, self.all_captions)
+                if caption is None:
+                    raise UnreadableCaption("empty caption")
                 image = load_rgb(image_bytes)
-            except UnreadableImage as exc:
+            except UnreadableSample as exc:
                 self.skipped += 1
-                log.warning("skipping %s: unreadable image (%s)", key, exc)
+                log.warning("skipping unreadable sample %s: %s", key, exc)
                 continue
             yield prepare_image(image, self.size, self.crop, augment_rng), caption
 
@@ -208,14 +206,14 @@ class TarShards(IterableDataset):
         if key is not None:
             yield f"{path}:{key}", members
 
-    def _complete(self, group: tuple[str, dict[str, bytes]]) -> Optional[tuple[str, bytes, str]]:
+    def _complete(self, group: tuple[str, dict[str, bytes]]) -> Optional[tuple[str, bytes, bytes]]:
         key, members = group
         image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
         if image is None or "txt" not in members:
             self.incomplete += 1
             log.warning("skipping %s: no %s", key, "image" if image is None else "caption")
             return None
-        return key, image, members["txt"].decode("utf-8-sig", errors="replace")  # a BOM is no text
+        return key, image, members["txt"]
 
     def __repr__(self) -> str:
         return (f"TarShards({len(self.paths)} shards, size={self.size}, crop={self.crop}, "

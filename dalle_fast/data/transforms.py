@@ -5,6 +5,7 @@ Pillow and numpy only: torchvision is not installable beside our torch build.
 
 from __future__ import annotations
 
+import codecs
 import io
 import math
 import os
@@ -23,8 +24,36 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
 
-class UnreadableImage(ValueError):
+class UnreadableSample(ValueError):
+    """A sample the datasets skip (and count) instead of yielding: its image or its caption."""
+
+
+class UnreadableImage(UnreadableSample):
     """An image that Pillow cannot decode (corrupt, truncated, not an image, too large)."""
+
+
+class UnreadableCaption(UnreadableSample):
+    """A caption file that is not text in a known encoding, or holds no caption."""
+
+
+# Byte-order marks that name an encoding (the UTF-32 ones first: FF FE 00 00 starts with UTF-16's FF FE).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_caption(data: bytes) -> str:
+    """A caption file's bytes as text: UTF-8 (a UTF-8 BOM is dropped), or UTF-16 / UTF-32 when the
+    file starts with their BOM. Decoding is strict: anything else (Latin-1, cp1252, a UTF-16 file
+    without a BOM, ...) raises `UnreadableCaption` rather than becoming replacement characters."""
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8-sig")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UnreadableCaption(f"caption is not {encoding.replace('-sig', '').upper()} text ({exc.reason} at byte "
+                                f"{exc.start})") from None
+    if "\x00" in text:  # valid UTF-8, but no text holds NULs: UTF-16 without its BOM, or a binary file
+        raise UnreadableCaption(f"caption holds NUL characters (UTF-16 without a BOM?) at {text.index(chr(0))}")
+    return text
 
 
 def load_rgb(source: ImageSource) -> Image.Image:

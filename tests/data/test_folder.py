@@ -146,3 +146,17 @@ def test_captions_with_a_bom_or_an_upper_case_extension(tmp_path):
     data = ImageTextFolder(tmp_path, size=8)
     assert data.missing_captions == 0
     assert sorted(data[i][1] for i in range(len(data))) == ["a blue square", "a red circle"]
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
+    texts = {"a": "un café rouge".encode("latin-1"), "b": "a red circle\n".encode("utf-16"),
+             "c": "a blue square".encode("utf-16-le"), "d": "un café bleu".encode()}
+    for name, text in texts.items():
+        _write(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_bytes(text)
+    data = ImageTextFolder(tmp_path, size=8)
+    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
+        assert [data[i][1] for i in range(4)] == ["a red circle", "a red circle", "un café bleu", "un café bleu"]
+    assert data.skipped == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert any("a.txt" in m and "not UTF-8" in m for m in said) and any("c.txt" in m and "NUL" in m for m in said)

@@ -202,3 +202,17 @@ def test_a_bom_is_not_part_of_the_caption(tmp_path):
         _add(tar, "k0.png", _png((1, 2, 3)))
         _add(tar, "k0.txt", "\ufeffa red circle".encode("utf-8"))
     assert _consume(TarShards(str(tmp_path / "bom.tar"), size=8)) == ["a red circle"]
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
+    with tarfile.open(tmp_path / "text.tar", "w") as tar:
+        for key, text in [("a", "un café rouge".encode("latin-1")), ("b", "a red circle".encode("utf-16")),
+                          ("c", "a blue square".encode("utf-16-le")), ("d", "un café bleu".encode())]:
+            _add(tar, f"{key}.png", _png((1, 2, 3)))
+            _add(tar, f"{key}.txt", text)
+    dataset = TarShards(str(tmp_path / "text.tar"), size=8, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
+        assert _consume(dataset) == ["a red circle", "un café bleu"]  # UTF-16 with its BOM is read
+    assert dataset.skipped == 2 and dataset.incomplete == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any(":a" in m and "not UTF-8" in m for m in said) and any(":c" in m and "NUL" in m for m in said)
