@@ -3,8 +3,9 @@
 A shard is a tar file whose members sharing a key (the member name up to the first dot of its
 base name, folders included) form one sample: an image (`.jpg`, `.jpeg`, `.png` or `.webp`)
 and its captions (`.txt`, one per line). Members of a sample are adjacent, as WebDataset
-writes them. Shards are read with `tarfile` in streaming mode: nothing is extracted to disk
-and no member index is built, so a shard may be a pipe-like or network-mounted file.
+writes them; members of other suffixes (`.json`, `.cls`, ...) are passed over unread. Shards are
+read with `tarfile` in streaming mode: nothing is extracted to disk and no member index is built,
+so a shard may be a network-mounted file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from .transforms import (RandomResizedCrop, UnreadableCaption, UnreadableSample,
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+USED_SUFFIXES = frozenset(IMAGE_SUFFIXES + ("txt",))  # members of other suffixes are never read
+# A member larger than this is not read into memory (a small gzipped shard can hold a member of
+# gigabytes of zeros): its sample is skipped and counted. Images of the paper's datasets are far below it.
+MAX_MEMBER_BYTES = 64 << 20
 _STREAM = 0x7A125  # keeps these generators apart from other seeded streams
 
 PathsLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -94,9 +99,10 @@ class TarShards(IterableDataset):
     detected (torch.distributed or RANK / WORLD_SIZE, and get_worker_info()).
 
     Counters (per process, so per DataLoader worker): `skipped` samples whose image could not
-    be decoded or whose caption is empty or not text (see `decode_caption`), `incomplete`
-    samples lacking an image or a caption, `bad_shards` shards that failed to open or broke off mid-stream (samples read before the
-    break are kept).
+    be decoded, whose caption is empty or not text (see `decode_caption`), or whose image or
+    caption member is over `MAX_MEMBER_BYTES`; `incomplete` samples lacking an image or a
+    caption; `bad_shards` shards that failed to open or broke off mid-stream (samples read
+    before the break are kept).
     """
 
     def __init__(self, paths: PathsLike, size: int = 256, crop: Optional[RandomResizedCrop] = None,
@@ -185,8 +191,9 @@ class TarShards(IterableDataset):
                 continue
             yield prepare_image(image, self.size, self.crop, augment_rng), caption
 
-    def _groups(self, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """(shard:key, {suffix: bytes}) for each run of adjacent members sharing a key."""
+    def _groups(self, path: str) -> Iterator[tuple[str, dict[str, Optional[bytes]]]]:
+        """(shard:key, {suffix: bytes}) for each run of adjacent members sharing a key; the bytes
+        of a member over MAX_MEMBER_BYTES are None (it is left unread)."""
         key, members = None, {}
         try:
             with tarfile.open(path, mode="r|*") as tar:
@@ -194,7 +201,14 @@ class TarShards(IterableDataset):
                     if not info.isfile() or os.path.basename(info.name).startswith("."):
                         continue
                     member_key, suffix = split_key(info.name)
-                    data = tar.extractfile(info).read()  # streaming: read before moving on
+                    if suffix not in USED_SUFFIXES:
+                        continue  # tarfile reads past its bytes without keeping them
+                    if info.size > MAX_MEMBER_BYTES:
+                        log.warning("skipping %s:%s: %d bytes, over the %d-byte limit of a member", path,
+                                    info.name, info.size, MAX_MEMBER_BYTES)
+                        data = None
+                    else:
+                        data = tar.extractfile(info).read()  # streaming: read before moving on
                     if member_key != key:
                         if key is not None:
                             yield f"{path}:{key}", members
@@ -206,14 +220,18 @@ class TarShards(IterableDataset):
         if key is not None:
             yield f"{path}:{key}", members
 
-    def _complete(self, group: tuple[str, dict[str, bytes]]) -> Optional[tuple[str, bytes, bytes]]:
+    def _complete(self, group: tuple[str, dict[str, Optional[bytes]]]) -> Optional[tuple[str, bytes, bytes]]:
         key, members = group
-        image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
-        if image is None or "txt" not in members:
+        image_suffix = next((s for s in IMAGE_SUFFIXES if s in members), None)
+        if image_suffix is None or "txt" not in members:
             self.incomplete += 1
-            log.warning("skipping %s: no %s", key, "image" if image is None else "caption")
+            log.warning("skipping %s: no %s", key, "image" if image_suffix is None else "caption")
             return None
-        return key, image, members["txt"]
+        image, text = members[image_suffix], members["txt"]
+        if image is None or text is None:  # a member over MAX_MEMBER_BYTES, logged when met
+            self.skipped += 1
+            return None
+        return key, image, text
 
     def __repr__(self) -> str:
         return (f"TarShards({len(self.paths)} shards, size={self.size}, crop={self.crop}, "

@@ -216,3 +216,32 @@ def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
     assert dataset.skipped == 2 and dataset.incomplete == 0
     said = [r.getMessage() for r in caplog.records]
     assert any(":a" in m and "not UTF-8" in m for m in said) and any(":c" in m and "NUL" in m for m in said)
+
+
+def test_members_the_dataset_does_not_use_are_never_read_and_oversized_ones_are_skipped(tmp_path, monkeypatch,
+                                                                                        caplog):
+    import dalle_fast.data.shards as shards
+
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 4096)
+    big = _png((0, 0, 0)) + bytes(5000)  # a valid PNG with trailing bytes: over the limit all the same
+    with tarfile.open(tmp_path / "mixed.tar.gz", "w:gz") as tar:
+        _add(tar, "a.png", _png((255, 0, 0)))
+        _add(tar, "a.json", bytes(1 << 20))  # a decompression bomb in small: 1 MiB of zeros
+        _add(tar, "a.txt", b"kept")
+        _add(tar, "b.png", big)
+        _add(tar, "b.txt", b"image over the limit")
+        _add(tar, "c.png", _png((0, 255, 0)))
+        _add(tar, "c.txt", b"caption over the limit " * 200)
+        _add(tar, "d.png", _png((0, 0, 255)))
+        _add(tar, "d.txt", b"also kept")
+    read = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or extract(self, m))
+    dataset = TarShards(tmp_path / "mixed.tar.gz", size=8, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
+        assert _consume(dataset) == ["kept", "also kept"]
+    assert read == ["a.png", "a.txt", "b.txt", "c.png", "d.png", "d.txt"]
+    assert dataset.skipped == 2 and dataset.incomplete == 0 and dataset.bad_shards == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("b.png" in m and "4096-byte limit" in m for m in said)
+    assert any("c.txt" in m and "4096-byte limit" in m for m in said)
