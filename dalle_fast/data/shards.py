@@ -101,8 +101,8 @@ class TarShards(IterableDataset):
     Counters (per process, so per DataLoader worker): `skipped` samples whose image could not
     be decoded, whose caption is empty or not text (see `decode_caption`), or whose image or
     caption member is over `MAX_MEMBER_BYTES`; `incomplete` samples lacking an image or a
-    caption; `bad_shards` shards that failed to open or broke off mid-stream (samples read
-    before the break are kept).
+    caption; `bad_shards` shards that failed to open, broke off mid-stream or (uncompressed) end
+    without the end-of-archive block, i.e. were cut short (samples read before the break are kept).
     """
 
     def __init__(self, paths: PathsLike, size: int = 256, crop: Optional[RandomResizedCrop] = None,
@@ -196,7 +196,7 @@ class TarShards(IterableDataset):
         of a member over MAX_MEMBER_BYTES are None (it is left unread)."""
         key, members = None, {}
         try:
-            with tarfile.open(path, mode="r|*") as tar:
+            with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for info in tar:
                     if not info.isfile() or os.path.basename(info.name).startswith("."):
                         continue
@@ -214,6 +214,14 @@ class TarShards(IterableDataset):
                             yield f"{path}:{key}", members
                         key, members = member_key, {}
                     members[suffix] = data
+                # tarfile ends a stream at the zero block that closes an archive, and just as quietly
+                # where the file stops at a header's boundary: an uncompressed tar must show the block
+                # (a compressed one cut short fails in the decompressor instead)
+                if getattr(tar.fileobj, "comptype", None) == "tar":
+                    raw.seek(tar.offset)
+                    if raw.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                        raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: the file "
+                                                "was cut short")
         except Exception as exc:  # tarfile.ReadError, truncated gzip (EOFError, zlib.error), OSError
             self.bad_shards += 1
             log.warning("shard %s is unreadable past this point: %s: %s", path, type(exc).__name__, exc)

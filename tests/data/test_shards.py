@@ -204,20 +204,6 @@ def test_a_bom_is_not_part_of_the_caption(tmp_path):
     assert _consume(TarShards(str(tmp_path / "bom.tar"), size=8)) == ["a red circle"]
 
 
-def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
-    with tarfile.open(tmp_path / "text.tar", "w") as tar:
-        for key, text in [("a", "un café rouge".encode("latin-1")), ("b", "a red circle".encode("utf-16")),
-                          ("c", "a blue square".encode("utf-16-le")), ("d", "un café bleu".encode())]:
-            _add(tar, f"{key}.png", _png((1, 2, 3)))
-            _add(tar, f"{key}.txt", text)
-    dataset = TarShards(str(tmp_path / "text.tar"), size=8, shuffle_buffer=0)
-    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
-        assert _consume(dataset) == ["a red circle", "un café bleu"]  # UTF-16 with its BOM is read
-    assert dataset.skipped == 2 and dataset.incomplete == 0
-    said = [r.getMessage() for r in caplog.records]
-    assert any(":a" in m and "not UTF-8" in m for m in said) and any(":c" in m and "NUL" in m for m in said)
-
-
 def test_members_the_dataset_does_not_use_are_never_read_and_oversized_ones_are_skipped(tmp_path, monkeypatch,
                                                                                         caplog):
     import dalle_fast.data.shards as shards
@@ -245,3 +231,37 @@ def test_members_the_dataset_does_not_use_are_never_read_and_oversized_ones_are_
     said = [r.getMessage() for r in caplog.records]
     assert any("b.png" in m and "4096-byte limit" in m for m in said)
     assert any("c.txt" in m and "4096-byte limit" in m for m in said)
+
+
+@pytest.mark.parametrize("where", ["a header", "the end blocks"])
+def test_an_uncompressed_shard_cut_at_a_block_boundary_is_a_bad_shard(tmp_path, where):
+    write_shards(tmp_path, 1, 4)
+    with tarfile.open(tmp_path / "shard-00.tar") as tar:
+        members = tar.getmembers()
+        end = members[-1].offset_data + -(-members[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    cut = members[4].offset if where == "a header" else end  # before sample 2, or after every member
+    assert cut % tarfile.BLOCKSIZE == 0
+    data = (tmp_path / "shard-00.tar").read_bytes()
+    whole = TarShards(str(tmp_path / "shard-00.tar"), size=8, shuffle_buffer=0)
+    assert len(_consume(whole)) == 4 and whole.bad_shards == 0
+    (tmp_path / "shard-00.tar").write_bytes(data[:cut])
+    dataset = TarShards(str(tmp_path / "shard-00.tar"), size=8, shuffle_buffer=0)
+    assert _consume(dataset) == [f"shard 0 sample {i}" for i in range(2 if where == "a header" else 4)]
+    assert dataset.bad_shards == 1
+    (tmp_path / "shard-00.tar").write_bytes(data[:end + tarfile.BLOCKSIZE])  # one end block is enough
+    dataset = TarShards(str(tmp_path / "shard-00.tar"), size=8, shuffle_buffer=0)
+    assert len(_consume(dataset)) == 4 and dataset.bad_shards == 0
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
+    with tarfile.open(tmp_path / "text.tar", "w") as tar:
+        for key, text in [("a", "un café rouge".encode("latin-1")), ("b", "a red circle".encode("utf-16")),
+                          ("c", "a blue square".encode("utf-16-le")), ("d", "un café bleu".encode())]:
+            _add(tar, f"{key}.png", _png((1, 2, 3)))
+            _add(tar, f"{key}.txt", text)
+    dataset = TarShards(str(tmp_path / "text.tar"), size=8, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="dalle_fast.data"):
+        assert _consume(dataset) == ["a red circle", "un café bleu"]  # UTF-16 with its BOM is read
+    assert dataset.skipped == 2 and dataset.incomplete == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any(":a" in m and "not UTF-8" in m for m in said) and any(":c" in m and "NUL" in m for m in said)
