@@ -29,8 +29,8 @@ DATA_SPEC_HELP = ("'shapes' or 'shapes:train' / 'shapes:test' (synthetic), a dir
 
 
 def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = None, seed: int = 0,
-                 length: Optional[int] = None, shuffle_buffer: int = 1000,
-                 repeat: bool = False, all_captions: bool = False) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
+                 length: Optional[int] = None, shuffle_buffer: int = 1000, repeat: bool = False,
+                 all_captions: bool = False, split_ranks: bool = True) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
     """Map a `--data` string to a dataset.
 
     - `shapes`, `shapes:train`, `shapes:test` -> ShapesDataset(split, size, seed, length).
@@ -39,7 +39,9 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
     - an existing directory -> ImageTextFolder(spec, size, crop, seed).
     - paths or globs ending in `.tar`, `.tar.gz` or `.tgz` (comma-separated for several) -> TarShards(...,
       shuffle_buffer, repeat).
-    `length` only applies to shapes, `shuffle_buffer` and `repeat` only to tar shards.
+    `length` only applies to shapes, `shuffle_buffer`, `repeat` and `split_ranks` only to tar shards.
+    `split_ranks=False`: this process reads every rank's share of the shards (rank 0 of 1), for
+    work that one process does for all, such as the token cache; DataLoader workers still split it.
     `all_captions`: a folder's or shard's caption is all its non-empty lines joined by newlines
     (the token cache keeps them all) instead of one line drawn per access; shapes have one.
     """
@@ -62,8 +64,9 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
             raise
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if parts and all(p.lower().endswith(TAR_SUFFIXES) for p in parts):
+        whole = {} if split_ranks else dict(rank=0, world_size=1)
         return TarShards(parts, size=size, crop=crop, seed=seed, shuffle_buffer=shuffle_buffer,
-                         repeat=repeat, all_captions=all_captions)
+                         repeat=repeat, all_captions=all_captions, **whole)
     if not os.path.exists(expanded) and not any(ch in spec for ch in "*?["):
         raise ValueError(f"data {spec!r}: no such directory or file; expected {DATA_SPEC_HELP}")
     raise ValueError(f"data {spec!r} is not a dataset this tool reads; expected {DATA_SPEC_HELP}")

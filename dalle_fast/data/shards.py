@@ -98,6 +98,9 @@ class TarShards(IterableDataset):
     `set_epoch` each epoch. `rank`, `world_size`, `worker` and `num_workers` override what is
     detected (torch.distributed or RANK / WORLD_SIZE, and get_worker_info()).
 
+    `rank=0, world_size=1` reads every rank's share in any process (as the token cache does:
+    one process encodes the whole stream); DataLoader workers still split it.
+
     Counters (per process, so per DataLoader worker): `skipped` samples whose image could not
     be decoded, whose caption is empty or not text (see `decode_caption`), or whose image or
     caption member is over `MAX_MEMBER_BYTES`; `incomplete` samples lacking an image or a

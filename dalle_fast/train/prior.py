@@ -38,7 +38,8 @@ class TrainPriorConfig(RunOptions):
     data: str = _f("shapes", "dataset: 'shapes', a folder of image+caption pairs, or tar shards (*.tar, globs)")
     out: str = _f("runs/prior", "run folder: checkpoint, tokenizer, metrics.jsonl")
     cache: str = _f("", "token cache folder (default: OUT/cache); reused when built from the same inputs")
-    num_images: int = _f(20000, "images to encode into the cache (0: the whole dataset; tar shards need a number)")
+    num_images: int = _f(20000, "images to encode into the cache (0: the whole dataset; tar shards need a number, "
+                                "at most the readable samples they hold)")
     tokenizer: str = _f("", "a trained tokenizer.json to use (default: --init's run's, else train a BPE on the "
                             "cached captions)")
     text_vocab: int = _f(16384, "BPE vocabulary size when training one (small corpora stop earlier)")

@@ -48,7 +48,10 @@ def _save_json(path: Path, value) -> None:
 @torch.no_grad()
 def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int = 64, workers: int = 0,
                   device: torch.device = torch.device("cpu"), progress: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Tokens uint16 [n, S*S] and captions of the first `limit` items of `dataset` (all if None)."""
+    """Tokens uint16 [n, S*S] and captions of the first `limit` items of `dataset` (all if None).
+
+    A streamed dataset that runs dry before `limit` items is an error (nothing is returned): the
+    cache would hold fewer images than asked for, and a later run asking for as many would reuse it."""
     total = len(dataset) if not isinstance(dataset, IterableDataset) else None
     if limit is not None:
         total = limit if total is None else min(total, limit)
@@ -71,6 +74,10 @@ def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int 
                 break
     if not captions:
         raise ValueError("the dataset yielded no images")
+    if len(captions) < total:
+        raise ValueError(f"the data ran out after {len(captions)} of the {total} images asked for (unreadable and "
+                         f"incomplete samples are skipped: see the warnings above); ask for at most "
+                         f"{len(captions)} (--num-images) to cache what there is")
     return np.concatenate(tokens).astype(np.uint16), captions
 
 
@@ -150,7 +157,9 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
         for key in unknown:
             warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
         return cache
-    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True)
+    # one process encodes the whole dataset for every rank: a stream must not be split by rank here
+    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
+                           split_ranks=False)
     cache.mkdir(parents=True, exist_ok=True)
     images, captions = encode_images(dvae, dataset, limit=num_images, batch_size=batch_size, workers=workers,
                                      device=device)

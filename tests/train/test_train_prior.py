@@ -291,3 +291,22 @@ def test_torchrun_two_processes_gloo_with_powersgd(tmp_path, dvae_checkpoint):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [p.name for p in out.glob("*.safetensors")] == ["checkpoint.safetensors"]
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 4
+
+
+def test_the_token_cache_reads_every_ranks_shards_and_refuses_a_stream_that_runs_dry(tmp_path, dvae_checkpoint,
+                                                                                      monkeypatch):
+    from ..data.test_shards import write_shards
+
+    (tmp_path / "shards").mkdir()
+    expected = write_shards(tmp_path / "shards", shards=5, per_shard=8)
+    monkeypatch.setenv("RANK", "1")  # rank 1 of 4 under torchrun builds it as rank 0 would: the whole stream
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    kw = dict(dvae=dvae, data=str(tmp_path / "shards" / "*.tar"), text_len=8, text_vocab=300, variants=1)
+    cache = build_token_cache(tmp_path / "c", num_images=40, **kw)
+    assert sorted(json.loads((cache / "captions.json").read_text())) == sorted(expected)
+    assert json.loads((cache / "meta.json").read_text())["count"] == 40
+    with pytest.raises(ValueError, match="ran out after 40 of the 41 images"):
+        build_token_cache(tmp_path / "short", num_images=41, **kw)
+    assert not (tmp_path / "short" / "meta.json").exists()  # nothing a later run could reuse
+
