@@ -15,6 +15,7 @@ A cache folder holds
 from __future__ import annotations
 
 import json
+import operator
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ from ..dvae import DVAE
 from ..tokenizer import TextTokenizer
 
 _STREAM = 0x70C5  # separates this module's random streams from other users of the same seed
+_COUNT_CHUNK = 1 << 22  # image codes counted at a time by unigram_entropy (32 MiB of int64)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -61,13 +63,17 @@ def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int 
         raise ValueError(f"the token cache stores image codes as uint16: a dVAE of {dvae.config.vocab} codes "
                          f"does not fit (at most {np.iinfo(np.uint16).max + 1})")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
-    tokens, captions = [], []
+    tokens: Optional[np.ndarray] = None  # filled as batches arrive: no per-batch copies to concatenate
+    captions: list[str] = []
     dvae.eval()
     with tqdm(total=total, desc="encode images", disable=not progress, dynamic_ncols=True) as bar:
         for images, texts in loader:
             need = total - len(captions)
             images, texts = images[:need], list(texts[:need])
-            tokens.append(dvae.encode(images.to(device)).flatten(1).to("cpu", torch.int32).numpy())
+            codes = dvae.encode(images.to(device)).flatten(1).cpu().numpy()
+            if tokens is None:
+                tokens = np.empty((total, codes.shape[1]), dtype=np.uint16)
+            tokens[len(captions):len(captions) + len(texts)] = codes
             captions.extend(texts)
             bar.update(len(texts))
             if len(captions) >= total:
@@ -78,7 +84,7 @@ def encode_images(dvae: DVAE, dataset, *, limit: Optional[int], batch_size: int 
         raise ValueError(f"the data ran out after {len(captions)} of the {total} images asked for (unreadable and "
                          f"incomplete samples are skipped: see the warnings above); ask for at most "
                          f"{len(captions)} (--num-images) to cache what there is")
-    return np.concatenate(tokens).astype(np.uint16), captions
+    return tokens, captions
 
 
 def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: int, variants: int,
@@ -185,8 +191,9 @@ class TokenCache(Dataset):
         if not (self.root / "meta.json").is_file():
             raise FileNotFoundError(f"no complete token cache in {self.root} (meta.json missing)")
         self.meta = json.loads((self.root / "meta.json").read_text())
-        self.images = np.load(self.root / "images.npy", allow_pickle=False)
-        self.text = np.load(self.root / "text.npy", allow_pickle=False)
+        # mapped, not read: every rank (and DataLoader worker) shares the page cache instead of a copy each
+        self.images = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)
+        self.text = np.load(self.root / "text.npy", mmap_mode="r", allow_pickle=False)
         if len(self.images) != len(self.text):
             raise ValueError(f"{self.root}: {len(self.images)} image rows but {len(self.text)} caption rows")
         self.seed, self.epoch = seed, 0
@@ -202,14 +209,21 @@ class TokenCache(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, index = len(self.images), operator.index(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a token cache of {n} images")
+        index %= n  # a negative index counts from the end, and draws what its positive twin draws
         variants = self.text.shape[1]
         v = 0 if variants == 1 else int(np.random.default_rng([_STREAM, self.seed, self.epoch, index]).integers(variants))
-        text = torch.from_numpy(self.text[index, v].astype(np.int64))
+        text = torch.from_numpy(self.text[index, v].astype(np.int64))  # astype copies out of the mapping
         image = torch.from_numpy(self.images[index].astype(np.int64))
         return text, image
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the image tokens' frequencies: the loss of a model that ignores context."""
-        counts = np.bincount(self.images.ravel(), minlength=int(self.meta["image_vocab"])).astype(np.float64)
+        counts = np.zeros(int(self.meta["image_vocab"]), dtype=np.float64)
+        rows = max(1, _COUNT_CHUNK // max(1, self.images.shape[1]))  # bincount widens to int64: a chunk at a time
+        for start in range(0, len(self.images), rows):
+            counts += np.bincount(self.images[start:start + rows].ravel(), minlength=len(counts))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())

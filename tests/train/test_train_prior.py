@@ -310,3 +310,49 @@ def test_the_token_cache_reads_every_ranks_shards_and_refuses_a_stream_that_runs
         build_token_cache(tmp_path / "short", num_images=41, **kw)
     assert not (tmp_path / "short" / "meta.json").exists()  # nothing a later run could reuse
 
+
+def test_token_cache_maps_its_files_and_indexes_like_a_sequence(tmp_path, dvae_checkpoint, monkeypatch):
+    import dalle_fast.train.token_cache as token_cache
+
+    dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    cache = build_token_cache(tmp_path / "c", dvae=dvae, data="shapes", text_len=32, num_images=12, variants=3,
+                              text_vocab=300)
+    data = TokenCache(cache, seed=2)
+    assert isinstance(data.images, np.memmap) and isinstance(data.text, np.memmap)  # not a copy per rank
+    assert np.array_equal(data.images, np.load(cache / "images.npy"))  # the file format is unchanged
+    text, image = data[-1]
+    assert all(torch.equal(a, b) for a, b in zip((text, image), data[11]))
+    image += 1  # the rows are copies, not views of the read-only mapping
+    assert torch.equal(data[11][1], image - 1)
+    assert torch.equal(data[np.int64(3)][1], data[3][1])
+    for bad in (12, -13):
+        with pytest.raises(IndexError, match="out of range for a token cache of 12"):
+            data[bad]
+    entropy = data.unigram_entropy()
+    monkeypatch.setattr(token_cache, "_COUNT_CHUNK", 100)  # several chunks count as one
+    assert data.unigram_entropy() == pytest.approx(entropy, abs=1e-12)
+
+
+def test_encode_images_fills_one_uint16_array(monkeypatch):
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from dalle_fast.train.token_cache import encode_images
+
+    class Codes(torch.nn.Module):  # a stand-in dVAE: 4096 codes per image, all equal to the image's value
+        config = SimpleNamespace(vocab=300)
+
+        def encode(self, images):
+            return images[:, 0, :1, :1].long().expand(-1, 64, 64)
+
+    n = 256
+    dataset = [(torch.full((3, 8, 8), float(i % 300)), f"caption {i}") for i in range(n)]
+    tracemalloc.start()
+    try:
+        tokens, captions = encode_images(Codes(), dataset, limit=None, batch_size=32, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tokens.dtype == np.uint16 and tokens.shape == (n, 4096) and len(captions) == n
+    assert np.array_equal(tokens, np.repeat(np.arange(n, dtype=np.uint16)[:, None] % 300, 4096, axis=1))
+    assert peak < 1.5 * tokens.nbytes  # the tokens once, not int32 batches, their concatenation and a cast
