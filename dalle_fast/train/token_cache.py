@@ -191,12 +191,23 @@ class TokenCache(Dataset):
         if not (self.root / "meta.json").is_file():
             raise FileNotFoundError(f"no complete token cache in {self.root} (meta.json missing)")
         self.meta = json.loads((self.root / "meta.json").read_text())
-        # mapped, not read: every rank (and DataLoader worker) shares the page cache instead of a copy each
-        self.images = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)
-        self.text = np.load(self.root / "text.npy", mmap_mode="r", allow_pickle=False)
+        self._map()
         if len(self.images) != len(self.text):
             raise ValueError(f"{self.root}: {len(self.images)} image rows but {len(self.text)} caption rows")
         self.seed, self.epoch = seed, 0
+
+    def _map(self) -> None:
+        # mapped, not read: every rank (and DataLoader worker) shares the page cache instead of a copy each
+        self.images = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)
+        self.text = np.load(self.root / "text.npy", mmap_mode="r", allow_pickle=False)
+
+    def __getstate__(self) -> dict:
+        # a pickled memmap carries its data: a spawned DataLoader worker maps the files again instead
+        return {k: v for k, v in self.__dict__.items() if k not in ("images", "text")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
 
     @property
     def tokenizer_path(self) -> Path:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -320,6 +321,12 @@ def test_token_cache_maps_its_files_and_indexes_like_a_sequence(tmp_path, dvae_c
     data = TokenCache(cache, seed=2)
     assert isinstance(data.images, np.memmap) and isinstance(data.text, np.memmap)  # not a copy per rank
     assert np.array_equal(data.images, np.load(cache / "images.npy"))  # the file format is unchanged
+    data.set_epoch(4)
+    shipped = pickle.dumps(data)  # as to a spawned DataLoader worker: the paths, not the data
+    assert len(shipped) < 2000 < data.images.nbytes + data.text.nbytes
+    again = pickle.loads(shipped)
+    assert isinstance(again.images, np.memmap) and again.epoch == 4
+    assert all(torch.equal(a, b) for a, b in zip(again[5], data[5]))
     text, image = data[-1]
     assert all(torch.equal(a, b) for a, b in zip((text, image), data[11]))
     image += 1  # the rows are copies, not views of the read-only mapping
