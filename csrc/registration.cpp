@@ -4,6 +4,7 @@
 #include <string>
 
 #include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "attention/attention_args.h"
@@ -68,6 +69,15 @@ TORCH_LIBRARY(dalle_fast, m) {
   // noise gumbel_softmax_fwd draws from the same generator state (the sampler's token draw).
   m.def("gumbel_argmax(Tensor logits, float scale, int dim, Generator? generator) -> Tensor",
         {at::Tag::nondeterministic_seeded});
+}
+
+// The inference-only ops have no derivative: without this, autograd's default fallback for an op
+// with no Autograd kernel only warns in backward and leaves every input's .grad at None. This one
+// raises "derivative for ... is not implemented" when backward reaches them. (The Python wrappers
+// never get there: a call that autograd would record runs the differentiable reference.)
+TORCH_LIBRARY_IMPL(dalle_fast, Autograd, m) {
+  for (const char* op : {"sparse_decode", "sparse_decode_append", "skinny_linear"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace {

@@ -6,7 +6,8 @@ of offsets d (sampler.key_offsets). The compiled op `torch.ops.dalle_fast.sparse
 that in one kernel per layer (scores, softmax and the weighted sum of values), reading g from a
 device tensor so that a CUDA graph replays it for every position; given this step's key and value
 (`torch.ops.dalle_fast.sparse_decode_append`), the same kernel writes them to the cache first.
-Inference only: no autograd.
+The kernels have no backward: a call that autograd would record (grad mode on and an input that
+requires grad) runs the reference, which it differentiates.
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                 raise ValueError(f"{name} must be a tensor of q's shape {tuple(q.shape)}, dtype and device")
         fused = (append_enabled() and not torch.compiler.is_compiling()  # compiled: no in-place op on the caches
                  and cache_k.stride(3) == 1 and cache_v.stride(3) == 1)
-        if not (fused and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES)):
+        if not (fused and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES,
+                                              no_backward=(q, cache_k, cache_v, k_new, v_new))):
             position = (text_len + g).view(1)
             cache_k.index_copy_(2, position, k_new.unsqueeze(2))
             cache_v.index_copy_(2, position, v_new.unsqueeze(2))
             return sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
         return torch.ops.dalle_fast.sparse_decode_append(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale)
-    if not _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES):
+    if not _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES, no_backward=(q, cache_k, cache_v)):
         return reference.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
     return torch.ops.dalle_fast.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
 

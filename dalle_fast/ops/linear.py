@@ -10,9 +10,10 @@ five fewer kernels per layer.
 
 The kernel takes float16 / bfloat16 CUDA tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
 and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference: the
-norm, then `reference.linear` (F.linear, the activation, the residual). Inference only: no
-autograd. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at every call) sends every call
-to the reference, so a benchmark can time both in one process.
+norm, then `reference.linear` (F.linear, the activation, the residual). The kernel has no
+backward: a call that autograd would record (grad mode on and an input that requires grad) runs
+the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at
+every call) sends every call to the reference, so a benchmark can time both in one process.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
     if (x.is_cuda and kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
-            and _backend.use_kernel("skinny_linear", x, (), (torch.float16, torch.bfloat16))):
+            and _backend.use_kernel("skinny_linear", x, (), (torch.float16, torch.bfloat16), no_backward=(
+                x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ())))):
         ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
         out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
         return out.view(out_shape)

@@ -112,6 +112,16 @@ def test_bad_inputs():
             pass
 
 
+def test_the_op_refuses_to_be_differentiated():
+    # No backward: the raw op raises in backward (on meta tensors, which its fake kernel runs)
+    # instead of leaving .grad at None with a warning; the wrapper's CUDA test is below.
+    x = torch.zeros(4, 32, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.zeros(8, 32, dtype=torch.bfloat16, device="meta")
+    out = torch.ops.dalle_fast.skinny_linear(x, w, None, None, 0, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        out.sum().backward()
+
+
 def test_switch_sets_and_restores_the_environment(monkeypatch):
     monkeypatch.delenv("DALLE_FAST_SKINNY_LINEAR", raising=False)
     assert linear.kernel_enabled()
@@ -187,3 +197,19 @@ def test_cuda_op_passes_opcheck():
     norm = make_norm(64, torch.bfloat16, "cuda", 4)
     torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, b, r, 1, norm.weight, norm.bias, 1e-5))
     torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, None, None, 0, None, None, 1e-5))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gradients_come_from_the_reference(dtype):
+    # A call that autograd records takes the reference, so every input gets its gradient.
+    x, w, b, r = make_inputs(16, 64, 32, dtype, "cuda")
+    norm = make_norm(64, dtype, "cuda", 3)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    out = ops.skinny_linear(*inputs, activation="gelu", norm=norm)
+    grads = torch.autograd.grad(out.float().square().sum(), [*inputs, norm.weight, norm.bias])
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    want = reference.linear(norm(leaves[0]), *leaves[1:], "gelu")
+    wants = torch.autograd.grad(want.float().square().sum(), [*leaves, norm.weight, norm.bias])
+    for got, expect in zip(grads, wants):
+        torch.testing.assert_close(got, expect)
