@@ -22,6 +22,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
     n, _, h, w = images.shape
+    if n == 0:
+        raise ValueError("image_grid needs at least one image, got an empty batch [0, 3, H, W]")
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 0):
+        raise ValueError(f"nrow must be a positive int (or None / 0: about a square), got {nrow!r}")
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     canvas = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)

@@ -40,6 +40,14 @@ def _check_text_len(text_len) -> None:
         raise ValueError(f"text_len must be an int >= 1, got {text_len!r}")
 
 
+def _check_captions(captions, what: str = "captions") -> Iterable:
+    """Many captions, not one: a str is an iterable of characters, each of which would pass as a caption."""
+    if isinstance(captions, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of str, got a single {type(captions).__name__}: each "
+                        "character would be a caption (wrap a single caption in a list)")
+    return captions
+
+
 def _check_caption(caption) -> str:
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a str, got {type(caption).__name__}")
@@ -110,7 +118,7 @@ class TextTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator((_check_caption(c) for c in captions), trainer)
+        tok.train_from_iterator((_check_caption(c) for c in _check_captions(captions)), trainer)
         return cls(tok)
 
     @classmethod
@@ -161,7 +169,7 @@ class TextTokenizer:
         return self._encode([_check_caption(caption)], text_len, dropout, stacklevel=3)[0]
 
     def encode_batch(self, captions: Sequence[str], text_len: int, dropout: float = 0.0) -> torch.LongTensor:
-        return self._encode(captions, text_len, dropout, stacklevel=3)
+        return self._encode(_check_captions(captions), text_len, dropout, stacklevel=3)
 
     def _encode(self, captions: Sequence[str], text_len: int, dropout: float, stacklevel: int) -> torch.LongTensor:
         _check_text_len(text_len)

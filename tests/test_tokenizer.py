@@ -169,6 +169,8 @@ def test_wrapping_a_tokenizer_without_bos_fails():
         (lambda t: t.encode(b"bytes", 8), TypeError, "bytes"),
         (lambda t: t.encode(None, 8), TypeError, "NoneType"),
         (lambda t: t.encode_batch(["ok", 3], 8), TypeError, "int"),
+        (lambda t: t.encode_batch("one caption", 8), TypeError, "single str"),  # not 11 one-letter captions
+        (lambda t: t.encode_batch(b"one caption", 8), TypeError, "single bytes"),
         (lambda t: t.encode("a", 0), ValueError, "text_len"),
         (lambda t: t.encode("a", 8.0), ValueError, "text_len"),
         (lambda t: t.encode("a", True), ValueError, "text_len"),
@@ -193,6 +195,8 @@ def test_bad_training_arguments():
         TextTokenizer.train(["a b c"], vocab_size=300, min_frequency=0)
     with pytest.raises(TypeError, match="int"):
         TextTokenizer.train(["a b c", 3], vocab_size=300)
+    with pytest.raises(TypeError, match="single str"):
+        TextTokenizer.train("a b c", vocab_size=300)
 
 
 def test_dropout(tok):

@@ -128,3 +128,13 @@ def test_caption_lines_break_at_newlines_only():
 
     text = "a red\x0ccircle\u2028left\r\n  a blue square \rthird\n\n"
     assert caption_lines(text) == ["a red\x0ccircle\u2028left", "a blue square", "third"]
+
+
+def test_image_grid_of_no_images_or_a_bad_row_length_is_a_clear_error():
+    from dalle_fast.images import image_grid
+
+    assert image_grid(torch.zeros(3, 3, 4, 4), nrow=2).size == (2 + 2 * 6, 2 + 2 * 6)
+    with pytest.raises(ValueError, match="at least one image"):
+        image_grid(torch.zeros(0, 3, 4, 4))
+    with pytest.raises(ValueError, match="nrow"):
+        image_grid(torch.zeros(2, 3, 4, 4), nrow=-1)
