@@ -1,42 +1,72 @@
 """Files written whole or not at all: checkpoints, tokenizers and token caches are written to a
 temporary file in the target's folder, flushed to disk, then renamed over the target (an atomic
 rename), so neither a crash nor a power loss mid-write leaves a half-written file where a run
-expects a good one."""
+expects a good one. A set of files that belong together (a model folder, generate's images) is
+written the same way, every file before any rename, so that a failure while writing (a full disk)
+leaves the old set whole."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` to write a temporary file beside `path`, then make it `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Iterable[str | Path] = ()) -> list[Path]:
+    """Write each file of `files` as atomic_write does (`write(tmp)` writes a temporary beside it,
+    named with the target's suffix, so that writers that go by the name write the right format),
+    and only once all are written rename them over their targets, then delete the files in `remove`.
+    A failure while writing leaves every target (and `remove`) as it was and no temporary behind,
+    nor a folder made for the files. Returns the targets."""
+    files = {Path(path): write for path, write in files.items()}
+    made = {p for path in files for p in (path.parent, *path.parent.parents) if not p.exists()}
+    tmps: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.chmod(tmp, _target_mode(path))
-        with open(tmp, "rb+") as f:  # the data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            os.close(fd)
+            write(tmps[path])
+            os.chmod(tmps[path], _target_mode(path))
+            with open(tmps[path], "rb+") as f:  # the data on disk before the rename makes it visible
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in tmps.values():
+            Path(tmp).unlink(missing_ok=True)
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else wrote there), or gone
+                pass
         raise
-    try:  # and the rename itself (a folder's entries are synced through the folder)
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a platform whose folders cannot be opened: the rename is still atomic
-        return path
+    for path in remove:
+        if Path(path) not in files:
+            Path(path).unlink(missing_ok=True)
+    for folder in {path.parent for path in files} | {Path(path).parent for path in remove}:
+        _sync_folder(folder)
+    return list(files)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a folder's renames durable (a folder's entries are synced through the folder)."""
     try:
-        os.fsync(folder)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform whose folders cannot be opened: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
     except OSError:
         pass
     finally:
-        os.close(folder)
-    return path
+        os.close(fd)
 
 
 def _target_mode(path: Path) -> int:

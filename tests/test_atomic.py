@@ -1,4 +1,4 @@
-"""atomic_write: the target is the old file or the new one, never a half-written one."""
+"""atomic_write and atomic_write_all: a target is the old file or the new one, never a half-written one, and a set of files is all old or all new."""
 
 import os
 import stat
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dalle_fast.atomic import atomic_write
+from dalle_fast.atomic import atomic_write, atomic_write_all
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -38,3 +38,39 @@ def test_a_new_file_gets_the_umask_mode_and_a_replaced_one_keeps_its_mode(tmp_pa
         assert stat.S_IMODE(kept.stat().st_mode) == 0o640
     finally:
         os.umask(old_umask)
+
+
+def test_a_set_of_files_is_renamed_in_only_once_every_file_is_written(tmp_path):
+    """A failure while writing any file of a set (a full disk at the last one) leaves all the old files,
+    the ones to remove too, and no temporary: never a mix of old and new."""
+    folder = tmp_path / "set"
+    atomic_write_all({folder / "a.txt": lambda tmp: Path(tmp).write_text("old a"),
+                      folder / "b.txt": lambda tmp: Path(tmp).write_text("old b")})
+    (folder / "stale.txt").write_text("an earlier run's")
+
+    def full(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_all({folder / "a.txt": lambda tmp: Path(tmp).write_text("new a"), folder / "b.txt": full},
+                         remove=[folder / "stale.txt"])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt", "b.txt", "stale.txt"]
+    assert (folder / "a.txt").read_text() == "old a" and (folder / "b.txt").read_text() == "old b"
+    written = atomic_write_all({folder / "a.txt": lambda tmp: Path(tmp).write_text("new a"),
+                                folder / "b.txt": lambda tmp: Path(tmp).write_text("new b")},
+                               remove=[folder / "stale.txt", folder / "never.txt"])
+    assert written == [folder / "a.txt", folder / "b.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt", "b.txt"]
+    assert (folder / "a.txt").read_text() == "new a" and (folder / "b.txt").read_text() == "new b"
+    # a folder made for the files is not left behind, empty, by a failure
+    with pytest.raises(OSError):
+        atomic_write_all({tmp_path / "new" / "sub" / "a.txt": full})
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_temporary_has_the_targets_suffix(tmp_path):
+    # writers that pick the format by the name (PIL's save, np.save) write the target's format
+    seen = []
+    atomic_write(tmp_path / "grid.png", lambda tmp: seen.append(tmp) or Path(tmp).write_text("x"))
+    assert seen[0].endswith(".png") and Path(seen[0]).parent == tmp_path and Path(seen[0]).name.startswith(".")
