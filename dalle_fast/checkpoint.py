@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,17 +88,22 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
             gen.set_state(tensors[key])
 
 
-def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None = None, step: int = 0, meta: dict | None = None,
-                    generators: dict[str, torch.Generator] | None = None, rng: bool = True,
-                    rank_rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+def save_checkpoint(path: str | Path, **contents) -> Path:
     """Write atomically (temporary file in the same folder, then rename): a crash mid-write
-    leaves the previous checkpoint intact. `rng`: also store the RNG states, which resuming a
-    training needs; an exported model leaves them out, so that the same weights export to the
-    same bytes. `rank_rng`: every process's rng_tensors, by rank (a distributed run's); default:
-    this process's, with `generators`."""
+    leaves the previous checkpoint intact. `contents`: checkpoint_writer's."""
+    return atomic_write(path, checkpoint_writer(path, **contents))
+
+
+def checkpoint_writer(path: str | Path, *, modules: dict[str, torch.nn.Module],
+                      optimizer: torch.optim.Optimizer | None = None, step: int = 0, meta: dict | None = None,
+                      generators: dict[str, torch.Generator] | None = None, rng: bool = True,
+                      rank_rng: list[dict[str, torch.Tensor]] | None = None) -> Callable[[str], None]:
+    """`write(tmp)` for atomic_write(path, ...): the checkpoint of these objects, taken now. `rng`:
+    also store the RNG states, which resuming a training needs; an exported model leaves them out,
+    so that the same weights export to the same bytes. `rank_rng`: every process's rng_tensors, by
+    rank (a distributed run's); default: this process's, with `generators`. A failed write (a full
+    disk) is an OSError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
         for name, value in module.state_dict().items():
@@ -116,46 +123,79 @@ def save_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
         if ptr in seen and v.numel() > 0:
             tensors[k] = v.clone()
         seen.add(ptr)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(info)}))
+    metadata = {_META_KEY: json.dumps(info)}
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own kind
+            code = re.search(r"os error (\d+)", str(exc))
+            if code:
+                raise OSError(int(code[1]), f"{os.strerror(int(code[1]))} (writing {path})") from None
+            raise OSError(f"could not write {path}: {exc}") from None
+
+    return write
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors of a checkpoint (on CPU) and its JSON info (step, meta, optimizer). A file
     that is not one (another format, truncated, bad metadata) is a ValueError naming it."""
+    return _read(path, lambda keys: keys)
+
+
+def read_info(path: str | Path) -> dict:
+    """A checkpoint's JSON info alone (read_checkpoint's; no tensor is read)."""
+    return _read(path, lambda keys: ())[1]
+
+
+def _read(path: str | Path, pick: Callable[[list[str]], Iterable[str]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """read_checkpoint, reading only the tensors `pick` chooses from the file's tensor names (the
+    others, a training checkpoint's optimizer state and EMA or raw weights, stay on disk)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+            if raw is None:
+                raise ValueError(f"{path} is not a dalle_fast training checkpoint (no '{_META_KEY}' metadata)")
+            try:
+                info = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: its '{_META_KEY}' metadata is not valid JSON ({exc})") from None
+            if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict):
+                raise ValueError(f"{path}: its '{_META_KEY}' metadata is not a JSON object with an object 'meta'")
+            tensors = {key: f.get_tensor(key) for key in pick(list(f.keys()))}
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
-    if raw is None:
-        raise ValueError(f"{path} is not a dalle_fast training checkpoint (no '{_META_KEY}' metadata)")
-    try:
-        info = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: its '{_META_KEY}' metadata is not valid JSON ({exc})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict):
-        raise ValueError(f"{path}: its '{_META_KEY}' metadata is not a JSON object with an object 'meta'")
     return tensors, info
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors that hold a NaN or an infinity."""
+    return [name for name, value in tensors.items()
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+_WHY = "another preset or config, or a damaged file?"
+
+
 def _check_fits(module: torch.nn.Module, weights: dict[str, torch.Tensor], path, what: str) -> None:
-    """A ValueError naming the file unless `weights` has exactly the module's names and shapes
-    (the module may live on the meta device: nothing is read but the shapes)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    problems = [f"missing {k}" for k in expected if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in expected]
-    problems += [f"{k} is {list(got[k])}, the model's {list(v)}" for k, v in expected.items()
-                 if k in got and got[k] != v]
+    """A ValueError naming the file unless `weights` has exactly the module's names and shapes, is
+    floating where the module is (an integer tensor would load as its truncated values), and finite
+    (the module may live on the meta device: nothing is read of it but the shapes and dtypes)."""
+    expected = module.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    for k, v in expected.items():
+        if k in weights and weights[k].shape != v.shape:
+            problems.append(f"{k} is {list(weights[k].shape)}, the model's {list(v.shape)}")
+        elif k in weights and weights[k].is_floating_point() != v.is_floating_point():
+            problems.append(f"{k} is {weights[k].dtype}, the model's {v.dtype}")
+    problems += [f"{k} is not finite (NaN or inf)" for k in non_finite(weights)]
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise ValueError(f"{path}: its {what} weights do not fit this model (another preset or config?): "
+        raise ValueError(f"{path}: its {what} weights do not fit this model ({_WHY}): "
                          f"{'; '.join(problems[:4])}{more}")
 
 
@@ -188,11 +228,20 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
 def load_weights(path: str | Path, prefix: str = "ema") -> dict[str, torch.Tensor]:
     """Just the weights under `prefix` (e.g. 'ema' or 'model'), for inference. The EMA copy's
     AveragedModel wrapper ('module.' and its 'n_averaged' counter) is stripped."""
-    return _weights(read_checkpoint(path)[0], prefix, path)
+    return _weights(_read(path, lambda keys: _under(keys, prefix))[0], prefix, path)
+
+
+def _default_prefix(keys: Iterable[str]) -> str:
+    """A training checkpoint's EMA weights, else an exported model's."""
+    return "ema" if _under(keys, "ema") else "model"
+
+
+def _under(keys: Iterable[str], prefix: str) -> list[str]:
+    return [k for k in keys if k.startswith(prefix + ".")]
 
 
 def _weights(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, torch.Tensor]:
-    sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    sub = {k[len(prefix) + 1:]: tensors[k] for k in _under(tensors, prefix)}
     if not sub:
         raise ValueError(f"{path} holds no '{prefix}' weights")
     if "n_averaged" in sub:
@@ -217,15 +266,36 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / "checkpoint.safetensors" if path.is_dir() else path
 
 
+# The config fields that count repeated modules, by config class: the weights' names show how many
+# the file holds (the distinct values of the pattern's group).
+_COUNTED = {
+    "PriorConfig": {"layers": r"blocks\.(\d+)\."},
+    "RerankerConfig": {"text_layers": r"text_encoder\.layers\.(\d+)\."},
+    "DVAEConfig": {"groups": r"decoder\.blocks\.group_(\d+)\.",
+                   "blocks_per_group": r"decoder\.blocks\.group_\d+\.block_(\d+)\."},
+}
+
+
+def _check_counts(config, weights: dict[str, torch.Tensor], path, what: str) -> None:
+    """A ValueError naming the file unless each count of repeated modules in `config` is the
+    number the weights hold: found from the names alone, before any module is built."""
+    for field, pattern in _COUNTED.get(type(config).__name__, {}).items():
+        held = {m[1] for m in map(re.compile(pattern).match, weights) if m}
+        if getattr(config, field) != len(held):
+            raise ValueError(f"{path}: its {what} weights do not fit this model ({_WHY}): its model_config says "
+                             f"{field}={getattr(config, field)!r}, the weights hold {len(held)}")
+
+
 def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = None):
     """Rebuild a model from a checkpoint: its config from the checkpoint's metadata, its weights
     from `prefix` (default: the EMA weights of a training checkpoint, else the 'model' weights of
     an exported one). `path` may be a run folder (its checkpoint.safetensors). Returns the model in
     eval mode."""
     path = checkpoint_file(path)
-    tensors, info = read_checkpoint(path)
-    if prefix is None:
-        prefix = "ema" if any(k.startswith("ema.") for k in tensors) else "model"
+    # only the weights used are read: a training checkpoint's other weights and optimizer state
+    # (three times the model or more) stay on disk
+    tensors, info = _read(path, lambda keys: _under(keys, prefix or _default_prefix(keys)))
+    prefix = prefix or _default_prefix(tensors)
     config = info.get("meta", {}).get("model_config")
     if config is None:
         raise ValueError(f"{path} records no model_config")
@@ -241,7 +311,9 @@ def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = 
         raise ValueError(f"{path}: its model_config is not a valid {config_cls.__name__}: {exc}") from None
     weights = _weights(tensors, prefix, path)
     # Names and shapes are checked on a model without storage first, so that a config naming a
-    # huge model (a damaged or hostile file) fails before anything is allocated.
+    # huge model (a damaged or hostile file) fails before anything is allocated; and the counts of
+    # repeated layers before that, since building a model of 200000 layers takes minutes even there.
+    _check_counts(config, weights, path, f"'{prefix}'")
     with torch.device("meta"):
         _check_fits(model_cls(config), weights, path, f"'{prefix}'")
     model = model_cls(config)
