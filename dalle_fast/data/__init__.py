@@ -30,7 +30,8 @@ DATA_SPEC_HELP = ("'shapes' or 'shapes:train' / 'shapes:test' (synthetic), a dir
 
 def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = None, seed: int = 0,
                  length: Optional[int] = None, shuffle_buffer: int = 1000, repeat: bool = False,
-                 all_captions: bool = False, split_ranks: bool = True) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
+                 all_captions: bool = False,
+                 split_ranks: bool = True) -> Union[ShapesDataset, ImageTextFolder, TarShards]:
     """Map a `--data` string to a dataset.
 
     - `shapes`, `shapes:train`, `shapes:test` -> ShapesDataset(split, size, seed, length).

@@ -8,7 +8,10 @@ process. NCCL on GPUs, gloo on CPUs.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,6 +81,27 @@ def gather_to_all(value) -> list:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# How long the other ranks wait for the main process's one-off work (the token cache: hours for a
+# large dataset). The default group's timeout, 10 minutes under NCCL and 30 under gloo, is for collectives.
+MAIN_WORK_TIMEOUT = timedelta(days=7)
+
+
+@contextmanager
+def others_wait(timeout: timedelta = MAIN_WORK_TIMEOUT) -> Iterator[None]:
+    """Every rank enters the block, the main process does its work there, and every rank leaves
+    once all are done, waiting up to `timeout`: the closing barrier runs on a gloo group of its
+    own (CPU, whatever the default backend) made with that timeout on entry, so a long wait does
+    not trip the default group's. An exception in the block skips the barrier (torchrun then
+    stops the other ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)  # a collective: before the main process starts
+    yield
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
 
 class _Loss(torch.nn.Module):

@@ -86,18 +86,18 @@ def model_config(cfg: TrainPriorConfig, cache: TokenCache, tokenizer: TextTokeni
 def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCache:
     """Build the token cache on the main process (the others wait), then open it everywhere."""
     cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
-    if info.is_main:
-        text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
-        dvae = load_model(cfg.dvae, DVAE, DVAEConfig).to(info.device)
-        tokenizer_file = cfg.tokenizer or (cfg.init and _init_run_file(cfg.init, "tokenizer.json"))
-        if tokenizer_file and not cfg.tokenizer:
-            print(f"--init: using its run's tokenizer {tokenizer_file}")
-        tokenizer = TextTokenizer.load(tokenizer_file) if tokenizer_file else None
-        build_token_cache(cache_dir, dvae=dvae, data=cfg.data, text_len=text_len,
-                          num_images=cfg.num_images or None, tokenizer=tokenizer, text_vocab=cfg.text_vocab,
-                          variants=cfg.text_variants, dropout=cfg.bpe_dropout, seed=cfg.seed,
-                          device=info.device, source=str(checkpoint_file(cfg.dvae).resolve()))
-    distributed.barrier()
+    with distributed.others_wait():  # for as long as the build takes, not the process group's timeout
+        if info.is_main:
+            text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
+            dvae = load_model(cfg.dvae, DVAE, DVAEConfig).to(info.device)
+            tokenizer_file = cfg.tokenizer or (cfg.init and _init_run_file(cfg.init, "tokenizer.json"))
+            if tokenizer_file and not cfg.tokenizer:
+                print(f"--init: using its run's tokenizer {tokenizer_file}")
+            tokenizer = TextTokenizer.load(tokenizer_file) if tokenizer_file else None
+            build_token_cache(cache_dir, dvae=dvae, data=cfg.data, text_len=text_len,
+                              num_images=cfg.num_images or None, tokenizer=tokenizer, text_vocab=cfg.text_vocab,
+                              variants=cfg.text_variants, dropout=cfg.bpe_dropout, seed=cfg.seed,
+                              device=info.device, source=str(checkpoint_file(cfg.dvae).resolve()))
     return TokenCache(cache_dir, seed=cfg.seed)
 
 

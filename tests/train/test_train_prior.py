@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -363,3 +364,16 @@ def test_encode_images_fills_one_uint16_array(monkeypatch):
     assert tokens.dtype == np.uint16 and tokens.shape == (n, 4096) and len(captions) == n
     assert np.array_equal(tokens, np.repeat(np.arange(n, dtype=np.uint16)[:, None] % 300, 4096, axis=1))
     assert peak < 1.5 * tokens.nbytes  # the tokens once, not int32 batches, their concatenation and a cast
+
+
+def test_the_other_ranks_wait_for_a_cache_build_longer_than_the_process_groups_timeout(tmp_path, dvae_checkpoint):
+    (tmp_path / "sync").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "train" / "slow_cache_worker.py"), str(dvae_checkpoint), str(tmp_path / "run"),
+           str(tmp_path / "sync"), "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    waited = {int(m[0]): float(m[1]) for m in re.findall(r"rank (\d): waited ([\d.]+) s for a cache of 8 images",
+                                                         result.stdout)}
+    assert waited.keys() == {0, 1} and waited[1] > 8 > 2 * 3  # well past the group's 3 s timeout
