@@ -26,14 +26,16 @@ inline const char* allow_dynamic_smem(size_t bytes) {
   if (cached && static_cast<long long>(bytes) <= allowed[dev].load(std::memory_order_relaxed)) return nullptr;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, Kernel);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  // A failed runtime call stays the thread's last error, which the next launch check (ours or
+  // PyTorch's) would report against an innocent op: read it back, clearing it, before returning.
+  if (err != cudaSuccess) return cudaGetErrorString((cudaGetLastError(), err));
   size_t fits = 48 * 1024 > attr.sharedSizeBytes ? 48 * 1024 - attr.sharedSizeBytes : 0;
   if (bytes > fits) {
     // Never below what another launch was allowed: it may be about to use it.
     const long long known = cached ? allowed[dev].load(std::memory_order_relaxed) : 0;
     const size_t limit = static_cast<long long>(bytes) > known ? bytes : static_cast<size_t>(known);
     err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
+    if (err != cudaSuccess) return cudaGetErrorString((cudaGetLastError(), err));
     fits = limit;
   }
   if (cached) {

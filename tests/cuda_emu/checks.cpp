@@ -808,6 +808,22 @@ void decode() {
   }
   decode_case<float>({2, 2, 20, 100, 48, conv, 50}, true, Pick::General, rng);
   decode_case<float>({1, 2, 600, 1024, 64, far, 900}, false, Pick::General, rng);
+  // More keys than a block's shared memory holds (8 bytes each, 227 KiB): refused with the reason,
+  // before any launch, and no error left behind for the next launch check to blame on its kernel.
+  for (bool fast : {false, true}) {
+    DecodeParams p;
+    p.batch = p.heads = 1;
+    p.dim = 64;
+    p.text_len = 30000;
+    p.seq = p.text_len + 1;
+    set_env("DALLE_FAST_DECODE_FAST", fast ? nullptr : "0");
+    const char* err = dalle_fast::cuda::sparse_decode(p, attn_dtype<__half>(), nullptr);
+    set_env("DALLE_FAST_DECODE_FAST", nullptr);
+    const std::string what = std::string("decode ") + (fast ? "fast" : "general") + " with 30000 keys";
+    expect(err != nullptr && std::strstr(err, "30000 keys need 240000 bytes") != nullptr,
+           what + ": refused with its reason" + detail(err));
+    expect(cudaGetLastError() == cudaSuccess, what + ": leaves no CUDA error behind");
+  }
 }
 
 // ---- skinny_linear --------------------------------------------------------------------------

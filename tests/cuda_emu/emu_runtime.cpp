@@ -713,7 +713,10 @@ int func_attributes(const void* kernel, cudaFuncAttributes* attr) {
 int func_set_attribute(const void* kernel, cudaFuncAttribute a, int value) {
   KernelInfo& info = g_kernels[kernel];
   if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || size_t(value) + info.static_bytes > kMaxSharedPerBlock) return cudaErrorInvalidValue;
+    if (value < 0 || size_t(value) + info.static_bytes > kMaxSharedPerBlock) {
+      set_last_error(cudaErrorInvalidValue);  // as CUDA: a failed runtime call is also the last error
+      return cudaErrorInvalidValue;
+    }
     info.max_dynamic = size_t(value);
     return cudaSuccess;
   }

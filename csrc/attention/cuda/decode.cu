@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "../../cuda_smem.h"
@@ -236,7 +237,13 @@ __global__ void __launch_bounds__(kFastThreads) decode_fast_kernel(const DecodeP
 template <auto Kernel, int kBlock>
 const char* launch_kernel(const DecodeParams& p, cudaStream_t stream) {
   const size_t smem = size_t(p.num_keys()) * (sizeof(float) + sizeof(int32_t));
-  if (const char* err = allow_dynamic_smem<Kernel>(smem)) return err;  // the kernels have static arrays too
+  if (const char* err = allow_dynamic_smem<Kernel>(smem)) {  // the kernels have static arrays too
+    // 8 bytes per key: about 28,000 keys fit an H100's 227 KiB per block, 11,600 sm_86/89's 99 KiB
+    thread_local std::string message;
+    message = std::string(err) + " (" + std::to_string(p.num_keys()) + " keys need " + std::to_string(smem) +
+              " bytes of shared memory, more than this GPU gives a block; the reference backend takes any number)";
+    return message.c_str();
+  }
   Kernel<<<static_cast<unsigned int>(p.batch * p.heads), kBlock, smem, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
