@@ -40,7 +40,7 @@ def cuda_skinny_linear(enabled: bool):
 
 def _aligned(t: torch.Tensor) -> bool:
     # Under torch.compile the tensors have no storage yet: the op checks the alignment when it runs
-    # and raises (instead of falling back) for a misaligned row, e.g. a view at an odd offset.
+    # and copies a row layout its 16-byte loads cannot read (e.g. a view at an odd offset).
     return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 

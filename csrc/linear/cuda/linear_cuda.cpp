@@ -1,7 +1,9 @@
 // TORCH_LIBRARY_IMPL(dalle_fast, CUDA) of skinny_linear: checks the tensors, fills LinearParams and
 // enqueues the kernel on the current stream of x's device. The Python wrapper
-// (dalle_fast/ops/linear.py) sends only calls the kernel takes; these checks keep a direct call
-// of torch.ops.dalle_fast.skinny_linear from reading out of bounds.
+// (dalle_fast/ops/linear.py) sends only calls the kernel takes in eager mode; these checks keep a
+// direct call of torch.ops.dalle_fast.skinny_linear from reading out of bounds, and a row layout
+// the kernel's 16-byte loads cannot read (a view at an odd offset, strided rows: under
+// torch.compile the wrapper cannot see the storage) is copied first instead of refused.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,14 +23,24 @@ namespace {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// t itself when its rows are contiguous, 8 elements (16 bytes) apart and start 16-byte aligned,
+// else a contiguous copy (a fresh allocation: aligned).
+at::Tensor readable_rows(const at::Tensor& t) {
+  const bool ok = t.stride(-1) == 1 && (t.dim() == 1 || t.stride(0) % 8 == 0) && aligned16(t);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& residual, int64_t activation,
                   const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
                   double ln_eps) {
   const char* op = "skinny_linear";
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor");
-  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
-                    ": x must be [M, K] and weight [N, K], got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1), op,
+                    ": x must be [M, K] and weight [N, K], got ", x_in.sizes(), " and ", weight_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.device() == x_in.device(), op, ": weight must be on x's device");
+  const c10::cuda::CUDAGuard guard(x_in.device());  // before any copy below
+  const at::Tensor x = readable_rows(x_in), weight = readable_rows(weight_in);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK_VALUE(m >= 1 && m <= kSkinnyMaxRows && k % 32 == 0 && n % 8 == 0 && n > 0, op,
                     ": the kernel takes 1 <= M <= ", kSkinnyMaxRows, ", K % 32 == 0 and N % 8 == 0, got M=", m,
@@ -39,10 +51,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                    weight.scalar_type());
   TORCH_CHECK_VALUE(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (gelu), got ",
                     activation);
-  TORCH_CHECK_VALUE(weight.device() == x.device() && weight.is_contiguous() && aligned16(weight), op,
-                    ": weight must be contiguous, 16-byte aligned and on x's device");
-  TORCH_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x), op,
-                    ": x's rows must be contiguous and 16-byte aligned, got strides ", x.strides());
+  TORCH_CHECK(weight.is_contiguous() && aligned16(weight) && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+                  aligned16(x),
+              op, ": internal error: rows not readable after the copy");
   LinearParams p;
   p.m = m;
   p.n = n;
@@ -68,19 +79,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   TORCH_CHECK_VALUE(ln_weight.has_value() == ln_bias.has_value(), op,
                     ": give both ln_weight and ln_bias (a layer norm with its affine part) or neither");
+  at::Tensor lw, lb;
   if (ln_weight.has_value()) {
     for (const auto* t : {&*ln_weight, &*ln_bias}) {
       TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == k && t->scalar_type() == x.scalar_type() &&
-                            t->device() == x.device() && t->is_contiguous() && aligned16(*t),
-                        op, ": ln_weight and ln_bias must be contiguous, 16-byte aligned [K] of x's dtype and device, "
-                        "got ", t->sizes(), " ", t->scalar_type());
+                            t->device() == x.device(),
+                        op, ": ln_weight and ln_bias must be [K] of x's dtype and device, got ", t->sizes(), " ",
+                        t->scalar_type());
     }
     TORCH_CHECK_VALUE(ln_eps > 0, op, ": ln_eps must be positive, got ", ln_eps);
-    p.ln_weight = ln_weight->data_ptr();
-    p.ln_bias = ln_bias->data_ptr();
+    lw = readable_rows(*ln_weight);
+    lb = readable_rows(*ln_bias);
+    p.ln_weight = lw.data_ptr();
+    p.ln_bias = lb.data_ptr();
     p.ln_eps = static_cast<float>(ln_eps);
   }
-  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({m, n}, x.options());
   p.out = out.data_ptr();
   const DType dtype = x.scalar_type() == at::kHalf ? DType::Float16 : DType::BFloat16;
