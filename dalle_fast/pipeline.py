@@ -3,18 +3,22 @@
 A model folder holds everything generation needs, weights only:
     dvae.safetensors, prior.safetensors, tokenizer.json, and optionally reranker.safetensors
 (`export_model_folder` writes one from training runs). `load_models(None)` opens the model
-bundled with the package.
+bundled with the package. An exported prior records the digest of the dVAE whose codes it was
+trained on and the fingerprint of its tokenizer (a reranker, the tokenizer's; the dVAE, its own
+digest), so that a folder whose files come from different exports is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,12 +28,15 @@ from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
 from .sampler import SamplingConfig, sample_image_tokens
 from .tokenizer import TextTokenizer
-from .atomic import atomic_write
-from .checkpoint import load_model, save_checkpoint
+from .atomic import atomic_write_all
+from .checkpoint import checkpoint_file, checkpoint_writer, load_model, read_info, weights_digest
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "model"
 FILES = {"dvae": "dvae.safetensors", "prior": "prior.safetensors", "reranker": "reranker.safetensors",
          "tokenizer": "tokenizer.json"}
+# The keys under which a model records the dVAE and the tokenizer it goes with (a train-prior run's
+# config.json records the dVAE's under "cache" too)
+DVAE_DIGEST, TOKENIZER_DIGEST = "dvae_weights", "tokenizer_sha256"
 
 
 @dataclass
@@ -53,19 +60,24 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
             raise FileNotFoundError("this installation has no bundled model; pass a model folder "
                                     "(`dalle-fast export-model` makes one from training runs)")
     folder = Path(folder)
+    required = [name for key, name in FILES.items() if key != "reranker"]
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a model folder (a folder of {', '.join(required)}, "
+                                 "as `dalle-fast export-model` writes)")
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
-    missing = [name for key, name in FILES.items() if key != "reranker" and not (folder / name).is_file()]
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}")
-    dvae = load_model(folder / FILES["dvae"], DVAE, DVAEConfig).to(device)
-    prior = load_model(folder / FILES["prior"], Prior, PriorConfig).to(device)
-    reranker = None
-    if (folder / FILES["reranker"]).is_file():
-        reranker = load_model(folder / FILES["reranker"], Reranker, RerankerConfig).to(device)
-    tokenizer = TextTokenizer.load(folder / FILES["tokenizer"])
+    paths = {key: folder / name for key, name in FILES.items() if (folder / name).is_file()}
+    dvae = load_model(paths["dvae"], DVAE, DVAEConfig)
+    prior = load_model(paths["prior"], Prior, PriorConfig)
+    reranker = load_model(paths["reranker"], Reranker, RerankerConfig) if "reranker" in paths else None
+    tokenizer = TextTokenizer.load(paths["tokenizer"])
     check_compatible(folder, dvae, prior, tokenizer, reranker)
-    return Models(dvae, prior, tokenizer, reranker, folder)
+    check_parts(folder, paths, functools.cache(lambda: dvae_digest(paths["dvae"], dvae)), tokenizer.fingerprint())
+    return Models(dvae.to(device), prior.to(device), tokenizer, None if reranker is None else reranker.to(device),
+                  folder)
 
 
 def check_compatible(where, dvae: DVAE, prior: Prior, tokenizer: TextTokenizer, reranker: Optional[Reranker]) -> None:
@@ -85,28 +97,81 @@ def check_compatible(where, dvae: DVAE, prior: Prior, tokenizer: TextTokenizer, 
                          f"grids of {prior.config.image_vocab}")
 
 
+def dvae_digest(path: str | Path, dvae: DVAE) -> str:
+    """Which dVAE this is: the digest an exported dVAE file records (of its weights as trained,
+    before the export's cast), else that of its weights (a training checkpoint's, as a train-prior
+    run records it)."""
+    recorded = read_info(checkpoint_file(path)).get("meta", {}).get(DVAE_DIGEST)
+    return recorded if isinstance(recorded, str) else weights_digest(dvae)
+
+
+def _records(path: Path, tokenizer: Path) -> list[tuple[str, str, Path]]:
+    """What the model at `path` records about the dVAE and the tokenizer it was trained with, and
+    where: (DVAE_DIGEST or TOKENIZER_DIGEST, the digest, the file that says so). An exported model
+    records them in its metadata; a training run in its run folder (`path`, or the checkpoint's
+    folder): config.json (the train-prior token cache's dVAE digest) and tokenizer.json (other
+    than `tokenizer` itself)."""
+    file = checkpoint_file(path)
+    meta = read_info(file).get("meta", {})
+    found = [(key, meta[key], file) for key in (DVAE_DIGEST, TOKENIZER_DIGEST) if isinstance(meta.get(key), str)]
+    config = file.parent / "config.json"
+    if config.is_file():
+        try:
+            record = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config}, the record of the run of {path}, is not valid JSON ({exc})") from None
+        cache = record.get("cache") if isinstance(record, dict) else None
+        if isinstance(cache, dict) and isinstance(cache.get(DVAE_DIGEST), str):
+            found.append((DVAE_DIGEST, cache[DVAE_DIGEST], config))
+    theirs = file.parent / FILES["tokenizer"]
+    if theirs.is_file() and not theirs.samefile(tokenizer):
+        found.append((TOKENIZER_DIGEST, TextTokenizer.load(theirs).fingerprint(), theirs))
+    return found
+
+
+def check_parts(where, paths: dict[str, Path], dvae: Callable[[], str], tokenizer: str) -> None:
+    """A ValueError (naming `where` and the files) unless the prior (and the reranker) at `paths`
+    were trained with the dVAE of digest `dvae()` (called only when a record names one) and the
+    tokenizer of fingerprint `tokenizer`, wherever they record it (see _records)."""
+    for key in ("prior", "reranker"):
+        if key not in paths:
+            continue
+        for what, digest, source in _records(paths[key], paths["tokenizer"]):
+            if what == TOKENIZER_DIGEST and digest != tokenizer:
+                raise ValueError(f"{where}: {paths[key]} was trained with another tokenizer than {paths['tokenizer']} "
+                                 f"(by {source}): it would read other words")
+            if what == DVAE_DIGEST and digest != dvae():
+                raise ValueError(f"{where}: {paths[key]} was trained on the codes of another dVAE than {paths['dvae']} "
+                                 f"({source} records dVAE weights {digest[:12]}, {paths['dvae']}'s are {dvae()[:12]})")
+
+
 def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path, tokenizer: str | Path,
                         reranker: Optional[str | Path] = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write a model folder from training checkpoints: their EMA weights (in `dtype`) and configs.
-    Every input is read and checked against the others before anything is written; a reranker
-    file left in `out` by an earlier export is removed when `reranker` is None."""
+    Every input is read and checked against the others before anything is written: sizes, and the
+    dVAE and tokenizer that the prior's and the reranker's runs (or exported files) record. The
+    files are written whole before any replaces the folder's, so a failure (a full disk) leaves
+    `out` as it was; a reranker file left in `out` by an earlier export is removed when `reranker`
+    is None."""
     out = Path(out)
-    sources = {"dvae": (dvae, DVAE, DVAEConfig), "prior": (prior, Prior, PriorConfig)}
+    paths = {"dvae": Path(dvae), "prior": Path(prior), "tokenizer": Path(tokenizer)}
+    sources = {"dvae": (DVAE, DVAEConfig), "prior": (Prior, PriorConfig)}
     if reranker is not None:
-        sources["reranker"] = (reranker, Reranker, RerankerConfig)
-    models = {key: load_model(path, model_cls, config_cls).to(dtype)
-              for key, (path, model_cls, config_cls) in sources.items()}
+        paths["reranker"] = Path(reranker)
+        sources["reranker"] = (Reranker, RerankerConfig)
+    models = {key: load_model(paths[key], *classes) for key, classes in sources.items()}
     text = TextTokenizer.load(tokenizer)
-    check_compatible(f"export to {out}", models["dvae"], models["prior"], text, models.get("reranker"))
-    out.mkdir(parents=True, exist_ok=True)
-    for key, model in models.items():
-        save_checkpoint(out / FILES[key], modules={"model": model},
-                        meta={"model_config": dataclasses.asdict(model.config), "kind": key}, rng=False)
-    if reranker is None:
-        (out / FILES["reranker"]).unlink(missing_ok=True)
-    target = out / FILES["tokenizer"]
-    if not (target.exists() and target.samefile(tokenizer)):  # re-exporting into the same folder
-        atomic_write(target, lambda tmp: shutil.copyfile(tokenizer, tmp))
+    where = f"export to {out}"
+    check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
+    records = {DVAE_DIGEST: dvae_digest(paths["dvae"], models["dvae"]), TOKENIZER_DIGEST: text.fingerprint()}
+    check_parts(where, paths, lambda: records[DVAE_DIGEST], records[TOKENIZER_DIGEST])
+    kept = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
+    files = {out / FILES[key]: checkpoint_writer(out / FILES[key], modules={"model": model.to(dtype)}, rng=False,
+                                                 meta={"model_config": dataclasses.asdict(model.config), "kind": key,
+                                                       **{k: records[k] for k in kept[key]}})
+             for key, model in models.items()}
+    files[out / FILES["tokenizer"]] = lambda tmp: shutil.copyfile(tokenizer, tmp)
+    atomic_write_all(files, remove=[] if reranker is not None else [out / FILES["reranker"]])
     return out
 
 

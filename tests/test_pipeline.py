@@ -2,11 +2,16 @@
 bundled model."""
 
 import dataclasses
+import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel
 
 from dalle_fast.cli import main
@@ -16,7 +21,7 @@ from dalle_fast.pipeline import BUNDLED, export_model_folder, generate, load_mod
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.rerank import Reranker, RerankerConfig
 from dalle_fast.tokenizer import TextTokenizer
-from dalle_fast.checkpoint import save_checkpoint
+from dalle_fast.checkpoint import load_model, read_checkpoint, read_info, save_checkpoint, weights_digest
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +244,136 @@ def test_the_bundled_model_loads_fits_and_generates(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png"]
     assert str(BUNDLED) in capsys.readouterr().out
+
+
+def _other_tokenizer(source, target):
+    """A tokenizer of the same size as `source` that encodes otherwise (two tokens swap ids)."""
+    data = json.loads(source.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = [token for token, i in vocab.items() if i in (100, 101)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    target.write_text(json.dumps(data))
+    assert TextTokenizer.load(target).fingerprint() != TextTokenizer.load(source).fingerprint()
+    return target
+
+
+def _prior_run(root, folder, dvae_digest):
+    """A train-prior run folder: its checkpoint, tokenizer.json and config.json (the token cache's dVAE)."""
+    folder.mkdir()
+    shutil.copyfile(root / "prior.ckpt", folder / "checkpoint.safetensors")
+    shutil.copyfile(root / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "config.json").write_text(json.dumps({"train": {}, "model": {}, "cache": {"dvae_weights": dvae_digest}}))
+    return folder
+
+
+def test_export_refuses_a_dvae_or_tokenizer_other_than_the_runs_and_writes_nothing(tmp_path, model_folder, capsys):
+    """Sizes alone let a dVAE retrained with the same config, or another tokenizer of the same size, through:
+    the prior would then read other image codes or other words. The runs record which ones they used."""
+    root = model_folder.parent
+    trained_on = weights_digest(load_model(root / "dvae.ckpt", DVAE, DVAEConfig))
+    run = _prior_run(root, tmp_path / "prior-run", trained_on)
+    torch.manual_seed(1)
+    other_dvae = DVAE(DVAEConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "other-dvae.ckpt", modules={"ema": AveragedModel(other_dvae, use_buffers=True)},
+                    meta={"model_config": dataclasses.asdict(other_dvae.config), "kind": "dvae"})
+    other_tok = _other_tokenizer(root / "tokenizer.json", tmp_path / "other-tokenizer.json")
+    out = tmp_path / "out"
+    cases = [(["--dvae", str(tmp_path / "other-dvae.ckpt"), "--prior", str(run)],
+              ["another dVAE", "other-dvae.ckpt", "prior-run/config.json"]),
+             (["--dvae", str(root / "dvae.ckpt"), "--prior", str(run / "checkpoint.safetensors"),
+               "--tokenizer", str(other_tok)], ["another tokenizer", "other-tokenizer.json", "prior-run/tokenizer.json"])]
+    for args, names in cases:
+        capsys.readouterr()
+        assert main(["export-model", *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and all(name in err for name in names), err
+        assert not out.exists()
+    # a reranker run's tokenizer.json is checked the same way
+    rerank_run = tmp_path / "reranker-run"
+    rerank_run.mkdir()
+    tokenizer = TextTokenizer.load(root / "tokenizer.json")
+    config = RerankerConfig(image_size=64, text_len=16, text_vocab=tokenizer.text_vocab_size(16), embed_dim=16,
+                            width=16, text_layers=1, heads=2, image_width=8)
+    save_checkpoint(rerank_run / "checkpoint.safetensors", modules={"model": Reranker(config)},
+                    meta={"model_config": dataclasses.asdict(config), "kind": "reranker"}, rng=False)
+    _other_tokenizer(root / "tokenizer.json", rerank_run / "tokenizer.json")
+    with pytest.raises(ValueError, match="reranker-run.*another tokenizer"):
+        export_model_folder(out, dvae=root / "dvae.ckpt", prior=run, tokenizer=run / "tokenizer.json", reranker=rerank_run)
+    assert not out.exists()
+    shutil.copyfile(root / "tokenizer.json", rerank_run / "tokenizer.json")
+    assert load_models(export_model_folder(out, dvae=root / "dvae.ckpt", prior=run, tokenizer=run / "tokenizer.json",
+                                           reranker=rerank_run)).reranker is not None
+
+
+def test_a_model_folder_of_parts_from_different_exports_is_refused(tmp_path, model_folder):
+    root = model_folder.parent
+    meta = read_info(model_folder / "prior.safetensors")["meta"]
+    assert meta["dvae_weights"] == weights_digest(load_model(root / "dvae.ckpt", DVAE, DVAEConfig))  # before the cast
+    assert meta["tokenizer_sha256"] == TextTokenizer.load(root / "tokenizer.json").fingerprint()
+    # another dVAE of the same config, exported with the same prior
+    torch.manual_seed(1)
+    other = DVAE(DVAEConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "other-dvae.ckpt", modules={"model": other}, rng=False,
+                    meta={"model_config": dataclasses.asdict(other.config), "kind": "dvae"})
+    elsewhere = export_model_folder(tmp_path / "elsewhere", dvae=tmp_path / "other-dvae.ckpt",
+                                    prior=root / "prior.ckpt", tokenizer=root / "tokenizer.json")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(model_folder, mixed)
+    shutil.copyfile(elsewhere / "dvae.safetensors", mixed / "dvae.safetensors")
+    with pytest.raises(ValueError, match="prior.safetensors was trained on the codes of another dVAE"):
+        load_models(mixed)
+    shutil.copyfile(model_folder / "dvae.safetensors", mixed / "dvae.safetensors")
+    _other_tokenizer(root / "tokenizer.json", mixed / "tokenizer.json")
+    with pytest.raises(ValueError, match="prior.safetensors was trained with another tokenizer"):
+        load_models(mixed)
+    # re-exporting a model folder (its dVAE is recorded by digest, not re-hashed after the float16 cast)
+    again = export_model_folder(tmp_path / "again", dvae=model_folder / "dvae.safetensors",
+                                prior=model_folder / "prior.safetensors", tokenizer=model_folder / "tokenizer.json")
+    assert read_info(again / "prior.safetensors")["meta"]["dvae_weights"] == meta["dvae_weights"]
+    # folders exported before the records (the bundled model's too) still load
+    old = tmp_path / "old"
+    shutil.copytree(model_folder, old)
+    for name in ("dvae", "prior"):
+        tensors, info = read_checkpoint(old / f"{name}.safetensors")
+        info["meta"] = {k: v for k, v in info["meta"].items() if k in ("model_config", "kind")}
+        save_file(tensors, str(old / f"{name}.safetensors"), metadata={"dalle_fast": json.dumps(info)})
+    _other_tokenizer(root / "tokenizer.json", old / "tokenizer.json")  # unchecked: nothing records one
+    assert load_models(old).prior.config == load_models(model_folder).prior.config
+
+
+def test_a_failed_export_leaves_the_previous_folder_as_it_was(tmp_path, model_folder, capsys, monkeypatch):
+    """A full disk at the prior's file used to leave the new dVAE beside the old prior, with a SafetensorError
+    traceback: the files are written whole first, and the error is one line."""
+    import dalle_fast.checkpoint as checkpoint
+
+    root = model_folder.parent
+    folder = tmp_path / "folder"
+    shutil.copytree(model_folder, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    torch.manual_seed(1)
+    other = DVAE(DVAEConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "other-dvae.ckpt", modules={"model": other}, rng=False,
+                    meta={"model_config": dataclasses.asdict(other.config), "kind": "dvae"})
+    write = checkpoint.save_file
+
+    def full_at_the_prior(tensors, filename, metadata=None):
+        if "prior" in Path(filename).name:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        write(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_the_prior)
+    capsys.readouterr()
+    assert main(["export-model", "--dvae", str(tmp_path / "other-dvae.ckpt"), "--prior", str(root / "prior.ckpt"),
+                 "--tokenizer", str(root / "tokenizer.json"), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "prior.safetensors" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary left either
+    assert main(["export-model", "--dvae", str(root / "dvae.ckpt"), "--prior", str(root / "prior.ckpt"),
+                 "--tokenizer", str(root / "tokenizer.json"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_model_file_given_as_the_model_folder_is_named_as_such(tmp_path, model_folder, capsys):
+    assert main(["generate", "x", "--model", str(model_folder / "prior.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "prior.safetensors is a file, not a model folder" in err and "does not exist" not in err
