@@ -87,6 +87,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     from . import images as imageio
+    from .atomic import atomic_write_all
     from .pipeline import check_prime, check_request, generate, load_models
 
     if (args.prime is None) != (args.rows is None):
@@ -108,13 +109,15 @@ def _cmd_generate(args) -> int:
         at_once = args.num if args.batch is None else min(args.batch, args.num)
         raise ValueError(f"out of memory on {device} sampling {at_once} candidates at once: sample fewer at a "
                          "time with --batch (or lower --num)") from None
-    for rank, image in enumerate(result.images):
-        imageio.to_pil(image).save(out / f"rank{rank}.png")
-    imageio.save_grid(result.images, out / "grid.png", scale=args.grid_scale)
-    for stale in out.glob("rank*.png"):  # an earlier run's that kept more: not this run's images
-        index = stale.name[len("rank"):-len(".png")]
-        if index.isdigit() and int(index) >= len(result.images):
-            stale.unlink()
+    # all written before any is renamed in: a failure leaves the earlier run's images, not a mix
+    def png(image):
+        return lambda tmp: imageio.to_pil(image).save(tmp)  # the temporary's name ends in .png
+
+    files = {out / f"rank{rank}.png": png(image) for rank, image in enumerate(result.images)}
+    files[out / "grid.png"] = lambda tmp: imageio.save_grid(result.images, tmp, scale=args.grid_scale)
+    # an earlier run's ranks that this one does not write (it kept more): not this run's images
+    stale = [p for p in out.glob("rank*.png") if p.name[len("rank"):-len(".png")].isdigit() and p not in files]
+    atomic_write_all(files, remove=stale)
     ranked = "reranked" if result.scores is not None else "in sampling order (the model folder has no reranker)"
     print(f"{result.num_sampled} candidates sampled, best {len(result.images)} {ranked} -> {out}/rank*.png, "
           f"{out}/grid.png")
@@ -186,6 +189,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_GRID_SCALE = 8  # a 256-pixel model's images at 2048 pixels; larger only costs memory (a MemoryError at 10**4)
+
+
+def _grid_scale(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_GRID_SCALE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_GRID_SCALE}, got {value}")
+    return value
+
+
 def _sampling(args):
     from .sampler import SamplingConfig
 
@@ -211,7 +224,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
     gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")
     _add_sampling_args(gen)
-    gen.add_argument("--grid-scale", type=_positive_int, default=2, help="pixel scale of grid.png (default: 2)")
+    gen.add_argument("--grid-scale", type=_grid_scale, default=2, help=f"pixel scale of grid.png, 1 to {MAX_GRID_SCALE} "
+                     "(default: 2)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     gen.set_defaults(run=_cmd_generate)
     exp = sub.add_parser("export-model", help="write a model folder for `generate` from training runs")

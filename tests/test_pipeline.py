@@ -377,3 +377,39 @@ def test_a_model_file_given_as_the_model_folder_is_named_as_such(tmp_path, model
     assert main(["generate", "x", "--model", str(model_folder / "prior.safetensors"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "prior.safetensors is a file, not a model folder" in err and "does not exist" not in err
+
+
+def test_generate_replaces_its_images_all_at_once(tmp_path, model_folder, capsys, monkeypatch):
+    import dalle_fast.images as images
+
+    out = tmp_path / "samples"
+    model = ["--model", str(model_folder), "--out", str(out)]
+    assert main(["generate", "a red circle", *model, "--num", "2", "--keep", "2", "--seed", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["grid.png", "rank0.png", "rank1.png"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(images, "save_grid", full_disk)  # the last file written
+    capsys.readouterr()
+    assert main(["generate", "a blue square", *model, "--num", "1", "--seed", "2"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    # not the new rank0 beside the old rank1 and grid, and no temporary left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    assert main(["generate", "a blue square", *model, "--num", "1", "--seed", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png"]
+    assert (out / "rank0.png").read_bytes() != before["rank0.png"]
+
+
+def test_a_grid_scale_that_only_fills_the_memory_is_refused_before_any_work(tmp_path, model_folder, capsys):
+    out = tmp_path / "samples"
+    model = ["--model", str(model_folder), "--out", str(out)]
+    for scale in ("9", "100000"):
+        with pytest.raises(SystemExit):
+            main(["generate", "a red circle", *model, "--grid-scale", scale])
+        assert "--grid-scale: must be at most 8" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["generate", "a red circle", *model, "--num", "1", "--grid-scale", "8"]) == 0
+    assert Image.open(out / "grid.png").size == (8 * 68, 8 * 68)  # a 2-pixel border around the 64-pixel image
