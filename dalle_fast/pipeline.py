@@ -165,10 +165,10 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
     records = {DVAE_DIGEST: dvae_digest(paths["dvae"], models["dvae"]), TOKENIZER_DIGEST: text.fingerprint()}
     check_parts(where, paths, lambda: records[DVAE_DIGEST], records[TOKENIZER_DIGEST])
-    kept = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
+    recorded_in = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
     files = {out / FILES[key]: checkpoint_writer(out / FILES[key], modules={"model": model.to(dtype)}, rng=False,
                                                  meta={"model_config": dataclasses.asdict(model.config), "kind": key,
-                                                       **{k: records[k] for k in kept[key]}})
+                                                       **{k: records[k] for k in recorded_in[key]}})
              for key, model in models.items()}
     files[out / FILES["tokenizer"]] = lambda tmp: shutil.copyfile(tokenizer, tmp)
     atomic_write_all(files, remove=[] if reranker is not None else [out / FILES["reranker"]])
