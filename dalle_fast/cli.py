@@ -69,7 +69,9 @@ def _cmd_train_tokenizer(args) -> int:
 
     if args.num_captions < 1:
         raise ValueError(f"--num-captions must be >= 1, got {args.num_captions}")
-    dataset = make_dataset(args.data, size=16, seed=args.seed)  # images are read at the smallest useful size
+    # images are read at the smallest useful size; one process reads every shard, even with RANK /
+    # WORLD_SIZE in its environment (a launcher's), which would otherwise split the stream
+    dataset = make_dataset(args.data, size=16, seed=args.seed, split_ranks=False)
     captions = [caption for _, caption in itertools.islice(iter(dataset), args.num_captions)]
     if not captions:
         raise ValueError(f"{args.data} holds no image-caption pairs")

@@ -255,3 +255,17 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert len(tok.encode(caption, 64)) == 64 and "300 captions" in capsys.readouterr().out
     assert main(["train-tokenizer", "--num-captions", "0", "--out", str(out)]) != 0
     assert "--num-captions must be >= 1" in capsys.readouterr().err
+
+
+def test_train_tokenizer_reads_every_shard_under_a_launcher(tmp_path, capsys, monkeypatch):
+    # RANK / WORLD_SIZE in the environment (torchrun's, a cluster's) must not split the stream.
+    from dalle_fast.cli import main
+    from tests.data.test_shards import write_shards
+
+    (tmp_path / "shards").mkdir()
+    expected = write_shards(tmp_path / "shards", shards=4, per_shard=5)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train-tokenizer", "--data", str(tmp_path / "shards" / "*.tar"), "--num-captions", "100",
+                 "--vocab", "300", "--out", str(tmp_path / "tok.json")]) == 0
+    assert f"from {len(expected)} captions" in capsys.readouterr().out
