@@ -75,7 +75,7 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     reranker = load_model(paths["reranker"], Reranker, RerankerConfig) if "reranker" in paths else None
     tokenizer = TextTokenizer.load(paths["tokenizer"])
     check_compatible(folder, dvae, prior, tokenizer, reranker)
-    check_parts(folder, paths, functools.cache(lambda: dvae_digest(paths["dvae"], dvae)), tokenizer.fingerprint())
+    check_parts(folder, paths, functools.cache(lambda: dvae_digests(paths["dvae"], dvae, as_loaded=False)), tokenizer.fingerprint())
     return Models(dvae.to(device), prior.to(device), tokenizer, None if reranker is None else reranker.to(device),
                   folder)
 
@@ -97,12 +97,15 @@ def check_compatible(where, dvae: DVAE, prior: Prior, tokenizer: TextTokenizer, 
                          f"grids of {prior.config.image_vocab}")
 
 
-def dvae_digest(path: str | Path, dvae: DVAE) -> str:
+def dvae_digests(path: str | Path, dvae: DVAE, as_loaded: bool = True) -> tuple[str, ...]:
     """Which dVAE this is: the digest an exported dVAE file records (of its weights as trained,
-    before the export's cast), else that of its weights (a training checkpoint's, as a train-prior
-    run records it)."""
+    before the export's cast; first: the one an export records), and with `as_loaded` (or when the
+    file records none) that of the weights as loaded: a training checkpoint's, or an exported
+    file's, which a train-prior run given that file records."""
     recorded = read_info(checkpoint_file(path)).get("meta", {}).get(DVAE_DIGEST)
-    return recorded if isinstance(recorded, str) else weights_digest(dvae)
+    if not isinstance(recorded, str):
+        return (weights_digest(dvae),)
+    return (recorded, weights_digest(dvae)) if as_loaded else (recorded,)
 
 
 def _records(path: Path, tokenizer: Path) -> list[tuple[str, str, Path]]:
@@ -129,10 +132,10 @@ def _records(path: Path, tokenizer: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def check_parts(where, paths: dict[str, Path], dvae: Callable[[], str], tokenizer: str) -> None:
+def check_parts(where, paths: dict[str, Path], dvae: Callable[[], tuple[str, ...]], tokenizer: str) -> None:
     """A ValueError (naming `where` and the files) unless the prior (and the reranker) at `paths`
-    were trained with the dVAE of digest `dvae()` (called only when a record names one) and the
-    tokenizer of fingerprint `tokenizer`, wherever they record it (see _records)."""
+    were trained with the dVAE of one of the digests `dvae()` (called only when a record names
+    one) and the tokenizer of fingerprint `tokenizer`, wherever they record it (see _records)."""
     for key in ("prior", "reranker"):
         if key not in paths:
             continue
@@ -140,9 +143,10 @@ def check_parts(where, paths: dict[str, Path], dvae: Callable[[], str], tokenize
             if what == TOKENIZER_DIGEST and digest != tokenizer:
                 raise ValueError(f"{where}: {paths[key]} was trained with another tokenizer than {paths['tokenizer']} "
                                  f"(by {source}): it would read other words")
-            if what == DVAE_DIGEST and digest != dvae():
+            if what == DVAE_DIGEST and digest not in dvae():
                 raise ValueError(f"{where}: {paths[key]} was trained on the codes of another dVAE than {paths['dvae']} "
-                                 f"({source} records dVAE weights {digest[:12]}, {paths['dvae']}'s are {dvae()[:12]})")
+                                 f"({source} records dVAE weights {digest[:12]}, {paths['dvae']}'s are "
+                                 f"{' or '.join(d[:12] for d in dvae())})")
 
 
 def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path, tokenizer: str | Path,
@@ -163,8 +167,9 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     text = TextTokenizer.load(tokenizer)
     where = f"export to {out}"
     check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
-    records = {DVAE_DIGEST: dvae_digest(paths["dvae"], models["dvae"]), TOKENIZER_DIGEST: text.fingerprint()}
-    check_parts(where, paths, lambda: records[DVAE_DIGEST], records[TOKENIZER_DIGEST])
+    digests = dvae_digests(paths["dvae"], models["dvae"])
+    records = {DVAE_DIGEST: digests[0], TOKENIZER_DIGEST: text.fingerprint()}
+    check_parts(where, paths, lambda: digests, records[TOKENIZER_DIGEST])
     recorded_in = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
     files = {out / FILES[key]: checkpoint_writer(out / FILES[key], modules={"model": model.to(dtype)}, rng=False,
                                                  meta={"model_config": dataclasses.asdict(model.config), "kind": key,

@@ -305,6 +305,17 @@ def test_export_refuses_a_dvae_or_tokenizer_other_than_the_runs_and_writes_nothi
                                            reranker=rerank_run)).reranker is not None
 
 
+def test_export_takes_a_prior_trained_on_an_exported_dvae_file(tmp_path, model_folder):
+    # train-prior --dvae FOLDER/dvae.safetensors records the digest of those (float16) weights as
+    # loaded; the file itself records its weights' as trained, before the cast: either is that dVAE.
+    root = model_folder.parent
+    exported = model_folder / "dvae.safetensors"
+    run = _prior_run(root, tmp_path / "prior-run", weights_digest(load_model(exported, DVAE, DVAEConfig)))
+    out = export_model_folder(tmp_path / "out", dvae=exported, prior=run, tokenizer=run / "tokenizer.json")
+    assert read_info(out / "prior.safetensors")["meta"]["dvae_weights"] == read_info(exported)["meta"]["dvae_weights"]
+    assert load_models(out).dvae.config == load_models(model_folder).dvae.config
+
+
 def test_a_model_folder_of_parts_from_different_exports_is_refused(tmp_path, model_folder):
     root = model_folder.parent
     meta = read_info(model_folder / "prior.safetensors")["meta"]
