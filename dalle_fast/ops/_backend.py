@@ -118,8 +118,10 @@ def _warn_once(key: str, message: str) -> None:
 def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
                cuda_dtypes: tuple[torch.dtype, ...] | None = None, no_backward=()) -> bool:
     """True to run our compiled kernel for `op` on inputs like `x`, False for the reference.
-    `no_backward`: the inputs of a kernel without a backward; when autograd would record the
-    call (grad mode on and one of them requires grad) the reference runs, which it differentiates."""
+    `no_backward`: the inputs of a kernel without a backward; under "auto", when autograd would
+    record the call (grad mode on and one of them requires grad), the reference runs, which it
+    differentiates. A forced backend runs the kernel all the same (a layer's parameters require
+    grad with nothing to differentiate); a backward through it then raises."""
     name = _selected
     if name == "reference":
         return False
@@ -133,7 +135,8 @@ def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
         ok, why = False, f"no kernel of {op} for device {device}"
     if ok and dtypes is not None and x.dtype not in dtypes:
         ok, why = False, f"the {device} kernel of {op} supports {', '.join(map(str, dtypes))}, got {x.dtype}"
-    if ok and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in no_backward):
+    if ok and name == "auto" and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                  for t in no_backward):
         ok, why = False, f"the kernel of {op} has no backward and an input requires grad"
     if name in ("cpu", "cuda") and name != device:
         raise RuntimeError(f"backend({name!r}) selected, but the inputs of {op} are on {device}")

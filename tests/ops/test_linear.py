@@ -186,7 +186,7 @@ def test_cuda_kernel_replays_in_a_graph_and_leaves_other_calls_to_the_reference(
     # The op itself copies rows it cannot read by 16 bytes (what a compiled call of such a view gets).
     ws = torch.zeros(1536, 520, device="cuda", dtype=dtype)
     ws[:, 1:513] = w
-    for xv, wv in ((xs[:, 1:513], w), (x, ws[:, 1:513]), (xs[:, 1:513], ws[:, 1:513])):
+    for xv, wv in ((xs[:, 1:513], w), (x, ws[:, 1:513]), (xs[:, 1:513], ws[:, 1:513]), (x, ws[:, 8:520])):
         check_close(torch.ops.dalle_fast.skinny_linear(xv, wv, b, r, 1, None, None, 1e-5),
                     expected(x, w, b, r, "gelu"), "a row layout the loads cannot read, copied")
     with linear.cuda_skinny_linear(False):
@@ -199,7 +199,9 @@ def test_cuda_op_passes_opcheck():
     # Registration, fake (meta) implementation and schema, as torch.compile relies on them.
     x, w, b, r = make_inputs(5, 64, 16, torch.bfloat16, "cuda", 4)
     norm = make_norm(64, torch.bfloat16, "cuda", 4)
-    torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, b, r, 1, norm.weight, norm.bias, 1e-5))
+    # (the norm's parameters detached: opcheck would differentiate through an op that has no backward)
+    torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default,
+                          (x, w, b, r, 1, norm.weight.detach(), norm.bias.detach(), 1e-5))
     torch.library.opcheck(torch.ops.dalle_fast.skinny_linear.default, (x, w, None, None, 0, None, None, 1e-5))
 
 
