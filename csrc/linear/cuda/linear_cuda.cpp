@@ -23,11 +23,12 @@ namespace {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// t itself when its rows are contiguous, 8 elements (16 bytes) apart and start 16-byte aligned,
-// else a contiguous copy (a fresh allocation: aligned).
-at::Tensor readable_rows(const at::Tensor& t) {
-  const bool ok = t.stride(-1) == 1 && (t.dim() == 1 || t.stride(0) % 8 == 0) && aligned16(t);
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+// t itself when it starts 16-byte aligned and its rows are contiguous and 8 elements (16 bytes)
+// apart (x, whose row stride the kernel takes) or packed (the weight and the norm's vectors,
+// which it reads without a stride), else a contiguous copy (a fresh allocation: aligned).
+at::Tensor readable(const at::Tensor& t, bool strided_rows) {
+  const bool rows = strided_rows ? t.stride(-1) == 1 && t.stride(0) % 8 == 0 : t.is_contiguous();
+  return rows && aligned16(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
@@ -40,7 +41,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const std
                     ": x must be [M, K] and weight [N, K], got ", x_in.sizes(), " and ", weight_in.sizes());
   TORCH_CHECK_VALUE(weight_in.device() == x_in.device(), op, ": weight must be on x's device");
   const c10::cuda::CUDAGuard guard(x_in.device());  // before any copy below
-  const at::Tensor x = readable_rows(x_in), weight = readable_rows(weight_in);
+  const at::Tensor x = readable(x_in, true), weight = readable(weight_in, false);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK_VALUE(m >= 1 && m <= kSkinnyMaxRows && k % 32 == 0 && n % 8 == 0 && n > 0, op,
                     ": the kernel takes 1 <= M <= ", kSkinnyMaxRows, ", K % 32 == 0 and N % 8 == 0, got M=", m,
@@ -88,8 +89,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const std
                         t->scalar_type());
     }
     TORCH_CHECK_VALUE(ln_eps > 0, op, ": ln_eps must be positive, got ", ln_eps);
-    lw = readable_rows(*ln_weight);
-    lb = readable_rows(*ln_bias);
+    lw = readable(*ln_weight, false);
+    lb = readable(*ln_bias, false);
     p.ln_weight = lw.data_ptr();
     p.ln_bias = lb.data_ptr();
     p.ln_eps = static_cast<float>(ln_eps);
