@@ -73,8 +73,9 @@ TORCH_LIBRARY(dalle_fast, m) {
 
 // The inference-only ops have no derivative: without this, autograd's default fallback for an op
 // with no Autograd kernel only warns in backward and leaves every input's .grad at None. This one
-// raises "derivative for ... is not implemented" when backward reaches them. (The Python wrappers
-// never get there: a call that autograd would record runs the differentiable reference.)
+// raises "derivative for ... is not implemented" when backward reaches them. (Under the "auto"
+// backend the Python wrappers never get there: a call that autograd would record runs the
+// differentiable reference; a forced backend runs the kernel.)
 TORCH_LIBRARY_IMPL(dalle_fast, Autograd, m) {
   for (const char* op : {"sparse_decode", "sparse_decode_append", "skinny_linear"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());

@@ -226,8 +226,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--prime", default=None, metavar="IMAGE", help="image whose top rows are kept (image priming)")
     gen.add_argument("--rows", type=int, default=None, help="with --prime: how many token rows to keep")
     _add_sampling_args(gen)
-    gen.add_argument("--grid-scale", type=_grid_scale, default=2, help=f"pixel scale of grid.png, 1 to {MAX_GRID_SCALE} "
-                     "(default: 2)")
+    gen.add_argument("--grid-scale", type=_grid_scale, default=2,
+                     help=f"pixel scale of grid.png, 1 to {MAX_GRID_SCALE} (default: 2)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     gen.set_defaults(run=_cmd_generate)
     exp = sub.add_parser("export-model", help="write a model folder for `generate` from training runs")

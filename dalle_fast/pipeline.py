@@ -75,7 +75,8 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     reranker = load_model(paths["reranker"], Reranker, RerankerConfig) if "reranker" in paths else None
     tokenizer = TextTokenizer.load(paths["tokenizer"])
     check_compatible(folder, dvae, prior, tokenizer, reranker)
-    check_parts(folder, paths, functools.cache(lambda: dvae_digests(paths["dvae"], dvae, as_loaded=False)), tokenizer.fingerprint())
+    digests = functools.cache(lambda: dvae_digests(paths["dvae"], dvae, as_loaded=False))  # hashed only if asked
+    check_parts(folder, paths, digests, tokenizer.fingerprint())
     return Models(dvae.to(device), prior.to(device), tokenizer, None if reranker is None else reranker.to(device),
                   folder)
 

@@ -1,4 +1,5 @@
-"""atomic_write and atomic_write_all: a target is the old file or the new one, never a half-written one, and a set of files is all old or all new."""
+"""atomic_write and atomic_write_all: a target is the old file or the new one, never a half-written
+one, and a set of files is all old or all new."""
 
 import os
 import stat

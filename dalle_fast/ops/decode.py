@@ -6,8 +6,8 @@ of offsets d (sampler.key_offsets). The compiled op `torch.ops.dalle_fast.sparse
 that in one kernel per layer (scores, softmax and the weighted sum of values), reading g from a
 device tensor so that a CUDA graph replays it for every position; given this step's key and value
 (`torch.ops.dalle_fast.sparse_decode_append`), the same kernel writes them to the cache first.
-The kernels have no backward: a call that autograd would record (grad mode on and an input that
-requires grad) runs the reference, which it differentiates.
+The kernels have no backward: under the "auto" backend a call that autograd would record (grad
+mode on and an input that requires grad) runs the reference, which it differentiates.
 """
 
 from __future__ import annotations

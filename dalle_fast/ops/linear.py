@@ -11,8 +11,8 @@ five fewer kernels per layer.
 The kernel takes float16 / bfloat16 CUDA tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
 and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference: the
 norm, then `reference.linear` (F.linear, the activation, the residual). The kernel has no
-backward: a call that autograd would record (grad mode on and an input that requires grad) runs
-the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at
+backward: under the "auto" backend a call that autograd would record (grad mode on and an input
+that requires grad) runs the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at
 every call) sends every call to the reference, so a benchmark can time both in one process.
 """
 

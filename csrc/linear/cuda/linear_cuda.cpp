@@ -52,9 +52,6 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const std
                    weight.scalar_type());
   TORCH_CHECK_VALUE(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (gelu), got ",
                     activation);
-  TORCH_CHECK(weight.is_contiguous() && aligned16(weight) && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
-                  aligned16(x),
-              op, ": internal error: rows not readable after the copy");
   LinearParams p;
   p.m = m;
   p.n = n;
