@@ -4,7 +4,6 @@ model it describes is allocated."""
 import dataclasses
 import errno
 import json
-import time
 
 import pytest
 import torch
@@ -89,7 +88,7 @@ def _never_built(cls):
 
 def test_a_config_counting_more_layers_than_the_file_holds_is_refused_before_any_module_is_built(tmp_path):
     # Building even a storage-less model of 200000 layers takes many minutes: the counts are read
-    # from the weights' names first.
+    # from the weights' names first. _never_built fails the test if load_model builds the model.
     dvae_config = DVAEConfig.preset("tiny")
     rerank_config = RerankerConfig(image_size=64, text_len=16, text_vocab=64, embed_dim=16, width=16, text_layers=1,
                                    heads=2, image_width=8)
@@ -100,10 +99,9 @@ def test_a_config_counting_more_layers_than_the_file_holds_is_refused_before_any
         path = tmp_path / f"{model_cls.__name__}.safetensors"
         save_checkpoint(path, modules={"model": model}, rng=False,
                         meta={"model_config": {**dataclasses.asdict(model.config), field: 200000}})
-        start = time.perf_counter()
         with pytest.raises(ValueError, match=message) as error:
             load_model(path, _never_built(model_cls), config_cls)
-        assert path.name in str(error.value) and time.perf_counter() - start < 5
+        assert path.name in str(error.value)
         save_checkpoint(path, modules={"model": model}, rng=False, meta={"model_config": dataclasses.asdict(model.config)})
         assert isinstance(load_model(path, model_cls, config_cls), model_cls)
 
