@@ -62,8 +62,12 @@ class PriorConfig:
             raise ValueError(f"PriorConfig.d_model {self.d_model} must be divisible by heads {self.heads}")
         if self.kernel % 2 == 0:
             raise ValueError(f"PriorConfig.kernel must be odd, got {self.kernel}")
-        if self.image_loss_weight < 0:
-            raise ValueError(f"PriorConfig.image_loss_weight must be >= 0, got {self.image_loss_weight}")
+        if self.text_len < 2:
+            raise ValueError(f"PriorConfig.text_len must be >= 2 (BOS and at least one caption token: the text "
+                             f"loss predicts positions 1..text_len-1), got {self.text_len}")
+        w = self.image_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"PriorConfig.image_loss_weight must be a finite number >= 0, got {w!r}")
         if self.kinds is not None:
             self.kinds = tuple(self.kinds)
             if len(self.kinds) != self.layers:

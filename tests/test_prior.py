@@ -35,6 +35,8 @@ def test_schedule_and_explicit_kinds():
     (dict(kinds=("row",)), "entries"), (dict(layers=1, kinds=("diagonal",)), "unknown kind"),
     (dict(image_loss_weight=-1.0), "image_loss_weight"), (dict(colour_codes=4), "multiple"),
     (dict(colour_codes=17), "multiple"), (dict(colour_codes=-1), "colour_codes"),
+    (dict(text_len=1), "text_len must be >= 2"), (dict(image_loss_weight=float("nan")), "image_loss_weight"),
+    (dict(image_loss_weight=float("inf")), "image_loss_weight"), (dict(image_loss_weight="7"), "image_loss_weight"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
