@@ -1,5 +1,6 @@
 """Shared test fixtures: devices, the one tolerance table, hypothesis profiles."""
 
+import contextlib
 import os
 
 import pytest
@@ -26,6 +27,18 @@ TOL = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     atol, rtol = TOL[expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n inside, restored after. For kernels whose schedule
+    depends on the thread count: a test that pins it runs the same code on every machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture(params=DEVICES)

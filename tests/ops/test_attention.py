@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dalle_fast import ops
 from dalle_fast.ops import KINDS, reference
-from tests.conftest import DEVICES, assert_close, requires_kernels
+from tests.conftest import DEVICES, assert_close, num_threads, requires_kernels
 
 pytestmark = requires_kernels
 
@@ -23,15 +23,35 @@ def make_qkv(B, H, T, S, D, dtype=torch.float32, device="cpu", seed=0):
     return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device) for _ in range(3)]
 
 
-def check_against_reference(q, k, v, kind, T, S, kernel, scale=None, backend="auto"):
+# The CPU backward has two schedules, picked by the thread count (csrc/attention/cpu/attention_bwd.cpp):
+# one thread per head when batch * heads >= 2 * threads, else parallel over query and key tiles.
+# A comparison that left the thread count to the machine ran only the tile schedule on a 16-core
+# one (batch * heads <= 9 here), so each pins the count that makes it run the schedule it names.
+SCHEDULES = ("per_head", "tiles")
+
+
+def threads_for(schedule, heads):
+    """A thread count at which the backward over `heads` = batch * heads heads runs `schedule`."""
+    if schedule == "per_head":
+        if heads < 2:
+            raise ValueError("a single head takes the tile schedule at any thread count")
+        return max(1, heads // 2)  # heads >= 2 * threads
+    return max(2, heads // 2 + 1)  # heads < 2 * threads, on more than one thread
+
+
+def check_against_reference(q, k, v, kind, T, S, kernel, scale=None, backend="auto", schedule=None):
+    """Output and gradients of sparse_attention against the dense reference; `schedule` (for the
+    CPU kernel) pins the thread count that selects the backward's schedule, see SCHEDULES."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    with ops.backend(backend):
-        out = ops.sparse_attention(q, k, v, kind, T, S, kernel, scale)
-    grad = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    threads = threads_for(schedule, q.shape[0] * q.shape[1]) if schedule else torch.get_num_threads()
+    with num_threads(threads):
+        with ops.backend(backend):
+            out = ops.sparse_attention(q, k, v, kind, T, S, kernel, scale)
+        grad = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     expected = reference.sparse_attention(q, k, v, kind, T, S, kernel, scale)
     rq, rk, rv = torch.autograd.grad(expected, (q, k, v), grad)
-    what = f"{kind} T={T} S={S} k={kernel} shape={tuple(q.shape)} {q.dtype}"
+    what = f"{kind} T={T} S={S} k={kernel} shape={tuple(q.shape)} {q.dtype} schedule={schedule} threads={threads}"
     assert_close(out, expected, f"out {what}")
     assert_close(dq, rq, f"dq {what}")
     assert_close(dk, rk, f"dk {what}")
@@ -43,48 +63,54 @@ def check_against_reference(q, k, v, kind, T, S, kernel, scale=None, backend="au
     B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 40), S=st.integers(1, 9),
     D=st.sampled_from([1, 3, 8, 16, 33, 64]), kernel=st.sampled_from([1, 3, 5, 11]),
     dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+    schedule=st.sampled_from(SCHEDULES),
 )
-def test_matches_reference(kind, B, H, T, S, D, kernel, dtype, seed):
+def test_matches_reference(kind, B, H, T, S, D, kernel, dtype, seed, schedule):
+    if schedule == "per_head" and B * H == 1:
+        H = 2  # one head cannot run the per-head schedule
     q, k, v = make_qkv(B, H, T, S, D, dtype, seed=seed)
-    check_against_reference(q, k, v, kind, T, S, kernel, backend="cpu")
+    check_against_reference(q, k, v, kind, T, S, kernel, backend="cpu", schedule=schedule)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T, S, D", [(1, 1, 8), (1, 3, 8), (3, 1, 5), (256, 32, 64), (7, 5, 32), (64, 8, 128)])
 def test_edge_and_paper_sizes(kind, T, S, D):
-    # B*H = 1 runs the backward's two-pass schedule, B*H = 8 the per-head one.
-    for B, H in ((1, 1), (2, 4)):
+    # One head (tile schedule only) and several heads under each backward schedule.
+    for B, H, schedule in ((1, 1, "tiles"), (2, 4, "per_head"), (2, 4, "tiles")):
         if T == 256 and B * H == 8:
             H = 1
         q, k, v = make_qkv(B, H, T, S, D, seed=T + S)
-        check_against_reference(q, k, v, kind, T, S, 11, backend="cpu")
+        check_against_reference(q, k, v, kind, T, S, 11, backend="cpu", schedule=schedule)
 
 
-def test_scale_and_large_logits():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_scale_and_large_logits(schedule):
     # Scores in the thousands: the online softmax must not overflow. float64, so that the
     # reference's own rounding (large in float32 here) does not hide an error.
     q, k, v = make_qkv(2, 2, 5, 4, 16, torch.float64, seed=3)
-    check_against_reference(q * 30, k * 30, v, "conv", 5, 4, 3, scale=0.7, backend="cpu")
+    check_against_reference(q * 30, k * 30, v, "conv", 5, 4, 3, scale=0.7, backend="cpu", schedule=schedule)
     q, k, v = make_qkv(1, 2, 5, 4, 16, torch.float32, seed=3)
     with ops.backend("cpu"):
         assert torch.isfinite(ops.sparse_attention(q * 1e3, k * 1e3, v, "row", 5, 4)).all()
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_non_contiguous_inputs(schedule):
     B, H, T, S, D = 2, 3, 6, 4, 16
     N = T + S * S
     base = torch.randn(B, N, H, 3 * D, dtype=torch.float64)
     q, k, v = (t.transpose(1, 2) for t in base.split(D, dim=-1))  # [B, H, N, D], strided
     assert not q.is_contiguous()
-    check_against_reference(q, k, v, "row", T, S, 11, backend="cpu")
+    check_against_reference(q, k, v, "row", T, S, 11, backend="cpu", schedule=schedule)
     qt = torch.randn(B, H, D, N, dtype=torch.float64).transpose(-1, -2)  # last dim not contiguous
-    check_against_reference(qt, k, v, "column", T, S, 11, backend="cpu")
+    check_against_reference(qt, k, v, "column", T, S, 11, backend="cpu", schedule=schedule)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck(kind):
+def test_gradcheck(kind, schedule):
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 3, 3, 4, torch.float64, seed=1))
-    with ops.backend("cpu"):
+    with ops.backend("cpu"), num_threads(threads_for(schedule, 2)):
         assert torch.autograd.gradcheck(lambda a, b, c: ops.sparse_attention(a, b, c, kind, 3, 3, 3), (q, k, v))
 
 
@@ -127,14 +153,14 @@ def test_compile_with_dynamic_shapes_and_the_default_scale():
             assert_close(compiled(q, k, v), ops.sparse_attention(q, k, v, "row", 4, 3), "dynamic compile")
 
 
-@pytest.mark.parametrize("heads", [1, 8])
-def test_deterministic(heads):
+@pytest.mark.parametrize("heads, schedule", [(1, "tiles"), (8, "tiles"), (8, "per_head")])
+def test_deterministic(heads, schedule):
     q, k, v = (t.requires_grad_() for t in make_qkv(1, heads, 16, 6, 32, seed=5))
     results = []
     for _ in range(2):
-        with ops.backend("cpu"):
+        with ops.backend("cpu"), num_threads(threads_for(schedule, heads)):
             out = ops.sparse_attention(q, k, v, "causal", 16, 6)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+            results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
