@@ -14,12 +14,11 @@ from hypothesis import strategies as st
 
 from dalle_fast import ops
 from dalle_fast.ops import KINDS
-from tests.conftest import assert_close, requires_cuda, requires_kernels
+from tests.conftest import assert_close, assert_within_reference_error, requires_cuda, requires_kernels
 
 pytestmark = [requires_kernels, requires_cuda]
 
 LOW = (torch.float16, torch.bfloat16)
-FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative to the largest reference value
 
 
 def make_qkv(B, H, T, S, D, dtype, seed=0):
@@ -42,10 +41,7 @@ def check_low_precision(q, k, v, kind, T, S, kernel, seed=0):
     ours = run("cuda", q, k, v, kind, T, S, kernel, grad)
     for name, got, lp, want in zip(("out", "dq", "dk", "dv"), ours, ref_lp, ref32):
         assert got.dtype == dtype and torch.isfinite(got).all(), f"{name}: dtype or non-finite values"
-        err = (got.float() - want).abs().max().item()
-        bound = 2 * (lp.float() - want).abs().max().item() + FLOOR[dtype] * max(1.0, want.abs().max().item())
-        assert err <= bound, (f"{name} {kind} T={T} S={S} k={kernel} {tuple(q.shape)} {dtype}: "
-                              f"error {err:.3g} > bound {bound:.3g}")
+        assert_within_reference_error(got, lp, want, f"{name} {kind} T={T} S={S} k={kernel} {tuple(q.shape)} {dtype}")
 
 
 @given(kind=st.sampled_from(KINDS), B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 80),
