@@ -14,6 +14,10 @@ namespace {
 
 constexpr int64_t P = 16;  // positions per block: one 512-bit vector of floats
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Sums over the vocabulary run in float over blocks of this many entries (vectorised as before),
+// each block's sum added into a double: a float running sum over all V entries erred by up to
+// ~V * 2^-24 of the sum (the KL by 2e-4 at V = 32768), a block's by at most 64 * 2^-24.
+constexpr int64_t kSumBlock = 64;
 
 // Block b's positions and where their elements live: element (v, lane) at
 // base + v * vstride + lane * pstride, position index pos0 + lane, n valid lanes.
@@ -89,6 +93,21 @@ DF_ALWAYS_INLINE void add_noise(float* buf, int64_t V, float scale, uint64_t see
   }
 }
 
+// Per lane l, the sums over v in [0, V) of N terms: body(v0, v1, part) adds the terms of v in
+// [v0, v1) (at most kSumBlock entries) into part[n][l] (zeroed), which is then added into
+// the double sums[n][l].
+template <int N, class Body>
+DF_ALWAYS_INLINE void blocked_sums(int64_t V, double (&sums)[N][P], Body&& body) {
+  for (int n = 0; n < N; ++n)
+    for (int64_t l = 0; l < P; ++l) sums[n][l] = 0.0;
+  for (int64_t v0 = 0; v0 < V; v0 += kSumBlock) {
+    float part[N][P] = {};
+    body(v0, std::min(V, v0 + kSumBlock), part);
+    for (int n = 0; n < N; ++n)
+      for (int64_t l = 0; l < P; ++l) sums[n][l] += part[n][l];
+  }
+}
+
 // The first argmax over v of each lane of buf [V x P].
 DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg) {
   float best[P];
@@ -108,49 +127,44 @@ DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg) {
 // the max is taken before scaling, so that no finite logit overflows ((x + g) / tau itself
 // passes FLT_MAX for |x| > FLT_MAX tau). A lane whose scores are all -inf gets 0, as on CUDA.
 DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V, float f) {
-  float mx[P], sum[P];
-  for (int64_t l = 0; l < P; ++l) {
-    mx[l] = kNegInf;
-    sum[l] = 0.0f;
-  }
+  float mx[P], inv[P];
+  for (int64_t l = 0; l < P; ++l) mx[l] = kNegInf;
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) mx[l] = std::max(mx[l], buf[v * P + l]);
   for (int64_t l = 0; l < P; ++l) mx[l] = mx[l] == kNegInf ? 0.0f : mx[l];
+  double sum[1][P];
+  blocked_sums<1>(V, sum, [&](int64_t v0, int64_t v1, float (&part)[1][P]) {
+    for (int64_t v = v0; v < v1; ++v)
+      for (int64_t l = 0; l < P; ++l) {
+        const float e = exp_nonpos((buf[v * P + l] - mx[l]) * f);
+        buf[v * P + l] = e;
+        part[0][l] += e;
+      }
+  });
+  for (int64_t l = 0; l < P; ++l) inv[l] = sum[0][l] > 0.0 ? static_cast<float>(1.0 / sum[0][l]) : 0.0f;
   for (int64_t v = 0; v < V; ++v)
-    for (int64_t l = 0; l < P; ++l) {
-      const float e = exp_nonpos((buf[v * P + l] - mx[l]) * f);
-      buf[v * P + l] = e;
-      sum[l] += e;
-    }
-  for (int64_t l = 0; l < P; ++l) sum[l] = sum[l] > 0.0f ? 1.0f / sum[l] : 0.0f;
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= sum[l];
+    for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= inv[l];
 }
 
 // For logits x in buf: per lane max mx, log of sum exp(x - mx), and mean_d = sum p (x - mx), so
 // that log p - sum p log p = (x - mx) - mean_d (the KL term's gradient), free of the log sum.
-// The sum is accumulated in double: in float, adding V values near 1 rounded with a bias (to
-// ~1e-5 of the sum at V = 8192), which kl_to_uniform's terms feel to second order (~1e-10).
 DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, float* log_sum, float* mean_d) {
-  double sum[P];
-  float t[P];
-  for (int64_t l = 0; l < P; ++l) {
-    mx[l] = kNegInf;
-    sum[l] = 0.0f;
-    t[l] = 0.0f;
-  }
+  for (int64_t l = 0; l < P; ++l) mx[l] = kNegInf;
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) mx[l] = std::max(mx[l], buf[v * P + l]);
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t l = 0; l < P; ++l) {
-      const float d = buf[v * P + l] - mx[l];
-      const float e = exp_nonpos(d);
-      sum[l] += e;
-      t[l] += e > 0.0f ? e * d : 0.0f;  // -inf logits: p log p -> 0, not 0 * -inf
-    }
+  double sums[2][P];  // sum e, sum e d
+  blocked_sums<2>(V, sums, [&](int64_t v0, int64_t v1, float (&part)[2][P]) {
+    for (int64_t v = v0; v < v1; ++v)
+      for (int64_t l = 0; l < P; ++l) {
+        const float d = buf[v * P + l] - mx[l];
+        const float e = exp_nonpos(d);
+        part[0][l] += e;
+        part[1][l] += e > 0.0f ? e * d : 0.0f;  // -inf logits: p log p -> 0, not 0 * -inf
+      }
+  });
   for (int64_t l = 0; l < P; ++l) {
-    log_sum[l] = static_cast<float>(std::log(sum[l]));
-    mean_d[l] = static_cast<float>(t[l] / sum[l]);
+    log_sum[l] = static_cast<float>(std::log(sums[0][l]));
+    mean_d[l] = static_cast<float>(sums[1][l] / sums[0][l]);
   }
 }
 
@@ -161,31 +175,32 @@ DF_ALWAYS_INLINE void softmax_stats(const float* buf, int64_t V, float* mx, floa
 // normaliser log_sum changes the sum only to second order (phi's terms with w + c sum to
 // e^c (KL + c) - e^c + 1). Near w = 0, phi is its series, (w - 1) e^w + 1 cancelling there.
 DF_ALWAYS_INLINE void kl_to_uniform(const float* buf, int64_t V, const float* mx, const float* log_sum, float* kl) {
-  float c[P], r[P], acc[P];
+  float c[P], r[P];
   const float log_v = std::log(static_cast<float>(V));
   for (int64_t l = 0; l < P; ++l) {
     c[l] = log_sum[l] - log_v;  // w = (x - mx) - c
     r[l] = std::exp(-c[l]);     // e^w = exp(x - mx) r
-    acc[l] = 0.0f;
   }
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t l = 0; l < P; ++l) {
-      const float d = buf[v * P + l] - mx[l];
-      const float w = d - c[l];
-      const float e = exp_nonpos(d) * r[l];
-      float series = 1.0f / 5760.0f;
-      series = series * w + 1.0f / 840.0f;
-      series = series * w + 1.0f / 144.0f;
-      series = series * w + 1.0f / 30.0f;
-      series = series * w + 1.0f / 8.0f;
-      series = series * w + 1.0f / 3.0f;
-      series = series * w + 0.5f;
-      // e == 0 (p = 0, w possibly -inf): phi = 1, not (-inf) * 0.
-      const float phi = std::fabs(w) < 0.25f ? w * w * series : e > 0.0f ? (w - 1.0f) * e + 1.0f : 1.0f;
-      acc[l] += phi;
-    }
-  const float inv_v = 1.0f / static_cast<float>(V);
-  for (int64_t l = 0; l < P; ++l) kl[l] = acc[l] * inv_v;
+  double acc[1][P];
+  blocked_sums<1>(V, acc, [&](int64_t v0, int64_t v1, float (&part)[1][P]) {
+    for (int64_t v = v0; v < v1; ++v)
+      for (int64_t l = 0; l < P; ++l) {
+        const float d = buf[v * P + l] - mx[l];
+        const float w = d - c[l];
+        const float e = exp_nonpos(d) * r[l];
+        float series = 1.0f / 5760.0f;
+        series = series * w + 1.0f / 840.0f;
+        series = series * w + 1.0f / 144.0f;
+        series = series * w + 1.0f / 30.0f;
+        series = series * w + 1.0f / 8.0f;
+        series = series * w + 1.0f / 3.0f;
+        series = series * w + 0.5f;
+        // e == 0 (p = 0, w possibly -inf): phi = 1, not (-inf) * 0.
+        const float phi = std::fabs(w) < 0.25f ? w * w * series : e > 0.0f ? (w - 1.0f) * e + 1.0f : 1.0f;
+        part[0][l] += phi;
+      }
+  });
+  for (int64_t l = 0; l < P; ++l) kl[l] = static_cast<float>(acc[0][l] / static_cast<double>(V));
 }
 
 template <class Store>
@@ -235,10 +250,13 @@ DF_CPU_CLONES void backward_block(const GumbelParams& p, uint64_t seed, uint64_t
     softmax_block(ys, V, inv_tau);
   }
   load_block<Store>(static_cast<const S*>(p.grad_y), k, V, g);
+  double dot64[1][P];
+  blocked_sums<1>(V, dot64, [&](int64_t v0, int64_t v1, float (&part)[1][P]) {
+    for (int64_t v = v0; v < v1; ++v)
+      for (int64_t l = 0; l < P; ++l) part[0][l] += ys[v * P + l] * g[v * P + l];
+  });
   float dot[P];
-  for (int64_t l = 0; l < P; ++l) dot[l] = 0.0f;
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t l = 0; l < P; ++l) dot[l] += ys[v * P + l] * g[v * P + l];
+  for (int64_t l = 0; l < P; ++l) dot[l] = static_cast<float>(dot64[0][l]);
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) g[v * P + l] = ys[v * P + l] * (g[v * P + l] - dot[l]) * inv_tau;
   if (p.grad_kl) {
