@@ -58,9 +58,10 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """y = softmax((logits + g) / tau) along `dim`, g ~ Gumbel(0, 1).
 
-    hard=True returns the one-hot of the first argmax of logits + g (the soft sample's argmax)
-    with the soft sample's gradient (straight through); from the same generator state it draws
-    the same noise as the soft sample. Works on the channel dim of NCHW logits without a
+    hard=True returns the one-hot of the first argmax of logits + g (the soft sample's argmax,
+    except where exp rounding ties the soft sample's entries at very large tau) with the soft
+    sample's gradient (straight through); from the same generator state it draws the same noise
+    as the soft sample. Works on the channel dim of NCHW logits without a
     permuted copy; -inf logits are never sampled, and a position whose logits are all -inf gets
     y = 0 from the kernels. Any finite logits give a finite sample (the kernels subtract the max
     of logits + g before dividing by tau). float32, bfloat16 and float16 run our kernels

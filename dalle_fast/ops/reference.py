@@ -69,8 +69,10 @@ def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -
 
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: bool = False,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """softmax((logits + g) / tau) over `dim`; hard: the one-hot of its argmax in the forward
-    pass with the soft sample's gradient (straight-through). `noise` defaults to fresh g."""
+    """softmax((logits + g) / tau) over `dim`; hard: the one-hot of the first argmax of logits + g
+    (the Gumbel-max draw, as the kernels take it) in the forward pass with the soft sample's
+    gradient (straight-through). That is the soft sample's argmax except where exp rounding ties
+    entries of the soft sample (tau ~1e6 and above). `noise` defaults to fresh g."""
     if noise is None:
         noise = gumbel_noise(logits.shape, generator, logits.device)
     compute = torch.promote_types(logits.dtype, torch.float32)
@@ -79,7 +81,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
     # finite logits beyond its largest value times tau. softmax does not depend on the shift.
     y = torch.softmax((u - u.detach().amax(dim, keepdim=True)) / tau, dim=dim)
     if hard:
-        index = y.argmax(dim=dim, keepdim=True)
+        index = u.argmax(dim=dim, keepdim=True)
         y_hard = torch.zeros_like(y).scatter_(dim, index, 1.0)
         y = y_hard - y.detach() + y
     return y.to(logits.dtype)

@@ -229,6 +229,18 @@ def test_large_vocabulary_matches_float64(shape, dim):
         assert err <= GRAD_TOL[torch.float32], f"{what}: relative error {err}"
 
 
+def test_reference_hard_sample_is_the_argmax_of_logits_plus_noise():
+    """At tau = 1e8 exp((u - max) / tau) rounds to 1 for most entries: the soft sample's argmax
+    is no longer that of u = logits + g, the Gumbel-max draw the kernels take."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 512, generator=gen)
+    y, _, state = fwd(x, 1e8, -1, True, False, gen)
+    g = noise_of(x, state, -1)
+    yr = reference.gumbel_softmax(x, 1e8, -1, True, noise=g)
+    assert torch.equal(yr.argmax(-1), (x + g).argmax(-1))
+    assert torch.equal(y, yr)
+
+
 def test_reference_kl_gradient_at_minus_inf_logits():
     # d KL / d x_v = p_v (log p_v - sum p log p), 0 where x_v = -inf (not NaN over the position).
     x = torch.randn(3, 6, dtype=torch.float64)

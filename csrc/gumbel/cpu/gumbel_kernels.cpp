@@ -224,7 +224,7 @@ DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t 
     return;
   }
   add_noise(buf, V, 1.0f, seed, offset, k.pos0);
-  if (p.hard) {  // the one-hot of the first argmax of u, the soft sample's argmax
+  if (p.hard) {  // the one-hot of the first argmax of u (the soft sample's, but where exp rounding ties it)
     int32_t arg[P];
     argmax_block(buf, V, arg);
     for (int64_t v = 0; v < V; ++v)
