@@ -39,6 +39,8 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
         raise TypeError("offsets must be a 1-D int64 tensor and g a 0-dim int64 tensor")
     if len({t.device for t in (q, cache_k, cache_v, offsets, g)}) != 1:
         raise ValueError("q, the caches, offsets and g must be on one device")
+    if q.shape[2] < 1:
+        raise ValueError(f"the head dim D must be at least 1, got q of shape {tuple(q.shape)}")
     if isinstance(text_len, bool) or not isinstance(text_len, int) or not 1 <= text_len <= cache_k.shape[2]:
         raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
 
