@@ -1,6 +1,8 @@
 #include "decode_args.h"
 
 #include <cmath>
+#include <cstdint>
+#include <utility>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +11,28 @@
 #include "attention_args.h"
 
 namespace dalle_fast {
+
+namespace {
+
+// Whether the bytes from a's first element to its last meet b's: the test of
+// dalle_fast/ops/decode.py's _spans_meet. at::get_overlap_status answers TooHard for tensors that
+// are not dense (a strided view of a cache row), so it cannot tell those apart; this refuses
+// some that share no element (interleaved caches) but passes views of one buffer that do not
+// interleave (the sampler's keys and values, caches cut short along N).
+bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // PyTorch strides are not negative
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::pair{begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+}  // namespace
 
 DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
                           const at::Tensor& offsets, const at::Tensor& g, int64_t text_len, double scale) {
@@ -76,9 +100,8 @@ DecodeCall prepare_decode_append(const at::Tensor& q, const at::Tensor& k_new, c
                       ": the caches are written in place, but one has elements sharing memory (sizes ",
                       t->sizes(), ", strides ", t->strides(), ", e.g. from expand()); pass a clone()");
   const auto check_apart = [op](const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-    const auto status = at::get_overlap_status(a, b);
-    TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
-                      a_name, " and ", b_name, " share memory, but the caches are written in place; pass a clone()");
+    TORCH_CHECK_VALUE(!spans_meet(a, b), op, ": ", a_name, " and ", b_name,
+                      " share memory, but the caches are written in place; pass a clone()");
   };
   check_apart(cache_k, "cache_k", cache_v, "cache_v");
   for (const auto& [cache, cache_name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {

@@ -45,6 +45,33 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
         raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
 
 
+def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes from a's first element to its last meet b's (spans_meet in
+    csrc/attention/decode_args.cpp, which refuses the same for the compiled op). PyTorch's own
+    overlap test gives up on tensors that are not dense (a strided view of a cache row); this
+    refuses some that share no element (interleaved caches) but passes views of one buffer that
+    do not interleave (the sampler's keys and values)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a_begin, a_end), (b_begin, b_end) = span(a), span(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def _check_apart(cache_k, cache_v, k_new, v_new) -> None:
+    """The caches are written in place: they may share no memory with each other, nor with this
+    step's key and value, which are read while they are written."""
+    for a, a_name, b, b_name in ((cache_k, "cache_k", cache_v, "cache_v"), (cache_k, "cache_k", k_new, "k_new"),
+                                 (cache_k, "cache_k", v_new, "v_new"), (cache_v, "cache_v", k_new, "k_new"),
+                                 (cache_v, "cache_v", v_new, "v_new")):
+        if _spans_meet(a, b):
+            raise ValueError(f"{a_name} and {b_name} share memory, but the caches are written in place; pass a clone()")
+
+
 def append_enabled() -> bool:
     """False when DALLE_FAST_DECODE_APPEND=0: sparse_decode writes k_new / v_new with index_copy_
     and then attends (two more kernels per call) instead of doing both in one kernel."""
@@ -71,7 +98,8 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     over the text keys and the image keys g - d (d in `offsets` [K], int64, those >= 0) of the
     caches [B, H, N, D], whose position text_len + g must hold this step's key and value: given
     k_new and v_new [B, H, D] (both or neither), they are written there first, in place, in the
-    same kernel. Returns [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
+    same kernel (a ValueError where the caches and k_new / v_new may share memory). Returns
+    [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
     _check(q, cache_k, cache_v, offsets, g, text_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
@@ -86,6 +114,8 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                  and cache_k.stride(3) == 1 and cache_v.stride(3) == 1)
         if not (fused and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES,
                                               no_backward=(q, cache_k, cache_v, k_new, v_new))):
+            if not torch.compiler.is_compiling():  # fake tensors (torch.compile's tracing) have no addresses
+                _check_apart(cache_k, cache_v, k_new, v_new)  # as sparse_decode_append does in C++
             position = (text_len + g).view(1)
             cache_k.index_copy_(2, position, k_new.unsqueeze(2))
             cache_v.index_copy_(2, position, v_new.unsqueeze(2))
