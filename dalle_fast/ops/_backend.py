@@ -82,8 +82,8 @@ def backend(name: str):
 
 @contextlib.contextmanager
 def environment_variable(name: str, value: str):
-    """Inside: os.environ[name] = value, restored after. For the switches our ops read at every
-    call (to compare two paths in one process: benchmarks, tests); not thread-safe."""
+    """Inside: os.environ[name] = value, restored after. For our ops' switches (to compare two
+    paths in one process: benchmarks, tests); not thread-safe. See switch_on for when they are read."""
     old = os.environ.get(name)
     os.environ[name] = value
     try:
@@ -96,12 +96,18 @@ def environment_variable(name: str, value: str):
 
 
 def switch_on(name: str) -> bool:
-    """One of our ops' on/off switches, read at every call: False when the environment sets name=0."""
+    """One of our ops' on/off switches: False when the environment sets name=0. Read at every eager
+    call; inside torch.compile it is read once, when the function is traced, and the compiled
+    function keeps the path it was traced with (Dynamo does not guard on os.environ): recompile,
+    or call torch._dynamo.reset(), to change it. (DALLE_FAST_GUMBEL_RESIDENT and
+    DALLE_FAST_DECODE_FAST, which our C++ launchers read, are read at every call, compiled or not;
+    a captured CUDA graph replays the kernels it captured.)"""
     return os.environ.get(name, "1") != "0"
 
 
 def switch(name: str, enabled: bool):
-    """A context in which the switch `name` is on (True) or off (False); not thread-safe."""
+    """A context in which the switch `name` is on (True) or off (False), for eager calls and
+    functions traced inside it (see switch_on); not thread-safe."""
     if enabled not in (True, False):
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
     return environment_variable(name, "1" if enabled else "0")

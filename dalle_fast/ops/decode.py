@@ -74,7 +74,9 @@ def _check_apart(cache_k, cache_v, k_new, v_new) -> None:
 
 def append_enabled() -> bool:
     """False when DALLE_FAST_DECODE_APPEND=0: sparse_decode writes k_new / v_new with index_copy_
-    and then attends (two more kernels per call) instead of doing both in one kernel."""
+    and then attends (two more kernels per call) instead of doing both in one kernel. Read at
+    every eager call; inside torch.compile sparse_decode always takes index_copy_ (a graph holds
+    no in-place op on the caches), whatever the switch."""
     return _backend.switch_on("DALLE_FAST_DECODE_APPEND")
 
 

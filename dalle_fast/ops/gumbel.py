@@ -92,8 +92,10 @@ def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
     g ~ Gumbel(0, 1) the noise gumbel_softmax would draw from the same generator state. One pass
     over the logits, no softmax and no host synchronisation: the sampler's token draw (scale =
     1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0.
-    DALLE_FAST_GUMBEL_ARGMAX=0 in the environment (read at every call) draws with the reference
-    instead (PyTorch's noise, a few kernels), e.g. to rule the kernel out."""
+    DALLE_FAST_GUMBEL_ARGMAX=0 in the environment (read at every eager call, and when
+    torch.compile traces the call: a compiled function keeps the path it was traced with; see
+    _backend.switch_on) draws with the reference instead (PyTorch's noise, a few kernels), e.g.
+    to rule the kernel out."""
     dim = _check(logits, scale, dim, generator, "scale")
     if (not _backend.switch_on("DALLE_FAST_GUMBEL_ARGMAX")
             or not _backend.use_kernel("gumbel_argmax", logits, _DTYPES, _DTYPES)):

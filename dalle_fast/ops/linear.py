@@ -12,8 +12,10 @@ The kernel takes float16 / bfloat16 CUDA tensors with at most 64 rows, K % 32 ==
 and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference: the
 norm, then `reference.linear` (F.linear, the activation, the residual). The kernel has no
 backward: under the "auto" backend a call that autograd would record (grad mode on and an input
-that requires grad) runs the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in the environment (read at
-every call) sends every call to the reference, so a benchmark can time both in one process.
+that requires grad) runs the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in
+the environment sends every call to the reference, so a benchmark can time both in one process;
+it is read at every eager call, and when torch.compile traces the call (a compiled function
+keeps the path it was traced with; see _backend.switch_on).
 """
 
 from __future__ import annotations
