@@ -1,14 +1,16 @@
 """Incremental decoding against the full forward pass, sampling filters, seeds and priming."""
 
+import copy
+
 import pytest
 import torch
 
-from dalle_fast import ops
+from dalle_fast import ops, sampler
 from dalle_fast.ops import linear
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, filter_logits, key_offsets,
                                 sample_image_tokens, sample_logits)
-from tests.conftest import DEVICES, assert_close, requires_cuda
+from tests.conftest import DEVICES, assert_close, assert_within_reference_error, requires_cuda
 
 
 def make_prior(kinds, grid=5, text_len=4, seed=0, dtype=torch.float64, device="cpu", colour_codes=0,
@@ -239,13 +241,52 @@ def test_compiled_guided_sampling_draws_the_eager_tokens():
     assert torch.equal(run(True), run(False))
 
 
+def randomise_parameters(prior, seed=0):
+    """GPT-2's initialisation zeroes every bias, makes the layer norms the identity and keeps the
+    GELU's inputs near 0: a step that dropped a bias or a norm's affine part gave the same logits,
+    one without the GELU nearly so. Here the linear layers' outputs are of unit scale (weights
+    N(0, 0.25 / fan_in)), biases and the norms' offsets N(0, 0.04), the norms' scales 1 + N(0, 0.04)."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda t, std: std * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        for module in prior.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(randn(module.weight, 0.5 / module.weight.shape[1] ** 0.5))
+                if module.bias is not None:
+                    module.bias.copy_(randn(module.bias, 0.2))
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + randn(module.weight, 0.2))
+                module.bias.copy_(randn(module.bias, 0.2))
+    return prior
+
+
+def step_logits(prior, text, image, steps=6):
+    """The logits of IncrementalPrior's first `steps` image steps after the text, [steps, B, V]."""
+    inc = IncrementalPrior(prior, batch=text.shape[0])
+    inc.prefill(text)
+    return torch.stack([inc.step(image[:, g], torch.tensor(g, device=text.device)) for g in range(steps)])
+
+
+def assert_skinny_steps_within_reference_error(prior, text, image, what=""):
+    """The steps of a float16 / bfloat16 prior with skinny_linear's kernel (CUDA) against float64 by
+    the flash-attention rule: within twice the error of the same steps with F.linear and the
+    epilogue in PyTorch (cuBLAS) in the prior's dtype, plus a floor."""
+    with linear.cuda_skinny_linear(True):
+        ours = step_logits(prior, text, image)
+    with linear.cuda_skinny_linear(False):
+        low = step_logits(prior, text, image)
+        exact = step_logits(copy.deepcopy(prior).to("cpu", torch.float64), text.cpu(), image.cpu())
+    assert_within_reference_error(ours, low, exact, what)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype):
     # d_model 32 and 16 image codes: every linear layer of the step, the head included, is one the
     # skinny_linear kernel takes. (The compiled step is checked against the eager one by
     # bench_sampling's ours_compiled.)
-    prior = make_prior(["row", "column", "conv", "causal"], dtype=dtype, device="cuda", image_vocab=16)
+    prior = randomise_parameters(
+        make_prior(["row", "column", "conv", "causal"], dtype=dtype, device="cuda", image_vocab=16))
     cfg = prior.config
     text, image = tokens_for(cfg, batch=3, device="cuda")
     block = prior.blocks[0]
@@ -254,12 +295,38 @@ def test_cuda_half_step_with_skinny_linear_matches_the_cublas_step(dtype):
     assert linear._kernel_takes(torch.zeros(3, 4 * cfg.d_model, device="cuda", dtype=dtype), block.mlp[2].weight,
                                 block.mlp[2].bias, x.view(3, -1))
     assert linear._kernel_takes(x[:, 0], prior.image_head.weight, prior.image_head.bias, None, prior.ln_f)
-    runs = {}
-    for fused in (True, False):
-        with linear.cuda_skinny_linear(fused):
-            inc = IncrementalPrior(prior, batch=3)
-            inc.prefill(text)
-            runs[fused] = torch.stack([inc.step(image[:, g], torch.tensor(g, device="cuda")) for g in range(6)])
-    # Rounding differs (the kernel rounds once per layer output, F.linear / GELU / add each round):
-    # a few units of the dtype's last place through 4 layers; a wrong fragment would be off by O(1).
-    torch.testing.assert_close(runs[True].float(), runs[False].float(), atol=0.1, rtol=0.05)
+    # The kernel rounds once per layer output, F.linear / GELU / add each round: its error against
+    # float64 is at most the cuBLAS step's (twice it, plus a floor, allowed).
+    assert_skinny_steps_within_reference_error(prior, text, image, f"{dtype}")
+
+
+def _drop_bias(x, weight, bias=None, residual=None, activation=None, norm=None):
+    return _skinny_linear(x, weight, None, residual, activation, norm)
+
+
+def _drop_gelu(x, weight, bias=None, residual=None, activation=None, norm=None):
+    return _skinny_linear(x, weight, bias, residual, None, norm)
+
+
+def _drop_norm_affine(x, weight, bias=None, residual=None, activation=None, norm=None):
+    plain = None if norm is None else torch.nn.LayerNorm(norm.normalized_shape, norm.eps, elementwise_affine=False)
+    return _skinny_linear(x, weight, bias, residual, activation, plain)
+
+
+_skinny_linear = sampler.skinny_linear
+
+
+@pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
+@pytest.mark.parametrize("broken", [_drop_bias, _drop_gelu, _drop_norm_affine])
+def test_skinny_step_check_rejects_a_step_that_drops_part_of_a_layer(broken, monkeypatch):
+    """The CUDA test's check, on the CPU in bfloat16 with a broken skinny_linear standing in for the
+    kernel (where the kernel is enabled): a step without the biases, the GELU or the norms' affine
+    part fails it (the zero-bias model and atol = 0.1 passed all three); the intact one passes."""
+    prior = randomise_parameters(
+        make_prior(["row", "column", "conv", "causal"], dtype=torch.bfloat16, image_vocab=16))
+    text, image = tokens_for(prior.config, batch=3)
+    assert_skinny_steps_within_reference_error(prior, text, image, "intact")
+    monkeypatch.setattr(sampler, "skinny_linear",
+                        lambda *args, **kwargs: (broken if linear.kernel_enabled() else _skinny_linear)(*args, **kwargs))
+    with pytest.raises(AssertionError, match="> bound"):
+        assert_skinny_steps_within_reference_error(prior, text, image, broken.__name__)
