@@ -14,11 +14,11 @@ namespace dalle_fast {
 
 namespace {
 
-// Whether the bytes from a's first element to its last meet b's: the test of
-// dalle_fast/ops/decode.py's _spans_meet. at::get_overlap_status answers TooHard for tensors that
-// are not dense (a strided view of a cache row), so it cannot tell those apart; this refuses
-// some that share no element (interleaved caches) but passes views of one buffer that do not
-// interleave (the sampler's keys and values, caches cut short along N).
+// Whether the bytes from a's first element to its last meet b's (dalle_fast/ops/decode.py's
+// _check_apart tests the same for the index_copy_ path). at::get_overlap_status answers TooHard
+// for tensors that are not dense (a strided view of a cache row), so it cannot tell those apart;
+// this refuses some that share no element (interleaved caches) but passes views of one buffer
+// that do not interleave (the sampler's keys and values, caches cut short along N).
 bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto span = [](const at::Tensor& t) {

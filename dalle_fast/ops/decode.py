@@ -45,31 +45,28 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
         raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
 
 
-def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the bytes from a's first element to its last meet b's (spans_meet in
-    csrc/attention/decode_args.cpp, which refuses the same for the compiled op). PyTorch's own
-    overlap test gives up on tensors that are not dense (a strided view of a cache row); this
-    refuses some that share no element (interleaved caches) but passes views of one buffer that
-    do not interleave (the sampler's keys and values)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def span(t):
-        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-    (a_begin, a_end), (b_begin, b_end) = span(a), span(b)
-    return a_begin < b_end and b_begin < a_end
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [begin, end) from t's first element to its last; empty for no elements."""
+    if t.numel() == 0:
+        return 0, 0
+    begin = t.data_ptr()
+    return begin, begin + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def _check_apart(cache_k, cache_v, k_new, v_new) -> None:
     """The caches are written in place: they may share no memory with each other, nor with this
-    step's key and value, which are read while they are written."""
-    for a, a_name, b, b_name in ((cache_k, "cache_k", cache_v, "cache_v"), (cache_k, "cache_k", k_new, "k_new"),
-                                 (cache_k, "cache_k", v_new, "v_new"), (cache_v, "cache_v", k_new, "k_new"),
-                                 (cache_v, "cache_v", v_new, "v_new")):
-        if _spans_meet(a, b):
-            raise ValueError(f"{a_name} and {b_name} share memory, but the caches are written in place; pass a clone()")
+    step's key and value, which are read while they are written. Refused where two byte spans
+    meet, as spans_meet in csrc/attention/decode_args.cpp refuses for the kernel: PyTorch's own
+    overlap test gives up on tensors that are not dense (a strided view of a cache row). This
+    refuses some that share no element (interleaved caches) but passes views of one buffer that
+    do not interleave (the sampler's keys and values)."""
+    spans = {name: _byte_span(t) for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("k_new", k_new),
+                                                 ("v_new", v_new))}
+    for a, b in (("cache_k", "cache_v"), ("cache_k", "k_new"), ("cache_k", "v_new"), ("cache_v", "k_new"),
+                 ("cache_v", "v_new")):
+        (a_begin, a_end), (b_begin, b_end) = spans[a], spans[b]
+        if a_begin < b_end and b_begin < a_end:
+            raise ValueError(f"{a} and {b} share memory, but the caches are written in place; pass a clone()")
 
 
 def append_enabled() -> bool:
