@@ -101,7 +101,9 @@ DecodeCall prepare_decode_append(const at::Tensor& q, const at::Tensor& k_new, c
                       t->sizes(), ", strides ", t->strides(), ", e.g. from expand()); pass a clone()");
   const auto check_apart = [op](const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
     TORCH_CHECK_VALUE(!spans_meet(a, b), op, ": ", a_name, " and ", b_name,
-                      " share memory, but the caches are written in place; pass a clone()");
+                      " share memory (their spans from first to last element meet), but the caches are ",
+                      "written in place; give each its own memory (clone() k_new / v_new; allocate the caches ",
+                      "apart, not interleaved)");
   };
   check_apart(cache_k, "cache_k", cache_v, "cache_v");
   for (const auto& [cache, cache_name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {

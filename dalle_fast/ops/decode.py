@@ -66,7 +66,9 @@ def _check_apart(cache_k, cache_v, k_new, v_new) -> None:
                  ("cache_v", "v_new")):
         (a_begin, a_end), (b_begin, b_end) = spans[a], spans[b]
         if a_begin < b_end and b_begin < a_end:
-            raise ValueError(f"{a} and {b} share memory, but the caches are written in place; pass a clone()")
+            raise ValueError(f"{a} and {b} share memory (their spans from first to last element meet), but the caches "
+                             "are written in place; give each its own memory (clone() k_new / v_new; allocate the "
+                             "caches apart, not interleaved)")
 
 
 def append_enabled() -> bool:
