@@ -12,11 +12,16 @@ on one fixed batch, timed per attention implementation, all on the same weights:
                 of the exact mask (mask_mods and dynamo limits from bench_attention.py)
 
 Before anything is timed, every method runs forward+backward once from the same weights on the
-same batch (this also compiles FlexAttention); sdpa_mask and flex must match ours' loss (and,
-in fp32, its gradients) within tolerance or they are not timed. A method that cannot run here
+same batch (this also compiles FlexAttention), and ours, sdpa_mask and flex must match the loss
+and gradients of the same step under ops.backend("reference") (dense PyTorch attention, float32)
+within tolerance, or they are not timed (in bfloat16 the tolerance grows by twice the
+reference's own error under the same autocast); a mismatch of ours or of an exact baseline makes
+the exit code 1, and the message names the method that is off. A method that cannot run here
 (FlexAttention has no CPU backward in some torch versions) is recorded as skipped with the
-error, and the rest go on. Timing: `common.time_interleaved` (untimed warm-up calls, then rounds
-that call every method once; medians), one model whose attention fn is swapped per call.
+error, and the rest go on (the reference's dense attention keeps N x N scores per layer for its
+backward: a device without room for them checks nothing and times nothing). Timing:
+`common.time_interleaved` (untimed warm-up calls, then rounds that call every method once;
+medians), one model whose attention fn is swapped per call.
 
 Reported per method: ms/step, training tokens/s (B * N / step time), ours' speed-up over it, and
 on CUDA the peak memory of one step (torch.cuda.max_memory_allocated; not measured on CPU,
@@ -56,8 +61,9 @@ from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
 
 METHODS = ("ours", "sdpa_causal", "sdpa_mask", "flex")
 BASELINES = METHODS[1:]
-# Methods that compute the exact masks, so must reproduce ours' loss (sdpa_causal is another model).
+# Methods that compute the exact masks, so must reproduce the reference (sdpa_causal is another model).
 EXACT = ("sdpa_mask", "flex")
+CHECKED = ("ours", *EXACT)
 
 # Per-device defaults. CUDA: the paper preset's vocabularies, T=256, S=32 (N=1280), cut to 12 x d512.
 DEFAULTS = {
@@ -67,10 +73,13 @@ DEFAULTS = {
 }
 QUICK = dict(preset="tiny", overrides={}, batch=2, repeats=2, warmup=1)
 
-# Loss: |loss - ours| <= tol * max(1, |ours|). Gradients: max|g - g_ours| <= tol * max|g_ours|
-# (None: reported, not required; bf16 autocast rounds differently along 12 layers of two kernels).
-LOSS_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
-GRAD_TOL = {"float32": 1e-3, "bfloat16": None}
+# The yardstick of every method, ours included: one forward+backward of the same model under
+# ops.backend("reference") (dense PyTorch attention, none of our kernels) in float32.
+# Loss: |loss - ref| <= LOSS_TOL * max(1, |ref|); gradients: max|g - g_ref| <= GRAD_TOL * max|g_ref|.
+# In bfloat16 (autocast) each tolerance grows by twice the reference's own error under the same
+# autocast (rounding along the layers is no fault of a method's attention).
+LOSS_TOL = 1e-4
+GRAD_TOL = 1e-3
 
 FALLBACK_TEXT = "falls back to the dense PyTorch reference"
 
@@ -249,15 +258,17 @@ def _error_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_method(cfg: Config, model: Prior, fn: Callable, text, image) -> tuple[float, torch.Tensor, float, list[str]]:
+def check_method(cfg: Config, model: Prior, fn: Callable, text, image,
+                 autocast: bool = True) -> tuple[float, torch.Tensor, float, list[str]]:
     """Loss and flat fp32 gradient of one forward+backward from the current weights (no step),
-    the seconds it took (compilation included) and any kernel-fallback warnings."""
+    the seconds it took (compilation included) and any kernel-fallback warnings; in float32
+    when not `autocast`."""
     set_attention(model, fn)
     model.zero_grad(set_to_none=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        with autocast_ctx(cfg):
+        with autocast_ctx(cfg) if autocast else contextlib.nullcontext():
             loss = model.loss(text, image)["loss"]
         loss.backward()
         if cfg.device == "cuda":
@@ -299,6 +310,19 @@ def peak_memory(cfg: Config, step: Callable[[], None]) -> dict:
             "peak_mib": peak / 2**20, "before_step_mib": before / 2**20, "step_extra_mib": (peak - before) / 2**20}
 
 
+def reference_check(cfg: Config, model: Prior, ours: Callable, text, image) -> dict:
+    """The yardstick: loss and gradients of one forward+backward under ops.backend("reference")
+    in float32, and (in bfloat16) the reference's own error under the benchmark's autocast."""
+    with ops.backend("reference"):
+        loss, grads, seconds, _ = check_method(cfg, model, ours, text, image, autocast=False)
+        out = {"loss": loss, "grads": grads, "first_call_s": seconds, "own_loss_err": 0.0, "own_grad_rel_err": 0.0}
+        if cfg.dtype != "float32":
+            own_loss, own_grads, _, _ = check_method(cfg, model, ours, text, image)
+            out["own_loss_err"] = abs(own_loss - loss)
+            out["own_grad_rel_err"] = (own_grads - grads).abs().max().item() / max(grads.abs().max().item(), 1e-30)
+    return out
+
+
 # --------------------------------------------------------------------------- benchmark
 
 
@@ -321,9 +345,24 @@ def run(cfg: Config, notes: list[str]) -> tuple[dict, dict]:
         if name not in cfg.methods:
             results[name] = {"status": "skipped", "why": "not selected (--methods)"}
 
-    # ---- pre-timing check: same weights, same batch, forward+backward once each (compiles flex)
-    loss_tol, grad_tol = LOSS_TOL[cfg.dtype], GRAD_TOL[cfg.dtype]
-    ours_loss = ours_grads = None
+    # ---- pre-timing check: same weights, same batch, forward+backward once each (compiles flex),
+    # every method against the reference backend's (LOSS_TOL / GRAD_TOL above)
+    try:
+        ref = reference_check(cfg, model, fns["ours"], text, image)
+    except Exception as exc:  # noqa: BLE001 - nothing can be checked, so nothing is timed
+        why = f"not checked: the reference run failed ({_error_line(exc)})"
+        log(traceback.format_exc())
+        notes.append(why)
+        for name in fns:
+            results[name] = {"status": "skipped", "why": why}
+        return model_info, {"methods": results, "speedup_of_ours": {}, "tokens_per_step": cfg.batch * pcfg.seq_len}
+    log(f"  reference    loss {ref['loss']:.6f} (float32, ops.backend('reference'))"
+        + (f"; its own bfloat16 error: loss {ref['own_loss_err']:.1e}, grad rel {ref['own_grad_rel_err']:.1e}"
+           if cfg.dtype != "float32" else ""))
+    ref_grads = ref.pop("grads")
+    scale_g = max(ref_grads.abs().max().item(), 1e-30)
+    loss_tol = LOSS_TOL * max(1.0, abs(ref["loss"])) + 2 * ref["own_loss_err"]
+    grad_tol = GRAD_TOL + 2 * ref["own_grad_rel_err"]
     for name, fn in fns.items():
         if isinstance(fn, str):
             results[name] = {"status": "skipped", "why": fn}
@@ -340,38 +379,33 @@ def run(cfg: Config, notes: list[str]) -> tuple[dict, dict]:
             if name == "ours":
                 log(traceback.format_exc())
             continue
-        check: dict = {"loss": loss, "first_call_s": seconds}
-        ok = loss == loss  # not NaN
+        diff = abs(loss - ref["loss"])  # NaN when loss is
+        grad_err = (grads - ref_grads).abs().max().item() / scale_g
+        check: dict = {"loss": loss, "first_call_s": seconds, "loss_diff_vs_reference": diff,
+                       "grad_rel_err_vs_reference": grad_err}
         if name == "ours":
-            ours_loss, ours_grads = loss, grads
             check["kernel_fallback"] = fallbacks
             if fallbacks:
                 notes.append(f"ours: the op fell back to the dense reference ({fallbacks[0]}); "
                              "its figures are not our kernel's")
-        elif ours_loss is not None:
-            diff = abs(loss - ours_loss)
-            scale_g = ours_grads.abs().max().item()
-            grad_err = (grads - ours_grads).abs().max().item() / max(scale_g, 1e-30)
-            check.update(loss_diff_vs_ours=diff, grad_rel_err_vs_ours=grad_err)
-            if name in EXACT:
-                ltol = loss_tol * max(1.0, abs(ours_loss))
-                check.update(loss_tol=ltol, grad_rel_tol=grad_tol)
-                ok = ok and diff <= ltol and (grad_tol is None or grad_err <= grad_tol)
-            else:
-                check["compared"] = "reported only: dense causal is another model of attention than the sparse masks"
+        if name in CHECKED:
+            check.update(loss_tol=loss_tol, grad_rel_tol=grad_tol)
+            ok = diff <= loss_tol and grad_err <= grad_tol  # False for NaN
+        else:
+            check["compared"] = "reported only: dense causal is another model of attention than the sparse masks"
+            ok = loss == loss  # not NaN
         check["ok"] = bool(ok)
         del grads
         if not ok:
-            why = (f"mismatch vs ours: loss {loss:.6g} vs {ours_loss}, |diff| {check.get('loss_diff_vs_ours')}, "
-                   f"grad rel err {check.get('grad_rel_err_vs_ours')}")
+            why = (f"{name} is off the reference (float32, ops.backend('reference')): loss {loss:.6g} vs "
+                   f"{ref['loss']:.6g}, |diff| {diff:.3g} (tol {loss_tol:.3g}), grad rel err {grad_err:.3g} "
+                   f"(tol {grad_tol:.3g})" if name in CHECKED else f"{name}: loss {loss}")
             results[name] = {"status": "mismatch", "why": why, "check": check}
             notes.append(f"{name}: MISMATCH, not timed ({why})")
             continue
-        extra = "" if name == "ours" else f", |loss - ours| {check['loss_diff_vs_ours']:.1e}, " \
-                                          f"grad rel err {check['grad_rel_err_vs_ours']:.1e}"
-        log(f"  {name:12s} ok: loss {loss:.6f}{extra} ({seconds:.1f} s)")
+        log(f"  {name:12s} ok: loss {loss:.6f}, |loss - ref| {diff:.1e}, grad rel err {grad_err:.1e} ({seconds:.1f} s)")
         results[name] = {"status": "ok", "check": check}
-    del ours_grads
+    del ref_grads
 
     # ---- timing: full training steps, interleaved rounds, warm-up excluded
     timed = [n for n in fns if results.get(n, {}).get("status") == "ok"]
@@ -409,7 +443,8 @@ def run(cfg: Config, notes: list[str]) -> tuple[dict, dict]:
             b = results.get(base, {})
             if "ms_per_step" in b:
                 speedup[base] = b["ms_per_step"] / ours["ms_per_step"]
-    return model_info, {"methods": results, "speedup_of_ours": speedup, "tokens_per_step": tokens}
+    return model_info, {"methods": results, "speedup_of_ours": speedup, "tokens_per_step": tokens,
+                        "reference": {**ref, "loss_tol": loss_tol, "grad_rel_tol": grad_tol}}
 
 
 # --------------------------------------------------------------------------- report
@@ -427,7 +462,7 @@ def print_table(cfg: Config, env: dict, model_info: dict, res: dict) -> None:
         mem = r.get("memory", {})
         rows.append([name, status,
                      f"{check['loss']:.5f}" if "loss" in check else "-",
-                     f"{check['loss_diff_vs_ours']:.1e}" if "loss_diff_vs_ours" in check else "-",
+                     f"{check['loss_diff_vs_reference']:.1e}" if "loss_diff_vs_reference" in check else "-",
                      fmt_ms(r.get("ms_per_step")),
                      f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-",
                      "1.00x" if name == "ours" and "ms_per_step" in r else
@@ -439,7 +474,7 @@ def print_table(cfg: Config, env: dict, model_info: dict, res: dict) -> None:
           f"{model_info['params'] / 1e6:.1f}M params; batch {cfg.batch}, {cfg.dtype}"
           f"{' autocast' if cfg.dtype == 'bfloat16' else ''}; one step = fwd + bwd + AdamW + zero_grad; "
           f"medians of {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up steps")
-    print(format_table(["method", "status", "check loss", "|d loss| vs ours", "ms/step", "tokens/s",
+    print(format_table(["method", "status", "check loss", "|d loss| vs ref", "ms/step", "tokens/s",
                         "ours faster by", "peak MiB" + (" (cuda)" if cfg.device == "cuda" else " (n/a cpu)")], rows))
     for name in METHODS:
         r = res["methods"].get(name, {})
@@ -464,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("ours ran the dense reference, not our kernel (see notes)")
     for name in EXACT:
         if res["methods"].get(name, {}).get("status") == "mismatch":
-            problems.append(f"{name} does not reproduce ours' loss: {res['methods'][name]['why']}")
+            problems.append(f"{name} does not reproduce the reference: {res['methods'][name]['why']}")
     if contended:
         problems.append(contended)
 
@@ -496,11 +531,13 @@ def main(argv: list[str] | None = None) -> int:
                             "swapped per call",
                    "excluded": "the pre-timing check step (compilation) and warm-up steps",
                    "tokens_per_s": "batch * N / median step time"},
-        "check_rule": {"loss": "|loss - ours| <= loss_tol * max(1, |ours loss|) for sdpa_mask and flex",
-                       "loss_tol": LOSS_TOL[cfg.dtype],
-                       "grads": "max|g - g_ours| / max|g_ours| over all parameters <= grad_rel_tol "
-                                "(None: reported only)",
-                       "grad_rel_tol": GRAD_TOL[cfg.dtype],
+        "check_rule": {"reference": "one forward+backward of the same model under ops.backend('reference') "
+                                    "(dense PyTorch attention) in float32; ours, sdpa_mask and flex against it",
+                       "loss": f"|loss - ref| <= {LOSS_TOL:g} * max(1, |ref loss|) + 2 * the reference's own "
+                               "error under the benchmark's autocast (0 in float32)",
+                       "grads": f"max|g - g_ref| / max|g_ref| over all parameters <= {GRAD_TOL:g} + 2 * the "
+                                "reference's own relative error under the benchmark's autocast",
+                       "reference_run": res.get("reference"),
                        "sdpa_causal": "loss reported only (dense causal is another model of attention)"},
         "memory": "CUDA: torch.cuda.max_memory_allocated over one extra step per method (peak includes weights "
                   "and optimizer state, shared by all methods); CPU: not measured",

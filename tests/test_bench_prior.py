@@ -1,11 +1,16 @@
 """benchmarks/bench_prior.py runs end to end and writes what it promises (no timing is checked here)."""
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import dalle_fast
+from dalle_fast import ops
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_prior.py"
@@ -34,13 +39,13 @@ def test_bench_prior_quick_writes_json(tmp_path):
         else:
             assert r["status"] == "skipped" and r["why"], (name, r)
 
-    # ours and the exact dense mask agree before anything is timed, and both are timed
-    assert methods["ours"]["status"] == "ok"
-    sdpa = methods["sdpa_mask"]
-    assert sdpa["status"] == "ok"
-    assert sdpa["check"]["ok"] is True
-    assert sdpa["check"]["loss_diff_vs_ours"] <= sdpa["check"]["loss_tol"]
-    assert sdpa["check"]["grad_rel_err_vs_ours"] <= sdpa["check"]["grad_rel_tol"]
+    # ours and the exact dense mask agree with the reference backend before anything is timed, and both are timed
+    for name in ("ours", "sdpa_mask"):
+        r = methods[name]
+        assert r["status"] == "ok" and r["check"]["ok"] is True, name
+        assert r["check"]["loss_diff_vs_reference"] <= r["check"]["loss_tol"], name
+        assert r["check"]["grad_rel_err_vs_reference"] <= r["check"]["grad_rel_tol"] == 1e-3, name
+    assert data["results"]["reference"]["own_loss_err"] == 0.0  # float32: the tolerance is the floor alone
     assert methods["sdpa_causal"]["status"] == "ok" and "loss" in methods["sdpa_causal"]["check"]
     if dalle_fast.ops._backend.has_kernels():
         assert methods["ours"]["check"]["kernel_fallback"] == []
@@ -65,3 +70,32 @@ def test_bench_prior_methods_flag(tmp_path):
     assert methods["ours"]["status"] == "ok" and methods["sdpa_mask"]["status"] == "ok"  # ours always runs
     for name in ("sdpa_causal", "flex"):
         assert methods[name] == {"status": "skipped", "why": "not selected (--methods)"}
+
+
+@pytest.mark.skipif(not dalle_fast.ops._backend.has_kernels(), reason="needs the compiled ops")
+def test_bench_prior_checks_ours_against_the_reference(monkeypatch, tmp_path):
+    # The reviewer's mutation: our kernel called with half the scale. Ours was the yardstick, so
+    # `--methods ours` timed it with rc 0 and with sdpa_mask the message blamed the baseline.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("bench_prior", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_prior", bench)
+    spec.loader.exec_module(bench)
+    real = ops.sparse_attention
+
+    def half_scale(q, k, v, kind, text_len, grid, kernel=11, scale=None):
+        if ops.current_backend() == "reference":
+            return real(q, k, v, kind, text_len, grid, kernel, scale)
+        return real(q, k, v, kind, text_len, grid, kernel, 0.5 / math.sqrt(q.shape[-1]))
+
+    monkeypatch.setattr(ops, "sparse_attention", half_scale)
+    out = tmp_path / "prior.json"
+    rc = bench.main(["--quick", "--device", "cpu", "--methods", "ours,sdpa_mask", "--repeats", "1", "--warmup", "0",
+                     "--json", str(out)])
+    data = json.loads(out.read_text())
+    methods = data["results"]["methods"]
+    assert rc == 1
+    assert methods["ours"]["status"] == "mismatch" and "ours is off the reference" in methods["ours"]["why"]
+    assert "ms_per_step" not in methods["ours"]
+    assert methods["sdpa_mask"]["status"] == "ok" and methods["sdpa_mask"]["ms_per_step"] > 0  # not blamed
+    assert any(p.startswith("ours is mismatch") for p in data["problems"])
