@@ -240,6 +240,34 @@ def _library_identity(module: Any) -> dict | None:
     return {"path": path, "mtime": mtime, "sha256_16": digest}
 
 
+def dalle_fast_switches() -> dict[str, str]:
+    """The DALLE_FAST_* variables of this process's environment (our ops' switches, e.g.
+    DALLE_FAST_GUMBEL_RESIDENT=0, read at every call; DALLE_FAST_CUDA at build time): a run
+    with a kernel switched off must not read as one of the full kernels. Empty: all defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DALLE_FAST_")}
+
+
+def _nvidia_driver() -> dict:
+    """The NVIDIA driver's version (nvidia-smi) and the CUDA version it supports
+    (cuDriverGetVersion of libcuda); None where unavailable. torch exposes neither."""
+    out: dict[str, Any] = {"driver_version": None, "driver_cuda_version": None}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.split()
+        out["driver_version"] = smi[0] if smi else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import ctypes
+
+        version = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            out["driver_cuda_version"] = f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
 def environment(device: str | torch.device) -> dict:
     """Machine, versions and dalle_fast build: what a result must carry to be comparable."""
     device = torch.device(device)
@@ -258,6 +286,7 @@ def environment(device: str | torch.device) -> dict:
             "torch_threads": torch.get_num_threads(),
         },
         "git": _git_state(),
+        "dalle_fast_switches": dalle_fast_switches(),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -268,7 +297,10 @@ def environment(device: str | torch.device) -> dict:
             "capability": f"{props.major}.{props.minor}",
             "memory_gib": round(props.total_memory / 2**30, 1),
             "multiprocessors": props.multi_processor_count,
-            "driver_cuda": torch.version.cuda,
+            # the CUDA runtime torch was built with (env["torch_cuda"]) is not the driver's:
+            # runs before 2026-11-29 recorded it here as "driver_cuda"
+            "torch_cuda_runtime": torch.version.cuda,
+            **_nvidia_driver(),
             "cudnn": torch.backends.cudnn.version(),
         }
         try:
@@ -294,10 +326,12 @@ def describe(env: dict) -> str:
     """One line for the top of a printed table."""
     cpu = env["cpu"]
     build = env.get("dalle_fast", {}).get("build_info", {})
+    switches = " ".join(f"{k}={v}" for k, v in (env.get("dalle_fast_switches") or {}).items())
     return (f"device: {env['device_name']} | cpu: {cpu['model']} ({cpu['physical_cores']} cores, "
             f"{cpu['torch_threads']} torch threads) | torch {env['torch']} | python {env['python']} | "
             f"dalle_fast build: {build or 'not built'} | git {str(env['git'].get('commit'))[:10]}"
-            f"{' (dirty)' if env['git'].get('dirty') else ''}, sources {env['git'].get('source_sha256')}")
+            f"{' (dirty)' if env['git'].get('dirty') else ''}, sources {env['git'].get('source_sha256')}"
+            f"{' | switches: ' + switches if switches else ''}")
 
 
 # --------------------------------------------------------------------------- output

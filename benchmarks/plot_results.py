@@ -9,8 +9,10 @@ For each benchmark (attention, gumbel_softmax, sampling) and each device, the ne
     gumbel_<device>.png      forward and forward+backward ms per method and dtype
     sampling_<device>.png    ms per image-token step per method (log scale)
 
-Each title names the device, the shape, the dtype and the date of the run; only methods that
-ran and passed their accuracy check are drawn.
+Each title names the device, the shape, the dtype and the date of the run, and the flags that
+left methods out (--methods, --kinds, --dtypes, --no-compile); only methods that ran and passed
+their accuracy check are drawn. Runs that set a DALLE_FAST_* switch to other than on (recorded
+in their environment since 2026-11-29) are left out: their "ours" is not our full kernels.
 
     python benchmarks/plot_results.py                      # benchmarks/results -> benchmarks/results/plots
     python benchmarks/plot_results.py --results DIR --out DIR
@@ -32,6 +34,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 NAMES = {"attention": "attention", "gumbel_softmax": "gumbel", "sampling": "sampling"}
 OTHER_SHAPES = ("--batch", "--dim", "--heads", "--text-len", "--grid", "--shape", "--quick")
+SUBSETS = ("--methods", "--kinds", "--dtypes", "--no-compile")  # fewer bars: said in the title
+
+
+def switched_off(data: dict) -> dict[str, str]:
+    """The DALLE_FAST_* switches a run set to other than on (runs before 2026-11-29 did not
+    record them): such a run's "ours" is not our full kernels."""
+    switches = data["environment"].get("dalle_fast_switches") or {}
+    return {k: v for k, v in switches.items() if v != "1"}
+
+
+def subset_flags(data: dict) -> str:
+    """The flags that left methods, kinds or dtypes out of a run, as given ('' if none)."""
+    argv, out = list(data.get("argv") or []), []
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if name in SUBSETS:
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if name != "--no-compile" and i + 1 < len(argv)
+                                                             else "")
+            out.append(f"{name} {value}".strip())
+    return " ".join(out)
 
 
 def newest_runs(folder: Path) -> dict[tuple[str, str], dict]:
@@ -44,8 +66,11 @@ def newest_runs(folder: Path) -> dict[tuple[str, str], dict]:
             continue
         if not isinstance(data, dict) or data.get("benchmark") not in NAMES or "environment" not in data:
             continue
-        if any(flag in (data.get("argv") or []) for flag in OTHER_SHAPES):
+        if any(arg.split("=", 1)[0] in OTHER_SHAPES for arg in (data.get("argv") or [])):
             continue  # the plots show each benchmark's default shapes (the issues' targets)
+        if switched_off(data):
+            print(f"{path}: left out, run with {switched_off(data)} (not our full kernels)", file=sys.stderr)
+            continue
         key = (NAMES[data["benchmark"]], device_of(data))
         data["_path"] = str(path)
         if key not in newest or data["environment"]["date"] > newest[key]["environment"]["date"]:
@@ -64,6 +89,8 @@ def device_of(data: dict) -> str:
 def subtitle(data: dict, what: str) -> str:
     env = data["environment"]
     note = " (timings contended: other processes were busy)" if data.get("load_warning") else ""
+    subset = subset_flags(data)
+    note += f"\n(only {subset})" if subset else ""
     return f"{env.get('device_name', '?')}, {what}, torch {env.get('torch', '?')}, {env['date'][:10]}{note}"
 
 

@@ -58,6 +58,11 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
                  "attention_cuda_20261127-075723", "attention_cuda_20261127-080717_b32", "gumbel_cpu_20261128-104352",
                  "gumbel_cuda_20261127-075818", "sampling_cpu_20261127-170343", "sampling_cuda_20261127-080631"):
         shutil.copy(REPO / "benchmarks" / "results" / f"{name}.json", results)
+    # a newer run with a kernel switched off (its "ours" is not our full kernels): left out
+    switched = json.loads((results / "gumbel_cpu_20261128-104352.json").read_text())
+    switched["environment"]["date"] = "2026-12-01T00:00:00+00:00"
+    switched["environment"]["dalle_fast_switches"] = {"DALLE_FAST_GUMBEL_RESIDENT": "0"}
+    (results / "gumbel_cpu_switched.json").write_text(json.dumps(switched))
     out = tmp_path / "plots"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(results),
                              "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -67,6 +72,8 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     assert "attention_cpu_20261126-144121.json" in result.stdout  # the newer of the two attention runs
     # the newest CUDA attention run at the default shape, not the newer --batch 32 one
     assert "attention_cuda_20261127-075723.json" in result.stdout
+    assert "gumbel_cpu_20261128-104352.json" in result.stdout and "gumbel_cpu_switched.json" not in result.stdout
+    assert "gumbel_cpu_switched.json: left out" in result.stderr
     empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(tmp_path)],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert empty.returncode == 1 and "no benchmark results" in empty.stderr
