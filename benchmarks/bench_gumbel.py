@@ -5,8 +5,10 @@
 Forward and forward+backward times (medians, warm-up and compilation excluded) and the
 effective bandwidth of the forward: bytes of one read of the logits plus one write of the
 sample, over the time. Before timing, our sample is checked against the formula applied to the
-same Philox noise in float64 (so a broken kernel cannot post a number): its error may be at most
-twice the formula's own error in the benchmark dtype plus a small floor.
+same Philox noise in float64 and its gradient against the formula's (y * (dy - sum(y * dy)) / tau)
+on its sample, both as timed (the public op and its autograd backward), so a broken kernel
+cannot post a number: each error may be at most twice the formula's own error in the benchmark
+dtype plus a small floor.
 """
 
 from __future__ import annotations
@@ -59,25 +61,65 @@ def formula(x: torch.Tensor, tau: float) -> torch.Tensor:
     return ((x + g) / tau).softmax(1)
 
 
-# Floor of the accuracy rule per dtype, on top of twice the formula's own error in that dtype.
+# Floor of the accuracy rule per dtype, on top of twice the formula's own error in that dtype:
+# forward absolute (the sample is at most 1); gradient relative to its largest entry (the
+# tolerances of tests/ops/test_gumbel.py halved: the kernels' exp and sums round otherwise than
+# PyTorch's, while a broken backward is off by the gradient's whole size).
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+GRAD_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
 
 
-def check_ours(x: torch.Tensor, tau: float) -> dict:
-    """Our sample against the formula evaluated in float64 on the same Philox noise. The yardstick
-    is the formula's own error in x's dtype (PyTorch ops, fp32 math): ours may err by twice that
-    plus a small floor, the rule the attention benchmark uses too."""
-    y, _, state = torch.ops.dalle_fast.gumbel_softmax_fwd(x, tau, 1, False, False, None)
-    noise = torch.ops.dalle_fast.gumbel_noise(x, state, 1)
-    exact = reference.gumbel_softmax(x.double(), tau, 1, noise=noise.double())
-    diff = (y.double() - exact).abs().flatten()  # once: 2 GiB in float64 at the CUDA shape
+def _worst(got: torch.Tensor, exact: torch.Tensor) -> tuple[float, dict]:
+    """Max abs difference of got from exact (float64) and where it is."""
+    diff = (got.double() - exact).abs().flatten()  # once: 2 GiB in float64 at the CUDA shape
     worst = int(diff.argmax())
     err = diff[worst].item()
     del diff
+    return err, {"index": worst, "ours": got.flatten()[worst].item(), "exact": exact.flatten()[worst].item()}
+
+
+def check_ours(x: torch.Tensor, dy: torch.Tensor, tau: float, seed: int = 0) -> dict:
+    """Ours as it is timed (ops.gumbel_softmax and its autograd backward, under the backend the
+    caller selects) from a seeded generator, against the formula on the same Philox noise (the
+    raw op from the same generator state tells which). The forward: against the formula in
+    float64; the yardstick is the formula's own error in x's dtype (PyTorch ops, fp32 math), and
+    ours may err by twice that plus a small floor, the rule the attention benchmark uses too.
+    The backward for the cotangent dy: against the formula's gradient y * (dy - sum(y * dy)) / tau
+    in float64 on ours' own y (which the backward reads as stored; y is checked by the forward
+    rule), by the same rule: twice that formula's error in float32 math rounded to x's dtype,
+    plus GRAD_FLOOR of the largest gradient entry."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    start = gen.get_state()
+    xg = x.detach().clone().requires_grad_()
+    y = ops.gumbel_softmax(xg, tau, dim=1, generator=gen)
+    (grad,) = torch.autograd.grad(y, xg, dy)
+    y = y.detach()
+    del xg
+    gen.set_state(start)  # the same generator state: the same noise
+    _, _, state = torch.ops.dalle_fast.gumbel_softmax_fwd(x, tau, 1, False, False, gen)
+    noise = torch.ops.dalle_fast.gumbel_noise(x, state, 1)
+    exact = reference.gumbel_softmax(x.double(), tau, 1, noise=noise.double())
+    err, worst = _worst(y, exact)
     formula_err = common.max_abs_diff(reference.gumbel_softmax(x, tau, 1, noise=noise), exact)
+    del exact, noise
     tol = 2 * formula_err + FLOOR[x.dtype]
-    return {"max_abs_err": err, "formula_max_abs_err": formula_err, "tol": tol, "ok": err <= tol,
-            "worst": {"index": worst, "ours": y.flatten()[worst].item(), "exact": exact.flatten()[worst].item()}}
+
+    y64, dy64 = y.double(), dy.double()
+    grad_exact = y64 * (dy64 - (y64 * dy64).sum(1, keepdim=True)) / tau
+    del y64, dy64
+    grad_err, grad_worst = _worst(grad, grad_exact)
+    y32, dy32 = y.float(), dy.float()
+    grad_formula = (y32 * (dy32 - (y32 * dy32).sum(1, keepdim=True)) / tau).to(x.dtype)
+    del y32, dy32
+    grad_formula_err = common.max_abs_diff(grad_formula, grad_exact)
+    grad_scale = grad_exact.abs().max().item()
+    del grad_formula, grad_exact
+    grad_tol = 2 * grad_formula_err + GRAD_FLOOR[x.dtype] * grad_scale
+    backward = {"max_abs_err": grad_err, "formula_max_abs_err": grad_formula_err, "grad_scale": grad_scale,
+                "tol": grad_tol, "ok": bool(grad_err <= grad_tol), "worst": grad_worst,
+                "against": "y * (dy - sum(y * dy)) / tau in float64 on ours' y, dy ~ N(0, 1)"}
+    return {"max_abs_err": err, "formula_max_abs_err": formula_err, "tol": tol, "ok": bool(err <= tol),
+            "worst": worst, "backward": backward}
 
 
 def one_read_kernel_runs(x: torch.Tensor, tau: float) -> bool:
@@ -122,14 +164,19 @@ def bench_dtype(args, dtype_name: str) -> dict:
         common.log(f"{dtype_name}: ours {'takes' if one_read else 'does NOT take'} the one-read kernel at this shape")
     checks = {}
     for name in ours:
-        with kernel_path(name):
-            acc = checks[name] = check_ours(x, tau)
+        with kernel_path(name), ops.backend(device):  # as timed below
+            acc = checks[name] = check_ours(x, dy, tau)
+        bwd = acc["backward"]
         common.log(f"{dtype_name}: {name} vs the float64 formula on its own noise: max abs err "
                    f"{acc['max_abs_err']:.3g} (the formula in {dtype_name}: {acc['formula_max_abs_err']:.3g}; "
-                   f"tolerance {acc['tol']:.3g})")
+                   f"tolerance {acc['tol']:.3g}); gradient max abs err {bwd['max_abs_err']:.3g} (the formula in "
+                   f"{dtype_name}: {bwd['formula_max_abs_err']:.3g}; tolerance {bwd['tol']:.3g})")
         if not acc["ok"]:
             raise SystemExit(f"{name} is off the float64 formula on its own noise by {acc['max_abs_err']:.3g} > "
                              f"{acc['tol']:.3g} ({dtype_name}; worst element {acc['worst']}): not timing it")
+        if not bwd["ok"]:
+            raise SystemExit(f"{name}'s gradient is off the formula's on its own sample by {bwd['max_abs_err']:.3g} > "
+                             f"{bwd['tol']:.3g} ({dtype_name}; worst element {bwd['worst']}): not timing it")
     acc = checks["ours"]
 
     methods = {**ours, "F.gumbel_softmax": lambda t: F.gumbel_softmax(t, tau, dim=1)}

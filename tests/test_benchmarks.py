@@ -7,7 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from dalle_fast.ops._backend import has_kernels
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench_module(name, monkeypatch):
+    """benchmarks/<name>.py imported in this process (for monkeypatched runs of its main); the
+    sys.path entries it adds are undone after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_attention_quick_writes_json(tmp_path):
@@ -35,6 +51,30 @@ def test_bench_gumbel_quick_writes_json(tmp_path):
     assert {"ours", "F.gumbel_softmax"} <= set(methods)
     accuracy = data["results"][0]["accuracy"]
     assert accuracy["ok"] and accuracy["max_abs_err"] < 1e-5
+    assert accuracy["backward"]["ok"] and accuracy["backward"]["max_abs_err"] < 1e-5
+    assert data["environment"]["dalle_fast_switches"] == {}
+
+
+@pytest.mark.skipif(not has_kernels(), reason="needs the compiled ops")
+def test_bench_gumbel_refuses_a_wrong_backward(monkeypatch, tmp_path):
+    # The reviewer's mutation: a backward that returns zeros passed the forward-only check and was timed.
+    bench = _bench_module("bench_gumbel", monkeypatch)
+    real = bench.ops.gumbel_softmax
+
+    def zero_backward(x, tau=1.0, dim=1, hard=False, generator=None):
+        return real(x.detach(), tau, dim, hard, generator) + 0 * x  # the same sample, gradient 0
+
+    x = torch.randn(2, 64, 4, 4) * 2
+    dy = torch.randn_like(x)
+    with bench.ops.backend("cpu"):
+        assert bench.check_ours(x, dy, 1.0)["backward"]["ok"] is True
+        monkeypatch.setattr(bench.ops, "gumbel_softmax", zero_backward)
+        check = bench.check_ours(x, dy, 1.0)
+    assert check["ok"] is True and check["backward"]["ok"] is False  # the forward alone cannot tell
+    out = tmp_path / "g.json"
+    with pytest.raises(SystemExit, match="gradient is off the formula"):
+        bench.main(["--device", "cpu", "--quick", "--no-compile", "--json", str(out)])
+    assert not out.exists()  # no figure of a wrong op
 
 
 def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
