@@ -88,6 +88,50 @@ def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
     assert set(data["results"]) == {"ours", "dense_kv", "recompute"}
     assert data["skipped"] == {}
     assert all(r["same_tokens_first_rows"] and r["ms_per_token"] > 0 for r in data["results"].values())
+    for name in ("ours", "dense_kv"):  # step logits against the full forward pass, every position of the tiny grid
+        (check,) = data["results"][name]["step_logits"]["checks"]
+        assert check["ok"] and check["positions"] == 64 and check["max_abs_err"] < 1e-5, (name, check)
+
+
+def test_bench_sampling_step_check_sees_a_dropped_key(monkeypatch):
+    # The reviewer's mutation: dropping each step's own key changed the logits by ~1e-2 and still
+    # drew the same first-row tokens; the step check against the full forward pass sees it.
+    bench = _bench_module("bench_sampling", monkeypatch)
+    from dalle_fast import sampler
+
+    class Args:
+        quick, device, batch = True, "cpu", 0
+
+    prior, text, _ = bench.build(Args)
+    ref = bench.full_pass(prior, text)
+    spans = bench.checked_positions(prior.config.grid, 2)
+    assert spans == [(0, 16), (48, 64)]
+
+    def make():
+        return sampler.IncrementalPrior(prior, text.shape[0])
+
+    assert bench.check_steps(make, text, ref, spans, 0.0, "float32")["ok"]
+    offsets = sampler.key_offsets
+    monkeypatch.setattr(sampler, "key_offsets", lambda kind, grid, kernel: offsets(kind, grid, kernel)[1:])
+    check = bench.check_steps(make, text, ref, spans, 0.0, "float32")
+    assert not check["ok"] and check["max_abs_err"] > 100 * check["tol"], check
+
+
+def test_bench_sampling_refuses_to_time_a_wrong_sampler(monkeypatch, tmp_path):
+    # The reviewer's mutation: our attention output times 3. Ours was the yardstick of the token
+    # check, so the baselines were blamed and ours timed with rc 0.
+    bench = _bench_module("bench_sampling", monkeypatch)
+    from dalle_fast import sampler
+
+    attend = sampler.IncrementalPrior.attend
+    monkeypatch.setattr(sampler.IncrementalPrior, "attend", lambda self, *args: attend(self, *args) * 3)
+    out = tmp_path / "s.json"
+    assert bench.main(["--device", "cpu", "--quick", "--check-rows", "1", "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert set(data["skipped"]) == {"ours"} and "step logits" in data["skipped"]["ours"]
+    assert data["results"]["ours"]["step_logits"]["ok"] is False and "ms_per_token" not in data["results"]["ours"]
+    for name in ("dense_kv", "recompute"):  # checked against the reference, not against ours: still timed
+        assert data["results"][name]["same_tokens_first_rows"] and data["results"][name]["ms_per_token"] > 0
 
 
 def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
