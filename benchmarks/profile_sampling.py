@@ -41,19 +41,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch", type=int, default=0, help="sequences (0: the benchmark's)")
-    parser.add_argument("--steps", type=int, default=32, help="profiled steps (after 8 unprofiled ones)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="timed steps, then as many profiled ones (after 8 warm-up steps; 0: 32, or as many as "
+                             "the model's grid holds)")
     parser.add_argument("--top", type=int, default=30, help="rows printed")
     parser.add_argument("--quick", action="store_true", help="a tiny model (for tests)")
     parser.add_argument("--json", default=None, help="result path (default: benchmarks/results/profile_sampling_<device>_<time>.json)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
+    if args.steps < 0:
+        parser.error("--steps must be >= 1 (0: the default)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     prior, text, spec = build(args)
     cfg, device = prior.config, args.device
-    if args.steps + 8 > cfg.image_len - 1:
-        parser.error(f"--steps must be <= {cfg.image_len - 9} for this model")
+    fit = (cfg.image_len - 1 - 8) // 2  # the steps after the first token: 8 warm-up, timed, profiled
+    args.steps = args.steps or min(32, fit)
+    if args.steps > fit:
+        parser.error(f"--steps must be <= {fit} for this model (8 warm-up steps, then the timed and the profiled "
+                     f"ones, in its {cfg.image_len} tokens)")
     env = common.environment(device)
     common.log(common.describe(env))
 
