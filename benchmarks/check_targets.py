@@ -1,9 +1,18 @@
 """Judge saved benchmark results against the open issues' performance targets.
 
 Reads JSON written by bench_gumbel.py and bench_sampling.py and prints, for each target that a
-file's device and shape can decide, the figure, the same-run baseline it is held to and PASS or
-FAIL; a file at another shape, or a sampling run of another model, decides nothing. Exit code 0
-when every target decided passed (and at least one was decided), 1 otherwise.
+file's shape can decide, the figure, the same-run baseline it is held to and a verdict; a file
+at another shape, or a sampling run of another model, decides nothing. Verdicts:
+
+  PASS        the figure meets the target, and the run's correctness checks passed
+  FAIL        it does not, or a correctness check failed (a wrong result has no speed)
+  NOT JUDGED  the figure is informational: a GPU run on another device than an H100 (the
+              device tool often lends an H200), a CPU run on a contended machine, or a run
+              whose script did not record a check the target needs (older files: Gumbel's
+              gradient check, sampling's step-logits check)
+
+Exit code: 0 when every target was judged and passed, 1 when a target failed (or a file is
+unreadable), 2 when none failed but some (or all) could not be judged here.
 
   issue 4 (Gumbel-softmax)   H100, (32, 8192, 32, 32) float32: forward <= 1.1 ms and >= 2 TB/s
                              effective, forward+backward <= 3 ms, ours faster than
@@ -35,7 +44,12 @@ class Verdict(NamedTuple):
     target: str
     figure: str
     baseline: str
-    ok: bool
+    ok: Optional[bool]  # None: not judged (see why)
+    why: str = ""
+
+    @property
+    def status(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "NOT JUDGED"}[self.ok]
 
 
 def _ms(method: dict, key: str) -> Optional[float]:
@@ -53,11 +67,33 @@ def _on_h100(env: dict) -> bool:
 
 def _contended(load: Optional[dict]) -> str:
     """A CPU run's figures decide nothing while other processes competed for the CPUs (the
-    benchmark's own load warning): a note for the figure, or ''."""
+    benchmark's own load warning): why, or ''."""
     others = (load or {}).get("others_avg_cpus")
     if others is not None and others > CONTENDED_CPUS:
-        return f" (other processes kept {others:.2f} CPUs busy: contended, rerun on a quiet machine)"
+        return f"other processes kept {others:.2f} CPUs busy: contended, rerun on a quiet machine"
     return ""
+
+
+def _judge(issue: int, target: str, figure: str, baseline: str, met: bool, checks: dict[str, Optional[bool]],
+           undecided: str = "") -> Verdict:
+    """The verdict on a figure that meets its target or not (`met`), given the run's correctness
+    checks (name -> True, False, or None where the run did not record it): a failed check fails
+    the target (a wrong result has no speed); an unrecorded one, or `undecided` (another
+    device, a contended machine), leaves it not judged."""
+    failed = [name for name, ok in checks.items() if ok is False]
+    if failed:
+        return Verdict(issue, target, figure, baseline, False, f"{' and '.join(failed)} failed: the result is wrong")
+    missing = [name for name, ok in checks.items() if ok is None]
+    why = [f"{' and '.join(missing)} not recorded by this run (older script): unverified"] if missing else []
+    why += [undecided] if undecided else []
+    return Verdict(issue, target, figure, baseline, None, "; ".join(why)) if why else \
+        Verdict(issue, target, figure, baseline, met)
+
+
+def _not_h100(env: dict) -> str:
+    if _on_h100(env):
+        return ""
+    return f"device {env.get('device_name')}: the targets are for an H100 (figure informational)"
 
 
 def gumbel_verdicts(data: dict) -> Iterator[Verdict]:
@@ -68,29 +104,32 @@ def gumbel_verdicts(data: dict) -> Iterator[Verdict]:
             continue
         methods = result.get("methods", {})
         ours = methods.get("ours", {})
-        accurate = (result.get("accuracy") or {}).get("ok") is True  # unrecorded (runs before 2026-11-27): unverified
-        unverified = "" if result.get("accuracy") else " (accuracy not recorded: unverified)"
-        if shape == [32, 8192, 32, 32] and _on_h100(env):
+        accuracy = result.get("accuracy")  # unrecorded: runs before 2026-11-27
+        backward = (accuracy or {}).get("backward")  # unrecorded: runs before 2026-11-29
+        forward_checks = {"the forward accuracy check": accuracy.get("ok") if accuracy else None}
+        both_checks = {**forward_checks, "the gradient check": backward.get("ok") if backward else None}
+        if shape == [32, 8192, 32, 32] and env.get("gpu"):
+            device = _not_h100(env)
             fwd, both = _ms(ours, "fwd"), _ms(ours, "fwd_bwd")
             gbps = ours.get("fwd_gbps")
-            yield Verdict(4, "H100 forward <= 1.1 ms", f"{_f(fwd)} ms{unverified}", "",
-                          accurate and fwd is not None and fwd <= 1.1)
-            yield Verdict(4, "H100 forward >= 2 TB/s effective", f"{_f(gbps)} GB/s{unverified}", "",
-                          accurate and gbps is not None and gbps >= 2000)
-            yield Verdict(4, "H100 forward+backward <= 3 ms", f"{_f(both)} ms{unverified}", "",
-                          accurate and both is not None and both <= 3.0)
+            yield _judge(4, "H100 forward <= 1.1 ms", f"{_f(fwd)} ms", "", fwd is not None and fwd <= 1.1,
+                         forward_checks, device)
+            yield _judge(4, "H100 forward >= 2 TB/s effective", f"{_f(gbps)} GB/s", "",
+                         gbps is not None and gbps >= 2000, forward_checks, device)
+            yield _judge(4, "H100 forward+backward <= 3 ms", f"{_f(both)} ms", "", both is not None and both <= 3.0,
+                         both_checks, device)
             compiled = methods.get("torch.compile(formula)")
-            for key, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+            for key, label, checks in (("fwd", "forward", forward_checks),
+                                       ("fwd_bwd", "forward+backward", both_checks)):
                 mine, theirs = _ms(ours, key), _ms(compiled or {}, key)
-                yield Verdict(4, f"H100 {label} faster than torch.compile(formula)", f"{_f(mine)} ms{unverified}",
-                              f"torch.compile {_f(theirs)} ms",
-                              accurate and None not in (mine, theirs) and mine < theirs)
+                yield _judge(4, f"H100 {label} faster than torch.compile(formula)", f"{_f(mine)} ms",
+                             f"torch.compile {_f(theirs)} ms", None not in (mine, theirs) and mine < theirs,
+                             checks, device)
         elif shape == [8, 512, 32, 32] and not env.get("gpu"):
             mine, theirs = _ms(ours, "fwd_bwd"), _ms(methods.get("F.gumbel_softmax", {}), "fwd_bwd")
-            contended = _contended(data.get("machine_load"))
-            yield Verdict(4, "CPU forward+backward >= 3x F.gumbel_softmax", f"{_f(mine)} ms{unverified}{contended}",
-                          f"F.gumbel_softmax {_f(theirs)} ms",
-                          accurate and not contended and None not in (mine, theirs) and theirs >= 3 * mine)
+            yield _judge(4, "CPU forward+backward >= 3x F.gumbel_softmax", f"{_f(mine)} ms",
+                         f"F.gumbel_softmax {_f(theirs)} ms", None not in (mine, theirs) and theirs >= 3 * mine,
+                         both_checks, _contended(data.get("machine_load")))
 
 
 def sampling_verdicts(data: dict) -> Iterator[Verdict]:
@@ -106,17 +145,19 @@ def sampling_verdicts(data: dict) -> Iterator[Verdict]:
             return r["ms_per_batch"]
         return r["ms_per_token"] * image_len if r.get("ms_per_token") is not None else None
 
+    # ours' step logits against a full forward pass (unrecorded: runs before 2026-11-29)
+    step_logits = results.get("ours", {}).get("step_logits")
+    checks = {"ours' step-logits check": step_logits.get("ok") if step_logits else None}
     per_batch = per_batch_of("ours")
-    if _on_h100(env) and (cfg.get("layers"), cfg.get("d_model"), cfg.get("text_len", 0) + cfg.get("grid", 0) ** 2,
-                          model.get("batch")) == (12, 512, 1280, 16):
-        yield Verdict(7, "H100 1024 tokens x batch 16 in < 500 ms", f"{_f(per_batch)} ms", "",
-                      per_batch is not None and per_batch < 500)
+    if env.get("gpu") and (cfg.get("layers"), cfg.get("d_model"), cfg.get("text_len", 0) + cfg.get("grid", 0) ** 2,
+                           model.get("batch")) == (12, 512, 1280, 16):
+        yield _judge(7, "H100 1024 tokens x batch 16 in < 500 ms", f"{_f(per_batch)} ms", "",
+                     per_batch is not None and per_batch < 500, checks, _not_h100(env))
     elif not env.get("gpu") and cfg.get("grid") == 16:
         recompute = per_batch_of("recompute")
-        contended = _contended(data.get("load"))
-        yield Verdict(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms{contended}",
-                      f"recompute {_f(recompute)} ms",
-                      not contended and None not in (per_batch, recompute) and recompute >= 10 * per_batch)
+        yield _judge(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms", f"recompute {_f(recompute)} ms",
+                     None not in (per_batch, recompute) and recompute >= 10 * per_batch, checks,
+                     _contended(data.get("load")))
 
 
 JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}
@@ -125,9 +166,6 @@ JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}
 def verdicts(path: Path) -> list[Verdict]:
     data = json.loads(path.read_text())
     judge = JUDGES.get(data.get("benchmark")) if isinstance(data, dict) else None
-    env = data.get("environment", {}) if judge else {}
-    if env.get("gpu") and not _on_h100(env):  # e.g. the device tool's H200 fallback
-        print(f"{path}: run on {env.get('device_name')}; the GPU targets are for an H100", file=sys.stderr)
     return list(judge(data)) if judge else []
 
 
@@ -135,22 +173,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="JSON files of bench_gumbel.py / bench_sampling.py")
     args = parser.parse_args(argv)
-    decided, all_ok = 0, True
+    judged, failed, unjudged = 0, False, 0
     for path in args.results:
         try:
             found = verdicts(path)
         except (OSError, ValueError) as err:
             print(f"{path}: unreadable ({err})", file=sys.stderr)
-            all_ok = False
+            failed = True
             continue
         for v in found:
-            decided += 1
-            all_ok &= v.ok
+            judged += v.ok is not None
+            unjudged += v.ok is None
+            failed |= v.ok is False
             against = f" (against {v.baseline})" if v.baseline else ""
-            print(f"{'PASS' if v.ok else 'FAIL'}  issue {v.issue}: {v.target}: {v.figure}{against}  [{path.name}]")
-    if decided == 0:
-        print("no target decided by these files", file=sys.stderr)
-    return 0 if decided and all_ok else 1
+            why = f"  -- {v.why}" if v.why else ""
+            print(f"{v.status}  issue {v.issue}: {v.target}: {v.figure}{against}  [{path.name}]{why}")
+    if failed:
+        return 1
+    if unjudged or not judged:
+        print("no target decided by these files" if not judged else f"{unjudged} target(s) not judged",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

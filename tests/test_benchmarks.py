@@ -225,9 +225,21 @@ def test_check_targets_judges_the_saved_runs():
     lines = run.stdout.splitlines()
     assert "FAIL  issue 4: H100 forward <= 1.1 ms: 2.795 ms  [gumbel_cuda_20261127-075818.json]" in lines
     assert any(line.startswith("PASS  issue 4: H100 forward faster than torch.compile") for line in lines)
-    assert any(line.startswith("FAIL  issue 7: H100 1024 tokens x batch 16 in < 500 ms: 595.8 ms") for line in lines)
-    assert any(line.startswith("PASS  issue 7: CPU ours >= 10x faster than recompute") for line in lines)
+    # these runs recorded no gradient check (Gumbel) and no step-logits check (sampling): not judged
+    assert any(line.startswith("NOT JUDGED  issue 4: H100 forward+backward <= 3 ms: 4.628 ms")
+               and "gradient check not recorded" in line for line in lines)
+    assert any(line.startswith("NOT JUDGED  issue 7: H100 1024 tokens x batch 16 in < 500 ms: 595.8 ms")
+               and "step-logits check not recorded" in line for line in lines)
+    assert any(line.startswith("NOT JUDGED  issue 7: CPU ours >= 10x faster than recompute") for line in lines)
     assert len(lines) == 7  # 5 Gumbel targets, 2 sampling ones; the attention run decides nothing
+
+
+def _verified(gumbel=None, sampling=None):
+    """Copies of saved runs as today's scripts write them: with the gradient and step-logits checks."""
+    if gumbel is not None:
+        gumbel["results"][0]["accuracy"]["backward"] = {"ok": True}
+    if sampling is not None:
+        sampling["results"]["ours"]["step_logits"] = {"ok": True, "checks": []}
 
 
 def test_check_targets_passes_a_run_that_meets_every_target(tmp_path):
@@ -237,22 +249,77 @@ def test_check_targets_passes_a_run_that_meets_every_target(tmp_path):
     ours["fwd"]["median_ms"], ours["fwd_bwd"]["median_ms"], ours["fwd_gbps"] = 1.0, 2.9, 2150.0
     sampling = json.loads((results / "sampling_cuda_20261127-080631.json").read_text())
     sampling["results"]["ours"]["ms_per_batch"] = 499.0
-    (tmp_path / "g.json").write_text(json.dumps(gumbel))
-    (tmp_path / "s.json").write_text(json.dumps(sampling))
-    run = _check_targets(tmp_path / "g.json", tmp_path / "s.json")
+    _verified(gumbel, sampling)
+
+    def judge(g=None, s=None):
+        paths = []
+        for name, data in (("g.json", g), ("s.json", s)):
+            if data is not None:
+                (tmp_path / name).write_text(json.dumps(data))
+                paths.append(tmp_path / name)
+        return _check_targets(*paths)
+
+    run = judge(gumbel, sampling)
     assert run.returncode == 0 and run.stdout.count("PASS") == 6 and "FAIL" not in run.stdout, run.stdout
+    gumbel["results"][0]["accuracy"]["backward"]["ok"] = False  # a wrong gradient: the fwd+bwd targets fail
+    run = judge(gumbel)
+    assert run.returncode == 1 and run.stdout.count("FAIL") == 2 and run.stdout.count("PASS") == 3, run.stdout
+    assert "the gradient check failed" in run.stdout
+    del gumbel["results"][0]["accuracy"]["backward"]  # a run before the gradient check: not judged, not a pass
+    run = judge(gumbel)
+    assert run.returncode == 2 and run.stdout.count("NOT JUDGED") == 2 and run.stdout.count("PASS") == 3, run.stdout
     gumbel["results"][0]["accuracy"]["ok"] = False  # a fast but wrong kernel passes nothing
-    (tmp_path / "g.json").write_text(json.dumps(gumbel))
-    run = _check_targets(tmp_path / "g.json")
+    run = judge(gumbel)
     assert run.returncode == 1 and run.stdout.count("FAIL") == 5, run.stdout
     del gumbel["results"][0]["accuracy"]  # unrecorded accuracy: unverified, not a pass
-    (tmp_path / "g.json").write_text(json.dumps(gumbel))
-    run = _check_targets(tmp_path / "g.json")
-    assert run.returncode == 1 and run.stdout.count("FAIL") == 5 and "unverified" in run.stdout, run.stdout
+    run = judge(gumbel)
+    assert run.returncode == 2 and run.stdout.count("NOT JUDGED") == 5 and "unverified" in run.stdout, run.stdout
+
+    sampling["results"]["ours"]["step_logits"]["ok"] = False  # ours' step logits off the full forward pass
+    run = judge(s=sampling)
+    assert run.returncode == 1 and "FAIL" in run.stdout and "step-logits check failed" in run.stdout, run.stdout
+    del sampling["results"]["ours"]["step_logits"]
+    run = judge(s=sampling)
+    assert run.returncode == 2 and "NOT JUDGED" in run.stdout and "not recorded" in run.stdout, run.stdout
+
     cpu = json.loads((results / "sampling_cpu_20261127-170343.json").read_text())
+    _verified(sampling=cpu)
     cpu["load"]["others_avg_cpus"] = 1.2  # other processes competed for the CPUs: the ratio decides nothing
     (tmp_path / "c.json").write_text(json.dumps(cpu))
     run = _check_targets(tmp_path / "c.json")
-    assert run.returncode == 1 and "FAIL" in run.stdout and "contended" in run.stdout, run.stdout
+    assert run.returncode == 2 and "NOT JUDGED" in run.stdout and "contended" in run.stdout, run.stdout
     run = _check_targets(results / "attention_cpu_20261126-144121.json")
-    assert run.returncode == 1 and "no target decided" in run.stderr
+    assert run.returncode == 2 and "no target decided" in run.stderr
+
+
+def test_check_targets_does_not_judge_another_gpu_against_h100_targets(tmp_path):
+    # The device tool often lends an H200: its figures are printed as informational, the exit code says so.
+    results = REPO / "benchmarks" / "results"
+    gumbel = json.loads((results / "gumbel_cuda_20261127-075818.json").read_text())
+    sampling = json.loads((results / "sampling_cuda_20261127-080631.json").read_text())
+    _verified(gumbel, sampling)
+    for data in (gumbel, sampling):
+        data["environment"]["device_name"] = data["environment"]["gpu"]["name"] = "NVIDIA H200"
+    (tmp_path / "g.json").write_text(json.dumps(gumbel))
+    (tmp_path / "s.json").write_text(json.dumps(sampling))
+    run = _check_targets(tmp_path / "g.json", tmp_path / "s.json")
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6 and all(line.startswith("NOT JUDGED") and "device NVIDIA H200" in line for line in lines)
+    assert "595.8 ms" in run.stdout  # the figure is still shown
+    gumbel["results"][0]["accuracy"]["ok"] = False  # a wrong result fails on any device
+    (tmp_path / "g.json").write_text(json.dumps(gumbel))
+    assert _check_targets(tmp_path / "g.json").returncode == 1
+
+
+def test_environment_records_the_kernel_switches(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("DALLE_FAST_GUMBEL_RESIDENT", "0")
+    env = common.environment("cpu")
+    assert env["dalle_fast_switches"] == {"DALLE_FAST_GUMBEL_RESIDENT": "0"}
+    assert "switches: DALLE_FAST_GUMBEL_RESIDENT=0" in common.describe(env)
+    assert set(common._nvidia_driver()) == {"driver_version", "driver_cuda_version"}
