@@ -35,6 +35,13 @@
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
+# compute-sanitizer's own error code is 9; any other nonzero code of the sanitize step (the tool
+# missing or unable to run, e.g. under gVisor) reruns the cases without it (sanitize_plain): if
+# they pass, the sanitizer counts as unavailable, not failed, and its output is in the summary.
+# The exit code is a sum: 1 a step failed, 2 a target was missed, 4 targets not judged on this
+# run (check_targets judges H100 runs only: on the often lent H200 it prints the figures as
+# NOT JUDGED, informational; or there was no gumbel/sampling JSON), 8 a tool was unavailable.
+# 0: every step passed and every target was met; on an H200, 4 is the best there is.
 #
 # As run on 2026-11-27 (an H100; the device tool brings back at most 8 files, so tar them):
 #   PYTHON=python3 OUT=/tmp/g DEADLINE=540 bash benchmarks/gpu_check.sh session; tar czf $OUT/g.tgz -C /tmp/g .
@@ -145,15 +152,38 @@ if failed sampling; then
 fi
 step profile_sampling 60 env ${SAFE[@]+"${SAFE[@]}"} "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
+# 9 (--error-exitcode) is memcheck finding an error; any other nonzero code is the tool failing
+# (missing, or unable to run here: gVisor) or the cases failing under it. Run the cases without
+# the tool to tell which: they pass -> "sanitizer unavailable" (no verdict on memory, not a
+# failure); they fail -> a failed step of ours.
+UNAVAILABLE=()
+if [[ -n "${RC[sanitize]:-}" && "${RC[sanitize]}" != 0 && "${RC[sanitize]}" != 9 ]]; then
+  sanitizer_rc=${RC[sanitize]}
+  unset 'RC[sanitize]'
+  { echo "sanitize: compute-sanitizer exited $sanitizer_rc (not its error code 9): the tool may be unavailable here;"
+    echo "  its output (last lines of $OUT/sanitize.log):"; tail -n 15 "$OUT/sanitize.log" | sed 's/^/  | /'
+    echo "  running the cases without it (sanitize_plain)"; } | tee -a "$OUT/summary.txt"
+  STEPS="$STEPS sanitize_plain"
+  step sanitize_plain 60 "$PY" benchmarks/sanitize_cases.py
+  if [[ "${RC[sanitize_plain]:-}" == 0 ]]; then
+    UNAVAILABLE+=("compute-sanitizer (rc $sanitizer_rc; the cases pass without it)")
+    echo "sanitize: UNAVAILABLE, memory accesses not checked (the cases pass without the tool)" |
+      tee -a "$OUT/summary.txt"
+  elif [[ -z "${RC[sanitize_plain]:-}" ]]; then  # no time left to rerun them
+    UNAVAILABLE+=("compute-sanitizer (rc $sanitizer_rc; the cases not rerun without it)")
+  fi  # else: the cases fail without the tool too, a failed step (sanitize_plain)
+fi
 step sampling_compiled 200 "$PY" benchmarks/bench_sampling.py --device cuda --methods ours,ours_compiled \
   --json "$OUT/sampling_compiled.json"
 step attention_b32 200 "$PY" benchmarks/bench_attention.py --device cuda --batch 32 $ATTENTION_ARGS --json "$OUT/attention_b32.json"
 step attention_d128 200 "$PY" benchmarks/bench_attention.py --device cuda --dim 128 $ATTENTION_ARGS --json "$OUT/attention_d128.json"
-# the open issues' targets, judged on this run's JSON (no device needed; a second)
+# the open issues' targets, judged on this run's JSON (no device needed; a second). check_targets
+# exits 0 (all judged, all met), 1 (a target failed) or 2 (not judged: a device other than an
+# H100, e.g. the tool's H200, whose figures it prints as informational; or nothing to judge).
 echo "targets:" >> "$OUT/summary.txt"
 targets=()  # the runs with every kernel on (not the fallbacks, whose figures would read as ours)
 for f in gumbel sampling; do [[ -f "$OUT/$f.json" ]] && targets+=("$OUT/$f.json"); done
-targets_rc=1
+targets_rc=2
 if (( ${#targets[@]} )); then
   "$PY" benchmarks/check_targets.py "${targets[@]}" >> "$OUT/summary.txt" 2>&1
   targets_rc=$?
@@ -161,8 +191,23 @@ else
   echo "no gumbel.json or sampling.json to judge" >> "$OUT/summary.txt"
 fi
 echo "targets rc=$targets_rc" >> "$OUT/summary.txt"
+# The exit code, a sum of: 1 a step failed (a test, a benchmark's accuracy check, the build, a
+# time limit), 2 a target was missed (or check_targets failed), 4 targets not judged on this
+# run (another device than an H100, or no JSON to judge), 8 a tool was unavailable (the
+# sanitizer; the cases ran without it). 0: every step passed and every target was met.
+status=0
+why=()
+for name in "${!RC[@]}"; do
+  if failed "$name"; then status=$((status | 1)); why+=("step $name failed (rc ${RC[$name]})"); fi
+done
+case $targets_rc in
+  0) ;;
+  2) status=$((status | 4)); why+=("targets not judged on this run") ;;
+  *) status=$((status | 2)); why+=("targets missed (check_targets rc $targets_rc)") ;;
+esac
+if (( ${#UNAVAILABLE[@]} )); then status=$((status | 8)); why+=("unavailable: ${UNAVAILABLE[*]}"); fi
+msg=""
+for w in ${why[@]+"${why[@]}"}; do msg+="${msg:+; }$w"; done
+echo "exit $status${msg:+: $msg}" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
-# nonzero when a step failed or a target was missed: the summary says which
-status=$targets_rc
-for name in "${!RC[@]}"; do failed "$name" && status=1; done
-exit $(( status != 0 ))
+exit $status
