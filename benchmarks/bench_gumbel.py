@@ -175,8 +175,9 @@ def bench_dtype(args, dtype_name: str) -> dict:
             raise SystemExit(f"{name} is off the float64 formula on its own noise by {acc['max_abs_err']:.3g} > "
                              f"{acc['tol']:.3g} ({dtype_name}; worst element {acc['worst']}): not timing it")
         if not bwd["ok"]:
-            raise SystemExit(f"{name}'s gradient is off the formula's on its own sample by {bwd['max_abs_err']:.3g} > "
-                             f"{bwd['tol']:.3g} ({dtype_name}; worst element {bwd['worst']}): not timing it")
+            raise SystemExit(f"{name}: its gradient is off the formula's on its own sample by "
+                             f"{bwd['max_abs_err']:.3g} > {bwd['tol']:.3g} ({dtype_name}; worst element "
+                             f"{bwd['worst']}): not timing it")
     acc = checks["ours"]
 
     methods = {**ours, "F.gumbel_softmax": lambda t: F.gumbel_softmax(t, tau, dim=1)}
