@@ -56,7 +56,10 @@ def want_cuda() -> bool:
         problems.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
     elif torch.version.cuda is not None:
         nvcc = _nvcc_cuda_version()
-        if nvcc is not None and nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+        if nvcc is None:  # torch sets CUDA_HOME to /usr/local/cuda where it exists, runtime-only images too
+            problems.append(f"no runnable nvcc at {os.path.join(cpp_extension.CUDA_HOME, 'bin', 'nvcc')} "
+                            "(set CUDA_HOME to a CUDA toolkit)")
+        elif nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
             problems.append(f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {nvcc}, torch was built with CUDA "
                             f"{torch.version.cuda} (the major versions must match; set CUDA_HOME)")
     if problems:
