@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -69,6 +70,7 @@ def _cmd_train_tokenizer(args) -> int:
 
     if args.num_captions < 1:
         raise ValueError(f"--num-captions must be >= 1, got {args.num_captions}")
+    out = _check_out(args.out, folder=False)  # before reading the captions
     # images are read at the smallest useful size; one process reads every shard, even with RANK /
     # WORLD_SIZE in its environment (a launcher's), which would otherwise split the stream
     dataset = make_dataset(args.data, size=16, seed=args.seed, split_ranks=False)
@@ -76,7 +78,6 @@ def _cmd_train_tokenizer(args) -> int:
     if not captions:
         raise ValueError(f"{args.data} holds no image-caption pairs")
     tokenizer = TextTokenizer.train(captions, vocab_size=args.vocab)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     print(f"tokenizer: {out} ({tokenizer.bpe_vocab_size} BPE ids from {len(captions)} captions)")
@@ -85,8 +86,6 @@ def _cmd_train_tokenizer(args) -> int:
 
 def _cmd_generate(args) -> int:
     import time
-
-    import torch
 
     from . import images as imageio
     from .atomic import atomic_write_all
@@ -104,13 +103,11 @@ def _cmd_generate(args) -> int:
     if args.prime is not None:  # --rows against the model's grid, and the image readable
         check_prime(args.prime, args.rows, models.dvae.config.grid)
     out = _out_folder(args.out)  # before the sampling, not after it
-    try:
+    at_once = args.num if args.batch is None else min(args.batch, args.num)
+    with _memory_advice(f"sampling {at_once} candidates at once on {device}", "sample fewer at a time with --batch "
+                        "(or lower --num)"):
         result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
                           prime_image=args.prime, prime_rows=args.rows or 0, batch=args.batch)
-    except torch.OutOfMemoryError:
-        at_once = args.num if args.batch is None else min(args.batch, args.num)
-        raise ValueError(f"out of memory on {device} sampling {at_once} candidates at once: sample fewer at a "
-                         "time with --batch (or lower --num)") from None
     # all written before any is renamed in: a failure leaves the earlier run's images, not a mix
     def png(image):
         return lambda tmp: imageio.to_pil(image).save(tmp)  # the temporary's name ends in .png
@@ -136,6 +133,7 @@ def _cmd_export_model(args) -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     prior = Path(args.prior)
     tokenizer = Path(args.tokenizer) if args.tokenizer else (prior if prior.is_dir() else prior.parent) / "tokenizer.json"
+    _check_out(args.out, folder=True)
     out = export_model_folder(args.out, dvae=args.dvae, prior=prior, reranker=args.reranker, tokenizer=tokenizer,
                               dtype=dtype)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
@@ -175,13 +173,41 @@ def _device(name: str):
     return device
 
 
+def _check_out(path: str, *, folder: bool) -> Path:
+    """--out as a Path, refused before any work where it cannot be written: a folder where a file
+    is wanted or the reverse, or a file where one of its parent folders would be."""
+    out = Path(path)
+    kinds = ("folder", "file") if folder else ("file", "folder")
+    if out.exists() and out.is_dir() != folder:
+        raise ValueError(f"--out {path} is a {kinds[1]}, not a {kinds[0]}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    return out
+
+
 def _out_folder(path: str) -> Path:
     """The output folder, made now so that a bad --out fails before minutes of work."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path} is a file, not a folder")
+    out = _check_out(path, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def _memory_advice(doing: str, advice: str):
+    """Running out of memory while `doing` becomes a one-line error with `advice`: on CUDA
+    torch.OutOfMemoryError, on the CPU a RuntimeError from the allocator or a MemoryError."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(exc):
+            raise
+        raise ValueError(f"out of memory {doing}: {advice}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -267,9 +293,10 @@ def _cmd_eval_shapes(args) -> int:
         if done % 10 == 0 or done == total:
             print(f"{done}/{total} captions", file=sys.stderr, flush=True)
 
-    report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
-                             sampling=sampling, out_json=out / "eval.json", out_png=out / "samples.png",
-                             progress=progress)
+    with _memory_advice(f"sampling {args.candidates} candidates at once on {models.device}", "lower --candidates"):
+        report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
+                                 sampling=sampling, out_json=out / "eval.json", out_png=out / "samples.png",
+                                 progress=progress)
     print(format_report(report))
     print(f"-> {out / 'eval.json'}, {out / 'samples.png'}")
     return 0

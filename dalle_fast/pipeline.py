@@ -213,15 +213,26 @@ def check_request(prompt: str, num: int, keep: int, seed: int, batch: Optional[i
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch.Tensor:
     """[1, text_len] ids; an empty prompt is an error, an over-long one is truncated (with a warning)."""
+    ids, truncated = _encode_prompt(tokenizer, prompt, text_len)
+    if truncated:
+        _warn_truncated(text_len, stacklevel=2)
+    return ids
+
+
+def _encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> tuple[torch.Tensor, bool]:
+    """encode_prompt's ids, and whether the prompt was truncated, without a warning."""
     _check_prompt(prompt)
     truncated = tokenizer.truncated
-    with warnings.catch_warnings():  # the tokenizer warns once per instance; this, once per prompt
+    with warnings.catch_warnings():  # the tokenizer warns once per instance; our callers, once per prompt
         warnings.simplefilter("ignore")
         ids = tokenizer.encode_batch([prompt], text_len)
-    if tokenizer.truncated > truncated:
-        warnings.warn(f"the prompt is longer than the model's {text_len - 1} text tokens; only its beginning "
-                      "is used", stacklevel=3)
-    return ids
+    return ids, tokenizer.truncated > truncated
+
+
+def _warn_truncated(text_len: int, stacklevel: int) -> None:
+    """The long-prompt warning, attributed to the frame `stacklevel` levels above the caller's."""
+    warnings.warn(f"the prompt is longer than the model's {text_len - 1} text tokens; only its beginning is used",
+                  stacklevel=stacklevel + 1)
 
 
 def check_prime(image_path: str | Path, rows: int, grid: int):
@@ -252,7 +263,15 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
     if prime_image is None and prime_rows:
         raise ValueError(f"prime_rows={prime_rows!r} needs prime_image, the image whose top rows are kept")
     device = models.device
-    text = encode_prompt(models.tokenizer, prompt, models.prior.config.text_len).to(device)
+    rr = models.reranker
+    # one warning for a long prompt, with the shorter text length of the prior's and the reranker's
+    lengths = [models.prior.config.text_len] + ([] if rr is None else [rr.config.text_len])
+    encoded = [_encode_prompt(models.tokenizer, prompt, n) for n in lengths]
+    cut = [n for n, (_, truncated) in zip(lengths, encoded) if truncated]
+    if cut:
+        _warn_truncated(min(cut), stacklevel=3)  # past torch.no_grad's wrapper: generate's caller
+    text = encoded[0][0].to(device)
+    rtext = encoded[1][0].to(device) if rr is not None else None
     prime = None
     if prime_image is not None:
         prime = prime_tokens(models.dvae, prime_image, prime_rows).to(device).unsqueeze(0)
@@ -260,8 +279,6 @@ def generate(models: Models, prompt: str, *, num: int = 8, keep: int = 4, seed: 
     start = time.perf_counter()
     guided = sampling is not None and sampling.guided
     null = models.tokenizer.null_text(models.prior.config.text_len).to(device) if guided else None
-    rr = models.reranker
-    rtext = None if rr is None else encode_prompt(models.tokenizer, prompt, rr.config.text_len).to(device)
     grid = models.prior.config.grid
     batch = num if batch is None else batch
     tokens, images, scores = [], [], []

@@ -60,6 +60,11 @@ def test_prompts_empty_long_and_non_ascii(model_folder):
     for _ in range(2):  # every over-long prompt, not the first one per tokenizer
         with pytest.warns(UserWarning, match="only its beginning is used"):
             generate(models, "a red circle " * 20, num=1, keep=1)
+    # one warning with a prior and a reranker to encode for, pointing at generate's caller
+    with pytest.warns(UserWarning, match="only its beginning is used") as record:
+        generate(load_models(None), "a red circle " * 20, num=1, keep=1)
+    cut = [w for w in record if "only its beginning" in str(w.message)]
+    assert len(cut) == 1 and cut[0].filename == __file__, [(w.filename, str(w.message)) for w in cut]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(models, "rötlich ✓", num=1, keep=1)  # byte-level BPE: any text encodes (11 bytes: not cut)
@@ -220,16 +225,52 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     assert "3 candidates sampled" in capsys.readouterr().out
 
 
-def test_cli_generate_out_of_memory_is_one_line(tmp_path, model_folder, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 294912000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_cli_generate_out_of_memory_is_one_line(tmp_path, model_folder, capsys, monkeypatch, error):
     import dalle_fast.pipeline as pipeline
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     monkeypatch.setattr(pipeline, "sample_image_tokens", no_memory)
     assert main(["generate", "x", "--model", str(model_folder), "--num", "64", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "64 candidates at once" in err and "--batch" in err and "Traceback" not in err
+    assert main(["eval-shapes", "--model", str(model_folder), "--captions", "1", "--candidates", "64",
+                 "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "64 candidates at once" in err and "--candidates" in err
+
+
+def test_cli_other_runtime_errors_are_not_called_out_of_memory(model_folder, monkeypatch):
+    import dalle_fast.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(pipeline, "sample_image_tokens", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        main(["generate", "x", "--model", str(model_folder), "--num", "1"])
+
+
+@pytest.mark.parametrize("command, out, said", [
+    (["train-tokenizer", "--data", "nowhere"], ".", "is a folder, not a file"),
+    (["train-tokenizer", "--data", "nowhere"], "afile/t.json", "afile is a file, not a folder"),
+    (["export-model", "--dvae", "a", "--prior", "b"], "afile", "is a file, not a folder"),
+    (["export-model", "--dvae", "a", "--prior", "b"], "afile/model", "afile is a file, not a folder"),
+])
+def test_cli_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypatch, capsys, command, out, said):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("the user's")
+    assert main([*command, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "the user's"
 
 
 def test_the_bundled_model_loads_fits_and_generates(tmp_path, capsys):
