@@ -35,9 +35,9 @@
 # or STEPS="tests sanitize" for any subset. Every step has its own time limit and the script goes
 # on after a failure, so one broken step still leaves the others' results. Logs and JSON land in
 # $OUT (default: gpu_check_out/), a summary of exit codes in $OUT/summary.txt.
-# compute-sanitizer's own error code is 9; any other nonzero code of the sanitize step (the tool
-# missing or unable to run, e.g. under gVisor) reruns the cases without it (sanitize_plain): if
-# they pass, the sanitizer counts as unavailable, not failed, and its output is in the summary.
+# compute-sanitizer's own error code is 9; where the tool could not run (missing, or refusing the
+# device as under gVisor) the cases rerun without it (sanitize_plain): if they pass, the sanitizer
+# counts as unavailable, not failed, and its output is in the summary.
 # The exit code is a sum: 1 a step failed, 2 a target was missed, 4 targets not judged on this
 # run (check_targets judges H100 runs only: on the often lent H200 it prints the figures as
 # NOT JUDGED, informational; or there was no gumbel/sampling JSON), 8 a tool was unavailable.
@@ -152,12 +152,20 @@ if failed sampling; then
 fi
 step profile_sampling 60 env ${SAFE[@]+"${SAFE[@]}"} "$PY" benchmarks/profile_sampling.py --device cuda --json "$OUT/profile_sampling.json"
 step sanitize 100 "$(command -v compute-sanitizer || echo ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_cases.py
-# 9 (--error-exitcode) is memcheck finding an error; any other nonzero code is the tool failing
-# (missing, or unable to run here: gVisor) or the cases failing under it. Run the cases without
-# the tool to tell which: they pass -> "sanitizer unavailable" (no verdict on memory, not a
-# failure); they fail -> a failed step of ours.
+# 9 (--error-exitcode) is memcheck finding an error, 124 the step's time limit: failed steps.
+# The tool itself not running (126/127: missing or not executable; "Device not supported", as
+# under gVisor; or no "ERROR SUMMARY" line, which it prints once it has run the program): rerun
+# the cases without it; they pass -> "sanitizer unavailable" (no verdict on memory, not a
+# failure); they fail -> a failed step of ours. Any other code with the tool's summary is the
+# cases failing under it: a failed step.
+sanitizer_unavailable() {
+  local rc=${RC[sanitize]:-0}
+  [[ $rc == 126 || $rc == 127 ]] && return 0
+  [[ $rc == 0 || $rc == 9 || $rc == 124 ]] && return 1
+  grep -q "Device not supported" "$OUT/sanitize.log" || ! grep -q "ERROR SUMMARY" "$OUT/sanitize.log"
+}
 UNAVAILABLE=()
-if [[ -n "${RC[sanitize]:-}" && "${RC[sanitize]}" != 0 && "${RC[sanitize]}" != 9 ]]; then
+if [[ -n "${RC[sanitize]:-}" ]] && sanitizer_unavailable; then
   sanitizer_rc=${RC[sanitize]}
   unset 'RC[sanitize]'
   { echo "sanitize: compute-sanitizer exited $sanitizer_rc (not its error code 9): the tool may be unavailable here;"
