@@ -7,7 +7,8 @@ at another shape, or a sampling run of another model, decides nothing. Verdicts:
   PASS        the figure meets the target, and the run's correctness checks passed
   FAIL        it does not, or a correctness check failed (a wrong result has no speed)
   NOT JUDGED  the figure is informational: a GPU run on another device than an H100 (the
-              device tool often lends an H200), a CPU run on a contended machine, or a run
+              device tool often lends an H200), a CPU run on a contended machine, a run with
+              a kernel switched off (a DALLE_FAST_* switch recorded as other than 1), or a run
               whose script did not record a check the target needs (older files: Gumbel's
               gradient check, sampling's step-logits check)
 
@@ -163,10 +164,24 @@ def sampling_verdicts(data: dict) -> Iterator[Verdict]:
 JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}
 
 
+def switched_off(data: dict) -> dict[str, str]:
+    """The DALLE_FAST_* switches a run set to other than on (runs before 2026-11-29 did not
+    record them): such a run's "ours" is not our full kernels."""
+    switches = (data.get("environment") or {}).get("dalle_fast_switches") or {}
+    return {k: v for k, v in switches.items() if v != "1"}
+
+
 def verdicts(path: Path) -> list[Verdict]:
     data = json.loads(path.read_text())
     judge = JUDGES.get(data.get("benchmark")) if isinstance(data, dict) else None
-    return list(judge(data)) if judge else []
+    found = list(judge(data)) if judge else []
+    off = switched_off(data) if found else {}
+    if off:  # a fallback run (gpu_check's sampling_safe, gumbel_two_sweep): not our full kernels
+        note = f"run with {' '.join(f'{k}={v}' for k, v in off.items())}: not our full kernels (figure informational)"
+        # a failed correctness check (a FAIL with its reason) still fails; anything else is not judged
+        found = [v if v.ok is False and v.why else v._replace(ok=None, why="; ".join(filter(None, [v.why, note])))
+                 for v in found]
+    return found
 
 
 def main(argv=None) -> int:

@@ -240,11 +240,15 @@ def _library_identity(module: Any) -> dict | None:
     return {"path": path, "mtime": mtime, "sha256_16": digest}
 
 
+# Read by setup.py / scripts/dev.sh when building, not by the ops: the build info records what they did.
+BUILD_VARIABLES = ("DALLE_FAST_CUDA", "DALLE_FAST_ALLOW_ISOLATED_BUILD")
+
+
 def dalle_fast_switches() -> dict[str, str]:
-    """The DALLE_FAST_* variables of this process's environment (our ops' switches, e.g.
-    DALLE_FAST_GUMBEL_RESIDENT=0, read at every call; DALLE_FAST_CUDA at build time): a run
-    with a kernel switched off must not read as one of the full kernels. Empty: all defaults."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DALLE_FAST_")}
+    """The DALLE_FAST_* variables of this process's environment that our ops read (e.g.
+    DALLE_FAST_GUMBEL_RESIDENT=0), not the build's: a run with a kernel switched off must not
+    read as one of the full kernels. Empty: all defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DALLE_FAST_") and k not in BUILD_VARIABLES}
 
 
 def _nvidia_driver() -> dict:

@@ -31,17 +31,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from check_targets import switched_off  # noqa: E402  (benchmarks/ is this script's folder)
+
 ROOT = Path(__file__).resolve().parent
 NAMES = {"attention": "attention", "gumbel_softmax": "gumbel", "sampling": "sampling"}
 OTHER_SHAPES = ("--batch", "--dim", "--heads", "--text-len", "--grid", "--shape", "--quick")
 SUBSETS = ("--methods", "--kinds", "--dtypes", "--no-compile")  # fewer bars: said in the title
-
-
-def switched_off(data: dict) -> dict[str, str]:
-    """The DALLE_FAST_* switches a run set to other than on (runs before 2026-11-29 did not
-    record them): such a run's "ours" is not our full kernels."""
-    switches = data["environment"].get("dalle_fast_switches") or {}
-    return {k: v for k, v in switches.items() if v != "1"}
 
 
 def subset_flags(data: dict) -> str:

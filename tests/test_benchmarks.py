@@ -312,6 +312,24 @@ def test_check_targets_does_not_judge_another_gpu_against_h100_targets(tmp_path)
     assert _check_targets(tmp_path / "g.json").returncode == 1
 
 
+def test_check_targets_does_not_judge_a_run_with_a_kernel_switched_off(tmp_path):
+    # gpu_check's fallbacks (sampling_safe, gumbel_two_sweep) time "ours" without a kernel: their
+    # figures must not pass (or fail) a target as ours, but a wrong result still fails.
+    results = REPO / "benchmarks" / "results"
+    sampling = json.loads((results / "sampling_cuda_20261127-080631.json").read_text())
+    sampling["results"]["ours"]["ms_per_batch"] = 499.0
+    _verified(sampling=sampling)
+    sampling["environment"]["dalle_fast_switches"] = {"DALLE_FAST_SKINNY_LINEAR": "0", "DALLE_FAST_FLASH": "1"}
+    (tmp_path / "s.json").write_text(json.dumps(sampling))
+    run = _check_targets(tmp_path / "s.json")
+    assert run.returncode == 2 and run.stdout.startswith("NOT JUDGED"), run.stdout
+    assert "DALLE_FAST_SKINNY_LINEAR=0: not our full kernels" in run.stdout and "FLASH" not in run.stdout
+    sampling["results"]["ours"]["step_logits"]["ok"] = False
+    (tmp_path / "s.json").write_text(json.dumps(sampling))
+    run = _check_targets(tmp_path / "s.json")
+    assert run.returncode == 1 and run.stdout.startswith("FAIL"), run.stdout
+
+
 def test_environment_records_the_kernel_switches(monkeypatch):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -319,6 +337,7 @@ def test_environment_records_the_kernel_switches(monkeypatch):
     finally:
         sys.path.pop(0)
     monkeypatch.setenv("DALLE_FAST_GUMBEL_RESIDENT", "0")
+    monkeypatch.setenv("DALLE_FAST_CUDA", "0")  # the build's, not a kernel switch: a CPU-only build's run is whole
     env = common.environment("cpu")
     assert env["dalle_fast_switches"] == {"DALLE_FAST_GUMBEL_RESIDENT": "0"}
     assert "switches: DALLE_FAST_GUMBEL_RESIDENT=0" in common.describe(env)
