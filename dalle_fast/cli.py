@@ -203,9 +203,8 @@ def _memory_advice(doing: str, advice: str):
 
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
-                and "can't allocate memory" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(exc):
             raise
         raise ValueError(f"out of memory {doing}: {advice}") from None
 

@@ -230,7 +230,7 @@ def _encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> tupl
 
 
 def _warn_truncated(text_len: int, stacklevel: int) -> None:
-    """The long-prompt warning, attributed to the frame `stacklevel` levels above the caller's."""
+    """The long-prompt warning; `stacklevel` counts from the caller as warnings.warn's does (1: the caller)."""
     warnings.warn(f"the prompt is longer than the model's {text_len - 1} text tokens; only its beginning is used",
                   stacklevel=stacklevel + 1)
 
