@@ -39,11 +39,19 @@ int64_t num_blocks(const GumbelParams& p) {
   return p.inner == 1 ? (p.outer + P - 1) / P : p.outer * ((p.inner + P - 1) / P);
 }
 
+// Where a block's rows lie apart (the softmax over the channels of NCHW: a whole H x W plane
+// apart, each row in a page of its own, where the hardware prefetchers, which stay within a page,
+// see no stream), the row this many ahead is prefetched: it halved the backward at the dVAE's
+// layout, which was waiting on memory.
+constexpr int64_t kAhead = 8;
+
 template <class Store>
-DF_ALWAYS_INLINE void load_block(const typename Store::type* src, const Block& k, int64_t V, float* buf) {
+DF_ALWAYS_INLINE void load_block(const typename Store::type* __restrict src, const Block& k, int64_t V,
+                                 float* __restrict buf) {
   for (int64_t v = 0; v < V; ++v) {
     const typename Store::type* row = src + k.base + v * k.vstride;
     if (k.n == P && k.pstride == 1) {
+      if (v + kAhead < V) __builtin_prefetch(row + kAhead * k.vstride);
       for (int64_t l = 0; l < P; ++l) buf[v * P + l] = Store::load(row[l]);
     } else {
       for (int64_t l = 0; l < P; ++l) buf[v * P + l] = l < k.n ? Store::load(row[l * k.pstride]) : 0.0f;
@@ -52,10 +60,12 @@ DF_ALWAYS_INLINE void load_block(const typename Store::type* src, const Block& k
 }
 
 template <class Store>
-DF_ALWAYS_INLINE void store_block(typename Store::type* dst, const Block& k, int64_t V, const float* buf) {
+DF_ALWAYS_INLINE void store_block(typename Store::type* __restrict dst, const Block& k, int64_t V,
+                                  const float* __restrict buf) {
   for (int64_t v = 0; v < V; ++v) {
     typename Store::type* row = dst + k.base + v * k.vstride;
     if (k.n == P && k.pstride == 1) {
+      if (v + kAhead < V) __builtin_prefetch(row + kAhead * k.vstride, 1);
       for (int64_t l = 0; l < P; ++l) row[l] = Store::store(buf[v * P + l]);
     } else {
       for (int64_t l = 0; l < k.n; ++l) row[l * k.pstride] = Store::store(buf[v * P + l]);
