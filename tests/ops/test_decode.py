@@ -38,7 +38,7 @@ def make_step(B, H, T, S, D, g, dtype=torch.float32, device="cpu", seed=0):
 
 
 @given(kind=st.sampled_from(KINDS), B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 20),
-       S=st.integers(1, 7), D=st.sampled_from([1, 5, 16, 64]), kernel=st.sampled_from([1, 3, 5]),
+       S=st.integers(1, 7), D=st.sampled_from([1, 5, 13, 16, 64]), kernel=st.sampled_from([1, 3, 5]),
        where=st.floats(0, 1), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_cpu_kernel_matches_reference(kind, B, H, T, S, D, kernel, where, dtype, seed):
     g = min(int(where * S * S), S * S - 1)
@@ -137,7 +137,7 @@ def check_append(q, k, v, offsets, g, T, backend, qkv_view=False):
 
 
 @given(kind=st.sampled_from(KINDS), B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 20),
-       S=st.integers(1, 7), D=st.sampled_from([1, 5, 16, 64]), where=st.floats(0, 1),
+       S=st.integers(1, 7), D=st.sampled_from([1, 5, 13, 16, 64]), where=st.floats(0, 1),
        dtype=st.sampled_from([torch.float32, torch.float64]), qkv_view=st.booleans(), seed=st.integers(0, 2**16))
 def test_cpu_kernel_appends_this_steps_key_and_value(kind, B, H, T, S, D, where, dtype, qkv_view, seed):
     g = min(int(where * S * S), S * S - 1)

@@ -11,43 +11,60 @@
 #include <limits>
 #include <vector>
 
+#include "../../cpu_math.h"
 #include "../decode_args.h"
 
 namespace dalle_fast::cpu {
 
 namespace {
 
+// q . k over D entries in kLanes running sums, which vectorise (one running sum is a serial
+// chain of adds that the compiler may not reorder), added up at the end.
+template <class T>
+DF_ALWAYS_INLINE T dot(const T* __restrict q, const T* __restrict k, int64_t D) {
+  constexpr int64_t kLanes = 8;
+  T part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += q[d + l] * k[d + l];
+  T s = 0;
+  for (; d < D; ++d) s += q[d] * k[d];
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// The output row of one (batch, head) over the step's n keys; prob (n) and acc (D) are scratch.
+template <class T>
+DF_CPU_CLONES void decode_row(const DecodeParams& p, const int64_t* keys, int64_t n, int64_t bh, T* prob, T* acc) {
+  const int64_t D = p.dim, b = bh / p.heads, h = bh % p.heads;
+  const T scale = static_cast<T>(p.scale);
+  const T* q = p.q_row<T>(b, h);
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    prob[j] = dot(q, p.k.row<const T>(b, h, keys[j]), D) * scale;
+    top = std::max(top, prob[j]);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (prob[j] = exp_nonpos(prob[j] - top));
+  std::fill(acc, acc + D, T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* __restrict v = p.v.row<const T>(b, h, keys[j]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += prob[j] * v[d];
+  }
+  T* out = static_cast<T*>(p.out) + bh * D;
+  for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / sum;
+}
+
 template <class T>
 void decode(const DecodeParams& p) {
-  const int64_t g = *p.g, D = p.dim;
+  const int64_t g = *p.g;
   std::vector<int64_t> keys;
   for (int64_t j = 0; j < p.num_keys(); ++j)
     if (const int64_t key = p.key(j, g); key >= 0) keys.push_back(key);
   const int64_t n = static_cast<int64_t>(keys.size());
-  const T scale = static_cast<T>(p.scale);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> prob(static_cast<size_t>(n)), acc(static_cast<size_t>(D));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      const T* q = p.q_row<T>(b, h);
-      T top = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        const T* k = p.k.row<const T>(b, h, keys[j]);
-        T s = 0;
-        for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
-        prob[j] = s * scale;
-        top = std::max(top, prob[j]);
-      }
-      T sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += (prob[j] = std::exp(prob[j] - top));
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t j = 0; j < n; ++j) {
-        const T* v = p.v.row<const T>(b, h, keys[j]);
-        for (int64_t d = 0; d < D; ++d) acc[d] += prob[j] * v[d];
-      }
-      T* out = static_cast<T*>(p.out) + bh * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / sum;
-    }
+    std::vector<T> prob(static_cast<size_t>(n)), acc(static_cast<size_t>(p.dim));
+    for (int64_t bh = begin; bh < end; ++bh) decode_row<T>(p, keys.data(), n, bh, prob.data(), acc.data());
   });
 }
 
