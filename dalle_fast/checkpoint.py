@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
+from .skeleton import without_random_init
 
 _META_KEY = "dalle_fast"
 
@@ -314,8 +315,9 @@ def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = 
     # huge model (a damaged or hostile file) fails before anything is allocated; and the counts of
     # repeated layers before that, since building a model of 200000 layers takes minutes even there.
     _check_counts(config, weights, path, f"'{prefix}'")
-    with torch.device("meta"):
+    with without_random_init("meta"):
         _check_fits(model_cls(config), weights, path, f"'{prefix}'")
-    model = model_cls(config)
+    with without_random_init():  # every value is the file's: strict load_state_dict writes each tensor
+        model = model_cls(config)
     model.load_state_dict(weights)
     return model.eval()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops import KINDS, layer_kinds, sparse_attention
+from .skeleton import without_random_init
 
 # attention(q, k, v, kind, text_len, grid, kernel) -> out, all [B, H, N, D]: the op by default; a
 # benchmark may pass dense SDPA or FlexAttention instead.
@@ -99,7 +100,7 @@ class PriorConfig:
 
     def num_params(self) -> int:
         """Parameter count, from a model built on the meta device (nothing is allocated)."""
-        with torch.device("meta"):
+        with without_random_init("meta"):
             model = Prior(self)
         return sum(p.numel() for p in model.parameters())
 

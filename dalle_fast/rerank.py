@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .skeleton import without_random_init
+
 _MAX_LOGIT_SCALE = math.log(100.0)
 IMAGE_ENCODERS = ("joint", "split")
 
@@ -60,7 +62,7 @@ class RerankerConfig:
 
     def num_params(self) -> int:
         """Parameter count, from a model built on the meta device (nothing is allocated)."""
-        with torch.device("meta"):
+        with without_random_init("meta"):
             model = Reranker(self)
         return sum(p.numel() for p in model.parameters())
 

@@ -193,3 +193,21 @@ def test_a_failed_write_is_an_os_error_naming_the_file_and_keeps_the_old_one(tmp
         _tiny_checkpoint(path)
     assert error.value.errno == errno.ENOSPC and str(path) in str(error.value)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["prior.safetensors"]
+
+
+def test_load_model_draws_no_initial_weights_it_would_overwrite(tmp_path):
+    # Random initialisation before load_state_dict is wasted work (seconds for a paper-sized
+    # model); on the meta device PyTorch's normal_ imports torch._dynamo on first use (1.5 s).
+    from tests.test_skeleton import MODELS, RecordOps, random_ops
+
+    for model_cls, config in MODELS:
+        model = model_cls(config)
+        path = tmp_path / f"{model_cls.__name__}.safetensors"
+        save_checkpoint(path, modules={"model": model}, rng=False, meta={"model_config": dataclasses.asdict(config)})
+        state = torch.get_rng_state()
+        with RecordOps() as ops:
+            loaded = load_model(path, model_cls, type(config))
+        assert not random_ops(ops.names), (model_cls.__name__, sorted(random_ops(ops.names)))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

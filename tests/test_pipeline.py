@@ -4,6 +4,8 @@ bundled model."""
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -465,3 +467,13 @@ def test_a_grid_scale_that_only_fills_the_memory_is_refused_before_any_work(tmp_
     assert not out.exists()
     assert main(["generate", "a red circle", *model, "--num", "1", "--grid-scale", "8"]) == 0
     assert Image.open(out / "grid.png").size == (8 * 68, 8 * 68)  # a 2-pixel border around the 64-pixel image
+
+
+def test_loading_the_bundled_model_leaves_torch_compile_unimported():
+    # torch._dynamo's import alone took 1.5-3 s of a 13 s `dalle-fast generate` run when the
+    # load's shape check (a model on the meta device) ran nn.init.normal_ there.
+    code = ("import sys; from dalle_fast.pipeline import load_models; load_models(); "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
