@@ -66,10 +66,11 @@ def _on_h100(env: dict) -> bool:
     return "H100" in str(env.get("device_name", ""))
 
 
-def _contended(load: Optional[dict]) -> str:
+def contended(data: dict) -> str:
     """A CPU run's figures decide nothing while other processes competed for the CPUs (the
-    benchmark's own load warning): why, or ''."""
-    others = (load or {}).get("others_avg_cpus")
+    benchmark's own load warning): why, or ''. The benchmarks record the machine's load as
+    'machine_load' (attention, gumbel_softmax, prior_training) or 'load' (sampling)."""
+    others = (data.get("machine_load") or data.get("load") or {}).get("others_avg_cpus")
     if others is not None and others > CONTENDED_CPUS:
         return f"other processes kept {others:.2f} CPUs busy: contended, rerun on a quiet machine"
     return ""
@@ -130,7 +131,7 @@ def gumbel_verdicts(data: dict) -> Iterator[Verdict]:
             mine, theirs = _ms(ours, "fwd_bwd"), _ms(methods.get("F.gumbel_softmax", {}), "fwd_bwd")
             yield _judge(4, "CPU forward+backward >= 3x F.gumbel_softmax", f"{_f(mine)} ms",
                          f"F.gumbel_softmax {_f(theirs)} ms", None not in (mine, theirs) and theirs >= 3 * mine,
-                         both_checks, _contended(data.get("machine_load")))
+                         both_checks, contended(data))
 
 
 def sampling_verdicts(data: dict) -> Iterator[Verdict]:
@@ -158,7 +159,7 @@ def sampling_verdicts(data: dict) -> Iterator[Verdict]:
         recompute = per_batch_of("recompute")
         yield _judge(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms", f"recompute {_f(recompute)} ms",
                      None not in (per_batch, recompute) and recompute >= 10 * per_batch, checks,
-                     _contended(data.get("load")))
+                     contended(data))
 
 
 JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}

@@ -31,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from check_targets import switched_off  # noqa: E402  (benchmarks/ is this script's folder)
+from check_targets import contended, switched_off  # noqa: E402  (benchmarks/ is this script's folder)
 
 ROOT = Path(__file__).resolve().parent
 NAMES = {"attention": "attention", "gumbel_softmax": "gumbel", "sampling": "sampling"}
@@ -83,7 +83,7 @@ def device_of(data: dict) -> str:
 
 def subtitle(data: dict, what: str) -> str:
     env = data["environment"]
-    note = " (timings contended: other processes were busy)" if data.get("load_warning") else ""
+    note = " (timings contended: other processes were busy)" if contended(data) else ""
     subset = subset_flags(data)
     note += f"\n(only {subset})" if subset else ""
     return f"{env.get('device_name', '?')}, {what}, torch {env.get('torch', '?')}, {env['date'][:10]}{note}"

@@ -163,6 +163,20 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     assert empty.returncode == 1 and "no benchmark results" in empty.stderr
 
 
+def test_plot_titles_flag_contended_runs_of_every_benchmark(monkeypatch):
+    # The benchmarks record the machine's load as "machine_load" (attention, gumbel, prior) or
+    # "load" (sampling); a plot of a contended CPU run says so in its title, whichever it is.
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its check_targets import, as when run as a script
+    plot_results = _bench_module("plot_results", monkeypatch)
+    results = REPO / "benchmarks" / "results"
+    for name, key in (("attention_cpu_20261126-144121", "machine_load"), ("gumbel_cpu_20261128-104352", "machine_load"),
+                      ("sampling_cpu_20261127-170343", "load")):
+        data = json.loads((results / f"{name}.json").read_text())
+        assert "contended" not in plot_results.subtitle(data, name)
+        data[key]["others_avg_cpus"] = 1.2
+        assert "contended" in plot_results.subtitle(data, name), name
+
+
 def test_source_digest_follows_the_sources(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
