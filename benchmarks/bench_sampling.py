@@ -3,9 +3,10 @@ the two ways it is usually done.
 
   ours        dalle_fast.sampler: KV cache, each step reads only the keys its layer's mask allows
               (CUDA: the step is captured once in a CUDA graph and replayed)
-  ours_cublas the same with the step's linear layers as F.linear (cuBLAS) and their layer norms,
-              GELUs and residual adds as separate kernels, instead of ops.skinny_linear (CUDA
-              only)
+  ours_torch_linear  the same with the step's linear layers as F.linear (cuBLAS on CUDA, MKL on
+              the CPU) and their layer norms, GELUs and residual adds as separate ops, instead of
+              ops.skinny_linear (DALLE_FAST_SKINNY_LINEAR=0; earlier runs, CUDA only, call it
+              ours_cublas)
   ours_index_copy  the same with each layer's cache write as index_copy_ kernels before the
               decode kernel, instead of inside it (DALLE_FAST_DECODE_APPEND=0; CUDA only)
   ours_generic_decode  the same with every layer's attention in the general decode kernel
@@ -57,7 +58,7 @@ import common  # noqa: E402
 
 from dalle_fast import ops  # noqa: E402
 from dalle_fast.ops.decode import fast_kernel, fused_cache_write  # noqa: E402
-from dalle_fast.ops.linear import cuda_skinny_linear  # noqa: E402
+from dalle_fast.ops.linear import skinny_linear_kernel  # noqa: E402
 from dalle_fast.prior import Prior, PriorConfig  # noqa: E402
 from dalle_fast.sampler import IncrementalPrior, SamplingConfig, _Loop, _run_graph, sample_image_tokens, sample_logits  # noqa: E402
 
@@ -70,7 +71,7 @@ CONFIGS = {
 # Our sampler and its variants with one kernel switched off; as timed (in a CUDA graph on CUDA)
 # checked for valid tokens only, as a graph draws from other noise offsets (their step logits
 # are checked eagerly, see main).
-OURS_GRAPHED = ("ours", "ours_cublas", "ours_index_copy", "ours_generic_decode")
+OURS_GRAPHED = ("ours", "ours_torch_linear", "ours_index_copy", "ours_generic_decode")
 QUICK = dict(preset="tiny", overrides=dict(layers=2, d_model=64, heads=2), batch=2, dtype="float32", repeats=1)
 
 
@@ -94,7 +95,8 @@ class DenseKV(IncrementalPrior):
 
 
 # The variants of ours with one kernel switched off: a new context of ours per use.
-SWITCHES = {"ours_cublas": lambda: cuda_skinny_linear(False), "ours_index_copy": lambda: fused_cache_write(False),
+SWITCHES = {"ours_torch_linear": lambda: skinny_linear_kernel(False),
+            "ours_index_copy": lambda: fused_cache_write(False),
             "ours_generic_decode": lambda: fast_kernel(False)}
 
 
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="images sampled together (0: the config's)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: the config's)")
     parser.add_argument("--methods", default="", help="comma-separated subset of the methods above "
-                        "(default: all on cuda, ours, dense_kv and recompute on cpu)")
+                        "(default: all on cuda; ours, ours_torch_linear, dense_kv and recompute on cpu)")
     parser.add_argument("--recompute-steps", type=int, default=-1,
                         help="token steps recompute is timed over (0: all; default: 64 on cuda, all on cpu)")
     parser.add_argument("--check-rows", type=int, default=None,
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
     compiled = SamplingConfig(top_k=0, compile_step=True)
     methods = {  # fn(model, config, generator, steps) -> tokens
         "ours": lambda m, c, gen, n: sample_image_tokens(m, text, config=c, generator=gen),
-        "ours_cublas": lambda m, c, gen, n: sample_switched("ours_cublas", m, text, c, gen),
+        "ours_torch_linear": lambda m, c, gen, n: sample_switched("ours_torch_linear", m, text, c, gen),
         "ours_index_copy": lambda m, c, gen, n: sample_switched("ours_index_copy", m, text, c, gen),
         "ours_generic_decode": lambda m, c, gen, n: sample_switched("ours_generic_decode", m, text, c, gen),
         "ours_compiled": lambda m, c, gen, n: sample_image_tokens(m, text, config=compiled, generator=gen),
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
         "recompute": lambda m, c, gen, n: sample_recompute(m, text, c, gen, n),
     }
     default = (",".join((*OURS_GRAPHED, "ours_compiled", "dense_kv", "recompute")) if args.device == "cuda"
-               else "ours,dense_kv,recompute")
+               else "ours,ours_torch_linear,dense_kv,recompute")
     chosen = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     unknown = set(chosen) - set(methods)
     if unknown:

@@ -134,7 +134,7 @@ step gumbel 100 "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumb
 failed gumbel && step gumbel_two_sweep 100 env DALLE_FAST_GUMBEL_RESIDENT=0 \
   "$PY" benchmarks/bench_gumbel.py --device cuda --json "$OUT/gumbel_two_sweep.json"
 step sampling 200 "$PY" benchmarks/bench_sampling.py --device cuda \
-  --methods ours,ours_cublas,ours_index_copy,ours_generic_decode,dense_kv,recompute --json "$OUT/sampling.json"
+  --methods ours,ours_torch_linear,ours_index_copy,ours_generic_decode,dense_kv,recompute --json "$OUT/sampling.json"
 # The environment of the sampling steps after a failed sampling (the sanitizer keeps every kernel
 # on): the switches of the kernels whose test file failed above, or all of them when none did.
 # A file that ran and failed, or was cut off by the step's limit (no exit code written).

@@ -41,10 +41,10 @@ TORCH_LIBRARY(dalle_fast, m) {
       "sparse_decode_append(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) cache_k, Tensor(b!) cache_v, "
       "Tensor offsets, Tensor g, int text_len, float scale) -> Tensor");
 
-  // act(ln(x) weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K] with
-  // M <= 64, weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf); ln the
-  // layer norm over K with ln_weight, ln_bias [K] and ln_eps when ln_weight is given. CUDA only,
-  // float16 / bfloat16. Returns [M, N]. No autograd (the sampler's step).
+  // act(ln(x) weight^T + bias) + residual for a few rows (dalle_fast/ops/linear.py): x [M, K],
+  // weight [N, K], bias [N], residual [M, N]; activation 0 none, 1 GELU (erf); ln the layer norm
+  // over K with ln_weight, ln_bias [K] and ln_eps when ln_weight is given. CUDA: float16 /
+  // bfloat16, M <= 64; CPU: float32. Returns [M, N]. No autograd (the sampler's step).
   m.def(
       "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int activation, Tensor? ln_weight, "
       "Tensor? ln_bias, float ln_eps) -> Tensor");

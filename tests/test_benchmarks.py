@@ -85,7 +85,7 @@ def test_bench_sampling_quick_draws_the_same_tokens_everywhere(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"ours", "dense_kv", "recompute"}
+    assert set(data["results"]) == {"ours", "ours_torch_linear", "dense_kv", "recompute"}
     assert data["skipped"] == {}
     assert all(r["same_tokens_first_rows"] and r["ms_per_token"] > 0 for r in data["results"].values())
     for name in ("ours", "dense_kv"):  # step logits against the full forward pass, every position of the tiny grid

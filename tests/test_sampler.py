@@ -271,9 +271,9 @@ def assert_skinny_steps_within_reference_error(prior, text, image, what=""):
     """The steps of a float16 / bfloat16 prior with skinny_linear's kernel (CUDA) against float64 by
     the flash-attention rule: within twice the error of the same steps with F.linear and the
     epilogue in PyTorch (cuBLAS) in the prior's dtype, plus a floor."""
-    with linear.cuda_skinny_linear(True):
+    with linear.skinny_linear_kernel(True):
         ours = step_logits(prior, text, image)
-    with linear.cuda_skinny_linear(False):
+    with linear.skinny_linear_kernel(False):
         low = step_logits(prior, text, image)
         exact = step_logits(copy.deepcopy(prior).to("cpu", torch.float64), text.cpu(), image.cpu())
     assert_within_reference_error(ours, low, exact, what)

@@ -6,16 +6,21 @@ H100 for a 512 x 1536 weight, where reading the weight takes well under 1 us. Th
 (csrc/linear/cuda/skinny_linear.cu) spreads the weight over n / 8 blocks, issues each warp's
 loads in one wave and multiplies on the tensor cores; it also applies the layer norm before and
 the bias, the GELU and the residual add after in the same kernel, so a step of the prior runs
-five fewer kernels per layer.
+five fewer kernels per layer. On the CPU, PyTorch's addmm (MKL) runs such products on one thread
+at 35-45 GFLOP/s; the CPU kernel (csrc/linear/cpu/) splits the weight's rows over torch's threads
+and fuses the layer norm, the bias and the residual add (GELU is ATen's, on its output).
 
-The kernel takes float16 / bfloat16 CUDA tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
-and 16-byte aligned rows; every other call (CPU, float32, more rows) runs the reference: the
-norm, then `reference.linear` (F.linear, the activation, the residual). The kernel has no
-backward: under the "auto" backend a call that autograd would record (grad mode on and an input
-that requires grad) runs the reference, which it differentiates. DALLE_FAST_SKINNY_LINEAR=0 in
-the environment sends every call to the reference, so a benchmark can time both in one process;
-it is read at every eager call, and when torch.compile traces the call (a compiled function
-keeps the path it was traced with; see _backend.switch_on).
+The CUDA kernel takes float16 / bfloat16 tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
+and 16-byte aligned rows; the CPU kernel float32 tensors with at most 64 rows, rows of x and
+the weight contiguous along K. Every other call (more rows, another dtype) runs the reference:
+the norm, then `reference.linear` (F.linear, the activation, the residual). Neither kernel has
+a backward: under the "auto" backend a call that autograd would record (grad mode on and an
+input that requires grad) runs the reference, which it differentiates. Each output is one dot
+product over K in an order fixed by the kernel alone, so a row's result does not depend on the
+other rows or (CPU) the number of threads. DALLE_FAST_SKINNY_LINEAR=0 in the environment sends
+every call to the reference, so a benchmark can time both in one process; it is read at every
+eager call, and when torch.compile traces the call (a compiled function keeps the path it was
+traced with; see _backend.switch_on).
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ def kernel_enabled() -> bool:
     return _backend.switch_on("DALLE_FAST_SKINNY_LINEAR")
 
 
-def cuda_skinny_linear(enabled: bool):
-    """Inside: whether CUDA calls may take the kernel (True) or always run the reference, F.linear
-    and the epilogue in PyTorch (False). Sets DALLE_FAST_SKINNY_LINEAR; not thread-safe."""
+def skinny_linear_kernel(enabled: bool):
+    """Inside: whether calls may take the kernel (True) or always run the reference, F.linear and
+    the epilogue in PyTorch (False). Sets DALLE_FAST_SKINNY_LINEAR; not thread-safe."""
     return _backend.switch("DALLE_FAST_SKINNY_LINEAR", enabled)
 
 
@@ -46,7 +51,8 @@ def _aligned(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
-def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
+def _cuda_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
+    """Whether the CUDA kernel takes these shapes, dtypes and layouts (wherever the tensors are)."""
     m, k = x2.shape
     n = weight.shape[0]
     if x2.dtype not in (torch.float16, torch.bfloat16) or not (1 <= m <= _MAX_ROWS and k % 32 == 0 and n % 8 == 0):
@@ -55,13 +61,34 @@ def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=
         return False
     if x2.stride(1) != 1 or x2.stride(0) % 8 != 0 or not _aligned(x2):
         return False
+    return _same_dtype(x2, bias, residual2, norm, aligned=True)
+
+
+def _cpu_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
+    """Whether the CPU kernel takes these shapes, dtypes and layouts (wherever the tensors are)."""
+    m, k = x2.shape
+    if x2.dtype != torch.float32 or not (1 <= m <= _MAX_ROWS and k >= 1 and weight.shape[0] >= 1):
+        return False
+    if weight.dtype != x2.dtype or not weight.is_contiguous() or x2.stride(1) != 1:
+        return False
+    return _same_dtype(x2, bias, residual2, norm, aligned=False)
+
+
+def _same_dtype(x2, bias, residual2, norm, aligned: bool) -> bool:
+    # bias and residual of x's dtype; the norm's affine vectors too, contiguous (and aligned)
     if bias is not None and bias.dtype != x2.dtype:
         return False
     if norm is not None:
         for t in (norm.weight, norm.bias):
-            if t is None or t.dtype != x2.dtype or not t.is_contiguous() or not _aligned(t):
+            if t is None or t.dtype != x2.dtype or not t.is_contiguous() or (aligned and not _aligned(t)):
                 return False
     return residual2 is None or residual2.dtype == x2.dtype
+
+
+def _kernel_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
+    """Whether the kernel of x2's device takes the call."""
+    takes = _cuda_takes if x2.is_cuda else _cpu_takes if x2.device.type == "cpu" else None
+    return takes is not None and takes(x2, weight, bias, residual2, norm)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -91,8 +118,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("x, weight, bias and residual must be on one device")
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
-    if (x.is_cuda and kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
-            and _backend.use_kernel("skinny_linear", x, (), (torch.float16, torch.bfloat16), no_backward=(
+    if (kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
+            and _backend.use_kernel("skinny_linear", x, (torch.float32,), (torch.float16, torch.bfloat16), no_backward=(
                 x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ())))):
         ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
         out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)

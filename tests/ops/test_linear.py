@@ -1,5 +1,7 @@
 """skinny_linear: the sampling step's linear layers (bias, GELU, residual add fused), kernel vs reference."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from dalle_fast import ops
 from dalle_fast.ops import linear, reference
 from dalle_fast.prior import Prior, PriorConfig
-from tests.conftest import requires_cuda, requires_kernels
+from tests.conftest import num_threads, requires_cuda, requires_kernels
 
 pytestmark = requires_kernels
 
@@ -59,36 +61,141 @@ def test_reference_is_the_prior_blocks_arithmetic():
     torch.testing.assert_close(reference.linear(x, fc1.weight), F.linear(x, fc1.weight), rtol=0, atol=0)
 
 
-@given(m=st.integers(1, 70), k=st.sampled_from([8, 32, 96]), n=st.sampled_from([1, 8, 24]),
+def check_close_f32(out, x, w, b, r, activation, norm=None, what=""):
+    """A float32 result against float64 from the same inputs, within an elementwise bound on the
+    rounding of a K-term dot product ((K + 4) eps of the sum of the products' magnitudes), of the
+    norm (its float32 mean is off by up to (K + 4) eps of the row's largest |x|, which the
+    normalised row carries over scaled by 1 / std) and of the epilogue: a product dropped or
+    counted twice is far outside it."""
+    assert out.dtype == torch.float32 and torch.isfinite(out).all(), what
+    k, eps = x.shape[-1], torch.finfo(torch.float32).eps
+    with torch.no_grad():
+        want = expected(x, w, b, r, activation, norm).double()  # rounded to float32, then widened
+        wa = w.double().abs()
+        if norm is None:
+            xn, norm_err = x.double(), 0
+        else:
+            xd = x.double()
+            rstd = (xd.var(-1, unbiased=False, keepdim=True) + norm.eps).rsqrt()
+            xn = (xd - xd.mean(-1, keepdim=True)) * rstd * norm.weight.double() + norm.bias.double()
+            norm_err = (k + 4) * eps * xd.abs().amax(-1, keepdim=True) * rstd * (norm.weight.double().abs() @ wa.t())
+    magnitude = xn.abs() @ wa.t() + (0 if b is None else b.double().abs())
+    bound = (k + 4) * eps * magnitude + norm_err + 4 * eps * want.abs() + 1e-30
+    err = (out.double() - want).abs()
+    assert (err <= bound).all(), f"{what}: error {(err / bound).max().item():.3g} x the bound"
+
+
+@given(m=st.integers(1, 70), k=st.sampled_from([1, 7, 8, 13, 32, 96, 257]), n=st.sampled_from([1, 2, 3, 4, 8, 25, 100]),
        lead=st.sampled_from([(), (1,), (2,)]), activation=st.sampled_from([None, "gelu"]),
-       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans())
-@settings(max_examples=30, deadline=None)
-def test_cpu_calls_take_the_reference(m, k, n, lead, activation, with_bias, with_residual, with_norm):
-    gen = torch.Generator().manual_seed(m * 1000 + k + n)
-    x = torch.randn(*lead, m, k, generator=gen)
-    w = torch.randn(n, k, generator=gen)
-    b = torch.randn(n, generator=gen) if with_bias else None
-    r = torch.randn(*lead, m, n, generator=gen) if with_residual else None
-    norm = make_norm(k, torch.float32, "cpu", m) if with_norm else None
-    out = ops.skinny_linear(x, w, b, r, activation, norm)
-    assert out.shape == (*lead, m, n)
-    want = reference.linear(x if norm is None else norm(x), w, b, r, activation)
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
+       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans(),
+       row_pad=st.sampled_from([0, 1, 8]), offset=st.sampled_from([0.0, 30.0]), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_cpu_kernel_matches_reference(m, k, n, lead, activation, with_bias, with_residual, with_norm, row_pad,
+                                      offset, seed):
+    # k around the 8-lane vectors (a tail, none, only a tail), n around the 3-column blocks and the
+    # 24-column chunks the threads share, rows around the 4-row blocks and past the 64 the kernel
+    # takes (the reference then); rows of x apart by more than K (a view), rows with a mean far
+    # from 0 for the layer norm's variance, leading dims.
+    rows = m * (lead[0] if lead else 1)
+    x, w, b, r = make_inputs(rows, k, n, torch.float32, "cpu", seed, with_bias, with_residual, row_pad)
+    x += offset
+    norm = make_norm(k, torch.float32, "cpu", seed) if with_norm else None
+    what = f"rows={rows} k={k} n={n} {activation} bias={with_bias} residual={with_residual} norm={with_norm}"
+    with torch.no_grad():  # as the sampler calls it (the norm's parameters require grad)
+        out = ops.skinny_linear(x.view(*lead, m, k), w, b, None if r is None else r.view(*lead, m, n), activation, norm)
+        assert out.shape == (*lead, m, n)
+        check_close_f32(out.reshape(rows, n), x, w, b, r, activation, norm, what)
+        assert linear._kernel_takes(x, w, b, r, norm) == (rows <= 64)
+        if rows <= 64:  # the wrapper took the kernel: the op itself gives the same bits
+            ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, norm.eps)
+            direct = torch.ops.dalle_fast.skinny_linear(x, w, b, r, 1 if activation == "gelu" else 0, *ln)
+            torch.testing.assert_close(out.reshape(rows, n), direct, rtol=0, atol=0)
 
 
-def test_which_calls_the_kernel_takes():
+@torch.no_grad()
+def test_cpu_kernel_rows_do_not_depend_on_the_batch_or_the_threads():
+    # Each output is one dot product in the kernel's own order: a row gives the same bits alone, in
+    # a block of 4, in the last rows of a batch, and on 1 or 2 threads (the sampler's draws do not
+    # change with the batch size or the machine's core count).
+    x, w, b, r = make_inputs(11, 200, 150, torch.float32, "cpu", 5)
+    norm = make_norm(200, torch.float32, "cpu", 5)
+    with num_threads(2):
+        whole = ops.skinny_linear(x, w, b, r, None, norm)
+    for threads in (1, 2):
+        with num_threads(threads):
+            for i in range(11):
+                alone = ops.skinny_linear(x[i:i + 1], w, b, r[i:i + 1], None, norm)
+                torch.testing.assert_close(alone, whole[i:i + 1], rtol=0, atol=0)
+            torch.testing.assert_close(ops.skinny_linear(x[6:], w, b, r[6:], None, norm), whole[6:], rtol=0, atol=0)
+
+
+def test_cpu_calls_the_kernel_leaves_to_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(4, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    for args in ((x.double(), w.double(), b.double()),  # another dtype
+                 (x, w.t().contiguous().t(), b),  # a weight not contiguous along K
+                 (x.t().contiguous().t(), w, b),  # rows of x not contiguous
+                 (x.repeat(17, 1), w, b)):  # 68 rows
+        assert not linear._kernel_takes(args[0], args[1], args[2], None)
+        torch.testing.assert_close(ops.skinny_linear(*args, activation="gelu"),
+                                   reference.linear(*args, activation="gelu"), rtol=0, atol=0)
+    # A call autograd records takes the reference (saying so once): every input gets its gradient.
+    norm = make_norm(16, torch.float32, "cpu", 1)
+    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dalle_fast: skinny_linear falls back", RuntimeWarning)
+        out = ops.skinny_linear(*inputs, activation="gelu", norm=norm)
+    grads = torch.autograd.grad(out.square().sum(), [*inputs, norm.weight, norm.bias])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    wants = torch.autograd.grad(reference.linear(norm(leaves[0]), *leaves[1:], activation="gelu").square().sum(),
+                                [*leaves, norm.weight, norm.bias])
+    for got, want in zip(grads, wants):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with linear.skinny_linear_kernel(False), torch.no_grad():  # switched off: the reference, bit for bit
+        torch.testing.assert_close(ops.skinny_linear(x, w, b, activation="gelu", norm=norm),
+                                   reference.linear(norm(x), w, b, activation="gelu"), rtol=0, atol=0)
+
+
+def test_cpu_op_checks_its_inputs_and_passes_opcheck():
+    x, w, b, r = make_inputs(5, 40, 16, torch.float32, "cpu", 4)
+    lw, lb = (t.detach() for t in make_norm(40, torch.float32, "cpu", 4).parameters())
+    op = torch.ops.dalle_fast.skinny_linear
+    with pytest.raises(TypeError, match="float32"):
+        op(x.double(), w.double(), None, None, 0, None, None, 1e-5)
+    with pytest.raises(TypeError, match="one dtype"):
+        op(x, w.double(), None, None, 0, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        op(x, w[:, :39], None, None, 0, None, None, 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        op(x, w, None, r[:4], 0, None, None, 1e-5)
+    with pytest.raises(ValueError, match="ln_weight"):
+        op(x, w, None, None, 0, lw[:39], lb[:39], 1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        op(x, w, None, None, 2, None, None, 1e-5)
+    # layouts the kernel reads another way are copied: a weight not contiguous along K, strided rows
+    check_close_f32(op(x.t().contiguous().t(), w.t().contiguous().t(), b, r.t().contiguous().t(), 1, None, None, 1e-5),
+                    x, w, b, r, "gelu", what="copied layouts")
+    torch.library.opcheck(op.default, (x, w, b, r, 1, lw, lb, 1e-5))
+    torch.library.opcheck(op.default, (x, w, None, None, 0, None, None, 1e-5))
+
+
+def test_which_calls_each_kernel_takes():
     # Shapes and layouts the CUDA kernel needs: at most 64 rows, K % 32 == 0, N % 8 == 0,
     # contiguous 16-byte aligned rows, one dtype (checked on CPU tensors: the predicate is shape only).
     x, w = torch.zeros(16, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
-    assert linear._kernel_takes(x, w, None, None)
-    assert not linear._kernel_takes(torch.zeros(65, 512, dtype=torch.bfloat16), w, None, None)
-    assert not linear._kernel_takes(x[:, :500], w[:, :500].contiguous(), None, None)
-    assert not linear._kernel_takes(x, w[:1532], None, None)
-    assert not linear._kernel_takes(x, w.t().contiguous().t(), None, None)
-    assert not linear._kernel_takes(torch.zeros(16, 513, dtype=torch.bfloat16)[:, 1:], w, None, None)  # misaligned
-    assert not linear._kernel_takes(x, w.half(), None, None)
-    assert not linear._kernel_takes(x, w, torch.zeros(1536), None)
-    assert not linear._kernel_takes(x.float(), w.float(), None, None)
+    assert linear._cuda_takes(x, w, None, None)
+    assert not linear._cuda_takes(torch.zeros(65, 512, dtype=torch.bfloat16), w, None, None)
+    assert not linear._cuda_takes(x[:, :500], w[:, :500].contiguous(), None, None)
+    assert not linear._cuda_takes(x, w[:1532], None, None)
+    assert not linear._cuda_takes(x, w.t().contiguous().t(), None, None)
+    assert not linear._cuda_takes(torch.zeros(16, 513, dtype=torch.bfloat16)[:, 1:], w, None, None)  # misaligned
+    assert not linear._cuda_takes(x, w.half(), None, None)
+    assert not linear._cuda_takes(x, w, torch.zeros(1536), None)
+    assert not linear._cuda_takes(x.float(), w.float(), None, None)
+    # The CPU kernel's: float32, at most 64 rows, any K and N, rows contiguous along K from any start.
+    assert linear._kernel_takes(x.float()[:, 1:], w.float()[:, 1:].contiguous(), None, None)
+    assert not linear._kernel_takes(x, w, None, None)
+    assert not linear._kernel_takes(torch.zeros(65, 512), w.float(), None, None)
 
 
 def test_bad_inputs():
@@ -108,7 +215,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="norm"):
         ops.skinny_linear(x, w, norm=torch.nn.RMSNorm(8))
     with pytest.raises(ValueError, match="enabled"):
-        with linear.cuda_skinny_linear("yes"):
+        with linear.skinny_linear_kernel("yes"):
             pass
 
 
@@ -125,9 +232,9 @@ def test_the_op_refuses_to_be_differentiated():
 def test_switch_sets_and_restores_the_environment(monkeypatch):
     monkeypatch.delenv("DALLE_FAST_SKINNY_LINEAR", raising=False)
     assert linear.kernel_enabled()
-    with linear.cuda_skinny_linear(False):
+    with linear.skinny_linear_kernel(False):
         assert not linear.kernel_enabled()
-        with linear.cuda_skinny_linear(True):
+        with linear.skinny_linear_kernel(True):
             assert linear.kernel_enabled()
         assert not linear.kernel_enabled()
     assert linear.kernel_enabled()
@@ -189,7 +296,7 @@ def test_cuda_kernel_replays_in_a_graph_and_leaves_other_calls_to_the_reference(
     for xv, wv in ((xs[:, 1:513], w), (x, ws[:, 1:513]), (xs[:, 1:513], ws[:, 1:513]), (x, ws[:, 8:520])):
         check_close(torch.ops.dalle_fast.skinny_linear(xv, wv, b, r, 1, None, None, 1e-5),
                     expected(x, w, b, r, "gelu"), "a row layout the loads cannot read, copied")
-    with linear.cuda_skinny_linear(False):
+    with linear.skinny_linear_kernel(False):
         torch.testing.assert_close(ops.skinny_linear(x, w, b, r, "gelu"), reference.linear(x, w, b, r, "gelu"),
                                    rtol=0, atol=0)
 

@@ -1,0 +1,14 @@
+// CPU kernel of the skinny_linear op (float32): plain LinearParams in, no torch types.
+#pragma once
+
+#include "../linear_params.h"
+
+namespace dalle_fast::cpu {
+
+// out = ln(x) w^T + bias, plus the residual when p.activation is None (with GELU the caller
+// applies the activation, then adds the residual). Rows of out split over torch's threads by
+// column blocks; each output is one thread's dot product over k, in an order that does not
+// depend on the thread count.
+void skinny_linear_f32(const LinearParams& p);
+
+}  // namespace dalle_fast::cpu
