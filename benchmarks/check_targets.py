@@ -68,8 +68,11 @@ def _on_h100(env: dict) -> bool:
 
 def contended(data: dict) -> str:
     """A CPU run's figures decide nothing while other processes competed for the CPUs (the
-    benchmark's own load warning): why, or ''. The benchmarks record the machine's load as
-    'machine_load' (attention, gumbel_softmax, prior_training) or 'load' (sampling)."""
+    benchmark's own load warning): why, or '' (always for a GPU run, whose figures are the
+    GPU's). The benchmarks record the machine's load as 'machine_load' (attention,
+    gumbel_softmax, prior_training) or 'load' (sampling)."""
+    if (data.get("environment") or {}).get("gpu"):
+        return ""
     others = (data.get("machine_load") or data.get("load") or {}).get("others_avg_cpus")
     if others is not None and others > CONTENDED_CPUS:
         return f"other processes kept {others:.2f} CPUs busy: contended, rerun on a quiet machine"

@@ -175,6 +175,10 @@ def test_plot_titles_flag_contended_runs_of_every_benchmark(monkeypatch):
         assert "contended" not in plot_results.subtitle(data, name)
         data[key]["others_avg_cpus"] = 1.2
         assert "contended" in plot_results.subtitle(data, name), name
+    # A GPU run's figures are the GPU's, however busy its host's CPUs were.
+    data = json.loads((results / "gumbel_cuda_20261127-075818.json").read_text())
+    data["machine_load"]["others_avg_cpus"] = 1.2
+    assert "contended" not in plot_results.subtitle(data, "gumbel_cuda")
 
 
 def test_source_digest_follows_the_sources(tmp_path):
