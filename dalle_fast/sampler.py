@@ -181,9 +181,9 @@ class IncrementalPrior:
         grid_pos = g.view(1)
         x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
         for layer, block in enumerate(prior.blocks):
-            # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: on
-            # CUDA one kernel each for a step's few rows, the layer norm before, the bias, GELU
-            # and residual add after included.
+            # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: one
+            # kernel each for a step's few rows, the layer norm before and the bias and residual
+            # add after included (GELU too on CUDA; ATen's on the CPU).
             attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
             qkv = attn.heads_of(skinny_linear(x, attn.qkv.weight, attn.qkv.bias, norm=block.ln_1))  # (3, B, H, 1, D)
             out = self.attend(layer, *qkv, g)  # (B, H, 1, D); the cache gets this step's key and value

@@ -5,7 +5,7 @@ names and shapes before anything is allocated, then with storage for the file's 
 needs the random initialisation the constructors run. On real tensors it is wasted work (seconds
 for a paper-sized model, all of it overwritten). On the meta device it computes nothing, but
 PyTorch runs normal_ there through a Python reference whose first call imports torch._dynamo:
-1.5 s of a two-second generate run on the bundled model.
+1.5-3 s, most of the 3.1 s that loading the bundled model took.
 """
 
 from __future__ import annotations

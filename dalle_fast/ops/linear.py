@@ -119,8 +119,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
     if (kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
-            and _backend.use_kernel("skinny_linear", x, (torch.float32,), (torch.float16, torch.bfloat16), no_backward=(
-                x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ())))):
+            and _backend.use_kernel("skinny_linear", x, (torch.float32,), (torch.float16, torch.bfloat16),
+                                    no_backward=(x, weight, bias, residual,
+                                                 *((norm.weight, norm.bias) if norm is not None else ())))):
         ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
         out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
         return out.view(out_shape)
