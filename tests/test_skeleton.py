@@ -59,7 +59,8 @@ def test_constant_fills_still_run_and_random_fills_return_their_tensor():
     with without_random_init():
         norm = torch.nn.LayerNorm(8)
         t = torch.full((4,), 3.0)
-        assert torch.nn.init.normal_(tensor=t) is t and t.uniform_() is t and torch.nn.init.kaiming_uniform_(t[None]) is not None
+        row = t[None]  # a view of t: what kaiming_uniform_ would fill is t's storage
+        assert torch.nn.init.normal_(tensor=t) is t and t.uniform_() is t and torch.nn.init.kaiming_uniform_(row) is row
     assert torch.equal(t, torch.full((4,), 3.0))
     assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
     torch.nn.init.normal_(t)  # outside: a fill again

@@ -61,7 +61,7 @@ def _cuda_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=No
         return False
     if x2.stride(1) != 1 or x2.stride(0) % 8 != 0 or not _aligned(x2):
         return False
-    return _same_dtype(x2, bias, residual2, norm, aligned=True)
+    return _operands_fit(x2, bias, residual2, norm, aligned=True)
 
 
 def _cpu_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=None) -> bool:
@@ -71,11 +71,11 @@ def _cpu_takes(x2: torch.Tensor, weight: torch.Tensor, bias, residual2, norm=Non
         return False
     if weight.dtype != x2.dtype or not weight.is_contiguous() or x2.stride(1) != 1:
         return False
-    return _same_dtype(x2, bias, residual2, norm, aligned=False)
+    return _operands_fit(x2, bias, residual2, norm, aligned=False)
 
 
-def _same_dtype(x2, bias, residual2, norm, aligned: bool) -> bool:
-    # bias and residual of x's dtype; the norm's affine vectors too, contiguous (and aligned)
+def _operands_fit(x2, bias, residual2, norm, aligned: bool) -> bool:
+    # bias, residual and the norm's affine vectors of x's dtype; the norm's contiguous (and aligned)
     if bias is not None and bias.dtype != x2.dtype:
         return False
     if norm is not None:

@@ -2,7 +2,7 @@
 // weight, both read along k. PyTorch's addmm (MKL) runs such products at 35-45 GFLOP/s on one core
 // of an AVX2 machine and no faster on two; here each thread takes a share of the weight's rows and
 // multiplies 4 rows of x by 3 of them at a time: 12 accumulators of 8 lanes over k, each weight
-// vector loaded once for the 4 rows and each x vector once for the 3 (15 of AVX2's 16 registers).
+// vector loaded once for the 4 rows and each x vector once for the 3 (all 16 of AVX2's registers).
 // The 8 lanes are GCC / Clang vector types: with plain arrays GCC kept the accumulators in memory.
 #include "linear_cpu.h"
 
