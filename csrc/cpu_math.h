@@ -85,4 +85,19 @@ struct StoreF16 {
   static DF_ALWAYS_INLINE _Float16 store(float x) { return static_cast<_Float16>(x); }
 };
 
+// The sum of term(i) over i < n in 8 running sums, which vectorise (one running sum is a serial
+// chain of adds that the compiler may not reorder): the tail first, then the 8 sums in order.
+template <class T, class Term>
+DF_ALWAYS_INLINE T sum8(int64_t n, Term term) {
+  constexpr int64_t kLanes = 8;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += term(i + l);
+  T s = 0;
+  for (; i < n; ++i) s += term(i);
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
 }  // namespace dalle_fast::cpu

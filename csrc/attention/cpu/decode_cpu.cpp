@@ -18,21 +18,6 @@ namespace dalle_fast::cpu {
 
 namespace {
 
-// q . k over D entries in kLanes running sums, which vectorise (one running sum is a serial
-// chain of adds that the compiler may not reorder), added up at the end.
-template <class T>
-DF_ALWAYS_INLINE T dot(const T* __restrict q, const T* __restrict k, int64_t D) {
-  constexpr int64_t kLanes = 8;
-  T part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += q[d + l] * k[d + l];
-  T s = 0;
-  for (; d < D; ++d) s += q[d] * k[d];
-  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
-  return s;
-}
-
 // The output row of one (batch, head) over the step's n keys; prob (n) and acc (D) are scratch.
 template <class T>
 DF_CPU_CLONES void decode_row(const DecodeParams& p, const int64_t* keys, int64_t n, int64_t bh, T* prob, T* acc) {
@@ -41,7 +26,8 @@ DF_CPU_CLONES void decode_row(const DecodeParams& p, const int64_t* keys, int64_
   const T* q = p.q_row<T>(b, h);
   T top = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
-    prob[j] = dot(q, p.k.row<const T>(b, h, keys[j]), D) * scale;
+    const T* __restrict k = p.k.row<const T>(b, h, keys[j]);
+    prob[j] = sum8<T>(D, [q, k](int64_t d) { return q[d] * k[d]; }) * scale;  // q . k
     top = std::max(top, prob[j]);
   }
   T sum = 0;

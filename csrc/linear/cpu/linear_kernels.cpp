@@ -115,20 +115,6 @@ DF_CPU_CLONES void columns(const LinearParams& p, const float* x, int64_t ldx, i
   }
 }
 
-// The sum of (v[q] - shift)^Power over q < k (Power 1 or 2), in 8 running sums (which
-// vectorise) added pairwise, then the tail.
-template <int Power>
-DF_ALWAYS_INLINE float sum8(const float* __restrict v, int64_t k, float shift) {
-  const auto term = [shift](float t) { return Power == 2 ? (t - shift) * (t - shift) : t - shift; };
-  float part[8] = {};
-  int64_t q = 0;
-  for (; q + 8 <= k; q += 8)
-    for (int l = 0; l < 8; ++l) part[l] += term(v[q + l]);
-  float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-  for (; q < k; ++q) s += term(v[q]);
-  return s;
-}
-
 // x's rows layer-normalised into `dst` [m, k] as nn.LayerNorm does: biased variance, eps inside
 // the root. Two passes (the mean, then the squares about it), so a large mean costs no precision.
 DF_CPU_CLONES void layer_norm(const LinearParams& p, float* dst) {
@@ -138,8 +124,9 @@ DF_CPU_CLONES void layer_norm(const LinearParams& p, float* dst) {
   const float inv_k = 1.0f / static_cast<float>(p.k);
   for (int64_t r = 0; r < p.m; ++r) {
     const float* __restrict xr = x + r * p.x_stride;
-    const float mean = sum8<1>(xr, p.k, 0.0f) * inv_k;
-    const float rstd = 1.0f / std::sqrt(sum8<2>(xr, p.k, mean) * inv_k + p.ln_eps);
+    const float mean = sum8<float>(p.k, [xr](int64_t q) { return xr[q]; }) * inv_k;
+    const float var = sum8<float>(p.k, [xr, mean](int64_t q) { return (xr[q] - mean) * (xr[q] - mean); }) * inv_k;
+    const float rstd = 1.0f / std::sqrt(var + p.ln_eps);
     float* __restrict d = dst + r * p.k;
     for (int64_t q = 0; q < p.k; ++q) d[q] = (xr[q] - mean) * rstd * g[q] + b[q];
   }
