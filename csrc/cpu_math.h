@@ -11,15 +11,19 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define DF_CPU_CLONING 1
-// The instruction sets, best first. AVX2 with FMA (so std::fma stays an instruction) is
-// arch=x86-64-v3, which GCC 12 dispatches by the CPU's features. arch=haswell, the spelling
-// before, is dispatched by CPU model: only an Intel Haswell took that clone, and every other
-// AVX2 CPU (AMD Zen 1-3, later Intel cores without AVX-512) ran the SSE2 default, 10x slower.
-#define DF_ISA_TOP "avx512f"
+// The instruction sets, best first, each a level of the x86-64 psABI, which GCC 12 dispatches by
+// the CPU's features: arch=x86-64-v3 is AVX2 with FMA (so a * b + c contracts and std::fma stays
+// an instruction) and F16C (float16 loads and stores in one instruction each); x86-64-v4 adds
+// AVX-512 F/BW/CD/DQ/VL. Two spellings before were wrong: arch=haswell is dispatched by CPU model
+// (only an Intel Haswell took that clone; every other AVX2 CPU ran the SSE2 default, 10x slower),
+// and a bare "avx512f" leaves out FMA and F16C (every AVX-512 CPU ran separate multiplies and
+// adds, and converted float16 in software: the float16 Gumbel kernels 10x slower than float32).
 #if __GNUC__ >= 12
+#define DF_ISA_TOP "arch=x86-64-v4"
 #define DF_ISA_MID "arch=x86-64-v3"
 #else
-#define DF_ISA_MID "avx2"  // no FMA in this clone: std::fma is a library call there
+#define DF_ISA_TOP "avx512f"  // no FMA or F16C in these two clones: std::fma is a library call there
+#define DF_ISA_MID "avx2"
 #endif
 #define DF_CPU_CLONES __attribute__((target_clones(DF_ISA_TOP, DF_ISA_MID, "default")))
 #else
