@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dalle_fast import ops
@@ -85,15 +85,27 @@ def check_close_f32(out, x, w, b, r, activation, norm=None, what=""):
     assert (err <= bound).all(), f"{what}: error {(err / bound).max().item():.3g} x the bound"
 
 
-@given(m=st.integers(1, 70), k=st.sampled_from([1, 7, 8, 13, 32, 96, 257]), n=st.sampled_from([1, 2, 3, 4, 8, 25, 100]),
+@pytest.fixture(params=["wide", "narrow"])
+def cpu_lanes(request, monkeypatch):
+    """The CPU kernel's blocks: 16 lanes on an AVX-512 CPU ("wide"), or the 8-lane ones of the
+    AVX2 version ("narrow"; the same on a CPU without AVX-512)."""
+    if request.param == "narrow":
+        monkeypatch.setenv("DALLE_FAST_LINEAR_AVX512", "0")
+    else:
+        monkeypatch.delenv("DALLE_FAST_LINEAR_AVX512", raising=False)
+    return request.param
+
+
+@given(m=st.integers(1, 70), k=st.sampled_from([1, 7, 8, 13, 16, 24, 32, 96, 257]),
+       n=st.sampled_from([1, 2, 3, 4, 5, 8, 25, 100]),
        lead=st.sampled_from([(), (1,), (2,)]), activation=st.sampled_from([None, "gelu"]),
        with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans(),
        row_pad=st.sampled_from([0, 1, 8]), offset=st.sampled_from([0.0, 30.0]), seed=st.integers(0, 2**16))
-@settings(max_examples=60, deadline=None)
-def test_cpu_kernel_matches_reference(m, k, n, lead, activation, with_bias, with_residual, with_norm, row_pad,
-                                      offset, seed):
-    # k around the 8-lane vectors (a tail, none, only a tail), n around the 3-column blocks and the
-    # 24-column chunks the threads share, rows around the 4-row blocks and past the 64 the kernel
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_cpu_kernel_matches_reference(cpu_lanes, m, k, n, lead, activation, with_bias, with_residual, with_norm,
+                                      row_pad, offset, seed):
+    # k around the 8- and 16-lane vectors (a tail, none, only a tail), n around the 3- and 4-column
+    # blocks and the 24-column chunks the threads share, rows around the 4-row blocks and past the 64 the kernel
     # takes (the reference then); rows of x apart by more than K (a view), rows with a mean far
     # from 0 for the layer norm's variance, leading dims.
     rows = m * (lead[0] if lead else 1)
@@ -113,7 +125,7 @@ def test_cpu_kernel_matches_reference(m, k, n, lead, activation, with_bias, with
 
 
 @torch.no_grad()
-def test_cpu_kernel_rows_do_not_depend_on_the_batch_or_the_threads():
+def test_cpu_kernel_rows_do_not_depend_on_the_batch_or_the_threads(cpu_lanes):
     # Each output is one dot product in the kernel's own order: a row gives the same bits alone, in
     # a block of 4, in the last rows of a batch, and on 1 or 2 threads (the sampler's draws do not
     # change with the batch size or the machine's core count).

@@ -1,9 +1,13 @@
 // The skinny_linear CPU kernel: a few rows of x (a sampling step's batch) against every row of the
 // weight, both read along k. PyTorch's addmm (MKL) runs such products at 35-45 GFLOP/s on one core
 // of an AVX2 machine and no faster on two; here each thread takes a share of the weight's rows and
-// multiplies 4 rows of x by 3 of them at a time: 12 accumulators of 8 lanes over k, each weight
-// vector loaded once for the 4 rows and each x vector once for the 3 (all 16 of AVX2's registers).
-// The 8 lanes are GCC / Clang vector types: with plain arrays GCC kept the accumulators in memory.
+// multiplies a block of rows of x by a block of weight rows at a time, each weight vector loaded
+// once for all the block's rows of x and each x vector once for all its weight rows:
+// - 8 lanes (AVX2, and the fallback): 4 x 3 blocks, 12 accumulators (all 16 of AVX2's registers);
+// - 16 lanes (AVX-512): 4 x 4 blocks, 16 accumulators of 32 registers, whose lane sums make one
+//   vector (one tree of shuffles for all 16). DALLE_FAST_LINEAR_AVX512=0 in the environment keeps
+//   an AVX-512 CPU on the 8-lane blocks (to compare the two).
+// The lanes are GCC / Clang vector types: with plain arrays GCC kept the accumulators in memory.
 #include "linear_cpu.h"
 
 #include <algorithm>
@@ -14,6 +18,11 @@
 #include <ATen/Parallel.h>
 
 #include "../../cpu_math.h"
+#include "../../env_switch.h"
+
+#ifdef DF_CPU_CLONING
+#include <immintrin.h>
+#endif
 
 namespace dalle_fast::cpu {
 
@@ -95,11 +104,91 @@ DF_ALWAYS_INLINE void column_block(const LinearParams& p, const float* x, int64_
   for (; r < p.m; ++r) dot_block<1, C>(p.k, x + r * ldx, ldx, w, out + r * p.n, p.n);
 }
 
-// Columns [c0, c1) of out: the products, then the bias and (without an activation) the residual.
-DF_CPU_CLONES void columns(const LinearParams& p, const float* x, int64_t ldx, int64_t c0, int64_t c1) {
+#ifdef DF_CPU_CLONING
+// 16 lanes, for the AVX-512 version of `columns` alone (these functions are compiled for it).
+#define DF_PRAGMA(text) _Pragma(#text)
+#define DF_TARGET_PRAGMA(isa) DF_PRAGMA(GCC target(isa))  // isa expanded first
+#pragma GCC push_options
+DF_TARGET_PRAGMA(DF_ISA_TOP)
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_any __attribute__((vector_size(64), aligned(4), may_alias));
+
+// Lanes 0-7: the sums of a's adjacent lane pairs; lanes 8-15: b's.
+DF_ALWAYS_INLINE f32x16 pair_sums(const f32x16& a, const f32x16& b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane j of the result: the sum of v[j]'s lanes, in pairs, then pairs of pairs... (one tree for
+// every v[j], whatever the other 15 hold; 30 shuffles and 15 adds for all 16).
+DF_ALWAYS_INLINE f32x16 sum_lanes16(const f32x16 (&v)[16]) {
+  f32x16 s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i) s[i] = pair_sums(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) t[i] = pair_sums(s[2 * i], s[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) u[i] = pair_sums(t[2 * i], t[2 * i + 1]);
+  return pair_sums(u[0], u[1]);
+}
+
+constexpr int kBlock16 = 4;  // rows of x and of the weight per block: 16 accumulators, one lane sum
+
+// out[r * ldo + c] = sum_q x[r * ldx + q] w[c * k + q] for r < R, c < C. Accumulator r * 4 + c
+// takes x row r times weight row c; the last k % 16 terms come in a masked load, zeros beyond k.
+// A block of fewer rows or columns leaves its other accumulators at zero: a row's result does not
+// depend on the block it fell in (on the batch size), nor a column's on the threads' split.
+template <int R, int C>
+DF_ALWAYS_INLINE void dot_block16(int64_t k, const float* __restrict x, int64_t ldx, const float* __restrict w,
+                                  float* __restrict out, int64_t ldo) {
+  f32x16 acc[kBlock16 * kBlock16];
+  for (auto& a : acc) a = f32x16{};
+  for (int64_t q = 0; q < k; q += 16) {
+    const __mmask16 mask = k - q >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - q)) - 1);
+    f32x16 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w + c * k + q);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 xv = _mm512_maskz_loadu_ps(mask, x + r * ldx + q);
+      for (int c = 0; c < C; ++c) acc[r * kBlock16 + c] += xv * wv[c];
+    }
+  }
+  const f32x16 sums = sum_lanes16(acc);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * ldo + c] = sums[r * kBlock16 + c];
+}
+
+// Columns [c, c + C) of out, every row: the products.
+template <int C>
+DF_ALWAYS_INLINE void column_block16(const LinearParams& p, const float* x, int64_t ldx, int64_t c) {
+  const float* w = static_cast<const float*>(p.w) + c * p.k;
+  float* out = static_cast<float*>(p.out) + c;
+  int64_t r = 0;
+  for (; r + kBlock16 <= p.m; r += kBlock16) dot_block16<kBlock16, C>(p.k, x + r * ldx, ldx, w, out + r * p.n, p.n);
+  const float* xr = x + r * ldx;
+  float* o = out + r * p.n;
+  switch (p.m - r) {
+    case 3: dot_block16<3, C>(p.k, xr, ldx, w, o, p.n); break;
+    case 2: dot_block16<2, C>(p.k, xr, ldx, w, o, p.n); break;
+    case 1: dot_block16<1, C>(p.k, xr, ldx, w, o, p.n); break;
+    default: break;
+  }
+}
+
+DF_ALWAYS_INLINE void products16(const LinearParams& p, const float* x, int64_t ldx, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + kBlock16 <= c1; c += kBlock16) column_block16<kBlock16>(p, x, ldx, c);
+  for (; c < c1; ++c) column_block16<1>(p, x, ldx, c);
+}
+
+#pragma GCC pop_options
+#endif
+
+DF_ALWAYS_INLINE void products8(const LinearParams& p, const float* x, int64_t ldx, int64_t c0, int64_t c1) {
   int64_t c = c0;
   for (; c + kColBlock <= c1; c += kColBlock) column_block<kColBlock>(p, x, ldx, c);
   for (; c < c1; ++c) column_block<1>(p, x, ldx, c);
+}
+
+// The bias and (without an activation) the residual, added to columns [c0, c1) of out.
+DF_ALWAYS_INLINE void epilogue(const LinearParams& p, int64_t c0, int64_t c1) {
   float* out = static_cast<float*>(p.out);
   const int64_t m = p.m, n = p.n;
   const float* bias = static_cast<const float*>(p.bias);
@@ -113,6 +202,31 @@ DF_CPU_CLONES void columns(const LinearParams& p, const float* x, int64_t ldx, i
       for (int64_t j = c0; j < c1; ++j) o[j] += rr[j];
     }
   }
+}
+
+// Columns [c0, c1) of out: the products, then the epilogue; one version per instruction set,
+// picked as DF_CPU_CLONES picks (the AVX-512 one with 16-lane blocks unless `wide` is false).
+#ifdef DF_CPU_CLONING
+__attribute__((target(DF_ISA_TOP))) void columns(const LinearParams& p, const float* x, int64_t ldx, int64_t c0,
+                                                 int64_t c1, bool wide) {
+  if (wide)
+    products16(p, x, ldx, c0, c1);
+  else
+    products8(p, x, ldx, c0, c1);
+  epilogue(p, c0, c1);
+}
+
+__attribute__((target(DF_ISA_MID))) void columns(const LinearParams& p, const float* x, int64_t ldx, int64_t c0,
+                                                 int64_t c1, bool) {
+  products8(p, x, ldx, c0, c1);
+  epilogue(p, c0, c1);
+}
+
+__attribute__((target("default")))
+#endif
+void columns(const LinearParams& p, const float* x, int64_t ldx, int64_t c0, int64_t c1, bool) {
+  products8(p, x, ldx, c0, c1);
+  epilogue(p, c0, c1);
 }
 
 // x's rows layer-normalised into `dst` [m, k] as nn.LayerNorm does: biased variance, eps inside
@@ -145,13 +259,15 @@ void skinny_linear_f32(const LinearParams& p) {
     x = normed.data();
     ldx = p.k;
   }
-  // Column chunks of 8 blocks (24 weight rows); products under ~64K multiply-adds stay on the
-  // calling thread, where starting the others would cost more than they save.
-  constexpr int64_t chunk = 8 * kColBlock;
+  // Column chunks of 24 weight rows (8 blocks of 3, 6 of 4); products under ~64K multiply-adds
+  // stay on the calling thread, where starting the others would cost more than they save.
+  constexpr int64_t chunk = 24;
+  static_assert(chunk % kColBlock == 0 && (chunk % 4) == 0, "chunks of whole blocks");
+  const bool wide = !env_is("DALLE_FAST_LINEAR_AVX512", "0");
   const int64_t chunks = (p.n + chunk - 1) / chunk;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.m * p.k * chunk));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    columns(p, x, ldx, begin * chunk, std::min(p.n, end * chunk));
+    columns(p, x, ldx, begin * chunk, std::min(p.n, end * chunk), wide);
   });
 }
 
