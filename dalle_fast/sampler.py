@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_mask, gumbel_argmax, skinny_linear, sparse_decode
+from .ops import attention_mask, gumbel_argmax, sparse_decode
+from .ops.linear import StepLinear, step_takes_kernel
 from .ops.masks import image_offset_allowed
 from .prior import Prior
 
@@ -135,6 +136,17 @@ class IncrementalPrior:
         self.offsets = [offsets[block.attn.kind] for block in prior.blocks]
         self.batch = batch
         self.grid_table = prior.grid_embedding().detach()  # one lookup per step for the position
+        # The step's linear layers, checked once for its [batch, 1, K] inputs: per block qkv (the
+        # layer norm before it included), proj, fc1 (its norm and GELU), fc2; ln_f and the head.
+        x = torch.empty(batch, 1, cfg.d_model, device=self.device, dtype=self.dtype)
+        self.linears = [(StepLinear(x, b.attn.qkv.weight, b.attn.qkv.bias, norm=b.ln_1),
+                         StepLinear(x, b.attn.proj.weight, b.attn.proj.bias),
+                         StepLinear(x, b.mlp[0].weight, b.mlp[0].bias, "gelu", b.ln_2),
+                         StepLinear(x.new_empty(batch, 1, b.mlp[2].in_features), b.mlp[2].weight, b.mlp[2].bias))
+                        for b in prior.blocks]
+        head = prior.image_head
+        self.head = StepLinear(x[:, 0], head.weight, head.bias, norm=prior.ln_f) if isinstance(head, nn.Linear) else None
+        self.step_linears = [layer for layers in self.linears for layer in layers] + [self.head] * (self.head is not None)
         self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()
@@ -180,20 +192,21 @@ class IncrementalPrior:
         prior = self.prior
         grid_pos = g.view(1)
         x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
-        for layer, block in enumerate(prior.blocks):
+        # One decision for the step's linear layers: the kernel itself for every call, or
+        # ops.skinny_linear's own choice at each.
+        direct = step_takes_kernel(x, self.step_linears)
+        for layer, (block, (qkv_linear, proj, fc1, fc2)) in enumerate(zip(prior.blocks, self.linears)):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: one
             # kernel each for a step's few rows, the layer norm before and the bias and residual
             # add after included (GELU too on CUDA; ATen's on the CPU).
-            attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
-            qkv = attn.heads_of(skinny_linear(x, attn.qkv.weight, attn.qkv.bias, norm=block.ln_1))  # (3, B, H, 1, D)
+            attn = block.attn
+            qkv = attn.heads_of(qkv_linear(x, direct=direct))  # (3, B, H, 1, D)
             out = self.attend(layer, *qkv, g)  # (B, H, 1, D); the cache gets this step's key and value
-            x = skinny_linear(attn.concat_heads(out), attn.proj.weight, attn.proj.bias, residual=x)
-            h = skinny_linear(x, fc1.weight, fc1.bias, activation="gelu", norm=block.ln_2)
-            x = skinny_linear(h, fc2.weight, fc2.bias, residual=x)
-        head = prior.image_head
-        if isinstance(head, nn.Linear):  # ln_f and the head as one kernel too
-            return skinny_linear(x[:, 0], head.weight, head.bias, norm=prior.ln_f)
-        return head(prior.ln_f(x[:, 0]))
+            x = proj(attn.concat_heads(out), residual=x, direct=direct)
+            x = fc2(fc1(x, direct=direct), residual=x, direct=direct)
+        if self.head is not None:  # ln_f and the head as one kernel too
+            return self.head(x[:, 0], direct=direct)
+        return prior.image_head(prior.ln_f(x[:, 0]))
 
 
 class GuidedPrior:

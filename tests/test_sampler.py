@@ -313,7 +313,7 @@ def _drop_norm_affine(x, weight, bias=None, residual=None, activation=None, norm
     return _skinny_linear(x, weight, bias, residual, activation, plain)
 
 
-_skinny_linear = sampler.skinny_linear
+_skinny_linear = linear.skinny_linear
 
 
 @pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
@@ -326,7 +326,35 @@ def test_skinny_step_check_rejects_a_step_that_drops_part_of_a_layer(broken, mon
         make_prior(["row", "column", "conv", "causal"], dtype=torch.bfloat16, image_vocab=16))
     text, image = tokens_for(prior.config, batch=3)
     assert_skinny_steps_within_reference_error(prior, text, image, "intact")
-    monkeypatch.setattr(sampler, "skinny_linear",
+    monkeypatch.setattr(linear, "skinny_linear",  # the step's per-call path (the CPU kernel takes no bfloat16)
                         lambda *args, **kwargs: (broken if linear.kernel_enabled() else _skinny_linear)(*args, **kwargs))
     with pytest.raises(AssertionError, match="> bound"):
         assert_skinny_steps_within_reference_error(prior, text, image, broken.__name__)
+
+
+def test_cpu_step_calls_the_kernel_itself_and_reads_the_switches_at_every_step(monkeypatch):
+    """The step decides once whether its linear layers take the kernel (their arguments were
+    checked when the cache was made): then it runs the op itself, without ops.skinny_linear's
+    per-call checks, for the same bits. The switch and the backend are read at every step."""
+    prior = randomise_parameters(make_prior(["row", "column", "conv"], dtype=torch.float32, image_vocab=16))
+    text, image = tokens_for(prior.config, batch=3)
+    calls = []
+    monkeypatch.setattr(linear, "skinny_linear", lambda *a, **k: calls.append(1) or _skinny_linear(*a, **k))
+    inc = IncrementalPrior(prior, batch=3)
+    inc.prefill(text)
+    layers = len(inc.step_linears)
+    assert layers == 4 * 3 + 1 and all(layer.fits for layer in inc.step_linears)
+    token, g = image[:, 0], torch.tensor(0)  # a step again at the same g and token writes the same cache row
+    direct = inc.step(token, g)
+    assert calls == []
+    with linear.skinny_linear_kernel(False):  # ops.skinny_linear at each call, which runs the reference
+        off = inc.step(token, g)
+    assert len(calls) == layers
+    torch.testing.assert_close(off, direct, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with ops.backend("reference"):
+        inc.step(token, g)
+    assert len(calls) == layers
+    calls.clear()
+    monkeypatch.setattr(sampler, "step_takes_kernel", lambda x, layers: False)
+    assert torch.equal(inc.step(token, g), direct) and len(calls) == layers  # the kernel per call: the same bits

@@ -21,6 +21,10 @@ other rows or (CPU) the number of threads. DALLE_FAST_SKINNY_LINEAR=0 in the env
 every call to the reference, so a benchmark can time both in one process; it is read at every
 eager call, and when torch.compile traces the call (a compiled function keeps the path it was
 traced with; see _backend.switch_on).
+
+A sampler's step calls each layer with inputs of one shape, dtype and device: `StepLinear` checks a
+layer's arguments once, and `step_takes_kernel` decides once per step (the switch, the backend,
+autograd) whether all of them run the op directly, without skinny_linear's per-call checks.
 """
 
 from __future__ import annotations
@@ -99,6 +103,21 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     an nn.LayerNorm over K or None. Returns [..., N] in x's dtype. The kernel rounds the
     normalised x to x's dtype (as the layer's output would be) and the result once, after the
     residual (F.linear, GELU and the add in x's dtype round after each)."""
+    _check_args(x, weight, bias, residual, activation, norm)
+    n = weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    residual2 = residual.reshape(-1, n) if residual is not None else None
+    if (_kernel_takes(x2, weight, bias, residual2, norm)
+            and _kernel_allowed(x, (x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ())))):
+        ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
+        out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
+        return out.view(*x.shape[:-1], n)
+    if norm is not None:
+        x = norm(x)
+    return reference.linear(x, weight, bias, residual, activation)
+
+
+def _check_args(x, weight, bias, residual, activation, norm) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -116,18 +135,46 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"norm must be an nn.LayerNorm over the last dimension ({x.shape[-1]}), got {norm!r}")
     if len({t.device for t in (x, weight, bias, residual) if t is not None}) != 1:
         raise ValueError("x, weight, bias and residual must be on one device")
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    residual2 = residual.reshape(-1, n) if residual is not None else None
-    if (kernel_enabled() and _kernel_takes(x2, weight, bias, residual2, norm)
-            and _backend.use_kernel("skinny_linear", x, (torch.float32,), (torch.float16, torch.bfloat16),
-                                    no_backward=(x, weight, bias, residual,
-                                                 *((norm.weight, norm.bias) if norm is not None else ())))):
-        ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
-        out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
-        return out.view(out_shape)
-    if norm is not None:
-        x = norm(x)
-    return reference.linear(x, weight, bias, residual, activation)
+
+
+def _kernel_allowed(x: torch.Tensor, tensors) -> bool:
+    """Whether a call on x that the kernel takes may run it now: the switch, the backend, and
+    autograd (which must not record a call on `tensors`: the kernel has no backward)."""
+    return kernel_enabled() and _backend.use_kernel("skinny_linear", x, (torch.float32,),
+                                                    (torch.float16, torch.bfloat16), no_backward=tensors)
+
+
+class StepLinear:
+    """One layer's skinny_linear (weight, bias, activation, norm) for the many calls of a sampling
+    step on inputs like `x` (its rows, K, dtype and device; a fresh or contiguous tensor): its
+    arguments are checked once, here. A call with direct=True runs the op itself, none of
+    skinny_linear's checks (which cost as much as the kernel on a CPU step's small products):
+    for a step that `step_takes_kernel` allowed. direct=False is ops.skinny_linear. The layer's
+    tensors are held, not copied: in-place updates show, a replaced parameter does not."""
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 activation: str | None = None, norm: torch.nn.LayerNorm | None = None):
+        _check_args(x, weight, bias, None, activation, norm)
+        self.weight, self.bias, self.activation, self.norm = weight, bias, activation, norm
+        self.tensors = (weight, bias, *((norm.weight, norm.bias) if norm is not None else ()))
+        self.fits = _kernel_takes(x.reshape(-1, x.shape[-1]), weight, bias, None, norm)
+        self._op_args = (_ACTIVATIONS[activation],
+                         *((None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))))
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, direct: bool = False) -> torch.Tensor:
+        if not direct:
+            return skinny_linear(x, self.weight, self.bias, residual, self.activation, self.norm)
+        n = self.weight.shape[0]
+        out = torch.ops.dalle_fast.skinny_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias,
+                                                 None if residual is None else residual.reshape(-1, n), *self._op_args)
+        return out.view(*x.shape[:-1], n)
+
+
+def step_takes_kernel(x: torch.Tensor, layers: list[StepLinear]) -> bool:
+    """Whether a step's calls of `layers` on inputs like x may all run the kernel directly: each
+    layer fits it (checked once) and, read now, the switch, the backend and autograd allow it."""
+    return all(layer.fits for layer in layers) and _kernel_allowed(
+        x, (x, *(t for layer in layers for t in layer.tensors)))
 
 
 if _backend.has_kernels():

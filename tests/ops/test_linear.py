@@ -141,6 +141,33 @@ def test_cpu_kernel_rows_do_not_depend_on_the_batch_or_the_threads(cpu_lanes):
             torch.testing.assert_close(ops.skinny_linear(x[6:], w, b, r[6:], None, norm), whole[6:], rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
+def test_step_linear_checks_its_layer_once_and_gives_skinny_linears_bits():
+    x, w, b, r = make_inputs(5, 40, 24, torch.float32)
+    norm = make_norm(40, torch.float32, "cpu", 0)
+    layer = linear.StepLinear(x, w, b, "gelu", norm)
+    assert layer.fits
+    with torch.no_grad():
+        assert linear.step_takes_kernel(x, [layer])
+        torch.testing.assert_close(layer(x, r, direct=True), ops.skinny_linear(x, w, b, r, "gelu", norm), rtol=0, atol=0)
+        torch.testing.assert_close(layer(x[None], r[None], direct=True)[0], layer(x, r), rtol=0, atol=0)
+        assert not linear.StepLinear(x.double(), w.double()).fits  # a dtype the CPU kernel does not take
+        assert not linear.StepLinear(x.repeat(13, 1), w).fits  # 65 rows
+        assert not linear.step_takes_kernel(x, [layer, linear.StepLinear(x.repeat(13, 1), w)])
+        with linear.skinny_linear_kernel(False):
+            assert not linear.step_takes_kernel(x, [layer])
+        with ops.backend("reference"):
+            assert not linear.step_takes_kernel(x, [layer])
+    with torch.enable_grad():  # the norm's parameters require grad: autograd would record the call
+        assert not linear.step_takes_kernel(x, [layer])
+    with pytest.raises(ValueError, match="activation"):
+        linear.StepLinear(x, w, activation="relu")
+    with pytest.raises(ValueError, match="norm"):
+        linear.StepLinear(x, w, norm=torch.nn.LayerNorm(7))
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        linear.StepLinear(x, w.t())
+
+
 def test_cpu_calls_the_kernel_leaves_to_the_reference():
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(4, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
