@@ -145,8 +145,10 @@ class IncrementalPrior:
                          StepLinear(x.new_empty(batch, 1, b.mlp[2].in_features), b.mlp[2].weight, b.mlp[2].bias))
                         for b in prior.blocks]
         head = prior.image_head
-        self.head = StepLinear(x[:, 0], head.weight, head.bias, norm=prior.ln_f) if isinstance(head, nn.Linear) else None
-        self.step_linears = [layer for layers in self.linears for layer in layers] + [self.head] * (self.head is not None)
+        self.head = None
+        if isinstance(head, nn.Linear):
+            self.head = StepLinear(x[:, 0], head.weight, head.bias, norm=prior.ln_f)
+        self.step_linears = [layer for layers in self.linears for layer in layers] + ([self.head] if self.head else [])
         self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()

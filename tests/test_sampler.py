@@ -326,7 +326,8 @@ def test_skinny_step_check_rejects_a_step_that_drops_part_of_a_layer(broken, mon
         make_prior(["row", "column", "conv", "causal"], dtype=torch.bfloat16, image_vocab=16))
     text, image = tokens_for(prior.config, batch=3)
     assert_skinny_steps_within_reference_error(prior, text, image, "intact")
-    monkeypatch.setattr(linear, "skinny_linear",  # the step's per-call path (the CPU kernel takes no bfloat16)
+    # the step's per-call path (the CPU kernel takes no bfloat16)
+    monkeypatch.setattr(linear, "skinny_linear",
                         lambda *args, **kwargs: (broken if linear.kernel_enabled() else _skinny_linear)(*args, **kwargs))
     with pytest.raises(AssertionError, match="> bound"):
         assert_skinny_steps_within_reference_error(prior, text, image, broken.__name__)

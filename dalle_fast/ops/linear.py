@@ -107,8 +107,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
-    if (_kernel_takes(x2, weight, bias, residual2, norm)
-            and _kernel_allowed(x, (x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ())))):
+    tensors = (x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ()))
+    if _kernel_takes(x2, weight, bias, residual2, norm) and _kernel_allowed(x, tensors):
         ln = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))
         out = torch.ops.dalle_fast.skinny_linear(x2, weight, bias, residual2, _ACTIVATIONS[activation], *ln)
         return out.view(*x.shape[:-1], n)

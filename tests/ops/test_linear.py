@@ -105,9 +105,9 @@ def cpu_lanes(request, monkeypatch):
 def test_cpu_kernel_matches_reference(cpu_lanes, m, k, n, lead, activation, with_bias, with_residual, with_norm,
                                       row_pad, offset, seed):
     # k around the 8- and 16-lane vectors (a tail, none, only a tail), n around the 3- and 4-column
-    # blocks and the 24-column chunks the threads share, rows around the 4-row blocks and past the 64 the kernel
-    # takes (the reference then); rows of x apart by more than K (a view), rows with a mean far
-    # from 0 for the layer norm's variance, leading dims.
+    # blocks and the 24-column chunks the threads share, rows around the 4-row blocks and past the
+    # 64 the kernel takes (the reference then); rows of x apart by more than K (a view), rows with
+    # a mean far from 0 for the layer norm's variance, leading dims.
     rows = m * (lead[0] if lead else 1)
     x, w, b, r = make_inputs(rows, k, n, torch.float32, "cpu", seed, with_bias, with_residual, row_pad)
     x += offset
@@ -149,7 +149,8 @@ def test_step_linear_checks_its_layer_once_and_gives_skinny_linears_bits():
     assert layer.fits
     with torch.no_grad():
         assert linear.step_takes_kernel(x, [layer])
-        torch.testing.assert_close(layer(x, r, direct=True), ops.skinny_linear(x, w, b, r, "gelu", norm), rtol=0, atol=0)
+        want = ops.skinny_linear(x, w, b, r, "gelu", norm)
+        torch.testing.assert_close(layer(x, r, direct=True), want, rtol=0, atol=0)
         torch.testing.assert_close(layer(x[None], r[None], direct=True)[0], layer(x, r), rtol=0, atol=0)
         assert not linear.StepLinear(x.double(), w.double()).fits  # a dtype the CPU kernel does not take
         assert not linear.StepLinear(x.repeat(13, 1), w).fits  # 65 rows
