@@ -148,7 +148,7 @@ class IncrementalPrior:
         self.head = None
         if isinstance(head, nn.Linear):
             self.head = StepLinear(x[:, 0], head.weight, head.bias, norm=prior.ln_f)
-        self.step_linears = [layer for layers in self.linears for layer in layers] + ([self.head] if self.head else [])
+        self.step_linears = [layer for layers in self.linears for layer in layers] + ([self.head] if self.head is not None else [])
         self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ autograd) whether all of them run the op directly, without skinny_linear's per-c
 
 from __future__ import annotations
 
+import itertools
 
 import torch
 
@@ -173,8 +174,9 @@ class StepLinear:
 def step_takes_kernel(x: torch.Tensor, layers: list[StepLinear]) -> bool:
     """Whether a step's calls of `layers` on inputs like x may all run the kernel directly: each
     layer fits it (checked once) and, read now, the switch, the backend and autograd allow it."""
-    return all(layer.fits for layer in layers) and _kernel_allowed(
-        x, (x, *(t for layer in layers for t in layer.tensors)))
+    # the tensors lazily: autograd's rule reads them only in grad mode, never in a sampling step
+    tensors = itertools.chain((x,), *(layer.tensors for layer in layers))
+    return all(layer.fits for layer in layers) and _kernel_allowed(x, tensors)
 
 
 if _backend.has_kernels():
