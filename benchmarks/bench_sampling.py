@@ -85,7 +85,7 @@ class DenseKV(IncrementalPrior):
         masks = {k: ops.attention_mask(k, cfg.text_len, cfg.grid, cfg.kernel, device=self.device) for k in kinds}
         self.mask_of = [masks[b.attn.kind] for b in prior.blocks]
 
-    def attend(self, layer, q, k, v, g):
+    def attend(self, layer, q, k, v, g, direct=False):  # direct: whether ours calls its kernel itself; unused
         position = self.cfg.text_len + g.view(1)
         self.keys[layer].index_copy_(2, position, k)
         self.values[layer].index_copy_(2, position, v)

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_mask, gumbel_argmax, sparse_decode
-from .ops.linear import StepLinear, step_takes_kernel
+from .ops import attention_mask, gumbel_argmax
+from .ops import decode, linear
+from .ops.decode import StepDecode
+from .ops.linear import StepLinear
 from .ops.masks import image_offset_allowed
 from .prior import Prior
 
@@ -149,6 +151,11 @@ class IncrementalPrior:
         if isinstance(head, nn.Linear):
             self.head = StepLinear(x[:, 0], head.weight, head.bias, norm=prior.ln_f)
         self.step_linears = [layer for layers in self.linears for layer in layers] + ([self.head] if self.head is not None else [])
+        # Each layer's attention over its cache, writing this step's key and value, checked once too.
+        q = x.new_empty(batch, cfg.heads, cfg.head_dim)
+        self.decoders = [StepDecode(q, self.keys[layer], self.values[layer], self.offsets[layer], cfg.text_len,
+                                    1.0 / math.sqrt(cfg.head_dim)) for layer in range(len(prior.blocks))]
+        self.step_tensors = [t for layer in self.step_linears for t in layer.tensors if t is not None]
         self._step = torch.compile(self._step_eager, dynamic=False) if compile_step else self._step_eager
 
     @torch.no_grad()
@@ -175,15 +182,14 @@ class IncrementalPrior:
             x = x + block.mlp(block.ln_2(x))
         return prior.image_head(prior.ln_f(x[:, -1]))
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+               direct: bool = False) -> torch.Tensor:
         """Writes this step's key and value k, v [B, H, 1, D] to the cache at image position g and
         returns the attention of its query q [B, H, 1, D] over the keys its mask allows
         (`ops.sparse_decode`: our kernel, which also writes the cache, when it fits, else
-        index_copy_ and the same gather in PyTorch)."""
-        out = sparse_decode(q.squeeze(2), self.keys[layer], self.values[layer], self.offsets[layer], g,
-                            self.cfg.text_len, 1.0 / math.sqrt(self.cfg.head_dim), k_new=k.squeeze(2),
-                            v_new=v.squeeze(2))
-        return out.unsqueeze(2)
+        index_copy_ and the same gather in PyTorch; direct=True: the kernel itself, for a step
+        that decode.step_takes_kernel allowed)."""
+        return self.decoders[layer](q.squeeze(2), k.squeeze(2), v.squeeze(2), g, direct=direct).unsqueeze(2)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -194,16 +200,17 @@ class IncrementalPrior:
         prior = self.prior
         grid_pos = g.view(1)
         x = prior.embed_image(token.unsqueeze(1), grid_pos, self.grid_table)  # (B, 1, d)
-        # One decision for the step's linear layers: the kernel itself for every call, or
-        # ops.skinny_linear's own choice at each.
-        direct = step_takes_kernel(x, self.step_linears)
+        # One decision for the step's linear layers and one for its attention: the kernel itself
+        # for every call, or ops.skinny_linear's / ops.sparse_decode's own choice at each.
+        direct = linear.step_takes_kernel(x, self.step_linears)
+        direct_decode = decode.step_takes_kernel(x, self.decoders, self.step_tensors)
         for layer, (block, (qkv_linear, proj, fc1, fc2)) in enumerate(zip(prior.blocks, self.linears)):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: one
             # kernel each for a step's few rows, the layer norm before and the bias and residual
             # add after included (GELU too on CUDA; ATen's on the CPU).
             attn = block.attn
             qkv = attn.heads_of(qkv_linear(x, direct=direct))  # (3, B, H, 1, D)
-            out = self.attend(layer, *qkv, g)  # (B, H, 1, D); the cache gets this step's key and value
+            out = self.attend(layer, *qkv, g, direct=direct_decode)  # (B, H, 1, D); the cache gets this step's k, v
             x = proj(attn.concat_heads(out), residual=x, direct=direct)
             x = fc2(fc1(x, direct=direct), residual=x, direct=direct)
         if self.head is not None:  # ln_f and the head as one kernel too

@@ -128,7 +128,7 @@ def test_bench_sampling_refuses_to_time_a_wrong_sampler(monkeypatch, tmp_path):
     from dalle_fast import sampler
 
     attend = sampler.IncrementalPrior.attend
-    monkeypatch.setattr(sampler.IncrementalPrior, "attend", lambda self, *args: attend(self, *args) * 3)
+    monkeypatch.setattr(sampler.IncrementalPrior, "attend", lambda self, *args, **kw: attend(self, *args, **kw) * 3)
     out = tmp_path / "s.json"
     assert bench.main(["--device", "cpu", "--quick", "--check-rows", "1", "--json", str(out)]) == 1
     data = json.loads(out.read_text())

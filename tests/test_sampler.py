@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dalle_fast import ops, sampler
-from dalle_fast.ops import linear
+from dalle_fast.ops import decode, linear
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.sampler import (GuidedPrior, IncrementalPrior, SamplingConfig, filter_logits, key_offsets,
                                 sample_image_tokens, sample_logits)
@@ -314,6 +314,7 @@ def _drop_norm_affine(x, weight, bias=None, residual=None, activation=None, norm
 
 
 _skinny_linear = linear.skinny_linear
+_sparse_decode = decode.sparse_decode
 
 
 @pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
@@ -357,5 +358,39 @@ def test_cpu_step_calls_the_kernel_itself_and_reads_the_switches_at_every_step(m
         inc.step(token, g)
     assert len(calls) == layers
     calls.clear()
-    monkeypatch.setattr(sampler, "step_takes_kernel", lambda x, layers: False)
+    monkeypatch.setattr(linear, "step_takes_kernel", lambda x, layers: False)
+    assert torch.equal(inc.step(token, g), direct) and len(calls) == layers  # the kernel per call: the same bits
+
+
+@pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
+def test_cpu_step_attends_with_the_kernel_itself_and_reads_the_switches_at_every_step(monkeypatch):
+    """As for the linear layers: the step decides once whether its attention calls run the fused
+    decode kernel directly (each layer's caches were checked when they were made), for the bits
+    ops.sparse_decode gives; the switch, the backend and autograd are read at every step."""
+    prior = randomise_parameters(make_prior(["row", "column", "conv"], dtype=torch.float32, image_vocab=16))
+    text, image = tokens_for(prior.config, batch=3)
+    calls = []
+    # the step's calls, which write the cache (not sparse_decode's own call after index_copy_)
+    monkeypatch.setattr(decode, "sparse_decode",
+                        lambda *a, **k: (k.get("k_new") is not None and calls.append(1)) or _sparse_decode(*a, **k))
+    inc = IncrementalPrior(prior, batch=3)
+    inc.prefill(text)
+    layers = len(prior.blocks)
+    assert len(inc.decoders) == layers and all(layer.fits for layer in inc.decoders)
+    token, g = image[:, 0], torch.tensor(0)  # a step again at the same g and token writes the same cache row
+    direct = inc.step(token, g)
+    assert calls == []
+    for off in (decode.fused_cache_write(False), ops.backend("reference")):
+        with off:  # ops.sparse_decode at each call: index_copy_, then the kernel, or the reference
+            torch.testing.assert_close(inc.step(token, g), direct, rtol=1e-5, atol=1e-5)
+        assert len(calls) == layers
+        calls.clear()
+    weight, x = prior.blocks[1].attn.qkv.weight, inc.cache[0][0]
+    assert any(t is weight for t in inc.step_tensors)
+    prior.requires_grad_(False)
+    with torch.enable_grad():  # keys computed from a parameter that requires grad: no direct kernel
+        assert decode.step_takes_kernel(x, inc.decoders, inc.step_tensors)
+        weight.requires_grad_(True)
+        assert not decode.step_takes_kernel(x, inc.decoders, inc.step_tensors)
+    monkeypatch.setattr(decode, "step_takes_kernel", lambda x, layers, sources: False)
     assert torch.equal(inc.step(token, g), direct) and len(calls) == layers  # the kernel per call: the same bits

@@ -8,10 +8,15 @@ device tensor so that a CUDA graph replays it for every position; given this ste
 (`torch.ops.dalle_fast.sparse_decode_append`), the same kernel writes them to the cache first.
 The kernels have no backward: under the "auto" backend a call that autograd would record (grad
 mode on and an input that requires grad) runs the reference, which it differentiates.
+
+A sampler's step calls each layer with inputs of one shape, dtype and device: `StepDecode` checks
+a layer's arguments once, and `step_takes_kernel` decides once per step (the switch, the backend,
+autograd) whether all of them run the fused op directly, without sparse_decode's per-call checks.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -102,19 +107,14 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     same kernel (a ValueError where the caches and k_new / v_new may share memory). Returns
     [B, H, D]; `scale` defaults to 1/sqrt(D). No host synchronisation on CUDA."""
     _check(q, cache_k, cache_v, offsets, g, text_len)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = _scale(q, scale)
     if (k_new is None) != (v_new is None):
         raise ValueError("give both k_new and v_new, or neither")
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
                 raise ValueError(f"{name} must be a tensor of q's shape {tuple(q.shape)}, dtype and device")
-        fused = (append_enabled() and not torch.compiler.is_compiling()  # compiled: no in-place op on the caches
-                 and cache_k.stride(3) == 1 and cache_v.stride(3) == 1)
-        if not (fused and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES,
-                                              no_backward=(q, cache_k, cache_v, k_new, v_new))):
+        if not (_writable(cache_k, cache_v) and _append_allowed(q, (q, cache_k, cache_v, k_new, v_new))):
             if not torch.compiler.is_compiling():  # fake tensors (torch.compile's tracing) have no addresses
                 _check_apart(cache_k, cache_v, k_new, v_new)  # as sparse_decode_append does in C++
             position = (text_len + g).view(1)
@@ -125,6 +125,63 @@ def sparse_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     if not _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES, no_backward=(q, cache_k, cache_v)):
         return reference.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
     return torch.ops.dalle_fast.sparse_decode(q, cache_k, cache_v, offsets, g, text_len, scale)
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _writable(cache_k: torch.Tensor, cache_v: torch.Tensor) -> bool:
+    """Whether the fused kernel can write the caches in place (their last dim contiguous)."""
+    return cache_k.stride(3) == 1 and cache_v.stride(3) == 1
+
+
+def _append_allowed(q: torch.Tensor, tensors) -> bool:
+    """Whether a call on q that writes the caches may run the fused kernel now: the switch,
+    torch.compile (a graph holds no in-place op on the caches), the backend, and autograd (which
+    must not record a call on `tensors`: the kernel has no backward)."""
+    return (append_enabled() and not torch.compiler.is_compiling()
+            and _backend.use_kernel("sparse_decode", q, _CPU_DTYPES, _CUDA_DTYPES, no_backward=tensors))
+
+
+class StepDecode:
+    """One layer's sparse_decode (its caches, key offsets, text length and scale) for the calls of
+    a sampling step on queries like `q` [B, H, D], each writing that step's key and value: its
+    arguments are checked once, here. A call with direct=True runs the fused op itself
+    (sparse_decode_append, which checks its arguments in C++ too) without sparse_decode's Python
+    checks: for a step that `step_takes_kernel` allowed. direct=False is ops.sparse_decode. The
+    caches are held, not copied: the calls write them."""
+
+    def __init__(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, offsets: torch.Tensor,
+                 text_len: int, scale: float | None = None):
+        _check(q, cache_k, cache_v, offsets, torch.zeros((), dtype=torch.long, device=q.device), text_len)
+        self.cache_k, self.cache_v, self.offsets, self.text_len = cache_k, cache_v, offsets, text_len
+        self.scale = _scale(q, scale)
+        self.fits = _writable(cache_k, cache_v)
+
+    def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor,
+                 direct: bool = False) -> torch.Tensor:
+        if direct:
+            return torch.ops.dalle_fast.sparse_decode_append(q, k_new, v_new, self.cache_k, self.cache_v,
+                                                             self.offsets, g, self.text_len, self.scale)
+        return sparse_decode(q, self.cache_k, self.cache_v, self.offsets, g, self.text_len, self.scale,
+                             k_new=k_new, v_new=v_new)
+
+
+def step_takes_kernel(x: torch.Tensor, layers: list[StepDecode], sources=()) -> bool:
+    """Whether a step's calls of `layers` may all run the fused kernel directly on queries of x's
+    dtype and device: each layer's caches fit it (checked once) and, read now, the switch,
+    torch.compile, the backend and autograd allow it. `sources`: the tensors (x among them) the
+    step computes its queries, keys and values from; autograd would record the calls if one of
+    them requires grad."""
+    if not all(layer.fits for layer in layers):
+        return False
+    # the tensors lazily: autograd's rule reads them only in grad mode, never in a sampling step
+    caches = itertools.chain.from_iterable((layer.cache_k, layer.cache_v) for layer in layers)
+    return _append_allowed(x, itertools.chain((x,), sources, caches))
 
 
 if _backend.has_kernels():

@@ -204,6 +204,42 @@ def test_positions_far_outside_the_cache(append, g):
     assert_close(out, want, f"g={g}")
 
 
+@pytest.mark.filterwarnings("ignore:.*falls back to the dense PyTorch reference")
+def test_step_decode_checks_its_layer_once_and_gives_sparse_decodes_bits():
+    q, k, v, g = make_step(2, 3, 4, 3, 8, 5)
+    offsets = key_offsets("conv", 3, 3)
+    k_new, v_new = torch.randn_like(q), torch.randn_like(q)
+    k0, v0 = k.clone(), v.clone()
+    want_k, want_v = k.clone(), v.clone()
+    want = ops.sparse_decode(q, want_k, want_v, offsets, g, 4, 0.3, k_new=k_new, v_new=v_new)
+    layer = ops.decode.StepDecode(q, k, v, offsets, 4, 0.3)
+    assert layer.fits
+    with torch.no_grad():
+        assert ops.decode.step_takes_kernel(q, [layer])
+        torch.testing.assert_close(layer(q, k_new, v_new, g, direct=True), want, rtol=0, atol=0)
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)  # this step's key and value written
+        k.copy_(k0), v.copy_(v0)
+        torch.testing.assert_close(layer(q, k_new, v_new, g), want, rtol=0, atol=0)  # through ops.sparse_decode
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+        assert not ops.decode.StepDecode(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, offsets, 4).fits
+        with ops.decode.fused_cache_write(False):
+            assert not ops.decode.step_takes_kernel(q, [layer])
+        with ops.backend("reference"):
+            assert not ops.decode.step_takes_kernel(q, [layer])
+        assert not ops.decode.step_takes_kernel(q.half(), [layer])  # a dtype the CPU kernel does not take
+    weight = torch.ones(1, requires_grad=True)
+    with torch.enable_grad():  # autograd would record a call whose queries come from `weight`
+        assert ops.decode.step_takes_kernel(q, [layer])
+        assert not ops.decode.step_takes_kernel(q, [layer], sources=[weight])
+        assert not ops.decode.step_takes_kernel(q.requires_grad_(), [layer])
+    with pytest.raises(ValueError, match="text_len"):
+        ops.decode.StepDecode(q, k, v, offsets, 0)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        ops.decode.StepDecode(q[:, :2], k, v, offsets, 4)
+    with pytest.raises(ValueError, match="finite"):
+        ops.decode.StepDecode(q, k, v, offsets, 4, float("nan"))
+
+
 def test_append_opcheck():
     q, k, v, g = make_step(2, 2, 3, 3, 8, 4)
     torch.library.opcheck(torch.ops.dalle_fast.sparse_decode_append.default,
