@@ -66,6 +66,35 @@ DF_ALWAYS_INLINE float exp_nonpos(float x) {
 
 DF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
+// 0.5 * erfc(a) for a >= 0, accurate in relative terms however small it gets (1 - erf(a) loses
+// every digit once erfc(a) falls below float's epsilon): the Chebyshev fit of Numerical Recipes'
+// erfcc, erfc(a) = t exp(-a^2 + P(t)) with t = 1 / (1 + a / 2), fractional error below 1.2e-7,
+// and exp_nonpos. In float32 its relative error is about 3e-7 for a <= 2 and grows as the rounding
+// of a^2 does (about a^2 * 6e-8) beyond; erfc(a) underflows to 0 past a = 9.2.
+DF_ALWAYS_INLINE float half_erfc_nonneg(float a) {
+  const float t = 1.0f / (1.0f + 0.5f * a);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;  // P(1) is 3e-8: the exponent is at most that, and clamped to 0
+  return 0.5f * t * exp_nonpos(std::min(p - a * a, 0.0f));
+}
+
+// The exact GELU, x * Phi(x) with Phi(x) = 0.5 * erfc(-x / sqrt 2) (nn.GELU()): Phi from
+// half_erfc_nonneg on either side of 0, so a large negative x keeps its tiny result in relative
+// terms where 0.5 * (1 + erf(x / sqrt 2)) cancels to 0. NaN stays NaN, gelu(inf) = inf and
+// gelu(-inf) = -inf * 0 = NaN.
+DF_ALWAYS_INLINE float gelu(float x) {
+  const float tail = half_erfc_nonneg(std::fabs(x) * 0.70710678118654752f);
+  return x * (x < 0.0f ? tail : 1.0f - tail);
+}
+
 // Storage types: loads widen to float, stores round to nearest even.
 struct StoreF32 {
   using type = float;

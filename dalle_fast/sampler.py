@@ -207,7 +207,7 @@ class IncrementalPrior:
         for layer, (block, (qkv_linear, proj, fc1, fc2)) in enumerate(zip(prior.blocks, self.linears)):
             # The block's arithmetic (Block.forward) with its linear layers as skinny_linear: one
             # kernel each for a step's few rows, the layer norm before and the bias and residual
-            # add after included (GELU too on CUDA; ATen's on the CPU).
+            # add after included (the GELU too).
             attn = block.attn
             qkv = attn.heads_of(qkv_linear(x, direct=direct))  # (3, B, H, 1, D)
             out = self.attend(layer, *qkv, g, direct=direct_decode)  # (B, H, 1, D); the cache gets this step's k, v

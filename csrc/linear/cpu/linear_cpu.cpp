@@ -1,10 +1,8 @@
 // TORCH_LIBRARY_IMPL(dalle_fast, CPU) of skinny_linear: float32 tensors through the shared checks
-// (linear_args.h) to the CPU kernel; GELU, when asked for, is ATen's own (at::gelu_, the exact erf
-// form), applied to the kernel's output before the residual is added.
+// (linear_args.h) to the CPU kernel, which applies the GELU too (cpu::gelu, cpu_math.h).
 #include <optional>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/gelu.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -24,10 +22,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   auto c = prepare_linear(x, weight, bias, residual, activation, ln_weight, ln_bias, ln_eps, 1);
   TORCH_CHECK_TYPE(c.x.scalar_type() == at::kFloat, op, ": the CPU kernel takes float32, got ", c.x.scalar_type());
   skinny_linear_f32(c.params);
-  if (c.params.activation == Activation::Gelu) {
-    at::gelu_(c.out);
-    if (c.residual.defined()) c.out.add_(c.residual);
-  }
   return c.out;
 }
 

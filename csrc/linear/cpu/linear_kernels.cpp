@@ -187,16 +187,20 @@ DF_ALWAYS_INLINE void products8(const LinearParams& p, const float* x, int64_t l
   for (; c < c1; ++c) column_block<1>(p, x, ldx, c);
 }
 
-// The bias and (without an activation) the residual, added to columns [c0, c1) of out.
+// Columns [c0, c1) of out: the bias added, the activation applied, the residual added, in that
+// order, each result rounded to float as separate ops would round it.
 DF_ALWAYS_INLINE void epilogue(const LinearParams& p, int64_t c0, int64_t c1) {
   float* out = static_cast<float*>(p.out);
   const int64_t m = p.m, n = p.n;
   const float* bias = static_cast<const float*>(p.bias);
-  const float* res = p.activation == Activation::None ? static_cast<const float*>(p.residual) : nullptr;
+  const float* res = static_cast<const float*>(p.residual);
+  const bool apply_gelu = p.activation == Activation::Gelu;
   for (int64_t r = 0; r < m; ++r) {
     float* __restrict o = out + r * n;
     if (bias != nullptr)
       for (int64_t j = c0; j < c1; ++j) o[j] += bias[j];
+    if (apply_gelu)
+      for (int64_t j = c0; j < c1; ++j) o[j] = gelu(o[j]);
     if (res != nullptr) {
       const float* __restrict rr = res + r * p.res_stride;
       for (int64_t j = c0; j < c1; ++j) o[j] += rr[j];
