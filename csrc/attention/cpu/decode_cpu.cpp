@@ -18,24 +18,72 @@ namespace dalle_fast::cpu {
 
 namespace {
 
+constexpr int kKeyBlock = 8;  // keys scored at once (independent chains of multiply-adds)
+constexpr int kValueBlock = 4;  // value rows added per pass over the accumulator
+
+// scale * (q . k) for N key rows at once, each summed in sum8's order (8 running sums over the
+// whole chunks of D, then the tail, then the 8 sums in order): the bits of one q . k at a time,
+// whichever block a key fell in. One at a time was a serial chain of D / 8 multiply-adds and 8
+// adds; N side by side overlap their arithmetic and their loads. In a sampling step the rows come
+// from beyond L2 (every layer's cache in turn) and the loads bound the call: blocks of 8 keys and
+// 4 value rows took 9% off it on a Sapphire Rapids Xeon (B 8, H 4, D 64, 93 keys, 8 caches).
+template <int N, class T>
+DF_ALWAYS_INLINE void scores(const T* __restrict q, const T* const* k, int64_t D, T scale, T* out) {
+  typedef T lanes8 __attribute__((vector_size(8 * sizeof(T))));
+  typedef T lanes8_any __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T)), may_alias));
+  lanes8 part[N];
+  for (int i = 0; i < N; ++i) part[i] = lanes8{};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const lanes8 qv = *reinterpret_cast<const lanes8_any*>(q + d);
+    for (int i = 0; i < N; ++i) part[i] += qv * *reinterpret_cast<const lanes8_any*>(k[i] + d);
+  }
+  for (int i = 0; i < N; ++i) {
+    T s = 0;
+    for (int64_t t = d; t < D; ++t) s += q[t] * k[i][t];
+    for (int l = 0; l < 8; ++l) s += part[i][l];
+    out[i] = s * scale;
+  }
+}
+
+// acc[d] += w[i] * v[i][d] for i < N in that order, each accumulator loaded and stored once a block.
+template <int N, class T>
+DF_ALWAYS_INLINE void add_values(const T* w, const T* const* v, int64_t D, T* __restrict acc) {
+  for (int64_t d = 0; d < D; ++d) {
+    T a = acc[d];
+    for (int i = 0; i < N; ++i) a += w[i] * v[i][d];
+    acc[d] = a;
+  }
+}
+
 // The output row of one (batch, head) over the step's n keys; prob (n) and acc (D) are scratch.
 template <class T>
 DF_CPU_CLONES void decode_row(const DecodeParams& p, const int64_t* keys, int64_t n, int64_t bh, T* prob, T* acc) {
   const int64_t D = p.dim, b = bh / p.heads, h = bh % p.heads;
   const T scale = static_cast<T>(p.scale);
   const T* q = p.q_row<T>(b, h);
-  T top = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const T* __restrict k = p.k.row<const T>(b, h, keys[j]);
-    prob[j] = sum8<T>(D, [q, k](int64_t d) { return q[d] * k[d]; }) * scale;  // q . k
-    top = std::max(top, prob[j]);
+  const T* rows[kKeyBlock];
+  int64_t j = 0;
+  for (; j + kKeyBlock <= n; j += kKeyBlock) {
+    for (int i = 0; i < kKeyBlock; ++i) rows[i] = p.k.row<const T>(b, h, keys[j + i]);
+    scores<kKeyBlock>(q, rows, D, scale, prob + j);
   }
+  for (; j < n; ++j) {
+    rows[0] = p.k.row<const T>(b, h, keys[j]);
+    scores<1>(q, rows, D, scale, prob + j);
+  }
+  T top = -std::numeric_limits<T>::infinity();
+  for (j = 0; j < n; ++j) top = std::max(top, prob[j]);
   T sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += (prob[j] = exp_nonpos(prob[j] - top));
+  for (j = 0; j < n; ++j) sum += (prob[j] = exp_nonpos(prob[j] - top));
   std::fill(acc, acc + D, T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const T* __restrict v = p.v.row<const T>(b, h, keys[j]);
-    for (int64_t d = 0; d < D; ++d) acc[d] += prob[j] * v[d];
+  for (j = 0; j + kValueBlock <= n; j += kValueBlock) {
+    for (int i = 0; i < kValueBlock; ++i) rows[i] = p.v.row<const T>(b, h, keys[j + i]);
+    add_values<kValueBlock>(prob + j, rows, D, acc);
+  }
+  for (; j < n; ++j) {
+    rows[0] = p.v.row<const T>(b, h, keys[j]);
+    add_values<1>(prob + j, rows, D, acc);
   }
   T* out = static_cast<T*>(p.out) + bh * D;
   for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / sum;
