@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_mask, gumbel_argmax
-from .ops import decode, linear
+from .ops import attention_mask, decode, gumbel_argmax, linear
 from .ops.decode import StepDecode
 from .ops.linear import StepLinear
 from .ops.masks import image_offset_allowed
