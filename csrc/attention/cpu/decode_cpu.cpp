@@ -25,8 +25,9 @@ constexpr int kValueBlock = 4;  // value rows added per pass over the accumulato
 // whole chunks of D, then the tail, then the 8 sums in order): the bits of one q . k at a time,
 // whichever block a key fell in. One at a time was a serial chain of D / 8 multiply-adds and 8
 // adds; N side by side overlap their arithmetic and their loads. In a sampling step the rows come
-// from beyond L2 (every layer's cache in turn) and the loads bound the call: blocks of 8 keys and
-// 4 value rows took 9% off it on a Sapphire Rapids Xeon (B 8, H 4, D 64, 93 keys, 8 caches).
+// from beyond L2 (every layer's cache in turn), where a call takes about twice as long as over one
+// cache in L2: blocks of 8 keys and 4 value rows took 9% off it on a Sapphire Rapids Xeon (B 8,
+// H 4, D 64, 93 keys, 8 caches).
 template <int N, class T>
 DF_ALWAYS_INLINE void scores(const T* __restrict q, const T* const* k, int64_t D, T scale, T* out) {
   typedef T lanes8 __attribute__((vector_size(8 * sizeof(T))));
