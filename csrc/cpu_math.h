@@ -69,8 +69,9 @@ DF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 // 0.5 * erfc(a) for a >= 0, accurate in relative terms however small it gets (1 - erf(a) loses
 // every digit once erfc(a) falls below float's epsilon): the Chebyshev fit of Numerical Recipes'
 // erfcc, erfc(a) = t exp(-a^2 + P(t)) with t = 1 / (1 + a / 2), fractional error below 1.2e-7,
-// and exp_nonpos. In float32 its relative error is about 3e-7 for a <= 2 and grows as the rounding
-// of a^2 does (about a^2 * 6e-8) beyond; erfc(a) underflows to 0 past a = 9.2.
+// and exp_nonpos. In float32 its relative error is at most ~1.2e-6 (10 eps) for a <= 2 and grows
+// about as a^2 * 2e-7 beyond (the rounding of a^2 and the exponent); 0 past a = 9.3 (x < -13.2),
+// where x * Phi(x) is below 1e-38.
 DF_ALWAYS_INLINE float half_erfc_nonneg(float a) {
   const float t = 1.0f / (1.0f + 0.5f * a);
   float p = 0.17087277f;

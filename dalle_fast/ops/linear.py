@@ -10,7 +10,7 @@ five fewer kernels per layer. On the CPU, PyTorch's addmm (MKL) runs such produc
 at 35-45 GFLOP/s; the CPU kernel (csrc/linear/cpu/) splits the weight's rows over torch's threads
 and fuses the layer norm, the bias, the GELU and the residual add. Its GELU takes Phi(x) from
 erfc, accurate in relative terms for negative x, where the erf form (ATen's, and the CUDA
-kernel's) cancels: 10.4 eps at most for |x| < 3 against ATen's 1700, and no 0 below x = -5.3.
+kernel's) cancels: 10.4 eps at most for |x| < 3 against ATen's 1700, and no 0 from x = -5.5 down.
 
 The CUDA kernel takes float16 / bfloat16 tensors with at most 64 rows, K % 32 == 0, N % 8 == 0
 and 16-byte aligned rows; the CPU kernel float32 tensors with at most 64 rows, rows of x and
