@@ -174,9 +174,9 @@ class StepDecode:
 def step_takes_kernel(x: torch.Tensor, layers: list[StepDecode], sources=()) -> bool:
     """Whether a step's calls of `layers` may all run the fused kernel directly on queries of x's
     dtype and device: each layer's caches fit it (checked once) and, read now, the switch,
-    torch.compile, the backend and autograd allow it. `sources`: the tensors (x among them) the
-    step computes its queries, keys and values from; autograd would record the calls if one of
-    them requires grad."""
+    torch.compile, the backend and autograd allow it. `sources`: the tensors besides x that the
+    step computes its queries, keys and values from (its layers' parameters); autograd would
+    record the calls if x or one of them requires grad."""
     if not all(layer.fits for layer in layers):
         return False
     # the tensors lazily: autograd's rule reads them only in grad mode, never in a sampling step

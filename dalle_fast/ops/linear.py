@@ -159,6 +159,7 @@ class StepLinear:
                  activation: str | None = None, norm: torch.nn.LayerNorm | None = None):
         _check_args(x, weight, bias, None, activation, norm)
         self.weight, self.bias, self.activation, self.norm = weight, bias, activation, norm
+        self.n = weight.shape[0]
         self.tensors = (weight, bias, *((norm.weight, norm.bias) if norm is not None else ()))
         self.fits = _kernel_takes(x.reshape(-1, x.shape[-1]), weight, bias, None, norm)
         self._op_args = (_ACTIVATIONS[activation],
@@ -167,10 +168,10 @@ class StepLinear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, direct: bool = False) -> torch.Tensor:
         if not direct:
             return skinny_linear(x, self.weight, self.bias, residual, self.activation, self.norm)
-        n = self.weight.shape[0]
         out = torch.ops.dalle_fast.skinny_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias,
-                                                 None if residual is None else residual.reshape(-1, n), *self._op_args)
-        return out.view(*x.shape[:-1], n)
+                                                 None if residual is None else residual.reshape(-1, self.n),
+                                                 *self._op_args)
+        return out.view(*x.shape[:-1], self.n)
 
 
 def step_takes_kernel(x: torch.Tensor, layers: list[StepLinear]) -> bool:
