@@ -25,7 +25,7 @@ __all__ = [
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DATA_SPEC_HELP = ("'shapes' or 'shapes:train' / 'shapes:test' (synthetic), a directory of "
                   "name.png|jpg + name.txt pairs, or tar shards: a .tar (.tar.gz) path, a glob such as "
-                  "'data/shard-*.tar', or several of these separated by commas")
+                  "'data/shard-*.tar' ('data/**/*.tar' for every folder level), or several of these separated by commas")
 
 
 def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = None, seed: int = 0,
@@ -63,7 +63,8 @@ def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = No
                 raise ValueError(f"{exc}; for the tar shards in it pass a glob such as "
                                  f"'{os.path.join(spec, '*.tar')}'") from exc
             raise
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    # an existing file is one shard, even when its name holds a comma
+    parts = [spec] if os.path.isfile(expanded) else [p.strip() for p in spec.split(",") if p.strip()]
     if parts and all(p.lower().endswith(TAR_SUFFIXES) for p in parts):
         whole = {} if split_ranks else dict(rank=0, world_size=1)
         return TarShards(parts, size=size, crop=crop, seed=seed, shuffle_buffer=shuffle_buffer,

@@ -127,8 +127,8 @@ class ImageTextFolder(Dataset):
                 self._bad.add(position)
                 self.skipped += 1
                 log.warning("skipping unreadable pair %s: %s", self.pairs[position][0], exc)
-        raise RuntimeError(f"ImageTextFolder: none of the {n} pairs under {str(self.root)!r} "
-                           "could be read")
+        raise ValueError(f"ImageTextFolder: none of the {n} pairs under {str(self.root)!r} could be read "
+                         "(see the warnings above)")
 
     def __repr__(self) -> str:
         return (f"ImageTextFolder(root={str(self.root)!r}, size={self.size}, crop={self.crop}, "

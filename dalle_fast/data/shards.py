@@ -38,7 +38,9 @@ PathsLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
 def expand_shards(paths: PathsLike) -> list[str]:
-    """A path, a glob pattern (`data/shard-*.tar`) or a list of either -> sorted shard paths.
+    """A path, a glob pattern (`data/shard-*.tar`, `data/**/*.tar` for every folder level) or a
+    list of either -> sorted shard paths. An existing file is taken as it is, even when its name
+    holds glob characters (`shard[01].tar`).
 
     Brace ranges (`shard-{000..009}.tar`) are not expanded: use a glob.
     """
@@ -48,13 +50,13 @@ def expand_shards(paths: PathsLike) -> list[str]:
     out: list[str] = []
     for item in items:
         pattern = os.path.expanduser(os.fspath(item))
-        if any(ch in pattern for ch in "*?["):
-            matches = sorted(glob.glob(pattern))
+        if os.path.isfile(pattern):
+            out.append(pattern)
+        elif any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"TarShards: no files match {pattern!r}")
             out.extend(m for m in matches if os.path.isfile(m))
-        elif os.path.isfile(pattern):
-            out.append(pattern)
         elif "{" in pattern:
             raise FileNotFoundError(
                 f"TarShards: {pattern!r} does not exist (brace ranges are not expanded; use a "
@@ -91,6 +93,9 @@ class TarShards(IterableDataset):
     consumers may see different sample counts (a step-based trainer should use `repeat=True`).
     With fewer shards than consumers every consumer reads all of them and keeps every C-th
     sample instead. Either way every sample is seen exactly once per epoch across consumers.
+    With `repeat` and fewer shards than consumers, the passes are dealt out as one stream (a pass
+    starts where the last one's dealing left off), so every consumer gets samples even from a
+    pass of fewer samples than consumers.
 
     Shuffling: a buffer of `shuffle_buffer` samples (0 or 1: no shuffling, and the shards in
     sorted order). Shuffling, crops and caption choices use generators seeded by
@@ -151,21 +156,30 @@ class TarShards(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         consumer, consumers = self.consumer()
-        epoch = self.epoch
+        epoch, dealt, idle = self.epoch, [0], 0
+        dealing = len(self.paths) < consumers
         while True:
             yielded = False
-            for sample in self._epoch(epoch, consumer, consumers):
+            for sample in self._epoch(epoch, consumer, consumers, dealt):
                 yielded = True
                 yield sample
             if not self.repeat:
                 return
-            if not yielded:  # another pass would find nothing either: repeating would hang
-                raise ValueError(f"TarShards: a whole pass over {len(self.paths)} shards gave consumer {consumer} "
-                                 f"of {consumers} no readable sample ({self.skipped} skipped, {self.incomplete} "
-                                 f"incomplete, {self.bad_shards} unreadable shards)")
+            idle = 0 if yielded else idle + 1
+            # Another pass would find nothing either, and repeating would hang: after one empty pass, or
+            # when the passes are dealt out, after `consumers` of them (any `consumers` passes in a row
+            # deal this consumer at least one sample of a non-empty stream).
+            if idle >= (consumers if dealing else 1):
+                passes = "a whole pass" if idle == 1 else f"{idle} whole passes in a row"
+                raise ValueError(f"TarShards: {passes} over {len(self.paths)} shards gave consumer "
+                                 f"{consumer} of {consumers} no readable sample ({self.skipped} skipped, "
+                                 f"{self.incomplete} incomplete, {self.bad_shards} unreadable shards)")
             epoch += 1
 
-    def _epoch(self, epoch: int, consumer: int, consumers: int) -> Iterator[tuple[torch.Tensor, str]]:
+    def _epoch(self, epoch: int, consumer: int, consumers: int,
+               dealt: Optional[list[int]] = None) -> Iterator[tuple[torch.Tensor, str]]:
+        """One pass. With fewer shards than consumers, `dealt[0]` is the number of samples dealt
+        out to the consumers before this pass (0 by default), and the pass adds its own to it."""
         shuffle = self.shuffle_buffer > 1
         order = list(range(len(self.paths)))
         if shuffle:
@@ -174,8 +188,8 @@ class TarShards(IterableDataset):
         if len(paths) >= consumers:
             groups: Iterable = chain.from_iterable(self._groups(p) for p in paths[consumer::consumers])
         else:
-            everything = chain.from_iterable(self._groups(p) for p in paths)
-            groups = (g for k, g in enumerate(everything) if k % consumers == consumer)
+            groups = self._dealt(chain.from_iterable(self._groups(p) for p in paths), consumer, consumers,
+                                 dealt if dealt is not None else [0])
 
         seeds = np.random.SeedSequence([_STREAM, self.seed, epoch, consumer, consumers]).spawn(2)
         shuffle_rng, augment_rng = (np.random.default_rng(s) for s in seeds)
@@ -193,6 +207,15 @@ class TarShards(IterableDataset):
                 log.warning("skipping unreadable sample %s: %s", key, exc)
                 continue
             yield prepare_image(image, self.size, self.crop, augment_rng), caption
+
+    @staticmethod
+    def _dealt(groups: Iterable, consumer: int, consumers: int, dealt: list[int]) -> Iterator:
+        """The groups of a stream dealt out round-robin from position dealt[0] on: this consumer's
+        share, counting every group dealt into dealt[0]."""
+        for group in groups:
+            k, dealt[0] = dealt[0], dealt[0] + 1
+            if k % consumers == consumer:
+                yield group
 
     def _groups(self, path: str) -> Iterator[tuple[str, dict[str, Optional[bytes]]]]:
         """(shard:key, {suffix: bytes}) for each run of adjacent members sharing a key; the bytes

@@ -86,10 +86,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _to_8bit(im: Image.Image) -> Image.Image:
     """A greyscale image of 16-bit integers (modes I;16*, and I, which is how Pillow decodes
     16-bit PNGs and TIFFs) or of floats in [0, 1] (mode F) as 8-bit 'L'. Pillow's own conversion
-    clips those values at 255 instead of rescaling them, which turns nearly every pixel white."""
+    clips those values at 255 instead of rescaling them, which turns nearly every pixel white.
+    A transparent grey value (a 16-bit PNG's tRNS) becomes 'LA' with those pixels transparent."""
     values = np.asarray(im, dtype=np.float64)
     scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    grey = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
 
 
 def to_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:

@@ -110,7 +110,7 @@ def test_corrupt_and_uncaptioned_are_skipped_and_counted(tmp_path, caplog):
 def test_all_unreadable_raises(tmp_path):
     (tmp_path / "x.png").write_bytes(b"nope")
     (tmp_path / "x.txt").write_text("x")
-    with pytest.raises(RuntimeError, match="could be read"):
+    with pytest.raises(ValueError, match="could be read"):  # what the command line reports as an error
         ImageTextFolder(tmp_path, size=8)[0]
 
 

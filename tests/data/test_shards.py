@@ -265,3 +265,50 @@ def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
     assert dataset.skipped == 2 and dataset.incomplete == 0
     said = [r.getMessage() for r in caplog.records]
     assert any(":a" in m and "not UTF-8" in m for m in said) and any(":c" in m and "NUL" in m for m in said)
+
+
+def test_a_double_star_glob_reaches_every_folder_level_and_an_existing_name_is_not_a_pattern(tmp_path):
+    from dalle_fast.data import make_dataset
+
+    for folder in ("", "a", "a/b", "a/b/c"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tmp_path / folder / "one.tar", "w") as tar:
+            _add(tar, "k.png", _png((1, 2, 3)))
+            _add(tar, "k.txt", f"in '{folder}'".encode())
+    data = TarShards(str(tmp_path / "**" / "*.tar"), size=8, shuffle_buffer=0)
+    assert len(data.paths) == 4 and sorted(_consume(data)) == ["in ''", "in 'a'", "in 'a/b'", "in 'a/b/c'"]
+    for name in ("shard[01].tar", "shard?.tar", "a,b.tar"):  # glob characters, a comma: still one file
+        with tarfile.open(tmp_path / name, "w") as tar:
+            _add(tar, "k.png", _png((1, 2, 3)))
+            _add(tar, "k.txt", name.encode())
+        assert _consume(make_dataset(str(tmp_path / name), 8)) == [name]
+    (tmp_path / "shard0.tar").write_bytes((tmp_path / "shard[01].tar").read_bytes())
+    assert TarShards(str(tmp_path / "shard[01].tar")).paths == [str(tmp_path / "shard[01].tar")]
+    assert TarShards(str(tmp_path / "shard[0].tar")).paths == [str(tmp_path / "shard0.tar")]  # no such file: a glob
+
+
+@pytest.mark.parametrize("samples,consumers", [(3, 4), (2, 5), (1, 3), (5, 4)])
+def test_a_repeating_stream_deals_its_passes_out_so_every_consumer_gets_samples(tmp_path, samples, consumers):
+    expected = write_shards(tmp_path, 1, samples)
+    streams = [iter(TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=0, repeat=True, rank=0,
+                              world_size=1, worker=c, num_workers=consumers)) for c in range(consumers)]
+    # one stream of the passes dealt out round-robin: consumer c gets positions c, c + C, ...
+    rounds = samples * 3
+    got = [[next(stream)[1] for _ in range(rounds)] for stream in streams]
+    assert got == [[expected[(c + consumers * i) % samples] for i in range(rounds)] for c in range(consumers)]
+    whole = iter(TarShards(str(tmp_path / "*.tar"), size=8, shuffle_buffer=0, repeat=True))  # one consumer
+    assert [next(whole)[1] for _ in range(2 * samples)] == expected * 2
+
+
+def test_a_dealt_stream_whose_samples_for_a_consumer_are_all_unreadable_raises(tmp_path):
+    with tarfile.open(tmp_path / "half.tar", "w") as tar:
+        _add(tar, "k0.png", b"not a png")  # consumer 0 of 2 is dealt k0 on every pass: it never gets a sample
+        _add(tar, "k0.txt", b"bad")
+        _add(tar, "k1.png", _png((1, 2, 3)))
+        _add(tar, "k1.txt", b"good")
+    make = lambda worker: TarShards(str(tmp_path / "half.tar"), size=8, shuffle_buffer=0, repeat=True, rank=0,
+                                    world_size=1, worker=worker, num_workers=2)
+    good = iter(make(1))
+    assert [next(good)[1] for _ in range(3)] == ["good"] * 3
+    with pytest.raises(ValueError, match="2 whole passes in a row .* gave consumer 0 of 2 no readable sample"):
+        next(iter(make(0)))

@@ -121,6 +121,11 @@ def test_16_bit_and_float_greyscale_images_are_rescaled_not_clipped(tmp_path):
     buf = io.BytesIO()
     floats.save(buf, format="TIFF")
     assert np.asarray(load_rgb(buf.getvalue()))[0, 0].tolist() == [128, 128, 128]
+    # a 16-bit grey PNG's transparent value (tRNS) is composited on white like every other transparency
+    ramp[0, :2] = 1234
+    Image.fromarray(ramp).save(path, transparency=1234)
+    pixels = np.asarray(load_rgb(path)).astype(int)
+    assert (pixels[0, :2] == 255).all() and (np.abs(pixels[0, 2:, 0] - expected[0, 2:]) <= 1).all()
 
 
 def test_caption_lines_break_at_newlines_only():
