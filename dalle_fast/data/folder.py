@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .fingerprint import files_fingerprint
 from .transforms import (IMAGE_EXTENSIONS, RandomResizedCrop, UnreadableCaption, UnreadableSample,
                          check_seed, check_size, decode_caption, load_rgb, pick_caption, prepare_image)
 
@@ -90,6 +91,10 @@ class ImageTextFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def fingerprint(self) -> str:
+        """The pairs' names, sizes and modification times (see `files_fingerprint`)."""
+        return files_fingerprint((path for pair in self.pairs for path in pair), self.root)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -279,6 +279,10 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def fingerprint(self) -> None:
+        """None: no files; every item is a function of (split, seed, index)."""
+        return None
+
     def _index(self, index: int) -> int:
         index = int(index)
         if index < 0:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .fingerprint import files_fingerprint
 from .transforms import (RandomResizedCrop, UnreadableCaption, UnreadableSample, check_seed, check_size,
                          decode_caption, load_rgb, pick_caption, prepare_image)
 
@@ -137,6 +138,10 @@ class TarShards(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def fingerprint(self) -> str:
+        """The shards' paths, sizes and modification times (see `files_fingerprint`)."""
+        return files_fingerprint(self.paths)
 
     def consumer(self) -> tuple[int, int]:
         """(this consumer's id, number of consumers) as seen from the current process."""

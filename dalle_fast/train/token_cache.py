@@ -128,6 +128,8 @@ _LATER_KEYS = {
                     "path goes unnoticed",
     "tokenizer": "was built before token caches recorded the tokenizer: its own tokenizer.json is used, "
                  "whatever --tokenizer or --text-vocab say",
+    "data_files": "was built before token caches recorded the data's files: images added or captions changed "
+                  "since go unnoticed",
 }
 
 
@@ -141,7 +143,10 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     given = tokenizer.fingerprint() if tokenizer is not None else None
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
-    meta = {"data": data, "num_images": num_images, "text_len": text_len, "variants": variants,
+    # one process encodes the whole dataset for every rank: a stream must not be split by rank here
+    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
+                           split_ranks=False)
+    meta = {"data": data, "data_files": dataset.fingerprint(), "num_images": num_images, "text_len": text_len, "variants": variants,
             "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
             "colour_codes": dvae.config.colour_codes,
             "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines",
@@ -161,11 +166,9 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
             raise ValueError(f"{cache} holds a token cache built from other inputs (they differ in: "
                              f"{', '.join(changed)}); delete it or pass another cache folder")
         for key in unknown:
-            warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
+            if meta[key] is not None:  # a synthetic dataset has no files to have changed
+                warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
         return cache
-    # one process encodes the whole dataset for every rank: a stream must not be split by rank here
-    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
-                           split_ranks=False)
     cache.mkdir(parents=True, exist_ok=True)
     images, captions = encode_images(dvae, dataset, limit=num_images, batch_size=batch_size, workers=workers,
                                      device=device)

@@ -312,3 +312,20 @@ def test_a_dealt_stream_whose_samples_for_a_consumer_are_all_unreadable_raises(t
     assert [next(good)[1] for _ in range(3)] == ["good"] * 3
     with pytest.raises(ValueError, match="2 whole passes in a row .* gave consumer 0 of 2 no readable sample"):
         next(iter(make(0)))
+
+
+def test_the_fingerprint_changes_when_a_glob_matches_another_shard_or_a_shard_changes(tmp_path):
+    write_shards(tmp_path, 2, 2)
+    spec = str(tmp_path / "*.tar")
+    before = TarShards(spec).fingerprint()
+    assert TarShards(spec).fingerprint() == before and before.startswith("2 files, sha256 ")
+    (tmp_path / "more").mkdir()
+    write_shards(tmp_path / "more", 1, 1)
+    assert TarShards(spec).fingerprint() == before  # not matched by the glob
+    (tmp_path / "shard-09.tar").write_bytes((tmp_path / "more" / "shard-00.tar").read_bytes())
+    assert TarShards(spec).fingerprint() != before
+    (tmp_path / "shard-09.tar").unlink()
+    assert TarShards(spec).fingerprint() == before
+    with tarfile.open(tmp_path / "shard-01.tar", "a") as tar:
+        _add(tar, "extra.png", _png((0, 0, 0)))
+    assert TarShards(spec).fingerprint() != before

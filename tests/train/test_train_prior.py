@@ -102,12 +102,13 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
     # a cache from before every caption line, the dVAE's weights and the tokenizer were recorded is
     # reused, with a warning for each
     meta = json.loads((cache / "meta.json").read_text())
-    old = ("captions", "dvae_weights", "tokenizer")
+    old = ("captions", "dvae_weights", "tokenizer", "data_files")
     (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in old}))
     with pytest.warns(UserWarning) as caught:
         assert build_token_cache(tmp_path / "c", **kw) == cache
     said = " ".join(str(w.message) for w in caught)
     assert "one line per image" in said and "dVAE's weights" in said and "recorded the tokenizer" in said
+    assert "data's files" not in said  # synthetic shapes have none
     assert 0.0 < data.unigram_entropy() <= np.log(256)
 
 
@@ -131,6 +132,23 @@ def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpo
     for v in range(3):
         assert torch.equal(torch.from_numpy(data.text[0, v].astype(np.int64)), tok.encode(lines["a"][v], 16))
     assert all(tok.decode(data.text[1, v].tolist()) == lines["b"][0] for v in range(5))
+    # the folder changed in place (same path, same settings): the cache is refused, not reused
+    kw = dict(dvae=dvae, data=str(folder), text_len=16, num_images=None, variants=5, dropout=0.5, text_vocab=300)
+    assert build_token_cache(tmp_path / "c", **kw) == cache
+    Image.new("RGB", (64, 64), (10, 10, 200)).save(folder / "c.png")
+    (folder / "c.txt").write_text("a blue circle")
+    with pytest.raises(ValueError, match="differ in: data_files"):
+        build_token_cache(tmp_path / "c", **kw)
+    (folder / "c.png").unlink()
+    (folder / "c.txt").unlink()
+    assert build_token_cache(tmp_path / "c", **kw) == cache
+    (folder / "b.txt").write_text("a blue disc")  # a caption fixed
+    with pytest.raises(ValueError, match="differ in: data_files"):
+        build_token_cache(tmp_path / "c", **kw)
+    meta = json.loads((cache / "meta.json").read_text())  # a cache from before the files were recorded
+    (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "data_files"}))
+    with pytest.warns(UserWarning, match="recorded the data's files"):
+        assert build_token_cache(tmp_path / "c", **kw) == cache
 
 
 def test_a_dvae_with_more_codes_than_uint16_holds_is_refused(tmp_path):
