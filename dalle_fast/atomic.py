@@ -7,15 +7,33 @@ leaves the old set whole."""
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries of `path` that atomic writes left when a kill (SIGKILL, a lost node)
+    stopped them before they could clean up, and return them. Only for a file no other process is
+    writing now: a training run's checkpoint in its own folder."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` to write a temporary file beside `path`, then make it `path`."""
     return atomic_write_all({path: write})[0]
+
+
+def copy_file(source: str | Path, path: str | Path) -> Path:
+    """Copy `source`'s bytes to `path` atomically."""
+    return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Iterable[str | Path] = ()) -> list[Path]:

@@ -73,7 +73,8 @@ def _rank_rng(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Te
 def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None,
                 rank: int = 0) -> None:
     """Restore the RNG states `rank` saved (rng_tensors); a rank the checkpoint has none for (it
-    was written by fewer processes) keeps its seeded state, with a warning."""
+    was written by fewer processes), or a generator whose state was saved on another kind of device
+    (a GPU run resumed on the CPU), keeps its seeded state, with a warning."""
     tensors = _rank_rng(tensors, rank)
     if "rng.cpu" not in tensors:
         warnings.warn(f"the checkpoint holds no RNG state of rank {rank}: its random draws start from the seed",
@@ -85,8 +86,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
     for name, gen in (generators or {}).items():
         key = f"rng.gen.{name}"
-        if key in tensors:
-            gen.set_state(tensors[key])
+        if key not in tensors:
+            continue
+        if tensors[key].numel() != gen.get_state().numel():  # a CUDA generator's state is 16 bytes, a CPU one's 5056
+            warnings.warn(f"the checkpoint's state of generator {name!r} was saved on another kind of device than "
+                          f"this {gen.device.type} one: its random draws start from the seed", stacklevel=2)
+            continue
+        gen.set_state(tensors[key])
 
 
 def save_checkpoint(path: str | Path, **contents) -> Path:

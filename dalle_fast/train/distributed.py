@@ -83,6 +83,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cpu_group():
+    """A gloo group of every rank (a collective: every rank calls it, in the same order), for small
+    CPU-side agreements that must not wait on a device (NCCL reduces device tensors)."""
+    return dist.new_group(backend="gloo")
+
+
+def max_over_ranks(value: int, group) -> int:
+    """The largest of every rank's `value` (an int), over `group` (cpu_group's). A collective."""
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item())
+
+
 # How long the other ranks wait for the main process's one-off work (the token cache: hours for a
 # large dataset). The default group's timeout, 10 minutes under NCCL and 30 under gloo, is for collectives.
 MAIN_WORK_TIMEOUT = timedelta(days=7)

@@ -19,7 +19,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
-from ..checkpoint import load_checkpoint, rng_tensors, save_checkpoint
+from ..atomic import remove_stale_temporaries
+from ..checkpoint import load_checkpoint, read_info, rng_tensors, save_checkpoint
 from .progress import Progress, drop_metrics_after
 from .sampler import ResumableSampler
 
@@ -172,9 +173,12 @@ class TrainingRun:
     """A run folder `out` holding checkpoint.safetensors, config.json and metrics.jsonl.
 
     With `resume` and an existing checkpoint, the modules, optimizer, generators and RNG states
-    are restored and `step` continues; otherwise the folder starts afresh. `guard()` turns Ctrl-C
-    and SIGTERM into a stop at the next step boundary and closes the progress bar; `finish()`
-    writes the last checkpoint.
+    are restored and `step` continues, unless `meta["inputs"]` (what the run learns from: the
+    dVAE's weights, the tokenizer) differs from the checkpoint's, a ValueError. Otherwise the folder
+    starts afresh: an earlier run's checkpoint there becomes checkpoint.previous.safetensors (a
+    --resume after this run died before its first save would otherwise continue the earlier run).
+    `guard()` turns Ctrl-C and SIGTERM into a stop at the next step boundary, one that every process
+    of a distributed run agrees on, and closes the progress bar; `finish()` writes the last checkpoint.
     """
 
     def __init__(self, out: str | Path, info: distributed.DistInfo, *, modules: dict[str, torch.nn.Module],
@@ -185,7 +189,9 @@ class TrainingRun:
         self.modules, self.optimizer, self.generators, self.meta = modules, optimizer, generators, meta
         self.step = 0
         self._saved: Optional[int] = None  # the step of the checkpoint this run wrote or resumed from
+        elapsed = 0.0  # training time before this invocation, for metrics.jsonl's time_s
         if resume and self.ckpt.exists():
+            self._check_inputs()  # before anything is loaded
             # The checkpoint's parameter groups would bring back the old run's weight decay and
             # learning-rate scales: the options given now apply from the resumed step on.
             hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -194,24 +200,60 @@ class TrainingRun:
             for group, options in zip(optimizer.param_groups, hyper):
                 group.update(options)
             self.step = self._saved = state["step"]
+            elapsed = float(state["meta"].get("time_s", 0.0))
             if info.is_main:
                 print(f"resuming from {self.ckpt} at step {self.step}")
                 drop_metrics_after(self.out / "metrics.jsonl", self.step)
         elif info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            if self.ckpt.exists():
+                previous = self.ckpt.with_name("checkpoint.previous.safetensors")
+                os.replace(self.ckpt, previous)
+                print(f"a fresh run (no --resume): the checkpoint of the run before is now {previous}", flush=True)
         if info.is_main:
+            remove_stale_temporaries(self.ckpt)  # the writes of a run killed while saving
             (self.out / "config.json").write_text(json.dumps(record, indent=2))
         distributed.barrier()
         self.steps = steps
         self.stop = steps if not run_steps else min(steps, self.step + run_steps)
-        self.progress = Progress(steps, self.step, self.out / "metrics.jsonl", info.is_main, desc)
+        self.progress = Progress(steps, self.step, self.out / "metrics.jsonl", info.is_main, desc, elapsed)
         self._clock = (time.perf_counter(), self.step)
-        self._terminated = False
+        self._terminated = False  # this process got a signal
+        self._signal = 0  # which (0: none)
+        self._agreed = 0  # the signal any process got, as all of them agreed at the last step boundary
+        # every step, the processes of a distributed run agree on whether to stop, over a CPU group (no device sync)
+        self._flags = distributed.cpu_group() if info.enabled else None
+
+    def _check_inputs(self) -> None:
+        """A ValueError if the checkpoint learnt from other inputs than this run's (meta["inputs"])."""
+        theirs = read_info(self.ckpt)["meta"].get("inputs", {})
+        ours = self.meta.get("inputs", {})
+        differ = [key for key, value in ours.items() if None not in (value, theirs.get(key)) and theirs[key] != value]
+        if differ:
+            raise ValueError(f"--resume: {self.ckpt} was trained with another {' and another '.join(differ)} than "
+                             f"this run's; resume with the ones it was trained with, or pass another --out")
 
     @property
     def running(self) -> bool:
-        return self.step < self.stop and not self._terminated
+        stopping = self._agreed if self.info.enabled else self._terminated
+        return self.step < self.stop and not stopping
+
+    def _agree(self) -> None:
+        """At a step boundary, every process of a distributed run learns whether any got a signal;
+        they all stop after the same step (one process leaving for the final save while the others
+        wait in the next step's all-reduce would hang them all, with nothing saved)."""
+        global _stopped_by
+        if self._flags is None:
+            return
+        agreed = distributed.max_over_ranks(self._signal, self._flags)
+        if agreed and not self._agreed:
+            if not self._signal:  # another process got it: this one exits as it will (143 or 130)
+                _stopped_by = agreed
+                if self.info.is_main:
+                    print(f"\nanother process got {signal.Signals(agreed).name} at step {self.step}: stopping; "
+                          "continue with --resume", flush=True)
+        self._agreed = agreed
 
     @property
     def complete(self) -> bool:
@@ -231,6 +273,7 @@ class TrainingRun:
         if ema is not None:
             ema.update_parameters(model)
         self.step += 1
+        self._agree()
 
     def save(self) -> None:
         """Write the checkpoint, unless the weights went non-finite: a diverged state never replaces
@@ -244,7 +287,7 @@ class TrainingRun:
         rank_rng = distributed.gather_to_all(rng_tensors(self.generators))  # each process's draws resume
         if self.info.is_main:
             save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
-                            meta=self.meta, rank_rng=rank_rng)
+                            meta={**self.meta, "time_s": round(self.progress.elapsed(), 3)}, rank_rng=rank_rng)
         distributed.barrier()
         self._saved = self.step
 
@@ -307,7 +350,7 @@ class TrainingRun:
             # too: it keeps serving batches (the step in progress may wait for one), and the
             # process running the training stops it with the others at the end.
             return
-        _stopped_by = signum
+        _stopped_by = self._signal = signum
         if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.info.is_main and not self._terminated:

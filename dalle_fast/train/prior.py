@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..atomic import copy_file
 from ..dvae import DVAE, DVAEConfig
 from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
@@ -198,10 +198,12 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     null_text = tokenizer.null_text(model_cfg.text_len).to(info.device)
     run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer,
                       generators={f"null{info.rank}": null_gen},
-                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "prior"}, record=record,
+                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "prior",
+                            "inputs": {"dVAE": cache.meta.get("dvae_weights"), "tokenizer": tokenizer.fingerprint()}},
+                      record=record,
                       resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-prior")
     if info.is_main:
-        shutil.copyfile(cache.tokenizer_path, out / "tokenizer.json")  # a run folder is self-contained
+        copy_file(cache.tokenizer_path, out / "tokenizer.json")  # a run folder is self-contained
         print(f"prior: {model_cfg.num_params() / 1e6:.2f}M parameters, {len(cache)} cached images, "
               f"image-token unigram entropy {cache.unigram_entropy():.3f} nats")
     objective = _wrap(model, cfg, info)

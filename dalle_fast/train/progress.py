@@ -12,11 +12,16 @@ from ..atomic import atomic_write
 
 
 class Progress:
-    def __init__(self, total: int, start: int, metrics_path: Path, enabled: bool, desc: str):
+    def __init__(self, total: int, start: int, metrics_path: Path, enabled: bool, desc: str, elapsed: float = 0.0):
+        """`elapsed`: the seconds of training before `start` (a resumed run's), where time_s goes on from."""
         self.enabled = enabled
         self.metrics_path = metrics_path
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not enabled)
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() - elapsed
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, a resumed run's earlier ones included."""
+        return time.perf_counter() - self.t0
 
     def update(self, step: int, metrics: dict[str, float], log: bool) -> None:
         if not self.enabled:
@@ -24,7 +29,7 @@ class Progress:
         self.bar.update(1)
         if log:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in self.bar_keys})
-            record = {"step": step, "time_s": round(time.perf_counter() - self.t0, 3), **metrics}
+            record = {"step": step, "time_s": round(self.elapsed(), 3), **metrics}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..atomic import copy_file
 from ..data import make_dataset
 from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
@@ -165,12 +165,13 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = _optimizer(model, cfg)
     run = TrainingRun(out, info, modules={"model": model, "ema": ema}, optimizer=optimizer, generators={},
-                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "reranker"},
+                      meta={"model_config": dataclasses.asdict(model_cfg), "kind": "reranker",
+                            "inputs": {"tokenizer": tokenizer.fingerprint()}},
                       record={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
                       resume=cfg.resume, steps=cfg.steps, run_steps=cfg.run_steps, desc="train-reranker")
     if info.is_main:
         if Path(cfg.tokenizer).resolve() != (out / "tokenizer.json").resolve():
-            shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")  # a run folder is self-contained
+            copy_file(cfg.tokenizer, out / "tokenizer.json")  # a run folder is self-contained
         print(f"reranker: {model_cfg.num_params() / 1e6:.2f}M parameters")
     word_pairs = collect_word_pairs(dataset, cfg.pair_captions) if cfg.word_negatives else None
     objective = distributed.data_parallel(model, info)

@@ -297,6 +297,13 @@ def test_resuming_with_another_architecture_is_a_clear_error(tmp_path, dvae_chec
     train_prior(tiny(out, dvae_checkpoint, steps=1, warmup=0))
     with pytest.raises(ValueError, match="checkpoint.safetensors: its 'model' weights do not fit"):
         train_prior(tiny(out, dvae_checkpoint, steps=2, warmup=0, d_model=64, resume=True))
+    # another dVAE of the same shape, through a cache of its own: the same architecture, other image tokens
+    other = tmp_path / "other_dvae.safetensors"
+    model = DVAE(DVAEConfig.preset("tiny"))
+    save_checkpoint(other, modules={"model": model, "ema": AveragedModel(model, use_buffers=True)},
+                    meta={"model_config": dataclasses.asdict(model.config), "kind": "dvae"})
+    with pytest.raises(ValueError, match="trained with another dVAE than this run's"):
+        train_prior(tiny(out, other, steps=2, warmup=0, cache=str(tmp_path / "other_cache"), resume=True))
 
 
 def test_torchrun_two_processes_gloo_with_powersgd(tmp_path, dvae_checkpoint):

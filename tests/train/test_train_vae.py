@@ -1,6 +1,7 @@
 """The dVAE loop end to end on tiny data: exact resume, checkpoints, torchrun."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,3 +299,95 @@ def test_ema_warms_up_then_decays_slowly():
         if n == 1:  # decay (1 + 1) / (10 + 1): the average moves most of the way at once
             assert ema.module.weight.item() == pytest.approx(1 - 2 / 11, rel=1e-6)
     assert ema.module.weight.item() > 0.99
+
+
+def test_a_generator_saved_on_another_kind_of_device_keeps_its_seed_with_a_warning(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    cuda_like = rng_tensors()
+    cuda_like["rng.gen.noise0"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    save_checkpoint(tmp_path / "c.safetensors", modules={"model": model}, rank_rng=[cuda_like])
+    gen = torch.Generator().manual_seed(4)
+    expected = torch.Generator().manual_seed(4).get_state()
+    with pytest.warns(UserWarning, match="generator 'noise0' was saved on another kind of device"):
+        load_checkpoint(tmp_path / "c.safetensors", modules={"model": model}, generators={"noise0": gen})
+    assert torch.equal(gen.get_state(), expected)
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoint_aside_and_cleans_up_a_killed_save(tmp_path, capsys):
+    train_vae(tiny(tmp_path, steps=2))
+    earlier = (tmp_path / "checkpoint.safetensors").read_bytes()
+    stale = tmp_path / ".checkpoint.safetensors.abc123.tmp.safetensors"  # a save killed mid-write
+    stale.write_bytes(earlier[:100])
+    model = torch.nn.Linear(2, 2)
+    make = lambda resume: TrainingRun(tmp_path, DistInfo(), modules={"model": model},
+                                      optimizer=torch.optim.AdamW(model.parameters()), generators={}, meta={},
+                                      record={}, resume=resume, steps=3, run_steps=0, desc="test")
+    make(resume=False)  # a fresh run (no --resume) in the folder, killed before its first save
+    assert not (tmp_path / "checkpoint.safetensors").exists() and not stale.exists()
+    assert (tmp_path / "checkpoint.previous.safetensors").read_bytes() == earlier
+    assert "checkpoint of the run before is now" in capsys.readouterr().out
+    assert make(resume=True).step == 0  # its --resume starts afresh: not from the earlier run's step 2
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_inputs_and_time_goes_on(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    make = lambda inputs, resume: TrainingRun(tmp_path, DistInfo(), modules={"model": model},
+                                              optimizer=torch.optim.AdamW(model.parameters()), generators={},
+                                              meta={"inputs": inputs}, record={}, resume=resume, steps=3,
+                                              run_steps=0, desc="test")
+    run = make({"dVAE": "aaa", "tokenizer": "t1"}, resume=False)
+    run.progress.t0 -= 100.0  # 100 s of training
+    run.save()
+    with pytest.raises(ValueError, match="trained with another dVAE and another tokenizer than this run's"):
+        make({"dVAE": "bbb", "tokenizer": "t2"}, resume=True)
+    with pytest.raises(ValueError, match="another tokenizer than"):
+        make({"dVAE": "aaa", "tokenizer": "t2"}, resume=True)
+    resumed = make({"dVAE": "aaa", "tokenizer": "t1", "new": 1}, resume=True)  # a key the checkpoint lacks passes
+    assert resumed.progress.elapsed() >= 100.0  # metrics.jsonl's time_s goes on from the checkpoint's
+    assert make({"dVAE": None, "tokenizer": "t1"}, resume=True).step == 0  # unknown (an old cache): not checked
+
+
+def _worker_pid(marker: str, rank: int, deadline: float) -> int:
+    """The pid of torchrun's worker `rank` among the processes whose environment holds `marker`."""
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if marker.encode() in env and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+                return int(proc.name)
+        time.sleep(0.05)
+    raise TimeoutError(f"no worker of rank {rank}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Preemption on one node of several: only rank 1 gets SIGTERM. Every process stops after the
+    same step, the checkpoint is written, and every process exits 143 (before, rank 1 left for the
+    final save while rank 0 waited in the next step's all-reduce: both hung, nothing saved)."""
+    marker = f"DALLE_FAST_TEST_RUN={tmp_path}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DALLE_FAST_TEST_RUN=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dalle_fast.cli", "train-vae", "--data", "shapes", "--preset", "tiny", "--steps", "400",
+           "--batch-size", "2", "--log-every", "1", "--sample-every", "1000", "--seed", "3", "--device", "cpu",
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)  # its own process group: a failure kills the workers too
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        os.kill(_worker_pid(marker, 1, deadline), signal.SIGTERM)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "another process got SIGTERM at step" in output, output[-3000:]
+    assert proc.returncode != 0  # torchrun reports the workers' 143 as a failure: a scheduler requeues the job
+    assert len(re.findall(r"rank      : \d \(local_rank: \d\)\n  exitcode  : 143", output)) == 2, output[-3000:]
+    stopped = read_metrics(metrics)[-1]["step"]
+    assert 2 <= stopped < 400
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == stopped
