@@ -287,6 +287,18 @@ def test_the_bundled_model_loads_fits_and_generates(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "rank0.png"]
     assert str(BUNDLED) in capsys.readouterr().out
+    # its files record the dVAE and the tokenizer they go with: a copy with either swapped is refused
+    swapped = tmp_path / "swapped"
+    shutil.copytree(BUNDLED, swapped)
+    _other_tokenizer(BUNDLED / "tokenizer.json", swapped / "tokenizer.json")
+    with pytest.raises(ValueError, match="prior.safetensors was trained with another tokenizer"):
+        load_models(swapped)
+    shutil.copyfile(BUNDLED / "tokenizer.json", swapped / "tokenizer.json")
+    dvae = DVAE(models.dvae.config)  # untrained, same shape
+    save_checkpoint(swapped / "dvae.safetensors", modules={"model": dvae}, rng=False,
+                    meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
+    with pytest.raises(ValueError, match="prior.safetensors was trained on the codes of another dVAE"):
+        load_models(swapped)
 
 
 def _other_tokenizer(source, target):
