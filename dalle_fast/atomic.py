@@ -7,12 +7,13 @@ leaves the old set whole."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
@@ -24,6 +25,22 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+@contextlib.contextmanager
+def unmade_on_failure(folders: Iterable[str | Path]) -> Iterator[None]:
+    """Inside, work that may make `folders` (and their parents); when it fails (an exception, Ctrl-C),
+    those of them that did not exist on entry and are still empty are removed, deepest first."""
+    made = {p for folder in folders for p in (Path(folder), *Path(folder).parents) if not p.exists()}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else wrote there), or gone
+                pass
+        raise
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -43,28 +60,24 @@ def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Ite
     A failure while writing leaves every target (and `remove`) as it was and no temporary behind,
     nor a folder made for the files. Returns the targets."""
     files = {Path(path): write for path, write in files.items()}
-    made = {p for path in files for p in (path.parent, *path.parent.parents) if not p.exists()}
     tmps: dict[Path, str] = {}
-    try:
-        for path, write in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-            os.close(fd)
-            write(tmps[path])
-            os.chmod(tmps[path], _target_mode(path))
-            with open(tmps[path], "rb+") as f:  # the data on disk before the rename makes it visible
-                os.fsync(f.fileno())
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in tmps.values():
-            Path(tmp).unlink(missing_ok=True)
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (something else wrote there), or gone
-                pass
-        raise
+    with unmade_on_failure(path.parent for path in files):
+        try:
+            for path, write in files.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
+                                                  dir=path.parent)
+                os.close(fd)
+                write(tmps[path])
+                os.chmod(tmps[path], _target_mode(path))
+                with open(tmps[path], "rb+") as f:  # the data on disk before the rename makes it visible
+                    os.fsync(f.fileno())
+            for path, tmp in tmps.items():
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp in tmps.values():
+                Path(tmp).unlink(missing_ok=True)
+            raise
     for path in remove:
         if Path(path) not in files:
             Path(path).unlink(missing_ok=True)

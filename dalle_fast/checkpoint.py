@@ -293,16 +293,20 @@ def _check_counts(config, weights: dict[str, torch.Tensor], path, what: str) -> 
                              f"{field}={getattr(config, field)!r}, the weights hold {len(held)}")
 
 
-def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = None):
+def load_model(path: str | Path, model_cls, config_cls, prefix: Optional[str] = None, kind: Optional[str] = None):
     """Rebuild a model from a checkpoint: its config from the checkpoint's metadata, its weights
     from `prefix` (default: the EMA weights of a training checkpoint, else the 'model' weights of
-    an exported one). `path` may be a run folder (its checkpoint.safetensors). Returns the model in
-    eval mode."""
+    an exported one). `path` may be a run folder (its checkpoint.safetensors). `kind` ("dvae",
+    "prior", "reranker"): a file whose metadata names another kind is refused as such. Returns the
+    model in eval mode."""
     path = checkpoint_file(path)
     # only the weights used are read: a training checkpoint's other weights and optimizer state
     # (three times the model or more) stay on disk
     tensors, info = _read(path, lambda keys: _under(keys, prefix or _default_prefix(keys)))
     prefix = prefix or _default_prefix(tensors)
+    theirs = info.get("meta", {}).get("kind")
+    if kind is not None and isinstance(theirs, str) and theirs != kind:
+        raise ValueError(f"{path} holds a {theirs} model, not a {kind}")
     config = info.get("meta", {}).get("model_config")
     if config is None:
         raise ValueError(f"{path} records no model_config")

@@ -88,7 +88,7 @@ def _cmd_generate(args) -> int:
     import time
 
     from . import images as imageio
-    from .atomic import atomic_write_all
+    from .atomic import atomic_write_all, unmade_on_failure
     from .pipeline import check_prime, check_request, generate, load_models
 
     if (args.prime is None) != (args.rows is None):
@@ -102,21 +102,23 @@ def _cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0
     if args.prime is not None:  # --rows against the model's grid, and the image readable
         check_prime(args.prime, args.rows, models.dvae.config.grid)
-    out = _out_folder(args.out)  # before the sampling, not after it
     at_once = args.num if args.batch is None else min(args.batch, args.num)
-    with _memory_advice(f"sampling {at_once} candidates at once on {device}", "sample fewer at a time with --batch "
-                        "(or lower --num)"):
-        result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
-                          prime_image=args.prime, prime_rows=args.rows or 0, batch=args.batch)
-    # all written before any is renamed in: a failure leaves the earlier run's images, not a mix
-    def png(image):
-        return lambda tmp: imageio.to_pil(image).save(tmp)  # the temporary's name ends in .png
+    with unmade_on_failure([args.out]):  # a failed or interrupted run leaves no empty folder behind
+        out = _out_folder(args.out)  # before the sampling, not after it
+        with _memory_advice(f"sampling {at_once} candidates at once on {device}",
+                            "sample fewer at a time with --batch (or lower --num)"):
+            result = generate(models, args.prompt, num=args.num, keep=keep, seed=args.seed, sampling=sampling,
+                              prime_image=args.prime, prime_rows=args.rows or 0, batch=args.batch)
 
-    files = {out / f"rank{rank}.png": png(image) for rank, image in enumerate(result.images)}
-    files[out / "grid.png"] = lambda tmp: imageio.save_grid(result.images, tmp, scale=args.grid_scale)
-    # an earlier run's ranks that this one does not write (it kept more): not this run's images
-    stale = [p for p in out.glob("rank*.png") if p.name[len("rank"):-len(".png")].isdigit() and p not in files]
-    atomic_write_all(files, remove=stale)
+        # all written before any is renamed in: a failure leaves the earlier run's images, not a mix
+        def png(image):
+            return lambda tmp: imageio.to_pil(image).save(tmp)  # the temporary's name ends in .png
+
+        files = {out / f"rank{rank}.png": png(image) for rank, image in enumerate(result.images)}
+        files[out / "grid.png"] = lambda tmp: imageio.save_grid(result.images, tmp, scale=args.grid_scale)
+        # an earlier run's ranks that this one does not write (it kept more): not this run's images
+        stale = [p for p in out.glob("rank*.png") if p.name[len("rank"):-len(".png")].isdigit() and p not in files]
+        atomic_write_all(files, remove=stale)
     ranked = "reranked" if result.scores is not None else "in sampling order (the model folder has no reranker)"
     print(f"{result.num_sampled} candidates sampled, best {len(result.images)} {ranked} -> {out}/rank*.png, "
           f"{out}/grid.png")
@@ -176,6 +178,8 @@ def _device(name: str):
 def _check_out(path: str, *, folder: bool) -> Path:
     """--out as a Path, refused before any work where it cannot be written: a folder where a file
     is wanted or the reverse, or a file where one of its parent folders would be."""
+    if not str(path).strip():  # an unset shell variable: not the current folder, whose files we would replace
+        raise ValueError("--out is empty; name the output (use '.' for the current folder)")
     out = Path(path)
     kinds = ("folder", "file") if folder else ("file", "folder")
     if out.exists() and out.is_dir() != folder:

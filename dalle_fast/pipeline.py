@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .data.transforms import center_crop_resize, load_rgb, to_tensor
+from .data.transforms import UnreadableImage, center_crop_resize, load_rgb, to_tensor
 from .dvae import DVAE, DVAEConfig
 from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
@@ -70,9 +70,9 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     if missing:
         raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}")
     paths = {key: folder / name for key, name in FILES.items() if (folder / name).is_file()}
-    dvae = load_model(paths["dvae"], DVAE, DVAEConfig)
-    prior = load_model(paths["prior"], Prior, PriorConfig)
-    reranker = load_model(paths["reranker"], Reranker, RerankerConfig) if "reranker" in paths else None
+    dvae = load_model(paths["dvae"], DVAE, DVAEConfig, kind="dvae")
+    prior = load_model(paths["prior"], Prior, PriorConfig, kind="prior")
+    reranker = load_model(paths["reranker"], Reranker, RerankerConfig, kind="reranker") if "reranker" in paths else None
     tokenizer = TextTokenizer.load(paths["tokenizer"])
     check_compatible(folder, dvae, prior, tokenizer, reranker)
     digests = functools.cache(lambda: dvae_digests(paths["dvae"], dvae, as_loaded=False))  # hashed only if asked
@@ -164,7 +164,7 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     if reranker is not None:
         paths["reranker"] = Path(reranker)
         sources["reranker"] = (Reranker, RerankerConfig)
-    models = {key: load_model(paths[key], *classes) for key, classes in sources.items()}
+    models = {key: load_model(paths[key], *classes, kind=key) for key, classes in sources.items()}
     text = TextTokenizer.load(tokenizer)
     where = f"export to {out}"
     check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
@@ -196,6 +196,14 @@ def _check_prompt(prompt: str) -> None:
         raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate, e.g. 'a red circle above a blue square'")
+    if not any(ch.isprintable() and not ch.isspace() for ch in prompt):
+        raise ValueError(f"the prompt {prompt!r} has no visible character (only control or format characters)")
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The prompt as the model reads it: runs of whitespace, line breaks included, become one space
+    and the ends are stripped (a caption the model learnt from is one line, its words one space apart)."""
+    return " ".join(prompt.split())
 
 
 def check_request(prompt: str, num: int, keep: int, seed: int, batch: Optional[int] = None) -> None:
@@ -212,7 +220,8 @@ def check_request(prompt: str, num: int, keep: int, seed: int, batch: Optional[i
 
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> torch.Tensor:
-    """[1, text_len] ids; an empty prompt is an error, an over-long one is truncated (with a warning)."""
+    """[1, text_len] ids of normalize_prompt(prompt); an empty prompt, or one with no visible
+    character, is an error, an over-long one is truncated (with a warning)."""
     ids, truncated = _encode_prompt(tokenizer, prompt, text_len)
     if truncated:
         _warn_truncated(text_len, stacklevel=2)
@@ -225,7 +234,7 @@ def _encode_prompt(tokenizer: TextTokenizer, prompt: str, text_len: int) -> tupl
     truncated = tokenizer.truncated
     with warnings.catch_warnings():  # the tokenizer warns once per instance; our callers, once per prompt
         warnings.simplefilter("ignore")
-        ids = tokenizer.encode_batch([prompt], text_len)
+        ids = tokenizer.encode_batch([normalize_prompt(prompt)], text_len)
     return ids, tokenizer.truncated > truncated
 
 
@@ -237,10 +246,15 @@ def _warn_truncated(text_len: int, stacklevel: int) -> None:
 
 def check_prime(image_path: str | Path, rows: int, grid: int):
     """The priming image (a PIL image) once `rows` is a row count of the grid and the file an image;
-    a ValueError (or FileNotFoundError) otherwise."""
+    a ValueError (or FileNotFoundError) naming the file otherwise."""
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= grid:
         raise ValueError(f"rows must be an int in 1..{grid} (the model's grid has {grid} token rows), got {rows!r}")
-    return load_rgb(image_path)
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"priming image {image_path}: no such file")
+    try:
+        return load_rgb(image_path)
+    except UnreadableImage as exc:
+        raise ValueError(f"priming image {image_path} is not an image this tool reads ({exc})") from None
 
 
 def prime_tokens(dvae: DVAE, image_path: str | Path, rows: int) -> torch.Tensor:

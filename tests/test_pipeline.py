@@ -59,6 +59,15 @@ def test_prompts_empty_long_and_non_ascii(model_folder):
     for empty in ("", "   \n"):
         with pytest.raises(ValueError, match="prompt is empty"):
             generate(models, empty, num=1, keep=1)
+    for invisible in ("\u200b", "\x01", "\ufeff \x00"):
+        with pytest.raises(ValueError, match="has no visible character"):
+            generate(models, invisible, num=1, keep=1)
+    # captions are single lines, words one space apart: a prompt's line breaks and runs of spaces are read so too
+    from dalle_fast.pipeline import encode_prompt
+
+    plain = encode_prompt(models.tokenizer, "a red circle above a blue square", 16)
+    for spaced in ("a\nred\ncircle\nabove\na\nblue\nsquare", "  a  red circle\tabove a blue\r\nsquare \n"):
+        assert torch.equal(encode_prompt(models.tokenizer, spaced, 16), plain), spaced
     for _ in range(2):  # every over-long prompt, not the first one per tokenizer
         with pytest.warns(UserWarning, match="only its beginning is used"):
             generate(models, "a red circle " * 20, num=1, keep=1)
@@ -135,6 +144,11 @@ def test_damaged_model_files_end_in_a_message_naming_them(tmp_path, model_folder
 def test_model_folder_errors(tmp_path, model_folder):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_models(tmp_path / "nothing")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(model_folder, swapped)
+    shutil.copyfile(model_folder / "dvae.safetensors", swapped / "prior.safetensors")
+    with pytest.raises(ValueError, match="prior.safetensors holds a dvae model, not a prior"):
+        load_models(swapped)
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "tokenizer.json").write_bytes((model_folder / "tokenizer.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="lacks dvae.safetensors, prior.safetensors"):
@@ -166,9 +180,10 @@ def test_cli_refuses_bad_input_before_sampling(tmp_path, model_folder, capsys):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("not an image")
     cases = [
-        (["--prime", str(tmp_path / "missing.png"), "--rows", "2"], "missing.png"),
-        (["--prime", str(not_an_image), "--rows", "2"], "notes.txt"),
+        (["--prime", str(tmp_path / "missing.png"), "--rows", "2"], "priming image " + str(tmp_path / "missing.png")),
+        (["--prime", str(not_an_image), "--rows", "2"], f"priming image {not_an_image} is not an image"),
         (["--out", str(not_an_image)], "is a file, not a folder"),
+        (["--out", ""], "--out is empty"),  # an unset shell variable: not the current folder
         (["--device", "tpu"], "--device must be"),
         (["--seed", str(2**32)], "seed must be"),
         (["--temperature", "1e-9"], "temperature must be"),
@@ -249,7 +264,7 @@ def test_cli_generate_out_of_memory_is_one_line(tmp_path, model_folder, capsys, 
     assert "out of memory" in err and "64 candidates at once" in err and "--candidates" in err
 
 
-def test_cli_other_runtime_errors_are_not_called_out_of_memory(model_folder, monkeypatch):
+def test_cli_other_runtime_errors_are_not_called_out_of_memory(tmp_path, model_folder, monkeypatch):
     import dalle_fast.pipeline as pipeline
 
     def broken(*args, **kwargs):
@@ -257,7 +272,14 @@ def test_cli_other_runtime_errors_are_not_called_out_of_memory(model_folder, mon
 
     monkeypatch.setattr(pipeline, "sample_image_tokens", broken)
     with pytest.raises(RuntimeError, match="a bug of ours"):
-        main(["generate", "x", "--model", str(model_folder), "--num", "1"])
+        main(["generate", "x", "--model", str(model_folder), "--num", "1", "--out", str(tmp_path / "a" / "b")])
+    assert not (tmp_path / "a").exists()  # the folders it made for the images are gone again
+    (tmp_path / "kept").mkdir()
+    monkeypatch.setattr(pipeline, "sample_image_tokens", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["generate", "x", "--model", str(model_folder), "--num", "1", "--out", str(tmp_path / "kept")]) == 130
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
+    assert main(["generate", "x", "--model", str(model_folder), "--num", "1", "--out", str(tmp_path / "c")]) == 130
+    assert not (tmp_path / "c").exists()  # Ctrl-C while sampling: no empty folder either
 
 
 @pytest.mark.parametrize("command, out, said", [

@@ -89,7 +89,7 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
     with distributed.others_wait():  # for as long as the build takes, not the process group's timeout
         if info.is_main:
             text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
-            dvae = load_model(cfg.dvae, DVAE, DVAEConfig).to(info.device)
+            dvae = load_model(cfg.dvae, DVAE, DVAEConfig, kind="dvae").to(info.device)
             tokenizer_file = cfg.tokenizer or (cfg.init and _init_run_file(cfg.init, "tokenizer.json"))
             if tokenizer_file and not cfg.tokenizer:
                 print(f"--init: using its run's tokenizer {tokenizer_file}")
@@ -144,7 +144,7 @@ def _load_init(model: Prior, path: str, tokenizer: TextTokenizer, cache: TokenCa
     theirs_dvae = json.loads(record.read_text()).get("cache", {}).get("dvae_weights") if record else None
     if theirs_dvae is not None and cache.meta.get("dvae_weights") not in (None, theirs_dvae):
         raise ValueError(f"--init {path} was trained on the image tokens of another dVAE than this run's --dvae")
-    source = load_model(path, Prior, PriorConfig)
+    source = load_model(path, Prior, PriorConfig, kind="prior")
     # activation checkpointing is how a run trains, not part of the architecture
     theirs = dataclasses.replace(source.config, checkpoint_activations=model.config.checkpoint_activations)
     if theirs != model.config:
