@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import IterableDataset
 
 from .. import images as imageio
-from ..data import make_dataset
+from ..data import RandomResizedCrop, make_dataset
 from ..dvae import DVAE, DVAEConfig, codebook_perplexity, map_pixels, psnr
 from . import distributed
 from .loop import RunOptions, TrainingRun, autocast, batches, check_options, ema_with_warmup, option as _f
@@ -56,6 +56,9 @@ class TrainVAEConfig(RunOptions):
     ema: float = _f(0.999, "EMA decay of the weights used for reconstructions and tokens")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     sample_every: int = _f(250, "steps between reconstruction grids")
+    crop: bool = _f(False, "augment with the paper's random crops (data.RandomResizedCrop.paper(): a square of 2/3 to "
+                           "8/9 of the image's short side at a random place, flipped left-right half the time) "
+                           "instead of the centred square; synthetic shapes are never cropped")
 
 
 def _images(batch) -> torch.Tensor:
@@ -79,7 +82,8 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)
     model_cfg = DVAEConfig.preset(cfg.preset, colour_codes=cfg.colour_codes)
-    dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
+    crop = RandomResizedCrop.paper() if cfg.crop else None
+    dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed, crop=crop)  # bad --data: before OUT
     torch.manual_seed(cfg.seed)
     model = DVAE(model_cfg).to(info.device)
     with torch.no_grad():  # before the EMA copy and before a resumed checkpoint replaces it

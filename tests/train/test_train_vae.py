@@ -391,3 +391,24 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_same_ste
     stopped = read_metrics(metrics)[-1]["step"]
     assert 2 <= stopped < 400
     assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == stopped
+
+
+def test_crop_trains_on_the_papers_random_crops_of_a_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import dalle_fast.train.vae as vae
+    from dalle_fast.cli import build_parser
+    from dalle_fast.data import RandomResizedCrop
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (48, 40), (60 * i, 10, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a picture")
+    made = []
+    make = vae.make_dataset
+    monkeypatch.setattr(vae, "make_dataset", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    assert build_parser().parse_args(["train-vae", "--crop"]).crop is True
+    for crop in (False, True):
+        train_vae(tiny(tmp_path / str(crop), data=str(folder), steps=1, crop=crop))
+    assert made[0].crop is None and made[1].crop == RandomResizedCrop.paper()
