@@ -76,7 +76,7 @@ def load_models(folder: Optional[str | Path] = None, device: str | torch.device 
     tokenizer = TextTokenizer.load(paths["tokenizer"])
     check_compatible(folder, dvae, prior, tokenizer, reranker)
     digests = functools.cache(lambda: dvae_digests(paths["dvae"], dvae, as_loaded=False))  # hashed only if asked
-    check_parts(folder, paths, digests, tokenizer.fingerprint())
+    check_parts(folder, paths, digests, tokenizer.fingerprints())
     return Models(dvae.to(device), prior.to(device), tokenizer, None if reranker is None else reranker.to(device),
                   folder)
 
@@ -133,15 +133,16 @@ def _records(path: Path, tokenizer: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def check_parts(where, paths: dict[str, Path], dvae: Callable[[], tuple[str, ...]], tokenizer: str) -> None:
+def check_parts(where, paths: dict[str, Path], dvae: Callable[[], tuple[str, ...]], tokenizer: tuple[str, ...]) -> None:
     """A ValueError (naming `where` and the files) unless the prior (and the reranker) at `paths`
     were trained with the dVAE of one of the digests `dvae()` (called only when a record names
-    one) and the tokenizer of fingerprint `tokenizer`, wherever they record it (see _records)."""
+    one) and the tokenizer of one of the fingerprints `tokenizer` (TextTokenizer.fingerprints),
+    wherever they record it (see _records)."""
     for key in ("prior", "reranker"):
         if key not in paths:
             continue
         for what, digest, source in _records(paths[key], paths["tokenizer"]):
-            if what == TOKENIZER_DIGEST and digest != tokenizer:
+            if what == TOKENIZER_DIGEST and digest not in tokenizer:
                 raise ValueError(f"{where}: {paths[key]} was trained with another tokenizer than {paths['tokenizer']} "
                                  f"(by {source}): it would read other words")
             if what == DVAE_DIGEST and digest not in dvae():
@@ -170,7 +171,7 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
     digests = dvae_digests(paths["dvae"], models["dvae"])
     records = {DVAE_DIGEST: digests[0], TOKENIZER_DIGEST: text.fingerprint()}
-    check_parts(where, paths, lambda: digests, records[TOKENIZER_DIGEST])
+    check_parts(where, paths, lambda: digests, text.fingerprints())
     recorded_in = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
     files = {out / FILES[key]: checkpoint_writer(out / FILES[key], modules={"model": model.to(dtype)}, rng=False,
                                                  meta={"model_config": dataclasses.asdict(model.config), "kind": key,

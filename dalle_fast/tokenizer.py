@@ -33,6 +33,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from .atomic import atomic_write
 
 _N_BYTES = 256
+# Texts whose ids show what the normalizer and the pre-tokenizer do (case, Unicode forms, spaces,
+# punctuation, digits, bytes): part of a tokenizer's fingerprint.
+_PROBES = ("A Red Circle above a blue square.", " two  spaces\tand\nlines ", "\ufb01ne \u00bd caf\u00e9 cafe\u0301",
+           "x-y, z; (w) 'q' \"r\" 12345 3.14", "\u00dcBER \u0130stanbul \u03a3\u03c3\u03c2 \u4e2d\u6587 \U0001f600")
 
 
 def _check_text_len(text_len) -> None:
@@ -137,8 +141,24 @@ class TextTokenizer:
         return atomic_write(path, self.tokenizer.save)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the tokenizer's JSON: equal for tokenizers that encode alike, wherever loaded from."""
-        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+        """SHA-256 of what decides the encoding, in a form of our own: the vocabulary, the merges, the
+        added tokens, and the ids of probe texts (which the normalizer and the pre-tokenizer decide).
+        Equal for tokenizers that encode alike, wherever loaded from and whichever tokenizers release
+        reads them: its JSON is no such form (0.20 changed how merges are written)."""
+        model = self._spec["model"]
+        canonical = {
+            "vocab": sorted(model.get("vocab", {}).items(), key=lambda item: item[1]),
+            "merges": [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])],
+            "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in self._spec.get("added_tokens", [])),
+            "probes": [e.ids for e in self.tokenizer.encode_batch(list(_PROBES), add_special_tokens=False)],
+        }
+        return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+    def fingerprints(self) -> tuple[str, str]:
+        """fingerprint(), and what records made before it hold: SHA-256 of this tokenizers release's
+        JSON of the tokenizer (equal only under the release that wrote them). A record matches
+        this tokenizer if it holds either."""
+        return self.fingerprint(), hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
 
     @property
     def bpe_vocab_size(self) -> int:

@@ -414,6 +414,15 @@ def test_a_model_folder_of_parts_from_different_exports_is_refused(tmp_path, mod
     _other_tokenizer(root / "tokenizer.json", mixed / "tokenizer.json")
     with pytest.raises(ValueError, match="prior.safetensors was trained with another tokenizer"):
         load_models(mixed)
+    # a folder exported before fingerprints were release-independent records this release's JSON hash: still loads
+    legacy = tmp_path / "legacy"
+    shutil.copytree(model_folder, legacy)
+    for name in ("prior", "reranker"):
+        if (legacy / f"{name}.safetensors").exists():
+            tensors, info = read_checkpoint(legacy / f"{name}.safetensors")
+            info["meta"]["tokenizer_sha256"] = TextTokenizer.load(root / "tokenizer.json").fingerprints()[1]
+            save_file(tensors, str(legacy / f"{name}.safetensors"), metadata={"dalle_fast": json.dumps(info)})
+    assert load_models(legacy).prior.config == load_models(model_folder).prior.config
     # re-exporting a model folder (its dVAE is recorded by digest, not re-hashed after the float16 cast)
     again = export_model_folder(tmp_path / "again", dvae=model_folder / "dvae.safetensors",
                                 prior=model_folder / "prior.safetensors", tokenizer=model_folder / "tokenizer.json")

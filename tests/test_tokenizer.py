@@ -147,6 +147,27 @@ def test_save_load(tok, tmp_path):
     assert torch.equal(loaded.encode_batch(captions, 12), tok.encode_batch(captions, 12))
 
 
+def test_the_fingerprint_is_what_encodes_not_how_a_release_writes_it(tok, tmp_path):
+    spec = json.loads(tok.tokenizer.to_str())
+    # the same tokenizer as a tokenizers release before 0.20 wrote it (merges as "a b" strings): read
+    # from such a file, and as such a release would serialise it (the JSON the fingerprint reads)
+    old = dict(spec, model=dict(spec["model"], merges=[" ".join(m) for m in spec["model"]["merges"]]))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    again = TextTokenizer.load(tmp_path / "old.json")
+    again._spec = json.loads(json.dumps(old))
+    assert again.fingerprint() == tok.fingerprint() and len(tok.fingerprint()) == 64
+    assert tok.fingerprints()[1] == __import__("hashlib").sha256(tok.tokenizer.to_str().encode()).hexdigest()
+    # what changes the ids changes it: a normalizer without lowercasing, two swapped ids
+    cased = dict(spec, normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}]})
+    (tmp_path / "cased.json").write_text(json.dumps(cased))
+    vocab = dict(spec["model"]["vocab"])
+    a, b = [t for t, i in vocab.items() if i in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(dict(spec, model=dict(spec["model"], vocab=vocab))))
+    prints = {TextTokenizer.load(tmp_path / f"{name}.json").fingerprint() for name in ("cased", "swapped")}
+    assert len(prints | {tok.fingerprint()}) == 3
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         TextTokenizer.load(tmp_path / "missing.json")

@@ -141,6 +141,7 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     the cache folder and return it. An existing cache built from the same inputs is reused."""
     cache = Path(cache)
     given = tokenizer.fingerprint() if tokenizer is not None else None
+    accepted = tokenizer.fingerprints() if tokenizer is not None else ()  # what a cache built before may record
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
     # one process encodes the whole dataset for every rank: a stream must not be split by rank here
@@ -158,8 +159,8 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     if (cache / "meta.json").is_file():
         old = json.loads((cache / "meta.json").read_text())
         old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
-        if given is not None and old.get("tokenizer_sha256") == given:
-            old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained is the one given now
+        if old.get("tokenizer_sha256") in accepted or old.get("tokenizer") in [f"given, sha256 {f}" for f in accepted]:
+            old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained, or was given, is the one given now
         unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
         changed = [k for k in meta if k not in unknown and old.get(k) != meta[k]]
         if changed:

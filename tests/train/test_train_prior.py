@@ -99,6 +99,13 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
         build_token_cache(tmp_path / "c", **(kw | dict(text_vocab=999)))
     with pytest.raises(ValueError, match="differ in: tokenizer"):
         build_token_cache(tmp_path / "c", **(kw | dict(tokenizer=TextTokenizer.train(["a b c"] * 5, vocab_size=260))))
+    # given the tokenizer it trained, it is reused, also when its meta holds the fingerprint of before
+    trained = TextTokenizer.load(cache / "tokenizer.json")
+    assert build_token_cache(tmp_path / "c", **(kw | dict(tokenizer=trained))) == cache
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(meta | {"tokenizer_sha256": trained.fingerprints()[1]}))
+    assert build_token_cache(tmp_path / "c", **(kw | dict(tokenizer=trained))) == cache
+    (cache / "meta.json").write_text(json.dumps(meta))
     # a cache from before every caption line, the dVAE's weights and the tokenizer were recorded is
     # reused, with a warning for each
     meta = json.loads((cache / "meta.json").read_text())
