@@ -294,6 +294,8 @@ class Prior(nn.Module):
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean text and image cross-entropies and their weighted sum (SPEC section 4)."""
+        if text.shape[0] == 0:  # the mean of no cross-entropy is NaN, which would read as a diverged run
+            raise ValueError("the batch is empty: a loss needs at least one caption and image")
         text_logits, image_logits = self(text, image)
         text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text[:, 1:].flatten())
         image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image.flatten())

@@ -43,7 +43,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 MAX_COND_SCALE = 1e3
 
 
-@dataclass
+@dataclass(frozen=True)  # checked once, when made: dataclasses.replace makes another, checked again
 class SamplingConfig:
     temperature: float = 1.0  # logits are divided by it; lower is more conservative
     top_k: int = 0  # keep the k most likely tokens (0: all)
@@ -87,7 +87,12 @@ def key_offsets(kind: str, grid: int, kernel: int) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus. [B, V] -> [B, V]."""
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. [B, V] -> [B, V].
+    The nucleus is found in float32 at least (a bfloat16 cumulative sum drifts by a tenth)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
     if top_k and top_k < logits.shape[-1]:
         # exactly k tokens, also when several tie with the k-th (top_k=1 is then one token, not a draw
         # among the tied ones, as a threshold at the k-th value would make it)
@@ -95,7 +100,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = sorted_logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         # drop a token when the tokens before it already reach p (the most likely always stays)
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
@@ -243,13 +248,15 @@ class _Loop:
     `g`), sample token g + 1, write it to `tokens`, advance `g`."""
 
     def __init__(self, inc, tokens: torch.Tensor, first: int, config: SamplingConfig,
-                 generator: Optional[torch.Generator]):
+                 generator: Optional[torch.Generator], nan: torch.Tensor):
         self.inc, self.tokens, self.config, self.generator = inc, tokens, config, generator
         self.g = torch.tensor(first, device=tokens.device)
         self.token = tokens[:, first].clone()
+        self.nan = nan  # set on the device when a step's logits hold a NaN, read once at the end
 
     def advance(self) -> None:
         logits = self.inc.step(self.token, self.g)
+        self.nan.logical_or_(torch.isnan(logits).any())
         nxt = sample_logits(logits, self.config, self.generator)
         self.g += 1
         self.tokens.index_copy_(1, self.g.view(1), nxt.unsqueeze(1))
@@ -265,7 +272,7 @@ def _run_graph(loop: _Loop, count: int) -> None:
     with torch.cuda.stream(side):  # warm-up outside capture (lazy initialisation, workspaces)
         loop.advance()
     torch.cuda.current_stream().wait_stream(side)
-    # the warm-up moved the state on: put it back before capturing
+    # the warm-up moved the state on: put it back before capturing (its NaN check would find what the first replay does)
     loop.g.copy_(g0)
     loop.token.copy_(token0)
     graph = torch.cuda.CUDAGraph()
@@ -309,10 +316,17 @@ def _check_inputs(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[0] < 1:
         raise ValueError(f"text must be a [B, {cfg.text_len}] tensor of token ids with B >= 1, got "
                          f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+    for name, value in (("prime", prime), ("null_text", null_text)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids or None, got {type(value).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} (seed one "
+                        f"with torch.Generator(device).manual_seed(seed))")
     if text.device != device:
         raise ValueError(f"text is on {text.device} but the prior on {device}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"the generator is on {generator.device} but the prior on {device}")
+    _check_ids("text", text, cfg.text_vocab_total, "the tokenizer's ids and the pads of this prior's text_len")
     if prime is not None:
         if prime.dim() != 2 or prime.shape[1] > cfg.image_len or prime.shape[0] != text.shape[0]:
             raise ValueError(f"prime must be [B, n0] with B = {text.shape[0]} (the captions) and n0 <= "
@@ -327,13 +341,24 @@ def _check_inputs(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor
             raise ValueError("cond_scale > 1 needs null_text, the empty caption's ids (TextTokenizer.null_text)")
         if null_text.shape != (cfg.text_len,):
             raise ValueError(f"null_text must have shape ({cfg.text_len},), got {tuple(null_text.shape)}")
+        _check_ids("null_text", null_text, cfg.text_vocab_total, "TextTokenizer.null_text of this prior's text_len")
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab: int, what: str) -> None:
+    """int64 ids in [0, vocab): an id out of range fails in the embedding, on CUDA as a device-side
+    assert that takes the process's CUDA context down. One host synchronisation."""
+    if ids.dtype != torch.long:
+        raise ValueError(f"{name} must be int64 token ids, got {ids.dtype}")
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise ValueError(f"{name} ids must be in [0, {vocab}) ({what}), got {int(ids.min())}..{int(ids.max())}")
 
 
 def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], config: SamplingConfig,
             generator: Optional[torch.Generator], null_text: Optional[torch.Tensor]) -> torch.Tensor:
     cfg = prior.config
-    was_training = prior.training
+    modes = {module: module.training for module in prior.modules()}  # each module's, put back after
     prior.eval()
+    nan = torch.zeros((), dtype=torch.bool, device=text.device)
     try:
         if config.guided:
             inc = GuidedPrior(prior, text.shape[0], null_text, config.cond_scale, config.compile_step)
@@ -346,14 +371,20 @@ def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], con
             tokens[:, :first] = prime
         if first == cfg.image_len:
             return tokens
+        nan.logical_or_(torch.isnan(logits).any())
         tokens[:, first] = sample_logits(logits, config, generator)
-        loop = _Loop(inc, tokens, first, config, generator)
+        loop = _Loop(inc, tokens, first, config, generator, nan)
         remaining = cfg.image_len - 1 - first
         if remaining and config.cuda_graph and tokens.is_cuda:
             _run_graph(loop, remaining)
         else:
             for _ in range(remaining):
                 loop.advance()
+        if bool(nan):  # the one host synchronisation of the loop, at its end
+            raise FloatingPointError("the prior's logits were NaN while sampling (non-finite weights or activations: "
+                                     "a diverged checkpoint, or an overflow in half precision?); no image is drawn "
+                                     "from them")
         return tokens
     finally:
-        prior.train(was_training)
+        for module, training in modes.items():
+            module.train(training)

@@ -70,6 +70,13 @@ def test_filters_keep_the_right_tokens():
     assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, False, True, False, False]]
     assert torch.isfinite(filter_logits(logits, top_p=float(probs[0] + probs[2] + probs[1]) + 1e-3)).sum() == 4
     assert torch.equal(filter_logits(logits), logits)
+    for bad in (dict(top_p=0.0), dict(top_p=float("nan")), dict(top_k=-3), dict(top_k=2.0)):
+        with pytest.raises(ValueError):
+            filter_logits(logits, **bad)
+    # bfloat16 logits: the nucleus of their float32 softmax (a bfloat16 cumulative sum kept 0.95 of the tokens)
+    wide = (torch.randn(64, 8192, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    for p in (0.5, 0.9):
+        assert torch.equal(filter_logits(wide, top_p=p).isfinite(), filter_logits(wide.float(), top_p=p).isfinite()), p
 
 
 def test_top_k_keeps_exactly_k_tokens_when_the_kth_ties():
@@ -125,6 +132,12 @@ def test_sampling_config_rejects_bad_values():
     with pytest.raises(TypeError):
         SamplingConfig(cuda_graph="no")
     SamplingConfig(temperature=1e6, cond_scale=1e3)  # the bounds themselves are fine
+    # checked once, when made: so it cannot be changed afterwards (top_p = 0 drew token 0 everywhere)
+    config = SamplingConfig(top_p=0.9)
+    with pytest.raises(AttributeError):
+        config.top_p = 0.0
+    with pytest.raises(ValueError, match="top_p"):
+        __import__("dataclasses").replace(config, top_p=0.0)
 
 
 def test_sample_image_tokens_checks_its_inputs():
@@ -144,6 +157,51 @@ def test_sample_image_tokens_checks_its_inputs():
         sample_image_tokens(prior, text, config={"top_k": 3}, generator=gen)
     with pytest.raises(ValueError, match="on meta but the prior"):
         sample_image_tokens(prior, text.to("meta"), generator=gen)
+    # text ids beyond the text vocabulary (and its pads) failed in the embedding (on CUDA: a device assert)
+    for bad_text in (text + cfg.text_vocab_total, text - text - 1):
+        with pytest.raises(ValueError, match=r"text ids must be in \[0, %d\)" % cfg.text_vocab_total):
+            sample_image_tokens(prior, bad_text, generator=gen)
+    with pytest.raises(ValueError, match="int64"):
+        sample_image_tokens(prior, text.int(), generator=gen)
+    guided = SamplingConfig(cond_scale=2.0)
+    with pytest.raises(ValueError, match="null_text ids must be in"):
+        sample_image_tokens(prior, text, config=guided, generator=gen, null_text=null_text_for(cfg) + 100)
+    for kw, match in ((dict(prime=image[:, :5].tolist()), "prime must be a tensor"),
+                      (dict(config=guided, null_text=null_text_for(cfg).tolist()), "null_text must be a tensor"),
+                      (dict(generator=7), "generator must be a torch.Generator")):
+        with pytest.raises(TypeError, match=match):
+            sample_image_tokens(prior, text, **({"generator": gen} | kw))
+
+
+def test_nan_logits_are_an_error_not_token_zero_and_each_modules_mode_is_kept():
+    prior = make_prior(["row", "conv"], dtype=torch.float32)
+    text, _ = tokens_for(prior.config, batch=2)
+    prior.train()
+    prior.blocks[0].eval()
+    modes = [m.training for m in prior.modules()]
+    sample_image_tokens(prior, text, generator=torch.Generator().manual_seed(0))
+    assert [m.training for m in prior.modules()] == modes  # not every module set to the top one's mode
+    with torch.no_grad():
+        prior.blocks[1].mlp[2].bias[0] = float("nan")  # a diverged weight: every logit is NaN
+    with pytest.raises(FloatingPointError, match="logits were NaN"):
+        sample_image_tokens(prior, text, generator=torch.Generator().manual_seed(0))
+    assert [m.training for m in prior.modules()] == modes
+    with torch.no_grad():
+        prior.blocks[1].mlp[2].bias[0] = 0.0
+    step = IncrementalPrior.step
+
+    def nan_at_one_step(self, token, g):  # a NaN in one step's logits, mid-image (an overflow, say)
+        logits = step(self, token, g)
+        return logits.masked_fill((g == 3) & (torch.arange(logits.shape[0]) == 1)[:, None], float("nan"))
+
+    IncrementalPrior.step = nan_at_one_step
+    try:
+        with pytest.raises(FloatingPointError, match="logits were NaN"):
+            sample_image_tokens(prior, text, generator=torch.Generator().manual_seed(0))
+    finally:
+        IncrementalPrior.step = step
+    with pytest.raises(ValueError, match="batch is empty"):  # its mean cross-entropy would be NaN
+        prior.loss(text[:0], torch.zeros(0, prior.config.image_len, dtype=torch.long))
 
 
 def null_text_for(cfg):
