@@ -132,14 +132,18 @@ if _backend.has_kernels():
     def _setup_context(ctx, inputs, output):
         logits, tau, dim, hard, with_kl, _ = inputs
         y, _, rng_state = output
-        ctx.save_for_backward(logits, y, rng_state)
+        # a hard sample's backward recomputes the soft one and never reads y: not saving it leaves y
+        # free to be edited in place before the backward, as F.gumbel_softmax's is
+        ctx.save_for_backward(logits, None if hard else y, rng_state)
         ctx.args = (tau, dim, hard, with_kl)
 
     def _backward(ctx, grad_y, grad_kl, _grad_rng):
         logits, y, rng_state = ctx.saved_tensors
         tau, dim, hard, with_kl = ctx.args
+        if y is None:  # hard: only its shape is checked
+            y = logits.new_zeros(()).expand(logits.shape)
         if grad_y is None:
-            grad_y = torch.zeros_like(y)
+            grad_y = torch.zeros_like(logits)
         grad = torch.ops.dalle_fast.gumbel_softmax_bwd(
             grad_y, grad_kl if with_kl else None, logits, y, rng_state, tau, dim, hard)
         return grad, None, None, None, None, None

@@ -106,6 +106,18 @@ def test_public_api_gradients_match_reference_autograd():
     y, kl = ops.gumbel_softmax_kl(x, 0.5)
     (kl.sum() + y[:, 0].sum()).backward()
     assert torch.isfinite(x.grad).all()
+    # a hard sample edited in place before the backward (as F.gumbel_softmax's may be): its backward
+    # never reads it, so it is not kept for it; the edit zeroes the gradient through row 0
+    dy = torch.randn_like(x)
+    for backend in ("auto", "reference"):
+        with ops.backend(backend):
+            torch.manual_seed(3)
+            (expected,) = torch.autograd.grad(ops.gumbel_softmax(x, 0.5, hard=True), x, dy.index_fill(1, torch.tensor([0]), 0))
+            torch.manual_seed(3)
+            y = ops.gumbel_softmax(x, 0.5, hard=True)
+            y[:, 0] = 0.0
+            (got,) = torch.autograd.grad(y, x, dy)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0, msg=backend)
 
 
 def test_same_seed_same_bits_and_fresh_noise_each_call():
