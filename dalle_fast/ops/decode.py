@@ -48,6 +48,12 @@ def _check(q, cache_k, cache_v, offsets, g, text_len) -> None:
         raise ValueError(f"the head dim D must be at least 1, got q of shape {tuple(q.shape)}")
     if isinstance(text_len, bool) or not isinstance(text_len, int) or not 1 <= text_len <= cache_k.shape[2]:
         raise ValueError(f"text_len must be an int in [1, N={cache_k.shape[2]}], got {text_len!r}")
+    # On the CPU g is read for free: outside its range the kernel wrote nothing and attended anyway, and
+    # index_copy_ (the other path) overwrote a text key. On CUDA reading it would cost a synchronisation.
+    if g.device.type == "cpu" and not torch.compiler.is_compiling():
+        image_len = cache_k.shape[2] - text_len
+        if not 0 <= int(g) < image_len:
+            raise ValueError(f"g must be an image position in [0, N - text_len = {image_len}), got {int(g)}")
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dalle_fast import ops
 from dalle_fast.ops import KINDS, reference
+from dalle_fast.ops.decode import fused_cache_write
 from dalle_fast.sampler import key_offsets
 from tests.conftest import DEVICES, assert_close, assert_within_reference_error, requires_cuda, requires_kernels
 
@@ -81,6 +82,14 @@ def test_bad_inputs():
             ops.sparse_decode(**(base | change))
     with pytest.raises(ValueError, match="finite"):
         ops.sparse_decode(**base, scale=float("nan"))
+    # a g outside the image: the kernel wrote nothing and attended anyway, index_copy_ overwrote a text key
+    k0, v0 = k.clone(), v.clone()
+    for bad_g in (-1, -3, 4, 99):
+        for new in ({}, dict(k_new=q.clone(), v_new=q.clone())):
+            for write in (True, False):
+                with fused_cache_write(write), pytest.raises(ValueError, match=r"g must be an image position in \[0, "):
+                    ops.sparse_decode(**(base | dict(g=torch.tensor(bad_g)) | new))
+    assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
 def test_opcheck():
