@@ -4,6 +4,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -24,7 +25,10 @@ MaskSpec make_mask_spec(const std::string& kind, int64_t text_len, int64_t grid,
   TORCH_CHECK_VALUE(grid <= (std::numeric_limits<int64_t>::max() - text_len) / grid, "text_len + grid**2 = ",
                     text_len, " + ", grid, "**2 does not fit in int64");
   TORCH_CHECK_VALUE(kernel >= 1 && kernel % 2 == 1, "kernel must be a positive odd int, got ", kernel);
-  return MaskSpec{parse_kind(kind), text_len, grid, kernel / 2};
+  // From half = grid on, conv allows every earlier image key (causal): clamping leaves the mask as it
+  // is and keeps grid * a + half, and the offsets g -+ S * a -+ half, far from int64's limits (a kernel
+  // near 2**63 gave wrong attention).
+  return MaskSpec{parse_kind(kind), text_len, grid, std::min(kernel / 2, grid)};
 }
 
 static void check_one(const at::Tensor& t, const char* name, const MaskSpec& mask, const char* op) {

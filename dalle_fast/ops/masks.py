@@ -36,7 +36,7 @@ def image_offset_allowed(kind: str, grid: int, d: torch.Tensor, kernel: int = 11
     if kind == "causal":
         return nonneg
     if kind == "conv":
-        half = kernel // 2
+        half = min(kernel // 2, grid)  # from h = S on every d >= 0 of the grid is allowed: h + 1 stays small
         # d = S*a - dc with a in [0, h] and dc in [-h, h]: try every a (h + 1 small intervals).
         a = torch.arange(half + 1, device=d.device)
         near = (d.unsqueeze(-1) - grid * a).abs() <= half

@@ -86,3 +86,22 @@ def test_layer_schedule():
 def test_bad_mask_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         attention_mask(*args)
+
+
+@requires_kernels
+@pytest.mark.parametrize("kernel", [9, 2**40 + 1, 2**62 + 1, 2**63 - 1])
+def test_a_conv_kernel_past_the_grid_is_the_causal_mask_up_to_int64s_limit(kernel):
+    """From kernel // 2 = S on, conv allows every earlier image key. A kernel near 2**63 overflowed
+    grid * a + half in C++ (wrong attention) and the Python mask allocated kernel / 2 intervals."""
+    from dalle_fast import ops
+
+    T, S = 3, 4
+    causal = attention_mask("causal", T, S)
+    assert torch.equal(attention_mask("conv", T, S, kernel), causal)
+    for source in ("predicate", "key_runs", "query_runs"):
+        raw = _C.mask_bytes("conv", T, S, kernel, source)
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(causal.shape).bool(), causal)
+    q, k, v = (torch.randn(1, 2, T + S * S, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    torch.testing.assert_close(ops.sparse_attention(q, k, v, "conv", T, S, kernel),
+                               ops.sparse_attention(q, k, v, "causal", T, S, kernel))
