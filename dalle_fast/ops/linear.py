@@ -32,6 +32,7 @@ autograd) whether all of them run the op directly, without skinny_linear's per-c
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -108,7 +109,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     residual (F.linear, GELU and the add in x's dtype round after each)."""
     _check_args(x, weight, bias, residual, activation, norm)
     n = weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    x2 = _rows(x) if x.dim() != 2 else x
     residual2 = residual.reshape(-1, n) if residual is not None else None
     tensors = (x, weight, bias, residual, *((norm.weight, norm.bias) if norm is not None else ()))
     if _kernel_takes(x2, weight, bias, residual2, norm) and _kernel_allowed(x, tensors):
@@ -138,6 +139,18 @@ def _check_args(x, weight, bias, residual, activation, norm) -> None:
         raise ValueError(f"norm must be an nn.LayerNorm over the last dimension ({x.shape[-1]}), got {norm!r}")
     if len({t.device for t in (x, weight, bias, residual) if t is not None}) != 1:
         raise ValueError("x, weight, bias and residual must be on one device")
+    # one dtype: the result is x's (F.linear refused a bias of another with a bare RuntimeError, and a
+    # residual of another promoted the result)
+    others = {name: t.dtype for name, t in (("weight", weight), ("bias", bias), ("residual", residual))
+              if t is not None and t.dtype != x.dtype}
+    if others:
+        raise TypeError(f"weight, bias and residual must have x's dtype {x.dtype}, got "
+                        + ", ".join(f"{name} {dtype}" for name, dtype in others.items()))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] (reshape(-1, K) cannot infer M when K is 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _kernel_allowed(x: torch.Tensor, tensors) -> bool:
@@ -161,7 +174,7 @@ class StepLinear:
         self.weight, self.bias, self.activation, self.norm = weight, bias, activation, norm
         self.n = weight.shape[0]
         self.tensors = (weight, bias, *((norm.weight, norm.bias) if norm is not None else ()))
-        self.fits = _kernel_takes(x.reshape(-1, x.shape[-1]), weight, bias, None, norm)
+        self.fits = _kernel_takes(_rows(x), weight, bias, None, norm)
         self._op_args = (_ACTIVATIONS[activation],
                          *((None, None, 1e-5) if norm is None else (norm.weight, norm.bias, float(norm.eps))))
 
