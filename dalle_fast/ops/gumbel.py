@@ -65,7 +65,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
     permuted copy; -inf logits are never sampled, and a position whose logits are all -inf gets
     y = 0 from the kernels. Any finite logits give a finite sample (the kernels subtract the max
     of logits + g before dividing by tau). float32, bfloat16 and float16 run our kernels
-    (float32 math).
+    (float32 math). NaN logits are outside the contract: the kernels' max and argmax pass over a
+    NaN where the reference propagates it, so a position with a NaN logit may get a finite sample
+    (and, from gumbel_softmax_kl, a finite KL) while its gradient is NaN.
     """
     dim = _check(logits, tau, dim, generator)
     if not _backend.use_kernel("gumbel_softmax", logits, _DTYPES, _DTYPES):
