@@ -149,7 +149,8 @@ class TextTokenizer:
         canonical = {
             "vocab": sorted(model.get("vocab", {}).items(), key=lambda item: item[1]),
             "merges": [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])],
-            "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in self._spec.get("added_tokens", [])),
+            "added": sorted((t["id"], t["content"], bool(t.get("special")))
+                            for t in self._spec.get("added_tokens", [])),
             "probes": [e.ids for e in self.tokenizer.encode_batch(list(_PROBES), add_special_tokens=False)],
         }
         return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()

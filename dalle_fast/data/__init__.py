@@ -25,7 +25,8 @@ __all__ = [
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DATA_SPEC_HELP = ("'shapes' or 'shapes:train' / 'shapes:test' (synthetic), a directory of "
                   "name.png|jpg + name.txt pairs, or tar shards: a .tar (.tar.gz) path, a glob such as "
-                  "'data/shard-*.tar' ('data/**/*.tar' for every folder level), or several of these separated by commas")
+                  "'data/shard-*.tar' ('data/**/*.tar' for every folder level), or several of these separated by "
+                  "commas")
 
 
 def make_dataset(spec: str, size: int, *, crop: Optional[RandomResizedCrop] = None, seed: int = 0,

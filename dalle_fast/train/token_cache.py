@@ -147,9 +147,9 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     # one process encodes the whole dataset for every rank: a stream must not be split by rank here
     dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
                            split_ranks=False)
-    meta = {"data": data, "data_files": dataset.fingerprint(), "num_images": num_images, "text_len": text_len, "variants": variants,
-            "dropout": dropout, "seed": seed, "grid": dvae.config.grid, "image_vocab": dvae.config.vocab,
-            "colour_codes": dvae.config.colour_codes,
+    meta = {"data": data, "data_files": dataset.fingerprint(), "num_images": num_images, "text_len": text_len,
+            "variants": variants, "dropout": dropout, "seed": seed, "grid": dvae.config.grid,
+            "image_vocab": dvae.config.vocab, "colour_codes": dvae.config.colour_codes,
             "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines",
             # what the tokens depend on beyond the paths: the dVAE's weights (retrained in place, the
             # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
