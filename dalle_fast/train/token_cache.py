@@ -144,10 +144,18 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     accepted = tokenizer.fingerprints() if tokenizer is not None else ()  # what a cache built before may record
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
-    # one process encodes the whole dataset for every rank: a stream must not be split by rank here
-    dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
-                           split_ranks=False)
-    meta = {"data": data, "data_files": dataset.fingerprint(), "num_images": num_images, "text_len": text_len,
+    try:  # one process encodes the whole dataset for every rank: a stream must not be split by rank here
+        dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
+                               split_ranks=False)
+        files = dataset.fingerprint()
+    except (OSError, ValueError) as exc:
+        if not (cache / "meta.json").is_file():
+            raise
+        # the data is gone (deleted once cached, or on another machine): the cache is reused unchecked against it
+        dataset, files = None, None
+        warnings.warn(f"{cache}: the data {data!r} cannot be read here ({exc}); the cache is used without "
+                      "checking that the data is unchanged", stacklevel=2)
+    meta = {"data": data, "data_files": files, "num_images": num_images, "text_len": text_len,
             "variants": variants, "dropout": dropout, "seed": seed, "grid": dvae.config.grid,
             "image_vocab": dvae.config.vocab, "colour_codes": dvae.config.colour_codes,
             "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines",
@@ -162,12 +170,14 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
         if old.get("tokenizer_sha256") in accepted or old.get("tokenizer") in [f"given, sha256 {f}" for f in accepted]:
             old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained, or was given, is the one given now
         unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
+        if dataset is None:
+            unknown.append("data_files")  # nothing to compare with (warned above)
         changed = [k for k in meta if k not in unknown and old.get(k) != meta[k]]
         if changed:
             raise ValueError(f"{cache} holds a token cache built from other inputs (they differ in: "
                              f"{', '.join(changed)}); delete it or pass another cache folder")
         for key in unknown:
-            if meta[key] is not None:  # a synthetic dataset has no files to have changed
+            if key not in old and meta[key] is not None:  # not for unreadable data (warned) or synthetic (no files)
                 warnings.warn(f"{cache} {_LATER_KEYS[key]}; delete it to rebuild", stacklevel=2)
         return cache
     cache.mkdir(parents=True, exist_ok=True)

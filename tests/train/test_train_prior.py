@@ -156,6 +156,14 @@ def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpo
     (cache / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "data_files"}))
     with pytest.warns(UserWarning, match="recorded the data's files"):
         assert build_token_cache(tmp_path / "c", **kw) == cache
+    # the data deleted once cached (or on another machine): the cache is still used, with a warning
+    (cache / "meta.json").write_text(json.dumps(meta))
+    folder.rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="cannot be read here") as caught:
+        assert build_token_cache(tmp_path / "c", **kw) == cache
+    assert len(caught) == 1
+    with pytest.raises(ValueError, match="no such directory"):  # with no cache to fall back on, an error
+        build_token_cache(tmp_path / "fresh", **kw)
 
 
 def test_a_dvae_with_more_codes_than_uint16_holds_is_refused(tmp_path):
