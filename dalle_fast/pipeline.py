@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from PIL import Image
 
 from .data.transforms import UnreadableImage, center_crop_resize, load_rgb, to_tensor
 from .dvae import DVAE, DVAEConfig
@@ -253,9 +254,16 @@ def check_prime(image_path: str | Path, rows: int, grid: int):
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"priming image {image_path}: no such file")
     try:
-        return load_rgb(image_path)
-    except UnreadableImage as exc:
+        image = load_rgb(image_path)
+        with Image.open(image_path) as source:  # an alpha channel, or a transparent colour, that some pixel uses
+            transparent = ((source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info)
+                           and source.convert("RGBA").getextrema()[3][0] < 255)
+    except (UnreadableImage, OSError) as exc:
         raise ValueError(f"priming image {image_path} is not an image this tool reads ({exc})") from None
+    if transparent:  # the dVAE reads what the composite shows: the bundled shapes model's background is black
+        warnings.warn(f"priming image {image_path} has transparent pixels: they are primed as white (the "
+                      "model's training images may have had another background there)", stacklevel=2)
+    return image
 
 
 def prime_tokens(dvae: DVAE, image_path: str | Path, rows: int) -> torch.Tensor:

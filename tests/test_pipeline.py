@@ -234,6 +234,19 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     result = generate(models, "a green square", num=2, keep=2, prime_image=prime, prime_rows=3)
     expected = models.dvae.encode(image.unsqueeze(0))[0, :3].reshape(-1)
     assert torch.equal(result.tokens[:, :24], expected.expand(2, -1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an opaque image primes without a word
+        generate(models, "a green square", num=1, keep=1, prime_image=prime, prime_rows=3)
+    see_through = tmp_path / "alpha.png"
+    Image.open(prime).convert("RGBA").save(see_through)  # an alpha channel, all opaque: no warning either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(models, "a green square", num=1, keep=1, prime_image=see_through, prime_rows=3)
+    rgba = Image.open(prime).convert("RGBA")
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(see_through)
+    with pytest.warns(UserWarning, match="transparent pixels: they are primed as white"):
+        generate(models, "a green square", num=1, keep=1, prime_image=see_through, prime_rows=3)
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
     assert main(["generate", "x", "--model", str(model_folder), "--cond-scale", "0.5"]) == 2
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2
