@@ -248,11 +248,12 @@ class _Loop:
     `g`), sample token g + 1, write it to `tokens`, advance `g`."""
 
     def __init__(self, inc, tokens: torch.Tensor, first: int, config: SamplingConfig,
-                 generator: Optional[torch.Generator], nan: torch.Tensor):
+                 generator: Optional[torch.Generator], nan: Optional[torch.Tensor] = None):
         self.inc, self.tokens, self.config, self.generator = inc, tokens, config, generator
         self.g = torch.tensor(first, device=tokens.device)
         self.token = tokens[:, first].clone()
-        self.nan = nan  # set on the device when a step's logits hold a NaN, read once at the end
+        # set on the device when a step's logits hold a NaN, for the caller to read once at the end
+        self.nan = torch.zeros((), dtype=torch.bool, device=tokens.device) if nan is None else nan
 
     def advance(self) -> None:
         logits = self.inc.step(self.token, self.g)
