@@ -95,6 +95,16 @@ def _judge(issue: int, target: str, figure: str, baseline: str, met: bool, check
         Verdict(issue, target, figure, baseline, met)
 
 
+def _undecided(*reasons: str) -> str:
+    return "; ".join(r for r in reasons if r)
+
+
+def _without(name: str, figure: Optional[float]) -> str:
+    """Why a target held to the baseline `name` is not judged: the run did not time it (left out,
+    or it failed), which says nothing about ours."""
+    return f"the baseline {name} is not in this run" if figure is None else ""
+
+
 def _not_h100(env: dict) -> str:
     if _on_h100(env):
         return ""
@@ -129,12 +139,12 @@ def gumbel_verdicts(data: dict) -> Iterator[Verdict]:
                 mine, theirs = _ms(ours, key), _ms(compiled or {}, key)
                 yield _judge(4, f"H100 {label} faster than torch.compile(formula)", f"{_f(mine)} ms",
                              f"torch.compile {_f(theirs)} ms", None not in (mine, theirs) and mine < theirs,
-                             checks, device)
+                             checks, _undecided(device, _without("torch.compile(formula)", theirs)))
         elif shape == [8, 512, 32, 32] and not env.get("gpu"):
             mine, theirs = _ms(ours, "fwd_bwd"), _ms(methods.get("F.gumbel_softmax", {}), "fwd_bwd")
             yield _judge(4, "CPU forward+backward >= 3x F.gumbel_softmax", f"{_f(mine)} ms",
                          f"F.gumbel_softmax {_f(theirs)} ms", None not in (mine, theirs) and theirs >= 3 * mine,
-                         both_checks, contended(data))
+                         both_checks, _undecided(contended(data), _without("F.gumbel_softmax", theirs)))
 
 
 def sampling_verdicts(data: dict) -> Iterator[Verdict]:
@@ -162,7 +172,7 @@ def sampling_verdicts(data: dict) -> Iterator[Verdict]:
         recompute = per_batch_of("recompute")
         yield _judge(7, "CPU ours >= 10x faster than recompute", f"{_f(per_batch)} ms", f"recompute {_f(recompute)} ms",
                      None not in (per_batch, recompute) and recompute >= 10 * per_batch, checks,
-                     contended(data))
+                     _undecided(contended(data), _without("recompute", recompute)))
 
 
 JUDGES = {"gumbel_softmax": gumbel_verdicts, "sampling": sampling_verdicts}

@@ -314,6 +314,19 @@ def test_check_targets_passes_a_run_that_meets_every_target(tmp_path):
     assert run.returncode == 2 and "NOT JUDGED" in run.stdout and "contended" in run.stdout, run.stdout
     run = _check_targets(results / "attention_cpu_20261126-144121.json")
     assert run.returncode == 2 and "no target decided" in run.stderr
+    # a baseline the run did not time (--methods without it, or it failed) says nothing about ours
+    cpu["load"]["others_avg_cpus"] = 0.0
+    del cpu["results"]["recompute"]
+    (tmp_path / "c.json").write_text(json.dumps(cpu))
+    run = _check_targets(tmp_path / "c.json")
+    assert run.returncode == 2 and run.stdout.startswith("NOT JUDGED") and "baseline recompute is not in" in run.stdout
+    gumbel = json.loads((results / "gumbel_cuda_20261127-075818.json").read_text())
+    ours = gumbel["results"][0]["methods"]["ours"]
+    ours["fwd"]["median_ms"], ours["fwd_bwd"]["median_ms"], ours["fwd_gbps"] = 1.0, 2.9, 2150.0
+    _verified(gumbel)
+    del gumbel["results"][0]["methods"]["torch.compile(formula)"]
+    run = judge(gumbel)
+    assert run.returncode == 2 and run.stdout.count("NOT JUDGED") == 2 and "FAIL" not in run.stdout, run.stdout
 
 
 def test_check_targets_does_not_judge_another_gpu_against_h100_targets(tmp_path):
