@@ -153,7 +153,9 @@ class LoadMonitor:
 
     def result(self) -> dict:
         wall = self._t1 - self._t0
-        own = (self._self1.user + self._self1.system) - (self._self0.user + self._self0.system)
+        # this process's and its waited-for children's (torch.compile's compiler runs): not other processes'
+        own = sum(getattr(self._self1, f) - getattr(self._self0, f)
+                  for f in ("user", "system", "children_user", "children_system"))
         out: dict[str, Any] = {"wall_s": wall, "self_cpu_s": own,
                                "loadavg_1m_start": self._load0[0] if self._load0 else None}
         if self._busy0 is not None and self._busy1 is not None:

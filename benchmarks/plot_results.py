@@ -35,7 +35,9 @@ from check_targets import contended, switched_off  # noqa: E402  (benchmarks/ is
 
 ROOT = Path(__file__).resolve().parent
 NAMES = {"attention": "attention", "gumbel_softmax": "gumbel", "sampling": "sampling"}
-OTHER_SHAPES = ("--batch", "--dim", "--heads", "--text-len", "--grid", "--shape", "--quick")
+# flags that time another shape or setting than the issues' (a run with one is not plotted as the default)
+OTHER_SHAPES = ("--batch", "--dim", "--heads", "--text-len", "--grid", "--shape", "--quick", "--dtype", "--kernel",
+                "--threads", "--tau", "--recompute-steps")
 SUBSETS = ("--methods", "--kinds", "--dtypes", "--no-compile")  # fewer bars: said in the title
 
 

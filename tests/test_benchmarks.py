@@ -37,6 +37,21 @@ def test_bench_attention_quick_writes_json(tmp_path):
     assert set(data["results"]) == {"row", "conv"}
     assert "ours" in data["results"]["row"]["methods"]
     assert data["environment"]
+    # ours not run (here: the CPU kernels take no float16) is no clean run: gpu_check reads the exit code
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--quick",
+         "--kinds", "row", "--dtype", "float16", "--json", str(tmp_path / "f16.json")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 1 and "ours is skipped" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_the_load_monitor_counts_its_own_child_processes_as_its_own():
+    from benchmarks.common import LoadMonitor
+
+    with LoadMonitor() as load:  # a compiler run of torch.compile, say: this benchmark's work, not another's
+        busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1: pass"
+        subprocess.run([sys.executable, "-c", busy], check=True)
+    assert load.result()["self_cpu_s"] >= 0.9
 
 
 def test_bench_gumbel_quick_writes_json(tmp_path):
@@ -153,6 +168,14 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     switched["environment"]["date"] = "2026-12-01T00:00:00+00:00"
     switched["environment"]["dalle_fast_switches"] = {"DALLE_FAST_GUMBEL_RESIDENT": "0"}
     (results / "gumbel_cpu_switched.json").write_text(json.dumps(switched))
+    # newer runs of another setting than the default one (one thread, another kernel; fewer recomputed steps)
+    for source, name, flags in (("attention_cpu_20261126-144121", "attention_cpu_threads1", ["--threads", "1"]),
+                                ("attention_cpu_20261126-144121", "attention_cpu_kernel3", ["--kernel=3"]),
+                                ("sampling_cpu_20261127-170343", "sampling_cpu_rs16", ["--recompute-steps", "16"])):
+        other = json.loads((results / f"{source}.json").read_text())
+        other["environment"]["date"] = "2026-12-01T00:00:00+00:00"
+        other["argv"] = list(other.get("argv") or []) + flags
+        (results / f"{name}.json").write_text(json.dumps(other))
     out = tmp_path / "plots"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(results),
                              "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -162,6 +185,8 @@ def test_plot_results_draws_the_newest_run_of_each_benchmark(tmp_path):
     assert "attention_cpu_20261126-144121.json" in result.stdout  # the newer of the two attention runs
     # the newest CUDA attention run at the default shape, not the newer --batch 32 one
     assert "attention_cuda_20261127-075723.json" in result.stdout
+    assert "sampling_cpu_20261127-170343.json" in result.stdout and "_threads1" not in result.stdout
+    assert "_kernel3" not in result.stdout and "_rs16" not in result.stdout
     assert "gumbel_cpu_20261128-104352.json" in result.stdout and "gumbel_cpu_switched.json" not in result.stdout
     assert "gumbel_cpu_switched.json: left out" in result.stderr
     empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_results.py"), "--results", str(tmp_path)],
