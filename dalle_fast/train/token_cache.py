@@ -101,6 +101,10 @@ def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: i
     flat = [line for group in lines for line in group]
     first = np.cumsum([0] + [len(group) for group in lines[:-1]])  # image i's lines start at flat[first[i]]
     counts = np.array([len(group) for group in lines])
+    if len(counts) and counts.max() > variants:
+        warnings.warn(f"{int((counts > variants).sum())} images have more caption lines than the {variants} text "
+                      f"variants: their lines past the {variants}th are never trained on (--text-variants "
+                      f"{int(counts.max())} keeps them all)", stacklevel=3)
     before = tokenizer.truncated
     plain = tokenizer.encode_batch(flat, text_len).numpy()
     truncated = tokenizer.truncated - before

@@ -129,6 +129,9 @@ def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpo
         Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text("\n".join(caps) + "\n\n")
     dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    with pytest.warns(UserWarning, match="1 images have more caption lines than the 2 text variants"):
+        build_token_cache(tmp_path / "c2", dvae=dvae, data=str(folder), text_len=16, num_images=None,
+                          variants=2, dropout=0.5, text_vocab=300)  # "red disc" would never be trained on
     cache = build_token_cache(tmp_path / "c", dvae=dvae, data=str(folder), text_len=16, num_images=None,
                               variants=5, dropout=0.5, text_vocab=300)
     data = TokenCache(cache)
