@@ -243,21 +243,26 @@ class GuidedPrior:
         return self._mix(self.inc.step(token.repeat(2), g))
 
 
+def _no_peak(device: torch.device) -> torch.Tensor:
+    return torch.full((), float("-inf"), device=device)
+
+
 class _Loop:
     """The per-token state on the device and the step that advances it: feed `token` (image token
     `g`), sample token g + 1, write it to `tokens`, advance `g`."""
 
     def __init__(self, inc, tokens: torch.Tensor, first: int, config: SamplingConfig,
-                 generator: Optional[torch.Generator], nan: Optional[torch.Tensor] = None):
+                 generator: Optional[torch.Generator], peak: Optional[torch.Tensor] = None):
         self.inc, self.tokens, self.config, self.generator = inc, tokens, config, generator
         self.g = torch.tensor(first, device=tokens.device)
         self.token = tokens[:, first].clone()
-        # set on the device when a step's logits hold a NaN, for the caller to read once at the end
-        self.nan = torch.zeros((), dtype=torch.bool, device=tokens.device) if nan is None else nan
+        # the running max of the steps' logits, on the device: NaN once any logit was (max and amax
+        # propagate NaN), for the caller to read once at the end; two small kernels a step
+        self.peak = _no_peak(tokens.device) if peak is None else peak
 
     def advance(self) -> None:
         logits = self.inc.step(self.token, self.g)
-        self.nan.logical_or_(torch.isnan(logits).any())
+        torch.maximum(self.peak, logits.amax(), out=self.peak)
         nxt = sample_logits(logits, self.config, self.generator)
         self.g += 1
         self.tokens.index_copy_(1, self.g.view(1), nxt.unsqueeze(1))
@@ -273,7 +278,7 @@ def _run_graph(loop: _Loop, count: int) -> None:
     with torch.cuda.stream(side):  # warm-up outside capture (lazy initialisation, workspaces)
         loop.advance()
     torch.cuda.current_stream().wait_stream(side)
-    # the warm-up moved the state on: put it back before capturing (its NaN check would find what the first replay does)
+    # the warm-up moved the state on: put it back before capturing (its logits' peak is the first replay's)
     loop.g.copy_(g0)
     loop.token.copy_(token0)
     graph = torch.cuda.CUDAGraph()
@@ -359,7 +364,7 @@ def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], con
     cfg = prior.config
     modes = {module: module.training for module in prior.modules()}  # each module's, put back after
     prior.eval()
-    nan = torch.zeros((), dtype=torch.bool, device=text.device)
+    peak = _no_peak(text.device)
     try:
         if config.guided:
             inc = GuidedPrior(prior, text.shape[0], null_text, config.cond_scale, config.compile_step)
@@ -372,16 +377,16 @@ def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], con
             tokens[:, :first] = prime
         if first == cfg.image_len:
             return tokens
-        nan.logical_or_(torch.isnan(logits).any())
+        torch.maximum(peak, logits.amax(), out=peak)
         tokens[:, first] = sample_logits(logits, config, generator)
-        loop = _Loop(inc, tokens, first, config, generator, nan)
+        loop = _Loop(inc, tokens, first, config, generator, peak)
         remaining = cfg.image_len - 1 - first
         if remaining and config.cuda_graph and tokens.is_cuda:
             _run_graph(loop, remaining)
         else:
             for _ in range(remaining):
                 loop.advance()
-        if bool(nan):  # the one host synchronisation of the loop, at its end
+        if bool(peak.isnan()):  # the one host synchronisation of the loop, at its end
             raise FloatingPointError("the prior's logits were NaN while sampling (non-finite weights or activations: "
                                      "a diverged checkpoint, or an overflow in half precision?); no image is drawn "
                                      "from them")
