@@ -198,6 +198,26 @@ def test_loss_is_finite_and_gradients_reach_encoder_and_decoder():
 
 
 @pytest.mark.parametrize("colour_codes", [0, 4])
+def test_autocast_leaves_the_logits_and_the_likelihoods_parameters_in_float32(colour_codes):
+    """Under bf16 autocast (--amp) the encoder's logits and the decoder's mu and ln b are float32, each
+    the float32 conv of its (bf16) input: rounded to bf16, mu fell on a grid 2**-6 apart at |mu| ~ 2."""
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.preset("tiny", colour_codes=colour_codes))
+    x = images(model.config, batch=2)
+    seen = {}
+    for name in ("encoder", "decoder"):
+        part = getattr(model, name)
+        conv = part.blocks.output.conv if name == "decoder" else part.output_convs()[0]
+        conv.register_forward_hook(lambda m, inputs, out, name=name: seen.__setitem__(name, (inputs[0], out)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(x, tau=0.5, beta=2.0, generator=torch.Generator().manual_seed(0))
+    for name, (features, out) in seen.items():
+        conv = model.decoder.blocks.output.conv if name == "decoder" else getattr(model, name).output_convs()[0]
+        assert features.dtype == torch.bfloat16 and out.dtype == torch.float32, name  # bf16 in, float32 out
+        torch.testing.assert_close(out, F.conv2d(features.float(), conv.weight, conv.bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("colour_codes", [0, 4])
 def test_loss_terms_are_the_logit_laplace_nll_and_the_kl_summed_over_the_grid(colour_codes):
     """nll and kl against the formulas of SPEC section 3, written out here: per image, the
     logit-Laplace NLL summed over every subpixel and KL(softmax(logits) || uniform) summed over

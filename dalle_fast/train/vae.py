@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset
 
 from .. import images as imageio
 from ..data import RandomResizedCrop, make_dataset
-from ..dvae import DVAE, DVAEConfig, codebook_perplexity, map_pixels, psnr
+from ..dvae import DVAE, DVAEConfig, code_counts, counts_perplexity, map_pixels, psnr
 from . import distributed
 from .loop import RunOptions, TrainingRun, autocast, batches, check_options, ema_with_warmup, option as _f
 from .schedules import cosine
@@ -59,6 +59,11 @@ class TrainVAEConfig(RunOptions):
     crop: bool = _f(False, "augment with the paper's random crops (data.RandomResizedCrop.paper(): a square of 2/3 to "
                            "8/9 of the image's short side at a random place, flipped left-right half the time) "
                            "instead of the centred square; synthetic shapes are never cropped")
+
+
+def pooled_perplexity(tokens: torch.Tensor, vocab: int) -> float:
+    """The codebook perplexity of every process's `tokens` together (each process holds as many)."""
+    return counts_perplexity(distributed.mean_over_ranks(code_counts(tokens, vocab))).item()
 
 
 def _images(batch) -> torch.Tensor:
@@ -136,9 +141,11 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
                     tokens = result["tokens"]
                     stats = torch.tensor([result["loss"].item(), result["nll"].item(), result["kl"].item(),
                                           result["usage_kl"].item(), result["mse"].item(),
-                                          psnr(result["recon"].float(), images.float()).item(),
-                                          codebook_perplexity(tokens, model_cfg.vocab).item()], device=info.device)
+                                          psnr(result["recon"].float(), images.float()).item()], device=info.device)
                     stats = distributed.mean_over_ranks(stats).tolist()
+                    # of every process's codes together: a mean of per-process perplexities is biased
+                    # low by each one's few tokens, and more so the more processes there are
+                    stats.append(pooled_perplexity(tokens, model_cfg.vocab))
                 metrics = dict(zip(("loss", "nll", "kl", "usage_kl", "mse", "psnr", "perplexity"), stats))
                 metrics.update(tau=tau, beta=beta, lr=lr)
             run.end_step(metrics, log, cfg.save_every)
