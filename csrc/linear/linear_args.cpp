@@ -56,7 +56,8 @@ LinearCall prepare_linear(const at::Tensor& x_in, const at::Tensor& weight_in, c
     p.bias = c.bias.data_ptr();
   }
   if (residual.has_value()) {
-    c.residual = residual->stride(-1) == 1 ? *residual : residual->contiguous();
+    // stride(-1) only of a tensor that has a dimension (a 0-dim residual gets the message below)
+    c.residual = residual->dim() >= 1 && residual->stride(-1) == 1 ? *residual : residual->contiguous();
     TORCH_CHECK_VALUE(c.residual.dim() == 2 && c.residual.size(0) == p.m && c.residual.size(1) == p.n &&
                           c.residual.scalar_type() == dtype && c.residual.device() == c.x.device(),
                       op, ": residual must be [M, N] of x's dtype and device, got ", c.residual.sizes(), " ",

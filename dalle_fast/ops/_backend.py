@@ -157,6 +157,17 @@ def use_kernel(op: str, x: torch.Tensor, cpu_dtypes: tuple[torch.dtype, ...],
     return False
 
 
+def one_device(op: str, **tensors) -> None:
+    """For an op's fake (register_fake) function: a ValueError unless the tensors given (None for an
+    absent optional one) are on one device. The fake runs in place of the C++ checks both under
+    torch.compile and in eager mode whenever an input is on the meta device: without this, a call
+    mixing meta and CPU tensors returned uninitialised CPU memory instead of the C++ device error."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    if len({t.device for t in present.values()}) > 1:
+        raise ValueError(f"{op}: the tensors must be on one device, got "
+                         + ", ".join(f"{name} on {t.device}" for name, t in present.items()))
+
+
 def forbid_double_backward(op: str, public_name: str) -> None:
     """Register an autograd formula for the backward op `op` that refuses to be differentiated."""
 

@@ -68,12 +68,14 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::sparse_attention_fwd")
     def _fwd_fake(q, k, v, kind, text_len, grid, kernel, scale):
+        _backend.one_device("sparse_attention_fwd", q=q, k=k, v=v)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q.dtype), device=q.device)
         return out, lse
 
     @torch.library.register_fake("dalle_fast::sparse_attention_bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, kind, text_len, grid, kernel, scale):
+        _backend.one_device("sparse_attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse)
         return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
     def _setup_context(ctx, inputs, output):

@@ -194,8 +194,11 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::sparse_decode")
     def _decode_fake(q, cache_k, cache_v, offsets, g, text_len, scale):
+        _backend.one_device("sparse_decode", q=q, cache_k=cache_k, cache_v=cache_v, offsets=offsets, g=g)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     @torch.library.register_fake("dalle_fast::sparse_decode_append")
     def _decode_append_fake(q, k_new, v_new, cache_k, cache_v, offsets, g, text_len, scale):
+        _backend.one_device("sparse_decode_append", q=q, k_new=k_new, v_new=v_new, cache_k=cache_k, cache_v=cache_v,
+                            offsets=offsets, g=g)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)

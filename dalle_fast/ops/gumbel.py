@@ -121,6 +121,8 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::gumbel_softmax_bwd")
     def _bwd_fake(grad_y, grad_kl, logits, y, rng_state, tau, dim, hard):
+        _backend.one_device("gumbel_softmax_bwd", grad_y=grad_y, grad_kl=grad_kl, logits=logits, y=y,
+                            rng_state=rng_state)
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     @torch.library.register_fake("dalle_fast::gumbel_argmax")
@@ -129,6 +131,7 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::gumbel_noise")
     def _noise_fake(logits, rng_state, dim):
+        _backend.one_device("gumbel_noise", logits=logits, rng_state=rng_state)
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
 
     def _setup_context(ctx, inputs, output):

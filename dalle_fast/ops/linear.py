@@ -199,4 +199,6 @@ if _backend.has_kernels():
 
     @torch.library.register_fake("dalle_fast::skinny_linear")
     def _linear_fake(x, weight, bias, residual, activation, ln_weight, ln_bias, ln_eps):
+        _backend.one_device("skinny_linear", x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight,
+                            ln_bias=ln_bias)
         return x.new_empty((x.shape[0], weight.shape[0]))
