@@ -127,8 +127,9 @@ def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
 class _FullPrecisionConv(nn.Conv2d):
     """A 1x1 conv that autocast leaves in its weights' precision (float32 in mixed-precision
     training): the encoder's logits and the decoder's mu and ln b. In bf16 the likelihood's
-    parameters came out on a grid 2**-6 apart at |mu| ~ 2, against a scale b ~ 0.01: the trained
-    model's NLL was 0.08 nats a subpixel off (and the logits, beside Gumbel noise, were rounded too)."""
+    parameters came out on a grid 2**-6 apart at |mu| ~ 2, against a scale b ~ 0.01: under CPU bf16
+    autocast the bundled dVAE's NLL per subpixel was -4.442 against float32's -4.578, and is -4.508
+    with these convs in float32 (32 test images; the rest of the gap is the bf16 features)."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__(n_in, n_out, 1)
