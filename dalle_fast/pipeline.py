@@ -171,8 +171,9 @@ def export_model_folder(out: str | Path, *, dvae: str | Path, prior: str | Path,
     where = f"export to {out}"
     check_compatible(where, models["dvae"], models["prior"], text, models.get("reranker"))
     digests = dvae_digests(paths["dvae"], models["dvae"])
-    records = {DVAE_DIGEST: digests[0], TOKENIZER_DIGEST: text.fingerprint()}
-    check_parts(where, paths, lambda: digests, text.fingerprints())
+    fingerprints = text.fingerprints()
+    records = {DVAE_DIGEST: digests[0], TOKENIZER_DIGEST: fingerprints[0]}
+    check_parts(where, paths, lambda: digests, fingerprints)
     recorded_in = {"dvae": (DVAE_DIGEST,), "prior": (DVAE_DIGEST, TOKENIZER_DIGEST), "reranker": (TOKENIZER_DIGEST,)}
     files = {out / FILES[key]: checkpoint_writer(out / FILES[key], modules={"model": model.to(dtype)}, rng=False,
                                                  meta={"model_config": dataclasses.asdict(model.config), "kind": key,

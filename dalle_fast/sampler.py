@@ -355,8 +355,10 @@ def _check_ids(name: str, ids: torch.Tensor, vocab: int, what: str) -> None:
     assert that takes the process's CUDA context down. One host synchronisation."""
     if ids.dtype != torch.long:
         raise ValueError(f"{name} must be int64 token ids, got {ids.dtype}")
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-        raise ValueError(f"{name} ids must be in [0, {vocab}) ({what}), got {int(ids.min())}..{int(ids.max())}")
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())  # one synchronisation, not two
+        if not 0 <= lo <= hi < vocab:
+            raise ValueError(f"{name} ids must be in [0, {vocab}) ({what}), got {lo}..{hi}")
 
 
 def _sample(prior: Prior, text: torch.Tensor, prime: Optional[torch.Tensor], config: SamplingConfig,

@@ -144,8 +144,8 @@ def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int
     """Encode `data` with `dvae`, train a BPE on its captions unless `tokenizer` is given, write
     the cache folder and return it. An existing cache built from the same inputs is reused."""
     cache = Path(cache)
-    given = tokenizer.fingerprint() if tokenizer is not None else None
     accepted = tokenizer.fingerprints() if tokenizer is not None else ()  # what a cache built before may record
+    given = accepted[0] if accepted else None
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
     try:  # one process encodes the whole dataset for every rank: a stream must not be split by rank here
