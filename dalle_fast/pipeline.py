@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from PIL import Image
 
-from .data.transforms import UnreadableImage, center_crop_resize, load_rgb, to_tensor
+from .data.transforms import UnreadableImage, center_crop_resize, load_rgb_transparency, to_tensor
 from .dvae import DVAE, DVAEConfig
 from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
@@ -255,10 +254,7 @@ def check_prime(image_path: str | Path, rows: int, grid: int):
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"priming image {image_path}: no such file")
     try:
-        image = load_rgb(image_path)
-        with Image.open(image_path) as source:  # an alpha channel, or a transparent colour, that some pixel uses
-            transparent = ((source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info)
-                           and source.convert("RGBA").getextrema()[3][0] < 255)
+        image, transparent = load_rgb_transparency(image_path)
     except (UnreadableImage, OSError) as exc:
         raise ValueError(f"priming image {image_path} is not an image this tool reads ({exc})") from None
     if transparent:  # the dVAE reads what the composite shows: the bundled shapes model's background is black

@@ -63,24 +63,51 @@ def load_rgb(source: ImageSource) -> Image.Image:
     mean "paper" there, and black would read as an object in the shapes-style data).
     Any decoding failure is raised as `UnreadableImage`, so callers can skip one exception.
     """
+    return load_rgb_transparency(source)[0]
+
+
+def load_rgb_transparency(source: ImageSource) -> tuple[Image.Image, bool]:
+    """load_rgb's image, and whether some pixel of it was (partly) transparent, composited on white."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
         with Image.open(source) as im:
-            im = ImageOps.exif_transpose(im)  # returns a loaded copy, so closing the file is safe
-            return _to_rgb(im)
+            _scale_grey_transparency(im)
+            try:
+                oriented = ImageOps.exif_transpose(im)  # returns a loaded copy, so closing the file is safe
+            except Exception:  # malformed EXIF (a PNG's or WebP's raises): the pixels are still readable
+                im.load()
+                oriented = im.copy()
+            return _to_rgb(oriented)
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+_LOW_BIT_GREY = re.compile(r"L;([24])")
+
+
+def _scale_grey_transparency(im: Image.Image) -> None:
+    """Pillow widens 2- and 4-bit grey PNGs to 8 bits (level k to k * 255 / (2**bits - 1)) but
+    keeps their tRNS grey level as stored, which then matches no pixel: scaled here, before the
+    pixels are read, so that the transparent level is composited on white like any other."""
+    transparent = im.info.get("transparency")
+    if im.mode != "L" or not isinstance(transparent, int) or not im.tile:
+        return
+    raw = im.tile[0][3]  # the decoder's raw mode, e.g. "L;2"
+    match = _LOW_BIT_GREY.fullmatch(raw if isinstance(raw, str) else str(raw[0]) if raw else "")
+    if match is not None:
+        im.info["transparency"] = transparent * 255 // (2 ** int(match.group(1)) - 1)
+
+
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, bool]:
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
+        transparent = im.getextrema()[3][0] < 255
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB") if im.mode != "RGB" else im
+        return Image.alpha_composite(background, im).convert("RGB"), transparent
+    return (im.convert("RGB") if im.mode != "RGB" else im), False
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -99,7 +126,15 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 
 def to_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
-    """RGB PIL image or uint8 array [H, W, 3] -> contiguous float32 tensor [3, H, W] in [0, 1]."""
+    """RGB PIL image or uint8 array [H, W, 3] -> contiguous float32 tensor [3, H, W] in [0, 1].
+    Anything else is refused: a cast would have made floats in [0, 1] black and wrapped larger
+    integers around."""
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode!r} (load_rgb converts any image)")
+    elif not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        what = f"a {image.dtype} array" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected an RGB PIL image or a uint8 array, got {what}")
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape [H, W, 3], got {array.shape}")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dalle_fast.data.transforms import (RandomResizedCrop, UnreadableImage, center_crop_resize,
-                                        load_rgb, prepare_image, to_tensor)
+                                        load_rgb, load_rgb_transparency, prepare_image, to_tensor)
 
 
 def _noise_image(width, height, seed=0):
@@ -126,6 +126,65 @@ def test_16_bit_and_float_greyscale_images_are_rescaled_not_clipped(tmp_path):
     Image.fromarray(ramp).save(path, transparency=1234)
     pixels = np.asarray(load_rgb(path)).astype(int)
     assert (pixels[0, :2] == 255).all() and (np.abs(pixels[0, 2:, 0] - expected[0, 2:]) <= 1).all()
+
+
+def _grey_png(levels: list[int], bits: int, transparent: int) -> bytes:
+    """A one-row grey PNG of `bits`-bit levels with tRNS naming `transparent` (Pillow writes no
+    2- or 4-bit grey)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    per_byte = 8 // bits
+    row = bytearray()
+    for start in range(0, len(levels), per_byte):
+        byte = 0
+        for level in levels[start:start + per_byte]:
+            byte = (byte << bits) | level
+        row.append(byte << bits * (per_byte - len(levels[start:start + per_byte])))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", len(levels), 1, bits, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", transparent)) + chunk(b"IDAT", zlib.compress(b"\x00" + bytes(row)))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_low_bit_grey_transparency_is_composited_on_white(bits):
+    # Pillow widens 2- and 4-bit grey to 8 bits but kept the tRNS level as stored: level 1 of 2-bit
+    # grey loaded as grey 85, not white.
+    top = 2**bits - 1
+    image, transparent = load_rgb_transparency(_grey_png([1, 0, top, 1], bits, 1))
+    assert np.asarray(image)[0, :, 0].tolist() == [255, 0, 255, 255] and transparent
+    image, transparent = load_rgb_transparency(_grey_png([1, 0, 1, 1], bits, 2))  # no pixel uses it
+    assert np.asarray(image)[0, :, 0].tolist() == [255 // top, 0, 255 // top, 255 // top] and not transparent
+
+
+def test_transparency_is_reported_only_where_a_pixel_uses_it():
+    for colour, expected in (((255, 0, 0, 0), True), ((255, 0, 0, 255), False)):
+        buf = io.BytesIO()
+        Image.new("RGBA", (3, 3), colour).save(buf, format="PNG")
+        assert load_rgb_transparency(buf.getvalue())[1] is expected
+    buf = io.BytesIO()
+    _noise_image(3, 3).save(buf, format="PNG")
+    assert load_rgb_transparency(buf.getvalue())[1] is False
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_malformed_exif_leaves_the_image_readable(fmt):
+    # A PNG's or WebP's malformed EXIF block made exif_transpose raise, and the image unreadable.
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 2), (10, 200, 30)).save(buf, format=fmt, exif=b"Exif\x00\x00garbage-not-tiff")
+    image = load_rgb(buf.getvalue())
+    assert image.size == (4, 2) and abs(int(np.asarray(image)[0, 0, 1]) - 200) <= 8
+
+
+def test_to_tensor_refuses_what_it_would_cast():
+    # np.asarray(..., uint8) made floats in [0, 1] black and wrapped 300 to 44.
+    for bad in (np.full((2, 2, 3), 0.7), np.full((2, 2, 3), 300, np.int32), Image.new("L", (2, 2)),
+                [[[1, 2, 3]]]):
+        with pytest.raises(ValueError, match="RGB"):
+            to_tensor(bad)
 
 
 def test_caption_lines_break_at_newlines_only():
