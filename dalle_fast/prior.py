@@ -297,7 +297,9 @@ class Prior(nn.Module):
         if text.shape[0] == 0:  # the mean of no cross-entropy is NaN, which would read as a diverged run
             raise ValueError("the batch is empty: a loss needs at least one caption and image")
         text_logits, image_logits = self(text, image)
-        text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text[:, 1:].flatten())
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image.flatten())
+        # at least float32 (bf16 / fp16 logits under autocast), float64 kept (a float64 model's checks)
+        compute = torch.promote_types(text_logits.dtype, torch.float32)
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1).to(compute), text[:, 1:].flatten())
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1).to(compute), image.flatten())
         w = self.config.image_loss_weight
         return {"loss": (text_loss + w * image_loss) / (1 + w), "text_loss": text_loss, "image_loss": image_loss}
