@@ -89,7 +89,9 @@ def prepare_cache(cfg: TrainPriorConfig, info: distributed.DistInfo) -> TokenCac
     with distributed.others_wait():  # for as long as the build takes, not the process group's timeout
         if info.is_main:
             text_len = cfg.text_len or PriorConfig.preset(cfg.preset).text_len
-            dvae = load_model(cfg.dvae, DVAE, DVAEConfig, kind="dvae").to(info.device)
+            # no dVAE is needed to reuse a cache (train_prior has checked there is one): build_token_cache warns
+            have_dvae = checkpoint_file(cfg.dvae).is_file()
+            dvae = load_model(cfg.dvae, DVAE, DVAEConfig, kind="dvae").to(info.device) if have_dvae else None
             tokenizer_file = cfg.tokenizer or (cfg.init and _init_run_file(cfg.init, "tokenizer.json"))
             if tokenizer_file and not cfg.tokenizer:
                 print(f"--init: using its run's tokenizer {tokenizer_file}")

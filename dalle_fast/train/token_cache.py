@@ -137,43 +137,51 @@ _LATER_KEYS = {
 }
 
 
-def build_token_cache(cache: str | Path, *, dvae: DVAE, data: str, text_len: int, num_images: Optional[int],
+def build_token_cache(cache: str | Path, *, dvae: Optional[DVAE], data: str, text_len: int, num_images: Optional[int],
                       tokenizer: Optional[TextTokenizer] = None, text_vocab: int = 16384, variants: int = 8,
                       dropout: float = 0.1, seed: int = 0, batch_size: int = 64, workers: int = 0,
                       device: torch.device = torch.device("cpu"), source: str = "") -> Path:
     """Encode `data` with `dvae`, train a BPE on its captions unless `tokenizer` is given, write
-    the cache folder and return it. An existing cache built from the same inputs is reused."""
+    the cache folder and return it. An existing cache built from the same inputs is reused; with
+    dvae None (its checkpoint is not here) an existing cache is reused unchecked against the dVAE."""
     cache = Path(cache)
     accepted = tokenizer.fingerprints() if tokenizer is not None else ()  # what a cache built before may record
     given = accepted[0] if accepted else None
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
+    old = json.loads((cache / "meta.json").read_text()) if (cache / "meta.json").is_file() else None
+    if dvae is None:
+        if old is None:
+            raise FileNotFoundError(f"no token cache in {cache} and no dVAE to build one with")
+        warnings.warn(f"{cache}: the dVAE that built this cache is not here; it is used without checking that "
+                      "the dVAE is the same", stacklevel=2)
+    image_size = dvae.config.image_size if dvae is not None else int(old["image_size"])
     try:  # one process encodes the whole dataset for every rank: a stream must not be split by rank here
-        dataset = make_dataset(data, size=dvae.config.image_size, seed=seed, length=num_images, all_captions=True,
+        dataset = make_dataset(data, size=image_size, seed=seed, length=num_images, all_captions=True,
                                split_ranks=False)
         files = dataset.fingerprint()
     except (OSError, ValueError) as exc:
-        if not (cache / "meta.json").is_file():
+        if old is None:
             raise
         # the data is gone (deleted once cached, or on another machine): the cache is reused unchecked against it
         dataset, files = None, None
         warnings.warn(f"{cache}: the data {data!r} cannot be read here ({exc}); the cache is used without "
                       "checking that the data is unchanged", stacklevel=2)
     meta = {"data": data, "data_files": files, "num_images": num_images, "text_len": text_len,
-            "variants": variants, "dropout": dropout, "seed": seed, "grid": dvae.config.grid,
-            "image_vocab": dvae.config.vocab, "colour_codes": dvae.config.colour_codes,
-            "image_size": dvae.config.image_size, "dvae": source, "captions": "all lines",
-            # what the tokens depend on beyond the paths: the dVAE's weights (retrained in place, the
-            # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
-            "dvae_weights": weights_digest(dvae),
+            "variants": variants, "dropout": dropout, "seed": seed, "captions": "all lines",
             "tokenizer": f"trained on the captions, {text_vocab} ids" if tokenizer is None else
             f"given, sha256 {given}"}
-    if (cache / "meta.json").is_file():
-        old = json.loads((cache / "meta.json").read_text())
+    if dvae is not None:
+        meta.update(grid=dvae.config.grid, image_vocab=dvae.config.vocab, colour_codes=dvae.config.colour_codes,
+                    image_size=dvae.config.image_size, dvae=source,
+                    # what the tokens depend on beyond the paths: the dVAE's weights (retrained in place, the
+                    # path is the same) and the tokenizer (given, or trained here with text_vocab ids)
+                    dvae_weights=weights_digest(dvae))
+    if old is not None:
         old.setdefault("colour_codes", 0)  # caches from before factored codes hold plain ones
         if old.get("tokenizer_sha256") in accepted or old.get("tokenizer") in [f"given, sha256 {f}" for f in accepted]:
             old["tokenizer"] = meta["tokenizer"]  # the tokenizer it trained, or was given, is the one given now
-        unknown = [k for k in _LATER_KEYS if k not in old]  # an older cache's meta lacks them
+        unknown = [k for k in _LATER_KEYS if k not in old and k in meta]  # an older cache's meta lacks them
         if dataset is None:
             unknown.append("data_files")  # nothing to compare with (warned above)
         changed = [k for k in meta if k not in unknown and old.get(k) != meta[k]]

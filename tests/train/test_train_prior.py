@@ -291,6 +291,24 @@ def test_missing_dvae_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_existing_cache_trains_without_its_dvae(tmp_path, dvae_checkpoint):
+    # train_prior let a run with a built --cache and no dVAE checkpoint (a cache copied to another
+    # machine) through its checks, but prepare_cache then loaded the dVAE anyway: FileNotFoundError.
+    cfg = tiny(tmp_path / "run", dvae_checkpoint, steps=3, warmup=1)
+    train_prior(cfg)
+    meta = json.loads((Path(cfg.cache) / "meta.json").read_text())
+    away = tiny(tmp_path / "again", tmp_path / "moved" / "checkpoint.safetensors", steps=3, warmup=1)
+    with pytest.warns(UserWarning, match="dVAE that built this cache is not here"):
+        checkpoint = train_prior(away)
+    assert read_checkpoint(checkpoint)[1]["step"] == 3
+    assert json.loads((Path(cfg.cache) / "meta.json").read_text()) == meta
+    # its other inputs are still checked; with no cache at all, the dVAE is needed
+    with pytest.raises(ValueError, match="differ in: num_images"), pytest.warns(UserWarning, match="not here"):
+        train_prior(dataclasses.replace(away, num_images=40, out=str(tmp_path / "third")))
+    with pytest.raises(FileNotFoundError, match="no token cache in .* and no dVAE"):
+        build_token_cache(tmp_path / "empty", dvae=None, data="shapes", text_len=16, num_images=8)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(d_model=30, heads=4), "d_model 30 must be divisible by heads 4"),
     (dict(num_images=-1), "--num-images must be >= 0"),
