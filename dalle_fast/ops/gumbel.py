@@ -65,9 +65,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, dim: int = 1, hard: b
     permuted copy; -inf logits are never sampled, and a position whose logits are all -inf gets
     y = 0 from the kernels. Any finite logits give a finite sample (the kernels subtract the max
     of logits + g before dividing by tau). float32, bfloat16 and float16 run our kernels
-    (float32 math). NaN logits are outside the contract: the kernels' max and argmax pass over a
-    NaN where the reference propagates it, so a position with a NaN logit may get a finite sample
-    (and, from gumbel_softmax_kl, a finite KL) while its gradient is NaN.
+    (float32 math). A position with a NaN logit gets NaN at every entry of its sample, soft or
+    hard, of its gradient and (gumbel_softmax_kl) its KL, as the reference's softmax gives; the
+    other positions are untouched.
     """
     dim = _check(logits, tau, dim, generator)
     if not _backend.use_kernel("gumbel_softmax", logits, _DTYPES, _DTYPES):
@@ -93,7 +93,8 @@ def gumbel_argmax(logits: torch.Tensor, dim: int = -1, scale: float = 1.0,
     without `dim`), the first argmax of logits * scale + g (one fused multiply-add in float32),
     g ~ Gumbel(0, 1) the noise gumbel_softmax would draw from the same generator state. One pass
     over the logits, no softmax and no host synchronisation: the sampler's token draw (scale =
-    1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0.
+    1 / temperature). -inf logits are never drawn; a position whose logits are all -inf gets 0,
+    one with a NaN logit the index of its first NaN (as torch.argmax).
     DALLE_FAST_GUMBEL_ARGMAX=0 in the environment (read at every eager call, and when
     torch.compile traces the call: a compiled function keeps the path it was traced with; see
     _backend.switch_on) draws with the reference instead (PyTorch's noise, a few kernels), e.g.

@@ -7,6 +7,7 @@
 //                   backward, which recomputes the soft sample
 //   gumbel_fallback the two-sweep kernels where too few clusters fit (EMU_MAX_CLUSTERS)
 //   gumbel_argmax   the Gumbel-max draw (index of the first max of x * scale + g)
+//   gumbel_nan      every Gumbel kernel on logits with NaNs (NaN positions, the rest unchanged)
 //   decode          sparse_decode: the fast kernel (16-bit, head dims 32 / 64 / 128) and the
 //                   general one, with and without appending this step's key and value
 //   skinny_linear   out = act(ln(x) w^T + bias) + residual on the tensor-core path
@@ -624,6 +625,142 @@ void gumbel_argmax() {
   gumbel_argmax_case<__nv_bfloat16>({2, 513, 3}, rng);
 }
 
+// NaN logits: a NaN at a random entry of some positions (every entry NaN at one; -inf entries
+// besides). Such a position's soft sample, hard sample and KL are NaN throughout, its gradients
+// NaN, and the Gumbel-max draw is its first NaN (as torch.argmax); every other position keeps
+// the bits it has without the NaNs. On every path: the one-read and two-sweep forwards (soft,
+// with and without the KL term) and backwards, the hard forward and its backward, gumbel_argmax.
+template <class T>
+void gumbel_nan_case(const Shape& s, std::mt19937& rng) {
+  const float tau = 0.7f;
+  const size_t n = s.size(), P = size_t(s.positions());
+  Buf<T> x(n), xn(n), dy(n), gkl(P);
+  fill_logits(x, s, rng, true);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < n; ++i) dy[i] = from_f<T>(normal(rng));
+  for (size_t i = 0; i < P; ++i) gkl[i] = from_f<T>(normal(rng));
+  std::vector<char> poisoned(P, 0);
+  std::vector<int64_t> first_nan(P, -1);
+  std::uniform_int_distribution<int64_t> pick_v(0, s.vocab - 1);
+  for (size_t i = 0; i < n; ++i) xn[i] = x[i];
+  for (int64_t pos = 0; pos < s.positions(); ++pos) {
+    if (pos % 3 == 2) continue;
+    poisoned[size_t(pos)] = 1;
+    const int64_t v = pos == 0 ? 0 : pick_v(rng);
+    for (int64_t u = (pos == 1 ? 0 : v); u < (pos == 1 ? s.vocab : v + 1); ++u)
+      xn[s.at(pos, u)] = from_f<T>(std::numeric_limits<float>::quiet_NaN());
+    first_nan[size_t(pos)] = pos == 1 ? 0 : v;
+  }
+  // Whether out (on the NaN logits) is NaN at every entry of the poisoned positions and equals
+  // clean (on the clean logits) elsewhere; per = entries per position (1: one value each).
+  const auto check = [&](const std::string& what, Buf<T>& clean, Buf<T>& out, int64_t per) {
+    size_t wrong = 0;
+    for (int64_t pos = 0; pos < s.positions(); ++pos)
+      for (int64_t v = 0; v < per; ++v) {
+        const size_t at = per == 1 ? size_t(pos) : s.at(pos, v);
+        const float got = to_f(out[at]), want = to_f(clean[at]);
+        wrong += poisoned[size_t(pos)] ? !std::isnan(got) : !(got == want || (got == 0 && want == 0));
+      }
+    expect(wrong == 0, "gumbel_nan " + std::string(type_name<T>()) + " " + s.str() + " " + what + ": " +
+                           std::to_string(wrong) + " entries not NaN where a logit is, or changed elsewhere");
+  };
+  const int64_t inner_paths = s.inner > 1 ? 2 : 1;  // the one-read kernels take inner > 1 only
+  for (int64_t r = 0; r < inner_paths; ++r) {
+    const bool resident = r == 1;
+    for (bool with_kl : {false, true}) {
+      if (resident && !fits_race_check(s, with_kl ? 8 : 16, "gumbel_nan backward")) continue;
+      Buf<T> y0(n), y1(n), k0(P), k1(P), d0(n), d1(n);
+      const auto forward = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& kl) {
+        int64_t state[2] = {-1, -1};
+        GumbelParams p = gumbel_params(s, tau);
+        p.with_kl = with_kl;
+        p.logits = logits.p;
+        p.y = y.p;
+        p.kl = with_kl ? kl.p : nullptr;
+        p.rng_state = state;
+        const auto one_read = [&](const char** err) {
+          return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err);
+        };
+        run_gumbel<T>("gumbel_nan forward", s, with_kl, resident, one_read,
+                      [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
+      };
+      const auto backward = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& dx) {
+        int64_t state[2] = {int64_t(kSeed), int64_t(kOffset)};
+        GumbelParams p = gumbel_params(s, tau);
+        p.logits = logits.p;
+        p.y_soft = y.p;
+        p.grad_y = dy.p;
+        p.grad_kl = with_kl ? gkl.p : nullptr;
+        p.rng_in = state;
+        p.grad_logits = dx.p;
+        const auto one_read = [&](const char** err) {
+          return dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, err);
+        };
+        run_gumbel<T>("gumbel_nan backward", s, with_kl, resident, one_read,
+                      [&] { return dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr); });
+      };
+      forward(x, y0, k0);
+      forward(xn, y1, k1);
+      backward(x, y0, d0);
+      backward(xn, y1, d1);
+      const std::string path = std::string(resident ? "one-read" : "two-sweep") + (with_kl ? " kl" : "");
+      check(path + " y", y0, y1, s.vocab);
+      if (with_kl) check(path + " kl", k0, k1, 1);
+      check(path + " grad", d0, d1, s.vocab);
+    }
+  }
+  {  // the hard sample and its backward, which recomputes the soft sample
+    Buf<T> y0(n), y1(n), d0(n), d1(n);
+    const auto hard = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& dx) {
+      int64_t state[2] = {-1, -1};
+      GumbelParams p = gumbel_params(s, tau);
+      p.hard = true;
+      p.logits = logits.p;
+      p.y = y.p;
+      p.rng_state = state;
+      launched("gumbel_nan hard forward", dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr));
+      GumbelParams b = gumbel_params(s, tau);
+      b.hard = true;
+      b.logits = logits.p;
+      b.grad_y = dy.p;
+      b.rng_in = state;
+      b.grad_logits = dx.p;
+      launched("gumbel_nan hard backward", dalle_fast::cuda::gumbel_backward(b, gumbel_dtype<T>(), nullptr));
+    };
+    hard(x, y0, d0);
+    hard(xn, y1, d1);
+    check("hard y", y0, y1, s.vocab);
+    check("hard grad", d0, d1, s.vocab);
+  }
+  {  // the Gumbel-max draw
+    std::vector<int64_t> i0(P, -7), i1(P, -7);
+    const auto draw = [&](Buf<T>& logits, std::vector<int64_t>& index) {
+      int64_t state[2] = {-1, -1};
+      GumbelParams p = gumbel_params(s, 1.0f);
+      p.hard = true;
+      p.scale = 1.3f;
+      p.index = index.data();
+      p.logits = logits.p;
+      p.rng_state = state;
+      launched("gumbel_nan argmax", dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr));
+    };
+    draw(x, i0);
+    draw(xn, i1);
+    size_t wrong = 0;
+    for (size_t pos = 0; pos < P; ++pos) wrong += i1[pos] != (poisoned[pos] ? first_nan[pos] : i0[pos]);
+    const std::string name = "gumbel_nan " + std::string(type_name<T>()) + " " + s.str() + " argmax: ";
+    expect(wrong == 0, name + std::to_string(wrong) + " indices not the first NaN where there is one, or changed elsewhere");
+  }
+}
+
+void gumbel_nan() {
+  std::mt19937 rng(11);
+  gumbel_nan_case<float>({1, 8192, 40}, rng);  // one-read: whole blocks, a full tile and a partial one
+  gumbel_nan_case<float>({2, 5000, 7}, rng);   // one-read: partial blocks
+  gumbel_nan_case<__nv_bfloat16>({3, 300, 5}, rng);
+  gumbel_nan_case<float>({7, 1000, 1}, rng);  // softmax over the contiguous dim: two-sweep only
+}
+
 // The one-read Gumbel kernels at the layout of issue 4's target, scaled down (the traffic build;
 // elsewhere it checks values only): the dVAE's NCHW logits (a vocabulary of 8192, as clusters of
 // 8 blocks; inner = 32 x 32 positions) must be read once and written once in whole sectors,
@@ -1161,6 +1298,7 @@ int main(int argc, char** argv) {
   // build.py reads the checks' names from this table.
   const std::vector<std::pair<std::string, std::function<void()>>> checks = {
       {"gumbel_fwd", gumbel_fwd}, {"gumbel_bwd", gumbel_bwd}, {"gumbel_argmax", gumbel_argmax},
+      {"gumbel_nan", gumbel_nan},
       {"decode", decode},         {"skinny_linear", skinny_linear}, {"conversions", conversions},
       {"attention", attention}, {"gumbel_fallback", gumbel_fallback}, {"traffic", traffic},
   };

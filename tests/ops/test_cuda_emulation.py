@@ -54,7 +54,7 @@ def run(exe, *args, sms=4, schedule=None):
 # kernels not yet run on a GPU run in a random order of their threads (EMU_SCHEDULE: blocks and
 # warps run ahead of each other), and the cluster kernels once more in order. "attention" (the
 # sparse-attention kernels, which have passed their tests on an H100) is the emulation's control.
-NEW_KERNELS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "decode", "skinny_linear"]
+NEW_KERNELS = ["gumbel_fwd", "gumbel_bwd", "gumbel_argmax", "gumbel_nan", "decode", "skinny_linear"]
 RUNS = ([(name, 4, 1) for name in NEW_KERNELS] + [("gumbel_fwd", 132, None), ("gumbel_bwd", 132, None)] +
         [(name, 4, None) for name in CHECKS if name not in NEW_KERNELS])
 

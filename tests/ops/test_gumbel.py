@@ -186,6 +186,52 @@ def test_extreme_and_infinite_logits():
         assert torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(shape_dim=shapes, dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**20), data=st.data())
+def test_nan_logits_make_their_position_nan_and_leave_the_others(device, shape_dim, dtype, seed, data):
+    # The reference's semantics (softmax, amax and argmax propagate NaN): a position with a NaN
+    # logit gets a NaN soft sample, hard sample, KL and gradient at every entry, -inf ones included,
+    # and the Gumbel-max draw gives its first NaN. The kernels' max and argmax had passed over the
+    # NaN: a finite hard sample and KL, a soft sample NaN at one entry and 0 elsewhere.
+    shape, dim = shape_dim
+    dim = dim % len(shape)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 3
+    x[torch.rand(shape, generator=gen) < 0.1] = float("-inf")
+    reduced = shape[:dim] + shape[dim + 1:]
+    poisoned = torch.tensor(data.draw(st.lists(st.booleans(), min_size=math.prod(reduced),
+                                               max_size=math.prod(reduced)))).view(reduced)
+    where = torch.randint(0, shape[dim], reduced, generator=gen)
+    every = torch.rand(reduced, generator=gen) < 0.2  # some positions NaN at every entry
+    entries = torch.arange(shape[dim]).view([-1 if d == dim else 1 for d in range(len(shape))])
+    nan_at = poisoned.unsqueeze(dim) & ((entries == where.unsqueeze(dim)) | every.unsqueeze(dim))
+    x_nan = x.masked_fill(nan_at, float("nan"))
+    dy, dkl = torch.randn(shape, generator=gen), torch.randn(reduced, generator=gen)
+
+    def run(logits):
+        logits = logits.to(device, dtype).requires_grad_()
+        y, kl = ops.gumbel_softmax_kl(logits, 0.7, dim, generator=torch.Generator(device).manual_seed(seed))
+        (grad,) = torch.autograd.grad([y, kl], [logits], [dy.to(device, dtype), dkl.to(device, dtype)])
+        hard = logits.detach().requires_grad_()
+        yh = ops.gumbel_softmax(hard, 0.7, dim, hard=True, generator=torch.Generator(device).manual_seed(seed))
+        (grad_h,) = torch.autograd.grad(yh, hard, dy.to(device, dtype))
+        index = ops.gumbel_argmax(logits.detach(), dim, generator=torch.Generator(device).manual_seed(seed))
+        return [t.detach().float().cpu() for t in (y, kl, grad, yh, grad_h)], index.cpu()
+
+    clean, clean_index = run(x)
+    dirty, dirty_index = run(x_nan)
+    for name, a, b in zip(("y", "kl", "grad", "hard y", "hard grad"), clean, dirty):
+        at = poisoned if a.shape == poisoned.shape else poisoned.unsqueeze(dim).expand(shape)
+        assert b[at].isnan().all(), f"{name}: not NaN throughout a position with a NaN logit"
+        # (a position whose logits are all -inf has a NaN KL either way)
+        torch.testing.assert_close(b[~at], a[~at], rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name}: changed at a position without a NaN logit: {m}")
+    first_nan = nan_at.int().argmax(dim)
+    assert torch.equal(dirty_index, torch.where(poisoned, first_nan, clean_index))
+    assert reference.gumbel_softmax(x_nan, 0.7, dim)[poisoned.unsqueeze(dim).expand(shape)].isnan().all()
+
+
 # |kl - float64 KL| for near-uniform logits (KL ~5e-9): the CPU kernel and the reference sum
 # p log(p V) - p + 1/V term by term; CUDA's one-pass statistics leave the rounding of sum e^x.
 NEAR_UNIFORM_KL_TOL = {"cpu": dict(atol=1e-11, rtol=1e-2), "cuda": dict(atol=3e-7, rtol=0.0)}

@@ -118,24 +118,27 @@ DF_ALWAYS_INLINE void blocked_sums(int64_t V, double (&sums)[N][P], Body&& body)
   }
 }
 
-// The first argmax over v of each lane of buf [V x P].
-DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg) {
-  float best[P];
+// The first argmax over v of each lane of buf [V x P], NaN counting as the largest value (as
+// torch.argmax: the first NaN wins); best gets each lane's maximum, NaN where the lane has one.
+DF_ALWAYS_INLINE void argmax_block(const float* buf, int64_t V, int32_t* arg, float* best) {
   for (int64_t l = 0; l < P; ++l) {
     best[l] = kNegInf;
     arg[l] = 0;
   }
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) {
-      const bool better = buf[v * P + l] > best[l];  // strict: the first maximum wins
-      best[l] = better ? buf[v * P + l] : best[l];
+      const float z = buf[v * P + l];
+      // strict: the first maximum wins; a NaN replaces anything but a NaN
+      const bool better = z > best[l] || (z != z && best[l] == best[l]);
+      best[l] = better ? z : best[l];
       arg[l] = better ? static_cast<int32_t>(v) : arg[l];
     }
 }
 
 // buf holds scores u; becomes softmax(u * f) over v for each lane, as exp((u - max) * f) / sum:
 // the max is taken before scaling, so that no finite logit overflows ((x + g) / tau itself
-// passes FLT_MAX for |x| > FLT_MAX tau). A lane whose scores are all -inf gets 0, as on CUDA.
+// passes FLT_MAX for |x| > FLT_MAX tau). A lane whose scores are all -inf gets 0, as on CUDA;
+// a lane with a NaN score gets NaN throughout (the max passes over it, its exp makes sum NaN).
 DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V, float f) {
   float mx[P], inv[P];
   for (int64_t l = 0; l < P; ++l) mx[l] = kNegInf;
@@ -151,7 +154,9 @@ DF_ALWAYS_INLINE void softmax_block(float* buf, int64_t V, float f) {
         part[0][l] += e;
       }
   });
-  for (int64_t l = 0; l < P; ++l) inv[l] = sum[0][l] > 0.0 ? static_cast<float>(1.0 / sum[0][l]) : 0.0f;
+  // sum is 0 where every score is -inf (y = 0 there) and NaN where one is NaN: inv = sum itself
+  // there, so that a NaN logit makes its whole position NaN, -inf entries included, as softmax.
+  for (int64_t l = 0; l < P; ++l) inv[l] = static_cast<float>(sum[0][l] > 0.0 ? 1.0 / sum[0][l] : sum[0][l]);
   for (int64_t v = 0; v < V; ++v)
     for (int64_t l = 0; l < P; ++l) buf[v * P + l] *= inv[l];
 }
@@ -205,8 +210,9 @@ DF_ALWAYS_INLINE void kl_to_uniform(const float* buf, int64_t V, const float* mx
         series = series * w + 1.0f / 8.0f;
         series = series * w + 1.0f / 3.0f;
         series = series * w + 0.5f;
-        // e == 0 (p = 0, w possibly -inf): phi = 1, not (-inf) * 0.
-        const float phi = std::fabs(w) < 0.25f ? w * w * series : e > 0.0f ? (w - 1.0f) * e + 1.0f : 1.0f;
+        // e == 0 (p = 0, w possibly -inf): phi = 1, not (-inf) * 0. A NaN logit makes every w
+        // and e of its lane NaN (through log_sum), and so phi and the KL.
+        const float phi = std::fabs(w) < 0.25f ? w * w * series : e != 0.0f ? (w - 1.0f) * e + 1.0f : 1.0f;
         part[0][l] += phi;
       }
   });
@@ -229,16 +235,19 @@ DF_CPU_CLONES void forward_block(const GumbelParams& p, uint64_t seed, uint64_t 
   if (p.index) {  // Gumbel-max draw: the index only
     add_noise(buf, V, p.scale, seed, offset, k.pos0);
     int32_t arg[P];
-    argmax_block(buf, V, arg);
+    float best[P];
+    argmax_block(buf, V, arg, best);
     for (int64_t l = 0; l < k.n; ++l) p.index[k.pos0 + l] = arg[l];
     return;
   }
   add_noise(buf, V, 1.0f, seed, offset, k.pos0);
   if (p.hard) {  // the one-hot of the first argmax of u (the soft sample's, but where exp rounding ties it)
     int32_t arg[P];
-    argmax_block(buf, V, arg);
+    float best[P];
+    argmax_block(buf, V, arg, best);
+    // A lane with a NaN score is NaN throughout, as the straight-through y_hard - y + y there.
     for (int64_t v = 0; v < V; ++v)
-      for (int64_t l = 0; l < P; ++l) buf[v * P + l] = arg[l] == v ? 1.0f : 0.0f;
+      for (int64_t l = 0; l < P; ++l) buf[v * P + l] = best[l] != best[l] ? best[l] : arg[l] == v ? 1.0f : 0.0f;
   } else {
     softmax_block(buf, V, 1.0f / p.tau);
   }

@@ -105,8 +105,9 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const GumbelParam
 
     // Sweep 2: the gradient.
     if (valid) {
-      // s == 0 only for a position whose logits are all -inf: y = 0 there, and so is the gradient.
-      const float inv_s = st.soft.s > 0.0f ? 1.0f / st.soft.s : 0.0f;
+      // s == 0 only for a position whose logits are all -inf: y = 0 there, and so is the gradient;
+      // s is NaN for one with a NaN logit: so are y and the gradient.
+      const float inv_s = inverse_sum(st.soft.s);
       const float dot = kSaved ? st.dot : st.soft.d * inv_s;
       KlGrad klg;
       if constexpr (with_kl) klg = KlGrad(st.kl, to_float(gkl_ptr[pos]));

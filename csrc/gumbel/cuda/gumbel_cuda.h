@@ -166,7 +166,9 @@ __device__ __forceinline__ SeedOffset take_seed_offset(const GumbelParams& p) {
 // A softmax normaliser over one position's scores u = x + g at the factor f = 1 / tau: max m of
 // u and s = sum exp((u - m) f), plus d = sum exp((u - m) f) w for weights w (the backward's
 // sum y * dy). -inf scores contribute 0. The max is taken before scaling, so that no finite
-// logit overflows: (x + g) / tau itself passes FLT_MAX for |x| > FLT_MAX tau.
+// logit overflows: (x + g) / tau itself passes FLT_MAX for |x| > FLT_MAX tau. A NaN score is
+// never the max, but its exp makes s NaN, and every merge keeps it NaN: its position's sample is
+// NaN throughout (inverse_sum, soft_value), as the reference's softmax.
 struct Soft {
   float m, s, d;
 };
@@ -187,19 +189,23 @@ __device__ __forceinline__ void soft_add(Soft& a, float u, float w, float f) {
 // every thread of a position gets the same bits.
 __device__ __forceinline__ Soft soft_merge(const Soft& a, const Soft& b, float f) {
   const float m = fmaxf(a.m, b.m);
-  if (m == neg_inf()) return soft_identity();
+  if (m == neg_inf()) return {m, a.s + b.s, a.d + b.d};  // 0, or NaN from a NaN score
   const float ea = a.m == neg_inf() ? 0.0f : expf((a.m - m) * f);
   const float eb = b.m == neg_inf() ? 0.0f : expf((b.m - m) * f);
   return {m, __fadd_rn(__fmul_rn(a.s, ea), __fmul_rn(b.s, eb)), __fadd_rn(__fmul_rn(a.d, ea), __fmul_rn(b.d, eb))};
 }
-// The soft sample of score u from its position's total statistics: exp((u - m) f) / s, 0 for
-// u = -inf (and for a position whose scores are all -inf, where s is 0).
+// 1 / s, or s itself where it is 0 (every score of the position -inf: its sample is 0) or NaN (a
+// NaN score: its sample is NaN throughout).
+__device__ __forceinline__ float inverse_sum(float s) { return s > 0.0f ? 1.0f / s : s; }
+// The soft sample of score u from its position's total statistics and inv_s = inverse_sum(s):
+// exp((u - m) f) / s, 0 for u = -inf (NaN where inv_s is).
 __device__ __forceinline__ float soft_value(const Soft& a, float u, float f, float inv_s) {
-  return u == neg_inf() ? 0.0f : expf((u - a.m) * f) * inv_s;
+  return u == neg_inf() ? 0.0f * inv_s : expf((u - a.m) * f) * inv_s;
 }
 
 // Statistics of p = softmax(x) for the KL term: max mx, sx = sum e_v, tx = sum e_v (x_v - mx) with
 // e_v = exp(x_v - mx); e_v (x_v - mx) counts 0 where e_v is 0. Then sum p log p = tx / sx - log sx.
+// A NaN logit makes sx NaN (its exp), which every merge keeps, and so the KL.
 struct Kl {
   float mx, sx, tx;
 };
@@ -224,8 +230,9 @@ __device__ __forceinline__ void kl_add(Kl& a, float x) {
 // A cheaper kl_add for values in quads: kl_add_quad raises the max once per quad, then adds each
 // entry with one exponential and no branch. Differences below -100 are clamped: their exponential
 // flushes to 0 either way, and the clamp keeps e (x - mx) at 0 for x = -inf.
-__device__ __forceinline__ void kl_add_below_max(Kl& a, float x) {  // x <= a.mx
-  const float d = fmaxf(x - (a.mx == neg_inf() ? 0.0f : a.mx), -100.0f);
+__device__ __forceinline__ void kl_add_below_max(Kl& a, float x) {  // x <= a.mx, or NaN
+  const float diff = x - (a.mx == neg_inf() ? 0.0f : a.mx);
+  const float d = diff < -100.0f ? -100.0f : diff;  // not fmaxf, which would turn a NaN into -100
   const float e = exp_ftz(d);
   a.sx += e;
   a.tx = fmaf(e, d, a.tx);
@@ -251,7 +258,7 @@ __device__ __forceinline__ float kl_rebased_t(const Kl& a, float m, float alpha)
 }
 __device__ __forceinline__ Kl kl_merge(const Kl& a, const Kl& b) {
   const float m = fmaxf(a.mx, b.mx);
-  if (m == neg_inf()) return kl_identity();
+  if (m == neg_inf()) return {m, a.sx + b.sx, a.tx + b.tx};  // 0, or NaN from a NaN logit
   const float ea = a.sx > 0.0f ? expf(a.mx - m) : 0.0f;
   const float eb = b.sx > 0.0f ? expf(b.mx - m) : 0.0f;
   const float ta = ea > 0.0f ? kl_rebased_t(a, m, ea) : 0.0f;
@@ -289,22 +296,28 @@ struct KlGrad {
   }
 };
 
-// First index of the maximum (ties: the smaller index; all -inf: index 0, as torch.argmax).
+// First index of the maximum (ties: the smaller index; all -inf: index 0; NaN above any number,
+// the first NaN winning: as torch.argmax).
 struct ArgMax {
   float best;
   int64_t idx;
 };
 __device__ __forceinline__ ArgMax argmax_identity() { return {neg_inf(), INT64_MAX}; }
+// Whether (z, v) comes before (best, idx).
+__device__ __forceinline__ bool argmax_before(float z, int64_t v, float best, int64_t idx) {
+  const bool z_nan = z != z, best_nan = best != best;
+  if (z_nan || best_nan) return z_nan && (!best_nan || v < idx);
+  return z > best || (z == best && v < idx);
+}
 __device__ __forceinline__ void argmax_add(ArgMax& a, float z, int64_t v) {
   // Within a thread v grows, so ties keep the earlier index; the first -inf replaces the identity.
-  if (z > a.best || (z == a.best && v < a.idx)) {
+  if (argmax_before(z, v, a.best, a.idx)) {
     a.best = z;
     a.idx = v;
   }
 }
 __device__ __forceinline__ ArgMax argmax_merge(const ArgMax& a, const ArgMax& b) {
-  if (b.best > a.best || (b.best == a.best && b.idx < a.idx)) return b;
-  return a;
+  return argmax_before(b.best, b.idx, a.best, a.idx) ? b : a;
 }
 
 // ---- Warp shuffles of the statistics --------------------------------------------------------

@@ -99,12 +99,14 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const GumbelParams
         for (int64_t j = l.split; j < J; j += l.splits) {
           const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
           float out[4];
+          // a NaN score makes the position NaN throughout, as the straight-through y_hard - y + y
+          const bool nan = st.am.best != st.am.best;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) out[k] = 4 * j + k == st.am.idx ? 1.0f : 0.0f;
+          for (int k = 0; k < 4; ++k) out[k] = nan ? st.am.best : 4 * j + k == st.am.idx ? 1.0f : 0.0f;
           store4<kVec>(y + base + 4 * j * inner, inner, n, out);
         }
       } else {
-        const float inv_s = 1.0f / st.soft.s;
+        const float inv_s = inverse_sum(st.soft.s);
         for (int64_t j = l.split; j < J; j += l.splits) {
           const int n = V - 4 * j < 4 ? static_cast<int>(V - 4 * j) : 4;
           float x[4], g[4], out[4];

@@ -150,9 +150,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (kKl && pl.rank == 0 && pl.warp == 0) {
         static_cast<T*>(p.kl)[tp.pos] = from_float<T>(kl_to_uniform(tot.kl, V));
       }
-      // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu.
-      const float f =
-          tot.soft.s > 0.0f && m != neg_inf() ? expf((m - tot.soft.m) * inv_tau) / tot.soft.s : 0.0f;
+      // s == 0 only where every logit of the position is -inf: y = 0 there, as in gumbel_fwd.cu; s
+      // is NaN where one is NaN, and f = s makes the position NaN throughout (-inf entries too).
+      const float f = !(tot.soft.s > 0.0f) ? tot.soft.s
+                      : m != neg_inf()     ? expf((m - tot.soft.m) * inv_tau) / tot.soft.s
+                                           : 0.0f;
       // y = e * f from the cached e.
       const auto values = [&](int i, float(&out)[4]) {
 #pragma unroll
