@@ -21,20 +21,28 @@ from typing import Iterable, Optional
 import numpy as np
 
 _RELATION = re.compile(r"^(an? \S.*?) (to the left of|to the right of|above|below) (an? \S.*)$", re.IGNORECASE)
+_TRAILING = re.compile(r"[\s.!?,;:]*$")  # a caption's closing punctuation (and spaces)
 _START, _END = "<s>", "</s>"
+
+
+def _without_tail(text: str) -> tuple[str, str]:
+    """("a cat above a dog", ".") for "a cat above a dog. ": the text, and its closing punctuation."""
+    tail = _TRAILING.search(text).group()
+    return text[: len(text) - len(tail)], tail.strip()
 
 
 def swap_relation(caption: str) -> Optional[str]:
     """The caption with its two objects swapped, "A <relation> B" -> "B <relation> A" (what the
-    image shows, the relation reversed); None for a caption of another form than one relation
-    between two "a ..." phrases."""
-    match = _RELATION.match(caption.strip())
+    image shows, the relation reversed), its closing punctuation kept at the end; None for a
+    caption of another form than one relation between two "a ..." phrases."""
+    body, tail = _without_tail(caption.strip())
+    match = _RELATION.match(body)
     if match is None:
         return None
     a, relation, b = match.groups()
     if a.lower() == b.lower() or _RELATION.match(b):  # no change, or a chain of relations
         return None
-    return f"{b} {relation} {a}"
+    return f"{b} {relation} {a}{tail}"
 
 
 _MIRROR = {"to the right of": "to the left of", "below": "above"}
@@ -42,9 +50,9 @@ _MIRROR = {"to the right of": "to the left of", "below": "above"}
 
 def scene(caption: str) -> str:
     """What a caption says, for telling two wordings of one scene apart from other scenes:
-    lowercased, and "B to the right of A" / "B below A" written as "A to the left of B" / "A
-    above B" (the shapes set words every two-object scene both ways)."""
-    text = " ".join(caption.lower().split())
+    lowercased, without closing punctuation, and "B to the right of A" / "B below A" written as
+    "A to the left of B" / "A above B" (the shapes set words every two-object scene both ways)."""
+    text, _ = _without_tail(" ".join(caption.lower().split()))
     match = _RELATION.match(text)
     if match is not None:
         a, relation, b = match.groups()

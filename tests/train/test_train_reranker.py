@@ -36,6 +36,9 @@ def tiny(out, tokenizer, **kw) -> TrainRerankerConfig:
     ("a cyan square above a yellow triangle", "a yellow triangle above a cyan square"),
     ("a magenta circle below a magenta square", "a magenta square below a magenta circle"),
     ("A big dog to the left of an old cat ", "an old cat to the left of A big dog"),
+    # closing punctuation stays at the end: it had moved into the middle ("a dog. above A cat"),
+    # a cue that tells every swap from a real caption
+    ("A cat above a dog.", "a dog above A cat."), ("a man to the right of a woman!", "a woman to the right of a man!"),
 ])
 def test_swap_relation_reverses_the_two_objects(caption, swapped):
     assert swap_relation(caption) == swapped
@@ -45,7 +48,7 @@ def test_swap_relation_reverses_the_two_objects(caption, swapped):
 @pytest.mark.parametrize("caption", [
     "a red circle", "", "two dogs playing in the snow", "above a red circle", "a red circle above",
     "a red circle above a red circle", "a red circle above a blue square to the left of a green triangle",
-    "the red circle is above the blue square",
+    "the red circle is above the blue square", "a dog to the left of a dog.",
 ])
 def test_swap_relation_is_none_for_captions_it_does_not_understand(caption):
     assert swap_relation(caption) is None
@@ -73,6 +76,7 @@ def test_other_wordings_of_an_images_scene_are_no_negatives_for_it(tokenizer_pat
     assert scene("A green triangle  below a cyan circle") == scene("a cyan circle above a green triangle")
     assert scene("a red circle to the right of a blue square") == "a blue square to the left of a red circle"
     assert scene("a red circle above a blue square") != scene("a blue square above a red circle")
+    assert scene("a red circle below a blue square.") == scene("a blue square above a red circle")
     tok = TextTokenizer.load(tokenizer_path)
     captions = ["a green triangle above a cyan circle", "a green triangle below a cyan circle",
                 "a cyan circle above a green triangle", "a red square"]
