@@ -102,6 +102,17 @@ def _loader(dataset, batch_size: int, seed: int, workers: int, info: distributed
                       persistent_workers=False)
 
 
+def check_batch_size(dataset, batch_size: int, info: distributed.DistInfo) -> int:
+    """A map-style dataset's batches per epoch on each process; a ValueError where that is none. The
+    trainers call it before TrainingRun sets up OUT (batches' own call comes at the first batch)."""
+    if isinstance(dataset, IterableDataset):
+        return 0  # a stream's length is unknown: _stream_batches says when a pass gives no batch
+    share = ResumableSampler(len(dataset), 0, info.rank, info.world_size).share()
+    if share < batch_size:
+        raise ValueError(f"batch size {batch_size} is larger than the {share} items per process")
+    return share // batch_size
+
+
 def batches(dataset, *, batch_size: int, seed: int, workers: int, info: distributed.DistInfo,
             step: int) -> Iterator:
     """Batches from `step` on, forever, in the order an uninterrupted run would see them."""
@@ -109,9 +120,7 @@ def batches(dataset, *, batch_size: int, seed: int, workers: int, info: distribu
         yield from _stream_batches(dataset, batch_size, seed, workers, info, step)
         return
     sampler = ResumableSampler(len(dataset), seed, info.rank, info.world_size)
-    per_epoch = sampler.share() // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {sampler.share()} items per process")
+    per_epoch = check_batch_size(dataset, batch_size, info)
     epoch, offset = divmod(step, per_epoch)
     while True:
         sampler.set_position(epoch, offset * batch_size)

@@ -26,8 +26,8 @@ from ..prior import Prior, PriorConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from ..checkpoint import checkpoint_file, load_model
-from .loop import (RunOptions, TrainingRun, autocast, batches, check_options, decay_groups, ema_with_warmup,
-                   option as _f)
+from .loop import (RunOptions, TrainingRun, autocast, batches, check_batch_size, check_options, decay_groups,
+                   ema_with_warmup, option as _f)
 from .schedules import warmup_cosine
 from .token_cache import TokenCache, build_token_cache
 
@@ -186,6 +186,7 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     info = distributed.setup(cfg.device)
     out = Path(cfg.out)
     cache = prepare_cache(cfg, info)
+    check_batch_size(cache, cfg.batch_size, info)  # before OUT is touched
     tokenizer = TextTokenizer.load(cache.tokenizer_path)
     model_cfg = model_config(cfg, cache, tokenizer)
     torch.manual_seed(cfg.seed)

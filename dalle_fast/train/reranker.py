@@ -28,8 +28,8 @@ from ..rerank import Reranker, RerankerConfig
 from ..tokenizer import TextTokenizer
 from . import distributed
 from .negatives import WordPairs, scene, swap_relation
-from .loop import (RunOptions, TrainingRun, autocast, batches, check_options, decay_groups, ema_with_warmup,
-                   option as _f)
+from .loop import (RunOptions, TrainingRun, autocast, batches, check_batch_size, check_options, decay_groups,
+                   ema_with_warmup, option as _f)
 from .schedules import warmup_cosine
 
 
@@ -159,6 +159,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     model_cfg = model_config(cfg, tokenizer)
     dataset = make_dataset(cfg.data, size=cfg.image_size, seed=cfg.seed)  # bad --data fails before OUT is touched
     info = distributed.setup(cfg.device)
+    check_batch_size(dataset, cfg.batch_size, info)  # before OUT is touched
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     model = Reranker(model_cfg).to(info.device)

@@ -20,7 +20,8 @@ from .. import images as imageio
 from ..data import RandomResizedCrop, make_dataset
 from ..dvae import DVAE, DVAEConfig, code_counts, counts_perplexity, map_pixels, psnr
 from . import distributed
-from .loop import RunOptions, TrainingRun, autocast, batches, check_options, ema_with_warmup, option as _f
+from .loop import (RunOptions, TrainingRun, autocast, batches, check_batch_size, check_options, ema_with_warmup,
+                   option as _f)
 from .schedules import cosine
 
 
@@ -89,6 +90,7 @@ def train_vae(cfg: TrainVAEConfig) -> Path:
     model_cfg = DVAEConfig.preset(cfg.preset, colour_codes=cfg.colour_codes)
     crop = RandomResizedCrop.paper() if cfg.crop else None
     dataset = make_dataset(cfg.data, size=model_cfg.image_size, seed=cfg.seed, crop=crop)  # bad --data: before OUT
+    check_batch_size(dataset, cfg.batch_size, info)
     torch.manual_seed(cfg.seed)
     model = DVAE(model_cfg).to(info.device)
     with torch.no_grad():  # before the EMA copy and before a resumed checkpoint replaces it

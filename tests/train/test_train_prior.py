@@ -285,6 +285,18 @@ def _plain_dvae(tmp_path) -> Path:
                            meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
 
 
+def test_a_batch_larger_than_the_cache_leaves_an_earlier_run_alone(tmp_path, dvae_checkpoint):
+    # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run.
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n'}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(ValueError, match="batch size 4 is larger than the 3 items"):
+        train_prior(tiny(out, dvae_checkpoint, num_images=3))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
 def test_missing_dvae_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-vae"):
         train_prior(tiny(tmp_path / "run", tmp_path / "nothing.safetensors", cache=""))

@@ -119,6 +119,25 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     assert all(torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])) for k in s1)
 
 
+def test_a_batch_larger_than_the_data_leaves_an_earlier_run_alone(tmp_path):
+    # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run.
+    from PIL import Image
+
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red square")
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n'}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(ValueError, match="batch size 4 is larger than the 3 items"):
+        train_vae(tiny(out, data=str(folder)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
 def test_checkpoint_refuses_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
