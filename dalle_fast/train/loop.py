@@ -74,6 +74,10 @@ def check_options(cfg) -> None:
             raise ValueError(f"{flag} must be >= 0, got {value}")
         if name in _PROBABILITY and not 0.0 <= value < 1.0:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    if "out" in values and not str(values["out"]).strip():  # an unset $OUT: the run would take the current folder
+        raise ValueError("--out must name a folder, got an empty one")
+    if "seed" in values and not 0 <= values["seed"] < 2**32:  # seed * 1000 + rank seeds a generator
+        raise ValueError(f"--seed must be in [0, 2**32), got {values['seed']}")
     if "ema" in values and not 0.0 <= values["ema"] <= 1.0:
         raise ValueError(f"--ema must be in [0, 1], got {values['ema']}")
     # A warm-up as long as the run would end at (or before) the peak learning rate, never decaying.
@@ -199,6 +203,8 @@ class TrainingRun:
         self.step = 0
         self._saved: Optional[int] = None  # the step of the checkpoint this run wrote or resumed from
         elapsed = 0.0  # training time before this invocation, for metrics.jsonl's time_s
+        if self.ckpt.exists():
+            self._check_kind(resume)  # before anything is moved or loaded
         if resume and self.ckpt.exists():
             self._check_inputs()  # before anything is loaded
             # The checkpoint's parameter groups would bring back the old run's weight decay and
@@ -215,11 +221,14 @@ class TrainingRun:
                 drop_metrics_after(self.out / "metrics.jsonl", self.step)
         elif info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            if self.ckpt.exists():
-                previous = self.ckpt.with_name("checkpoint.previous.safetensors")
-                os.replace(self.ckpt, previous)
-                print(f"a fresh run (no --resume): the checkpoint of the run before is now {previous}", flush=True)
+            if self.ckpt.exists():  # the run before, with its record, is set aside (replacing one set aside before)
+                for name in ("checkpoint.safetensors", "metrics.jsonl", "config.json"):
+                    path = self.out / name
+                    if path.exists():
+                        os.replace(path, path.with_name(f"{path.stem}.previous{path.suffix}"))
+                print(f"a fresh run (no --resume): the run before is now {self.out}/*.previous.* (its checkpoint, "
+                      "metrics and config)", flush=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first save
         if info.is_main:
             remove_stale_temporaries(self.ckpt)  # the writes of a run killed while saving
             (self.out / "config.json").write_text(json.dumps(record, indent=2))
@@ -233,6 +242,16 @@ class TrainingRun:
         self._agreed = 0  # the signal any process got, as all of them agreed at the last step boundary
         # every step, the processes of a distributed run agree on whether to stop, over a CPU group (no device sync)
         self._flags = distributed.cpu_group() if info.enabled else None
+
+    def _check_kind(self, resume: bool) -> None:
+        """A ValueError if OUT's checkpoint is of another kind of model than this run's (a dVAE's in
+        a reranker run's --out): a fresh run would set it aside, a resumed one could not load it."""
+        ours = self.meta.get("kind")
+        theirs = read_info(self.ckpt)["meta"].get("kind")
+        if ours is not None and theirs is not None and theirs != ours:
+            what = "resume it" if resume else "start there (it would set that run aside)"
+            raise ValueError(f"{self.out} holds a {theirs} run's checkpoint: a {ours} run cannot {what}; "
+                             "pass another --out")
 
     def _check_inputs(self) -> None:
         """A ValueError if the checkpoint learnt from other inputs than this run's (meta["inputs"])."""

@@ -1,5 +1,6 @@
 """The dVAE loop end to end on tiny data: exact resume, checkpoints, torchrun."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -341,11 +342,42 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoint_aside_and_cleans_up_a_kille
     make = lambda resume: TrainingRun(tmp_path, DistInfo(), modules={"model": model},
                                       optimizer=torch.optim.AdamW(model.parameters()), generators={}, meta={},
                                       record={}, resume=resume, steps=3, run_steps=0, desc="test")
+    records = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
     make(resume=False)  # a fresh run (no --resume) in the folder, killed before its first save
     assert not (tmp_path / "checkpoint.safetensors").exists() and not stale.exists()
     assert (tmp_path / "checkpoint.previous.safetensors").read_bytes() == earlier
-    assert "checkpoint of the run before is now" in capsys.readouterr().out
+    # its record goes with it: metrics.jsonl had been deleted and config.json overwritten
+    assert (tmp_path / "metrics.previous.jsonl").read_bytes() == records["metrics.jsonl"]
+    assert (tmp_path / "config.previous.json").read_bytes() == records["config.json"]
+    assert "the run before is now" in capsys.readouterr().out
     assert make(resume=True).step == 0  # its --resume starts afresh: not from the earlier run's step 2
+
+
+def test_a_run_refuses_a_folder_that_holds_another_kind_of_run(tmp_path):
+    # `train-reranker --out runs/dvae` had set the dVAE aside as its checkpoint.previous (and lost
+    # it to the next such typo)
+    train_vae(tiny(tmp_path, steps=2))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    model = torch.nn.Linear(2, 2)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="holds a dvae run's checkpoint: a reranker run cannot"):
+            TrainingRun(tmp_path, DistInfo(), modules={"model": model}, optimizer=torch.optim.AdamW(model.parameters()),
+                        generators={}, meta={"kind": "reranker"}, record={}, resume=resume, steps=3, run_steps=0,
+                        desc="test")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("options, message", [(dict(out=""), "--out must name a folder"),
+                                              (dict(out="  "), "--out must name a folder"),
+                                              (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\)"),
+                                              (dict(seed=2**64), r"--seed must be in")])
+def test_an_empty_out_or_a_seed_out_of_range_is_refused(tmp_path, monkeypatch, options, message):
+    # an empty --out (an unset $OUT) trained in the current folder, deleting a metrics.jsonl there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("precious")
+    with pytest.raises(ValueError, match=message):
+        train_vae(dataclasses.replace(tiny(tmp_path / "run"), **options))
+    assert (tmp_path / "metrics.jsonl").read_text() == "precious"
 
 
 def test_resume_refuses_a_checkpoint_trained_on_other_inputs_and_time_goes_on(tmp_path):
