@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -70,7 +71,14 @@ def _cmd_train_tokenizer(args) -> int:
 
     if args.num_captions < 1:
         raise ValueError(f"--num-captions must be >= 1, got {args.num_captions}")
+    try:
+        TextTokenizer.check_vocab_size(args.vocab)
+    except ValueError as exc:
+        raise ValueError(f"--vocab: {exc}") from None
     out = _check_out(args.out, folder=False)  # before reading the captions
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {args.out}: its folder {out.parent} cannot be written")
     # images are read at the smallest useful size; one process reads every shard, even with RANK /
     # WORLD_SIZE in its environment (a launcher's), which would otherwise split the stream
     dataset = make_dataset(args.data, size=16, seed=args.seed, split_ranks=False)
@@ -78,7 +86,10 @@ def _cmd_train_tokenizer(args) -> int:
     if not captions:
         raise ValueError(f"{args.data} holds no image-caption pairs")
     tokenizer = TextTokenizer.train(captions, vocab_size=args.vocab)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # as a training run sets the run before aside
+        previous = out.with_name(f"{out.stem}.previous{out.suffix}")
+        os.replace(out, previous)
+        print(f"the tokenizer that was at {out} is now {previous}")
     tokenizer.save(out)
     print(f"tokenizer: {out} ({tokenizer.bpe_vocab_size} BPE ids from {len(captions)} captions)")
     return 0
@@ -279,6 +290,7 @@ def _cmd_train_reranker(args) -> int:
 
 
 def _cmd_eval_shapes(args) -> int:
+    from .atomic import unmade_on_failure
     from .evaluate import evaluate_shapes, format_report, select_captions
     from .pipeline import load_models
 
@@ -290,16 +302,18 @@ def _cmd_eval_shapes(args) -> int:
         select_captions(models.dvae.config.image_size, args.captions, args.seed)
     except ValueError as exc:
         raise ValueError(f"--captions {args.captions}: {exc}") from None
-    out = _out_folder(args.out)  # once the inputs are good: a bad one leaves no --out folder behind
 
     def progress(done: int, total: int) -> None:
         if done % 10 == 0 or done == total:
             print(f"{done}/{total} captions", file=sys.stderr, flush=True)
 
-    with _memory_advice(f"sampling {args.candidates} candidates at once on {models.device}", "lower --candidates"):
-        report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
-                                 sampling=sampling, out_json=out / "eval.json", out_png=out / "samples.png",
-                                 progress=progress)
+    with unmade_on_failure([args.out]):  # a failed or interrupted evaluation leaves no empty folder behind
+        out = _out_folder(args.out)  # once the inputs are good: a bad one leaves no --out folder behind
+        with _memory_advice(f"sampling {args.candidates} candidates at once on {models.device}",
+                            "lower --candidates"):
+            report = evaluate_shapes(models, num_captions=args.captions, candidates=args.candidates, seed=args.seed,
+                                     sampling=sampling, out_json=out / "eval.json", out_png=out / "samples.png",
+                                     progress=progress)
     print(format_report(report))
     print(f"-> {out / 'eval.json'}, {out / 'samples.png'}")
     return 0

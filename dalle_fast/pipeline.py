@@ -249,8 +249,9 @@ def _warn_truncated(text_len: int, stacklevel: int) -> None:
 def check_prime(image_path: str | Path, rows: int, grid: int):
     """The priming image (a PIL image) once `rows` is a row count of the grid and the file an image;
     a ValueError (or FileNotFoundError) naming the file otherwise."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= grid:
-        raise ValueError(f"rows must be an int in 1..{grid} (the model's grid has {grid} token rows), got {rows!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < grid:  # at grid, nothing is sampled
+        raise ValueError(f"rows must be an int in 1..{grid - 1} (the model's grid has {grid} token rows, and at "
+                         f"least one is sampled), got {rows!r}")
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"priming image {image_path}: no such file")
     try:

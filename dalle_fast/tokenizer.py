@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from .atomic import atomic_write
 
 _N_BYTES = 256
+_MAX_TEXT_IDS = 2**16  # the token cache's uint16
 # Texts whose ids show what the normalizer and the pre-tokenizer do (case, Unicode forms, spaces,
 # punctuation, digits, bytes): part of a tokenizer's fingerprint.
 _PROBES = ("A Red Circle above a blue square.", " two  spaces\tand\nlines ", "\ufb01ne \u00bd caf\u00e9 cafe\u0301",
@@ -102,11 +103,19 @@ class TextTokenizer:
             self._tokenizers[dropout] = tok
         return self._tokenizers[dropout]
 
+    @staticmethod
+    def check_vocab_size(vocab_size: int, text_len: int = 0) -> None:
+        """A ValueError unless vocab_size is an int from 257 (256 byte symbols + BOS) to
+        65536 - text_len: the token cache stores text ids as uint16, with text_len position pads
+        above the BPE ids (a larger vocabulary also made the BPE trainer abort the process)."""
+        top = _MAX_TEXT_IDS - text_len
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not _N_BYTES + 1 <= vocab_size <= top:
+            raise ValueError(f"vocab_size must be an int in [{_N_BYTES + 1}, {top}] (256 byte symbols + BOS, up to "
+                             f"{_MAX_TEXT_IDS} text ids{f' with {text_len} pads' if text_len else ''}), got {vocab_size!r}")
+
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 16384, min_frequency: int = 2) -> "TextTokenizer":
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _N_BYTES + 1:
-            raise ValueError(
-                f"vocab_size must be an int >= {_N_BYTES + 1} (256 byte symbols + BOS), got {vocab_size!r}")
+        cls.check_vocab_size(vocab_size)
         if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
         tok = Tokenizer(models.BPE())

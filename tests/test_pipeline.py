@@ -250,7 +250,9 @@ def test_cli_generate_writes_ranked_images_and_primes(tmp_path, model_folder, ca
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime)]) == 2  # --rows missing
     assert main(["generate", "x", "--model", str(model_folder), "--cond-scale", "0.5"]) == 2
     assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "9"]) == 2
-    capsys.readouterr()
+    # every row primed: nothing sampled, every candidate the same image
+    assert main(["generate", "x", "--model", str(model_folder), "--prime", str(prime), "--rows", "8"]) == 2
+    assert "rows must be an int in 1..7" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(model_folder), "--num", "3", "--batch", "2", "--out", str(out)]) == 0
     assert "3 candidates sampled" in capsys.readouterr().out
 
@@ -275,6 +277,7 @@ def test_cli_generate_out_of_memory_is_one_line(tmp_path, model_folder, capsys, 
                  "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "64 candidates at once" in err and "--candidates" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()  # no empty folder left behind
 
 
 def test_cli_other_runtime_errors_are_not_called_out_of_memory(tmp_path, model_folder, monkeypatch):

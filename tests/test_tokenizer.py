@@ -276,6 +276,27 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert len(tok.encode(caption, 64)) == 64 and "300 captions" in capsys.readouterr().out
     assert main(["train-tokenizer", "--num-captions", "0", "--out", str(out)]) != 0
     assert "--num-captions must be >= 1" in capsys.readouterr().err
+    # a second run sets the first one's file aside (it replaced it without a word)
+    first = out.read_bytes()
+    assert main(["train-tokenizer", "--data", "shapes", "--num-captions", "50", "--vocab", "300",
+                 "--out", str(out)]) == 0
+    assert (out.parent / "tokenizer.previous.json").read_bytes() == first and out.read_bytes() != first
+    assert "is now" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vocab", ["256", "65537", "4294967297", "100000000000000000000"])
+def test_a_vocabulary_past_the_token_ids_is_refused_before_the_captions_are_read(tmp_path, capsys, vocab):
+    # 4294967297 made the BPE trainer abort the process (a 283 GB allocation); 10**20 was a traceback
+    from dalle_fast.cli import main
+
+    assert main(["train-tokenizer", "--data", str(tmp_path / "nowhere"), "--vocab", vocab,
+                 "--out", str(tmp_path / "t.json")]) == 2
+    assert "--vocab: vocab_size must be an int in [257, 65536]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"in \[257, 65536\]"):
+        TextTokenizer.train(["a b"], vocab_size=int(vocab))
+    with pytest.raises(ValueError, match=r"in \[257, 65520\] .* with 16 pads"):
+        TextTokenizer.check_vocab_size(65521, text_len=16)
+    TextTokenizer.check_vocab_size(65520, text_len=16)
 
 
 def test_train_tokenizer_reads_every_shard_under_a_launcher(tmp_path, capsys, monkeypatch):

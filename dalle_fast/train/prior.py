@@ -181,6 +181,10 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     PriorConfig.preset(cfg.preset, **_arch_overrides(cfg), **({"text_len": cfg.text_len} if cfg.text_len else {}))
     if cfg.init and not checkpoint_file(cfg.init).is_file():
         raise FileNotFoundError(f"--init: no prior checkpoint at {cfg.init}")
+    try:  # before the images are encoded, which a bad size would only fail after
+        TextTokenizer.check_vocab_size(cfg.text_vocab, cfg.text_len or PriorConfig.preset(cfg.preset).text_len)
+    except ValueError as exc:
+        raise ValueError(f"--text-vocab: {exc}") from None
     if not checkpoint_file(cfg.dvae).is_file() and not (cfg.cache and (Path(cfg.cache) / "meta.json").is_file()):
         raise FileNotFoundError(f"no dVAE checkpoint at {cfg.dvae} (train one with `dalle-fast train-vae`)")
     info = distributed.setup(cfg.device)

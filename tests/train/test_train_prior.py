@@ -330,6 +330,9 @@ def test_an_existing_cache_trains_without_its_dvae(tmp_path, dvae_checkpoint):
     (dict(steps=0), "--steps must be positive"), (dict(batch_size=0), "--batch-size must be positive"),
     (dict(bpe_dropout=1.0), r"--bpe-dropout must be in \[0, 1\)"),
     (dict(word_dropout=-0.1), r"--word-dropout must be in \[0, 1\)"),
+    # before the images are encoded: it had failed after them, or aborted the process in the BPE trainer
+    (dict(text_vocab=100), r"--text-vocab: vocab_size must be an int in \[257, "),
+    (dict(text_vocab=65530, text_len=16), r"--text-vocab: .* in \[257, 65520\]"),
     # a warm-up as long as the run never reaches the peak's cosine decay
     (dict(warmup=6), "--warmup 6 must be less than --steps 6"),
 ])
