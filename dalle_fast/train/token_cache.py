@@ -106,8 +106,13 @@ def tokenize_variants(tokenizer: TextTokenizer, captions: list[str], text_len: i
                       f"variants: their lines past the {variants}th are never trained on (--text-variants "
                       f"{int(counts.max())} keeps them all)", stacklevel=3)
     before = tokenizer.truncated
-    plain = tokenizer.encode_batch(flat, text_len).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tokenizer's warning names its first caption only: counted below
+        plain = tokenizer.encode_batch(flat, text_len).numpy()
     truncated = tokenizer.truncated - before
+    if truncated:
+        warnings.warn(f"{truncated} of {len(flat)} caption lines are longer than the {text_len - 1} text tokens: "
+                      f"their ends are cut (a larger --text-len keeps them)", stacklevel=3)
     full = plain[:, -1] < tokenizer.bpe_vocab_size  # no pad left: fits exactly or was truncated
     out = np.empty((len(captions), variants, text_len), dtype=np.uint16)
     for v in range(variants):

@@ -119,6 +119,18 @@ def test_token_cache_holds_tokens_and_dropout_variants(tmp_path, dvae_checkpoint
     assert 0.0 < data.unigram_entropy() <= np.log(256)
 
 
+def test_the_token_cache_counts_the_captions_it_cuts(tmp_path, dvae_checkpoint):
+    # one warning named the first cut caption and pointed at the tokenizer's .truncated; the count
+    # was only in meta.json
+    dvae = load_model(dvae_checkpoint, DVAE, DVAEConfig)
+    with pytest.warns(UserWarning, match=r"(\d+) of 12 caption lines are longer than the 3 text tokens") as caught:
+        cache = build_token_cache(tmp_path / "c", dvae=dvae, data="shapes", text_len=4, num_images=12, variants=1)
+    said = [str(w.message) for w in caught]
+    assert not any("caption truncated" in m for m in said)
+    count = int(re.search(r"(\d+) of 12 caption lines", " ".join(said)).group(1))
+    assert 0 < count == json.loads((cache / "meta.json").read_text())["truncated"]
+
+
 def test_token_cache_keeps_every_caption_line_of_a_folder(tmp_path, dvae_checkpoint):
     from PIL import Image
 
