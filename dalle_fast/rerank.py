@@ -151,12 +151,12 @@ class Reranker(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def _check_text(self, text_ids: torch.Tensor) -> None:
+    def _check_text(self, text_ids: torch.Tensor, name: str = "text_ids") -> None:
         T, V = self.config.text_len, self.config.text_vocab
         if not isinstance(text_ids, torch.Tensor) or text_ids.dtype != torch.long:
-            raise TypeError(f"text_ids must be an int64 tensor, got {getattr(text_ids, 'dtype', type(text_ids))}")
+            raise TypeError(f"{name} must be an int64 tensor, got {getattr(text_ids, 'dtype', type(text_ids))}")
         if text_ids.dim() != 2 or text_ids.shape[1] != T:
-            raise ValueError(f"text_ids must have shape [B, {T}], got {tuple(text_ids.shape)}")
+            raise ValueError(f"{name} must have shape [B, {T}], got {tuple(text_ids.shape)}")
         if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= V):
             raise ValueError(f"text ids must lie in [0, {V}), got [{int(text_ids.min())}, {int(text_ids.max())}]")
 
@@ -175,20 +175,36 @@ class Reranker(nn.Module):
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """text_ids [B, T] int64 -> [B, E], unit norm."""
         self._check_text(text_ids)
+        return self._text_features(text_ids)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, H] in [0, 1], any float dtype -> [B, E], unit norm. Images of another
+        size than the config's are resized to it first (bilinear, antialiased), so a reranker can
+        score the output of a dVAE that works at another resolution."""
+        self._check_images(images)
+        return self._image_features(images)
+
+    def _text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(text_ids) + self.pos_embed
         x = self.text_norm(self.text_encoder(x))[:, 0]
         return F.normalize(self.text_proj(x), dim=-1)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, H] in [0, 1] -> [B, E], unit norm. Images of another size than the
-        config's are resized to it first (bilinear, antialiased), so a reranker can score the
-        output of a dVAE that works at another resolution."""
-        self._check_images(images)
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        # in the weights' dtype: a float64 or half image met float32 weights with a bare RuntimeError
+        images = images.to(self.logit_scale.dtype)
         S = self.config.image_size
         if images.shape[-1] != S:
             images = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
         x = self.image_encoder(images * 2 - 1)
         return F.normalize(self.image_proj(x), dim=-1)
+
+    def _similarities(self, i: torch.Tensor, t: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+        """scale * i @ t^T ([B, K]), or of each image with its own text row (pairs: [B], t [1 or
+        B, E]), in float32 whatever autocast says: near the scale's cap of 100, bf16 logits are
+        only good to 0.25-0.5, which tied captions with their near-identical negatives."""
+        with torch.autocast(i.device.type, enabled=False):
+            i, t = i.float(), t.float()
+            return self.scale().float() * ((i * t).sum(-1) if pairs else i @ t.T)
 
     def scale(self) -> torch.Tensor:
         """The logit scale exp(logit_scale), at most 100 as in CLIP: training caps the parameter
@@ -215,10 +231,15 @@ class Reranker(nn.Module):
         Returns loss, accuracy (fraction of images whose best text among the B + K is their own)
         and logits [B, B + K] (image -> text).
         """
+        # every input's own check first: a 1-D text_ids or a 3-D image read as a count mismatch
+        self._check_text(text_ids)
+        if negatives is not None:
+            self._check_text(negatives, "negatives")
+        self._check_images(images)
         if text_ids.shape[0] != images.shape[0] or images.shape[0] < 1:
             raise ValueError(f"need as many texts as images (>= 1), got {text_ids.shape[0]} and {images.shape[0]}")
         texts = text_ids if negatives is None else torch.cat([text_ids, negatives])
-        t, i = self.encode_text(texts), self.encode_image(images)
+        t, i = self._text_features(texts), self._image_features(images)
         B = images.shape[0]
         same = (text_ids[:, None, :] == texts[None, :, :]).all(-1)  # [B, B + K]
         if true_of is not None:
@@ -226,7 +247,7 @@ class Reranker(nn.Module):
                 raise ValueError(f"true_of must be [B, B + K] = {tuple(same.shape)}, got {tuple(true_of.shape)}")
             same |= true_of.to(same.device, torch.bool)
         same[:, :B].fill_diagonal_(False)
-        logits = (self.scale() * i @ t.T).masked_fill(same, float("-inf"))
+        logits = self._similarities(i, t).masked_fill(same, float("-inf"))
         target = torch.arange(B, device=images.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].T, target)) / 2
         accuracy = (logits.detach().argmax(-1) == target).float().mean()
@@ -243,7 +264,7 @@ class Reranker(nn.Module):
         if text_ids.shape[0] not in (1, images.shape[0]):
             raise ValueError(f"text_ids must have 1 or {images.shape[0]} rows (one per image), "
                              f"got {text_ids.shape[0]}")
-        return self.scale() * (self.encode_image(images) * self.encode_text(text_ids)).sum(-1)
+        return self._similarities(self._image_features(images), self._text_features(text_ids), pairs=True)
 
     @torch.no_grad()
     def rank(self, text_ids: torch.Tensor, images: torch.Tensor, keep: int) -> torch.Tensor:

@@ -222,3 +222,35 @@ def test_bad_inputs_are_clear_errors(model):
     for keep in (0, 3, 1.0):
         with pytest.raises(ValueError, match="keep"):
             model.rank(text[:1], images, keep=keep)
+    # the loss checks each input before comparing counts: these read as "need as many texts as
+    # images, got 8 and 2" (a 1-D text) or "got 2 and 3" (a 3-D image), or failed inside torch.cat
+    with pytest.raises(ValueError, match=r"text_ids must have shape \[B, 8\]"):
+        model.loss(text[0], images)
+    with pytest.raises(ValueError, match=r"images must have shape"):
+        model.loss(text, images[0])
+    with pytest.raises(ValueError, match=r"negatives must have shape \[B, 8\]"):
+        model.loss(text, images, negatives=text[:, :5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [16, 32])
+def test_images_of_any_float_dtype_are_scored(model, dtype, size):
+    # float64 met the float32 weights with a bare RuntimeError; half at another size failed in interpolate
+    text, images = inputs(model.config, batch=3)
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
+    expected = model.score(text[:1], images)
+    torch.testing.assert_close(model.score(text[:1], images.to(dtype)), expected, atol=0.3, rtol=0.05)
+
+
+def test_contrastive_logits_are_float32_under_autocast(model):
+    # bf16 logits near the scale's cap of 100 are only good to 0.25-0.5: captions tied their negatives
+    text, images = inputs(model.config, batch=4)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    plain = model.loss(text, images)["logits"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = model.loss(text, images)
+        scores = model.score(text[:1], images)
+    assert result["logits"].dtype == torch.float32 and result["loss"].dtype == torch.float32
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(result["logits"], plain, atol=1.5, rtol=0.05)  # bf16 features, float32 products
