@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .data.transforms import UnreadableImage, center_crop_resize, load_rgb_transparency, to_tensor
+from .data.transforms import UnreadableImage, center_crop_resize, load_rgb_transparency, one_line, to_tensor
 from .dvae import DVAE, DVAEConfig
 from .prior import Prior, PriorConfig
 from .rerank import Reranker, RerankerConfig
@@ -204,8 +204,8 @@ def _check_prompt(prompt: str) -> None:
 
 def normalize_prompt(prompt: str) -> str:
     """The prompt as the model reads it: runs of whitespace, line breaks included, become one space
-    and the ends are stripped (a caption the model learnt from is one line, its words one space apart)."""
-    return " ".join(prompt.split())
+    and the ends are stripped, as the captions the model learnt from (data.transforms.one_line)."""
+    return one_line(prompt)
 
 
 def check_request(prompt: str, num: int, keep: int, seed: int, batch: Optional[int] = None) -> None:

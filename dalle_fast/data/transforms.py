@@ -218,11 +218,17 @@ def prepare_image(image: Image.Image, size: int, crop: RandomResizedCrop | None,
     return to_tensor(out)
 
 
+def one_line(text: str) -> str:
+    """Runs of whitespace (tabs, form feeds, line breaks, ...) as one space, the ends stripped: how
+    captions are trained on and prompts read, so that both tokenize alike."""
+    return " ".join(text.split())
+
+
 def caption_lines(text: str) -> list[str]:
-    """The non-empty lines of a caption file, stripped: one caption each. Lines end at \n, \r\n
-    or \r only (str.splitlines also splits at form feeds, \x1c-\x1e, NEL and U+2028/9, which
-    may sit inside one caption)."""
-    return [line for line in (raw.strip() for raw in _LINE_BREAK.split(text)) if line]
+    """The non-empty lines of a caption file, each `one_line`: one caption each. Lines end at \n,
+    \r\n or \r only (str.splitlines also splits at form feeds, \x1c-\x1e, NEL and U+2028/9, which
+    may sit inside one caption, where they become spaces)."""
+    return [line for line in (one_line(raw) for raw in _LINE_BREAK.split(text)) if line]
 
 
 def pick_caption(text: str, rng: np.random.Generator, all_lines: bool = False) -> str | None:

@@ -191,7 +191,10 @@ def test_caption_lines_break_at_newlines_only():
     from dalle_fast.data.transforms import caption_lines
 
     text = "a red\x0ccircle\u2028left\r\n  a blue square \rthird\n\n"
-    assert caption_lines(text) == ["a red\x0ccircle\u2028left", "a blue square", "third"]
+    # whitespace inside a line is one space, as generate reads a prompt: "a  red" and "a red"
+    # tokenized apart, so a caption's double space was a text no prompt could match
+    assert caption_lines(text) == ["a red circle left", "a blue square", "third"]
+    assert caption_lines("a  red\tcircle\u00a0above a square") == ["a red circle above a square"]
 
 
 def test_image_grid_of_no_images_or_a_bad_row_length_is_a_clear_error():
