@@ -195,7 +195,7 @@ def train_prior(cfg: TrainPriorConfig) -> Path:
     model_cfg = model_config(cfg, cache, tokenizer)
     torch.manual_seed(cfg.seed)
     model = Prior(model_cfg).to(info.device)
-    if cfg.init:
+    if cfg.init and not (cfg.resume and checkpoint_file(out).is_file()):  # a resume brings its own weights
         _load_init(model, cfg.init, tokenizer, cache)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     optimizer = _optimizer(model, cfg)

@@ -235,7 +235,7 @@ def test_drop_words_deletes_one_token_and_repads(lengths, seed):
     assert torch.equal(drop_words(text, vocab, 0.0, gen), text)
 
 
-def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dvae_checkpoint):
+def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dvae_checkpoint, monkeypatch):
     first = train_prior(tiny(tmp_path / "first", dvae_checkpoint, steps=3))
     tuned = train_prior(tiny(tmp_path / "tuned", dvae_checkpoint, steps=1, lr=1e-12, warmup=0,
                              init=str(tmp_path / "first"), null_caption=0.5))
@@ -257,6 +257,15 @@ def test_init_starts_from_a_checkpoint_and_checks_the_architecture(tmp_path, dva
                          tokenizer=str(tmp_path / "swapped.json"), cache=str(tmp_path / "swapped_cache")))
     with pytest.raises(FileNotFoundError, match="--init"):
         train_prior(tiny(tmp_path / "none", dvae_checkpoint, init=str(tmp_path / "missing")))
+    # --init is ignored on --resume, as its help says: the resumed checkpoint's weights replace it anyway
+    import dalle_fast.train.prior as prior_module
+
+    def no_init(*args):
+        raise AssertionError("--init loaded on --resume")
+
+    monkeypatch.setattr(prior_module, "_load_init", no_init)
+    train_prior(tiny(tmp_path / "tuned", dvae_checkpoint, steps=2, lr=1e-12, warmup=0,
+                     init=str(tmp_path / "first"), null_caption=0.5, resume=True))
     with pytest.raises(ValueError, match="--null-caption"):
         train_prior(tiny(tmp_path / "bad", dvae_checkpoint, null_caption=1.0))
 
