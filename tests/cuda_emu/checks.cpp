@@ -271,24 +271,59 @@ GumbelParams gumbel_params(const Shape& s, float tau) {
   return p;
 }
 
-// Runs a Gumbel op on the one-read kernels, required (the case fails where they did not run), or
-// on the two-sweep ones (DALLE_FAST_GUMBEL_RESIDENT=0, through the op's entry point); returns the
-// case's name.
-template <class T, class OneRead, class TwoSweep>
-std::string run_gumbel(const char* op, const Shape& s, bool with_kl, bool resident, OneRead one_read,
-                       TwoSweep two_sweep) {
+// Runs a Gumbel op's forward or backward (p's buffers set) on the one-read kernels, required (the
+// case fails where they did not run), or on the two-sweep ones (DALLE_FAST_GUMBEL_RESIDENT=0,
+// through the op's entry point); returns the case's name.
+enum class Pass { Forward, Backward };
+template <class T>
+std::string run_gumbel(const char* op, const Shape& s, const GumbelParams& p, Pass pass, bool resident) {
+  const bool with_kl = pass == Pass::Forward ? p.with_kl : p.grad_kl != nullptr;
   const std::string name = std::string(op) + (resident ? " one-read " : " two-sweep ") + type_name<T>() + " " +
                            s.str() + (with_kl ? " kl" : "");
   set_env("DALLE_FAST_GUMBEL_RESIDENT", resident ? "require" : "0");
   if (resident) {
     const char* err = nullptr;
-    const bool took = one_read(&err);
+    const GumbelDType dtype = gumbel_dtype<T>();
+    const bool took = pass == Pass::Forward ? dalle_fast::cuda::gumbel_forward_resident(p, dtype, nullptr, &err)
+                                            : dalle_fast::cuda::gumbel_backward_resident(p, dtype, nullptr, &err);
     expect(took && err == nullptr, name + ": the one-read kernel ran" + detail(err));
   } else {
-    launched(name, two_sweep());
+    launched(name, pass == Pass::Forward ? dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr)
+                                         : dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr));
   }
   set_env("DALLE_FAST_GUMBEL_RESIDENT", nullptr);
   return name;
+}
+
+// The forward's parameters: the sample of logits x into y, the KL into kl (nullptr: none), hard or
+// soft, the rng state recorded in state.
+template <class T>
+GumbelParams forward_params(const Shape& s, float tau, Buf<T>& x, Buf<T>& y, T* kl, bool hard, int64_t* state) {
+  GumbelParams p = gumbel_params(s, tau);
+  p.with_kl = kl != nullptr;
+  p.hard = hard;
+  p.logits = x.p;
+  p.y = y.p;
+  p.kl = kl;
+  p.rng_state = state;
+  return p;
+}
+
+// The backward's parameters: logits x, the saved soft sample y (nullptr: a hard sample's backward,
+// which recomputes it), the upstream gradients dy and gkl (nullptr: no KL term), the forward's rng
+// state, the gradient dx.
+template <class T>
+GumbelParams backward_params(const Shape& s, float tau, Buf<T>& x, T* y, Buf<T>& dy, T* gkl, int64_t* state,
+                             Buf<T>& dx) {
+  GumbelParams p = gumbel_params(s, tau);
+  p.hard = y == nullptr;
+  p.logits = x.p;
+  p.y_soft = y;
+  p.grad_y = dy.p;
+  p.grad_kl = gkl;
+  p.rng_in = state;
+  p.grad_logits = dx.p;
+  return p;
 }
 
 // sector_use: the least share of the sectors' bytes the traffic build must see used.
@@ -299,16 +334,9 @@ void gumbel_forward_case(const Shape& s, bool with_kl, bool resident, std::mt199
   Buf<T> x(s.size()), y(s.size()), kl(size_t(s.positions()));
   int64_t state[2] = {-1, -1};
   fill_logits(x, s, rng, true, spread);
-  GumbelParams p = gumbel_params(s, tau);
-  p.with_kl = with_kl;
-  p.logits = x.p;
-  p.y = y.p;
-  p.kl = with_kl ? kl.p : nullptr;
-  p.rng_state = state;
-  const std::string name = run_gumbel<T>(
-      spread == 1.0f ? "gumbel_fwd" : "gumbel_fwd near FLT_MAX", s, with_kl, resident,
-      [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err); },
-      [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
+  const GumbelParams p = forward_params(s, tau, x, y, with_kl ? kl.p : nullptr, false, state);
+  const std::string name =
+      run_gumbel<T>(spread == 1.0f ? "gumbel_fwd" : "gumbel_fwd near FLT_MAX", s, p, Pass::Forward, resident);
   expect(state[0] == int64_t(kSeed) && state[1] == int64_t(kOffset), name + ": rng state written");
   // The one-read kernels read each logit once, the two-sweep ones twice.
   expect_traffic(name, {{"logits", x.p, resident ? 1 : 2, 0, sector_use}, {"y", y.p, 0, 1, sector_use},
@@ -346,17 +374,8 @@ void gumbel_backward_case(const Shape& s, bool with_kl, bool resident, std::mt19
     }
     gkl[size_t(pos)] = from_f<T>(normal(rng));
   }
-  GumbelParams p = gumbel_params(s, tau);
-  p.logits = x.p;
-  p.y_soft = y.p;
-  p.grad_y = dy.p;
-  p.grad_kl = with_kl ? gkl.p : nullptr;
-  p.rng_in = state;
-  p.grad_logits = dx.p;
-  const std::string name = run_gumbel<T>(
-      "gumbel_bwd", s, with_kl, resident,
-      [&](const char** err) { return dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, err); },
-      [&] { return dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr); });
+  const GumbelParams p = backward_params(s, tau, x, y.p, dy, with_kl ? gkl.p : nullptr, state, dx);
+  const std::string name = run_gumbel<T>("gumbel_bwd", s, p, Pass::Backward, resident);
   // y and dy once each (twice on the two-sweep kernels), the logits only for the KL term.
   const int sweeps = resident ? 1 : 2;
   expect_traffic(name, {{"logits", x.p, with_kl ? sweeps : 0, 0, sector_use},
@@ -411,21 +430,12 @@ void gumbel_hard_case(const Shape& s, std::mt19937& rng, float tau, float spread
   char what[64];
   std::snprintf(what, sizeof what, " tau %g, logits sd %g", double(tau), double(2 * spread));
   const std::string name = std::string("gumbel_hard ") + type_name<T>() + " " + s.str() + what;
-  GumbelParams p = gumbel_params(s, tau);
-  p.hard = true;
-  p.logits = x.p;
-  p.y = y.p;
-  p.rng_state = state;
+  const GumbelParams p = forward_params<T>(s, tau, x, y, nullptr, true, state);
   launched(name + " forward", dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr));
   expect_traffic(name + " forward", {{"logits", x.p, 1, 0}, {"y", y.p, 0, 1}});
   emu::unwatch(x.p);  // the backward's reads of the logits counted alone
   emu::watch(x.p, s.size() * sizeof(T));
-  GumbelParams b = gumbel_params(s, tau);
-  b.hard = true;
-  b.logits = x.p;
-  b.grad_y = dy.p;
-  b.rng_in = state;
-  b.grad_logits = dx.p;
+  const GumbelParams b = backward_params<T>(s, tau, x, nullptr, dy, nullptr, state, dx);
   launched(name + " backward", dalle_fast::cuda::gumbel_backward(b, gumbel_dtype<T>(), nullptr));
   expect_traffic(name + " backward", {{"logits", x.p, 2, 0}, {"dy", dy.p, 2, 0}, {"dlogits", dx.p, 0, 1}});
   size_t wrong = 0;
@@ -525,10 +535,7 @@ void gumbel_kl_near_uniform(std::mt19937& rng) {
       p.y = y.p;
       p.kl = kl.p;
       p.rng_state = state;
-      const std::string name = run_gumbel<float>(
-          "gumbel_fwd near-uniform", s, true, resident,
-          [&](const char** err) { return dalle_fast::cuda::gumbel_forward_resident(p, GumbelDType::Float32, nullptr, err); },
-          [&] { return dalle_fast::cuda::gumbel_forward(p, GumbelDType::Float32, nullptr); });
+      const std::string name = run_gumbel<float>("gumbel_fwd near-uniform", s, p, Pass::Forward, resident);
       std::vector<float> xs(s.vocab);
       std::vector<double> yr;
       double worst = 0, lowest = INFINITY;
@@ -672,32 +679,13 @@ void gumbel_nan_case(const Shape& s, std::mt19937& rng) {
       Buf<T> y0(n), y1(n), k0(P), k1(P), d0(n), d1(n);
       const auto forward = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& kl) {
         int64_t state[2] = {-1, -1};
-        GumbelParams p = gumbel_params(s, tau);
-        p.with_kl = with_kl;
-        p.logits = logits.p;
-        p.y = y.p;
-        p.kl = with_kl ? kl.p : nullptr;
-        p.rng_state = state;
-        const auto one_read = [&](const char** err) {
-          return dalle_fast::cuda::gumbel_forward_resident(p, gumbel_dtype<T>(), nullptr, err);
-        };
-        run_gumbel<T>("gumbel_nan forward", s, with_kl, resident, one_read,
-                      [&] { return dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr); });
+        const GumbelParams p = forward_params(s, tau, logits, y, with_kl ? kl.p : nullptr, false, state);
+        run_gumbel<T>("gumbel_nan forward", s, p, Pass::Forward, resident);
       };
       const auto backward = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& dx) {
         int64_t state[2] = {int64_t(kSeed), int64_t(kOffset)};
-        GumbelParams p = gumbel_params(s, tau);
-        p.logits = logits.p;
-        p.y_soft = y.p;
-        p.grad_y = dy.p;
-        p.grad_kl = with_kl ? gkl.p : nullptr;
-        p.rng_in = state;
-        p.grad_logits = dx.p;
-        const auto one_read = [&](const char** err) {
-          return dalle_fast::cuda::gumbel_backward_resident(p, gumbel_dtype<T>(), nullptr, err);
-        };
-        run_gumbel<T>("gumbel_nan backward", s, with_kl, resident, one_read,
-                      [&] { return dalle_fast::cuda::gumbel_backward(p, gumbel_dtype<T>(), nullptr); });
+        const GumbelParams p = backward_params(s, tau, logits, y.p, dy, with_kl ? gkl.p : nullptr, state, dx);
+        run_gumbel<T>("gumbel_nan backward", s, p, Pass::Backward, resident);
       };
       forward(x, y0, k0);
       forward(xn, y1, k1);
@@ -713,18 +701,9 @@ void gumbel_nan_case(const Shape& s, std::mt19937& rng) {
     Buf<T> y0(n), y1(n), d0(n), d1(n);
     const auto hard = [&](Buf<T>& logits, Buf<T>& y, Buf<T>& dx) {
       int64_t state[2] = {-1, -1};
-      GumbelParams p = gumbel_params(s, tau);
-      p.hard = true;
-      p.logits = logits.p;
-      p.y = y.p;
-      p.rng_state = state;
+      const GumbelParams p = forward_params<T>(s, tau, logits, y, nullptr, true, state);
       launched("gumbel_nan hard forward", dalle_fast::cuda::gumbel_forward(p, gumbel_dtype<T>(), nullptr));
-      GumbelParams b = gumbel_params(s, tau);
-      b.hard = true;
-      b.logits = logits.p;
-      b.grad_y = dy.p;
-      b.rng_in = state;
-      b.grad_logits = dx.p;
+      const GumbelParams b = backward_params<T>(s, tau, logits, nullptr, dy, nullptr, state, dx);
       launched("gumbel_nan hard backward", dalle_fast::cuda::gumbel_backward(b, gumbel_dtype<T>(), nullptr));
     };
     hard(x, y0, d0);

@@ -1,4 +1,4 @@
-"""The check every training loop's resume test makes."""
+"""The check every training loop's resume test makes, and an earlier run for the others to leave alone."""
 
 from pathlib import Path
 
@@ -6,6 +6,30 @@ import torch
 
 from dalle_fast.checkpoint import read_checkpoint
 from dalle_fast.train.progress import read_metrics
+
+
+def earlier_run(out: Path) -> dict[str, bytes]:
+    """Files of an earlier run written into `out` (made); returns them, to compare with `run_files`."""
+    out.mkdir(parents=True)
+    files = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n', "config.json": b"{}"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def run_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def three_pairs(folder: Path, size: int) -> Path:
+    """A folder dataset of three image-caption pairs."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (size, size), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a red square number {i}")
+    return folder
 
 
 def assert_same_run(straight: Path, split: Path, keys: tuple[str, ...], steps: int) -> tuple[list, dict]:

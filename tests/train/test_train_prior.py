@@ -24,7 +24,7 @@ from dalle_fast.train.prior import TrainPriorConfig, drop_captions, drop_words, 
 from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.token_cache import TokenCache, build_token_cache
 
-from .resume import assert_same_run
+from .resume import assert_same_run, earlier_run, run_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -308,14 +308,10 @@ def _plain_dvae(tmp_path) -> Path:
 
 def test_a_batch_larger_than_the_cache_leaves_an_earlier_run_alone(tmp_path, dvae_checkpoint):
     # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run.
-    out = tmp_path / "run"
-    out.mkdir()
-    earlier = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n'}
-    for name, data in earlier.items():
-        (out / name).write_bytes(data)
+    earlier = earlier_run(tmp_path / "run")
     with pytest.raises(ValueError, match="batch size 4 is larger than the 3 items"):
-        train_prior(tiny(out, dvae_checkpoint, num_images=3))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        train_prior(tiny(tmp_path / "run", dvae_checkpoint, num_images=3))
+    assert run_files(tmp_path / "run") == earlier
 
 
 def test_missing_dvae_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.negatives import WordPairs, scene, swap_relation
 from dalle_fast.train.reranker import TrainRerankerConfig, collect_word_pairs, encode, train_reranker
 
-from .resume import assert_same_run
+from .resume import assert_same_run, earlier_run, run_files, three_pairs
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +179,10 @@ def test_bad_options_fail_before_training(tmp_path, tokenizer_path, options, mes
 def test_a_batch_larger_than_the_data_leaves_an_earlier_run_alone(tmp_path, tokenizer_path):
     # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run: an
     # earlier run's metrics were deleted and its checkpoint moved aside, for a run that never started.
-    from PIL import Image
-
-    folder = tmp_path / "three"
-    folder.mkdir()
-    for i in range(3):
-        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a red square number {i}")
-    out = tmp_path / "run"
-    out.mkdir()
-    earlier = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n', "config.json": b"{}"}
-    for name, data in earlier.items():
-        (out / name).write_bytes(data)
+    earlier = earlier_run(tmp_path / "run")
     with pytest.raises(ValueError, match="batch size 8 is larger than the 3 items"):
-        train_reranker(tiny(out, tokenizer_path, data=str(folder)))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        train_reranker(tiny(tmp_path / "run", tokenizer_path, data=str(three_pairs(tmp_path / "three", 16))))
+    assert run_files(tmp_path / "run") == earlier
 
 
 def test_text_encoder_steps_at_its_fraction_of_the_learning_rate(tmp_path, tokenizer_path):

@@ -20,7 +20,7 @@ from dalle_fast.train.progress import read_metrics
 from dalle_fast.train.sampler import ResumableSampler
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
-from .resume import assert_same_run
+from .resume import assert_same_run, earlier_run, run_files, three_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,21 +122,10 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
 
 def test_a_batch_larger_than_the_data_leaves_an_earlier_run_alone(tmp_path):
     # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run.
-    from PIL import Image
-
-    folder = tmp_path / "three"
-    folder.mkdir()
-    for i in range(3):
-        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("a red square")
-    out = tmp_path / "run"
-    out.mkdir()
-    earlier = {"checkpoint.safetensors": b"earlier weights", "metrics.jsonl": b'{"step": 1}\n'}
-    for name, data in earlier.items():
-        (out / name).write_bytes(data)
+    earlier = earlier_run(tmp_path / "run")
     with pytest.raises(ValueError, match="batch size 4 is larger than the 3 items"):
-        train_vae(tiny(out, data=str(folder)))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        train_vae(tiny(tmp_path / "run", data=str(three_pairs(tmp_path / "three", 32))))
+    assert run_files(tmp_path / "run") == earlier
 
 
 def test_checkpoint_refuses_foreign_files(tmp_path):
