@@ -58,22 +58,33 @@ def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Ite
     named with the target's suffix, so that writers that go by the name write the right format),
     and only once all are written rename them over their targets, then delete the files in `remove`.
     A failure while writing leaves every target (and `remove`) as it was and no temporary behind,
-    nor a folder made for the files. Returns the targets."""
+    nor a folder made for the files; a target that is a folder is refused before anything is
+    written (its rename would fail midway, after others were made). A target that is a symbolic
+    link is written where the link points, and stays a link. Returns the targets."""
     files = {Path(path): write for path, write in files.items()}
+    for path in files:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder, not a file that can be written")
+    real = {path: Path(os.path.realpath(path)) for path in files}  # a link's target, not the link
     tmps: dict[Path, str] = {}
     with unmade_on_failure(path.parent for path in files):
         try:
             for path, write in files.items():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
-                                                  dir=path.parent)
+                target = real[path]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmps[path] = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
+                                                  dir=target.parent)
                 os.close(fd)
                 write(tmps[path])
-                os.chmod(tmps[path], _target_mode(path))
-                with open(tmps[path], "rb+") as f:  # the data on disk before the rename makes it visible
-                    os.fsync(f.fileno())
+                fd = os.open(tmps[path], os.O_RDONLY)  # the data on disk before the rename makes it visible
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # after the fsync: a read-only target's mode (0444) would make the temporary unwritable
+                os.chmod(tmps[path], _target_mode(target))
             for path, tmp in tmps.items():
-                os.replace(tmp, path)
+                os.replace(tmp, real[path])
         except BaseException:
             for tmp in tmps.values():
                 Path(tmp).unlink(missing_ok=True)
@@ -81,7 +92,7 @@ def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Ite
     for path in remove:
         if Path(path) not in files:
             Path(path).unlink(missing_ok=True)
-    for folder in {path.parent for path in files} | {Path(path).parent for path in remove}:
+    for folder in {path.parent for path in real.values()} | {Path(path).parent for path in remove}:
         _sync_folder(folder)
     return list(files)
 

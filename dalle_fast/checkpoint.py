@@ -80,6 +80,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
         warnings.warn(f"the checkpoint holds no RNG state of rank {rank}: its random draws start from the seed",
                       stacklevel=2)
         return
+    for key, value in tensors.items():  # a damaged state: set_state's RuntimeError or TypeError named nothing
+        if value.dtype != torch.uint8 or value.dim() != 1:
+            raise ValueError(f"the checkpoint's RNG state {key} is not a byte vector ({value.dtype}, "
+                             f"{list(value.shape)}): a damaged file?")
+    if tensors["rng.cpu"].numel() != torch.get_rng_state().numel():
+        raise ValueError(f"the checkpoint's CPU RNG state has {tensors['rng.cpu'].numel()} bytes, not "
+                         f"{torch.get_rng_state().numel()}: a damaged file?")
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
@@ -161,6 +168,7 @@ def _read(path: str | Path, pick: Callable[[list[str]], Iterable[str]]) -> tuple
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    open(path, "rb").close()  # an unreadable file's own error (safe_open calls any failure "No such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
@@ -168,10 +176,13 @@ def _read(path: str | Path, pick: Callable[[list[str]], Iterable[str]]) -> tuple
                 raise ValueError(f"{path} is not a dalle_fast training checkpoint (no '{_META_KEY}' metadata)")
             try:
                 info = json.loads(raw)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise ValueError(f"{path}: its '{_META_KEY}' metadata is not valid JSON ({exc})") from None
-            if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict):
-                raise ValueError(f"{path}: its '{_META_KEY}' metadata is not a JSON object with an object 'meta'")
+            if (not isinstance(info, dict) or not isinstance(info.get("meta"), dict)
+                    or not isinstance(info.get("step"), int) or isinstance(info.get("step"), bool)
+                    or not isinstance(info["meta"].get("inputs", {}), dict)):
+                raise ValueError(f"{path}: its '{_META_KEY}' metadata is not a JSON object with an int 'step' and "
+                                 "an object 'meta'")
             tensors = {key: f.get_tensor(key) for key in pick(list(f.keys()))}
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None

@@ -68,3 +68,22 @@ def device(request):
 requires_kernels = pytest.mark.skipif(
     not __import__("dalle_fast").ops._backend.has_kernels(), reason="dalle_fast._C is not built")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _permissions_enforced() -> bool:
+    """Whether file modes bind this process (not root with its override capabilities)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        probe = os.path.join(folder, "probe")
+        open(probe, "w").close()
+        os.chmod(probe, 0o444)
+        try:
+            open(probe, "r+").close()
+        except PermissionError:
+            return True
+        return False
+
+
+requires_file_permissions = pytest.mark.skipif(not _permissions_enforced(),
+                                               reason="this process writes read-only files regardless (root)")

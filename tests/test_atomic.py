@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dalle_fast.atomic import atomic_write, atomic_write_all
+from tests.conftest import requires_file_permissions
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -75,3 +76,34 @@ def test_the_temporary_has_the_targets_suffix(tmp_path):
     seen = []
     atomic_write(tmp_path / "grid.png", lambda tmp: seen.append(tmp) or Path(tmp).write_text("x"))
     assert seen[0].endswith(".png") and Path(seen[0]).parent == tmp_path and Path(seen[0]).name.startswith(".")
+
+
+def test_a_link_is_written_through_and_a_folder_refused_before_anything_is_written(tmp_path):
+    # a checkpoint linked to another disk became a regular file in the run folder, the link's target
+    # left at the old step; a folder target failed at its rename, after the others were replaced
+    disk = tmp_path / "big_disk"
+    disk.mkdir()
+    (disk / "checkpoint.bin").write_text("step 1")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.bin").symlink_to(disk / "checkpoint.bin")
+    atomic_write(run / "checkpoint.bin", lambda tmp: Path(tmp).write_text("step 2"))
+    assert (run / "checkpoint.bin").is_symlink() and (disk / "checkpoint.bin").read_text() == "step 2"
+    assert sorted(p.name for p in disk.iterdir()) == ["checkpoint.bin"] and len(list(run.iterdir())) == 1
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "b.txt").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        atomic_write_all({tmp_path / "a.txt": lambda tmp: Path(tmp).write_text("new a"),
+                          tmp_path / "b.txt": lambda tmp: Path(tmp).write_text("new b")})
+    assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+@requires_file_permissions
+def test_a_read_only_target_is_replaced(tmp_path):
+    # the temporary got the target's 0444 first and was then reopened for writing to fsync it:
+    # a resumed run with a write-protected checkpoint trained, then failed at its first save
+    target = tmp_path / "checkpoint.bin"
+    target.write_text("old")
+    target.chmod(0o444)
+    atomic_write(target, lambda tmp: Path(tmp).write_text("new"))
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o444

@@ -15,6 +15,7 @@ from dalle_fast.checkpoint import load_checkpoint, load_model, load_weights, rea
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.prior import Prior, PriorConfig
 from dalle_fast.rerank import Reranker, RerankerConfig
+from tests.conftest import requires_file_permissions
 
 TINY = PriorConfig.preset("tiny", layers=1, d_model=32)
 
@@ -41,8 +42,13 @@ def test_files_that_are_not_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="truncated.safetensors"):
         read_checkpoint(truncated)
     weights = {"model.w": torch.zeros(2)}
+    # a missing or mistyped step, meta or meta.inputs was a KeyError or AttributeError in the training
+    # loop, and deeply nested JSON a RecursionError
     for info, message in (("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object"),
-                          ({"meta": "text"}, "not a JSON object")):
+                          ({"meta": "text"}, "not a JSON object"), ({"step": 3}, "an object 'meta'"),
+                          ({"meta": {}}, "an int 'step'"), ({"step": "3", "meta": {}}, "an int 'step'"),
+                          ({"step": 3, "meta": {"inputs": [1]}}, "not a JSON object"),
+                          ("[" * 100000 + "]" * 100000, "not valid JSON")):
         _forge(tmp_path / "bad.safetensors", weights, info)
         with pytest.raises(ValueError, match=message):
             read_checkpoint(tmp_path / "bad.safetensors")
@@ -211,3 +217,21 @@ def test_load_model_draws_no_initial_weights_it_would_overwrite(tmp_path):
         assert torch.equal(torch.get_rng_state(), state)
         assert loaded.state_dict().keys() == model.state_dict().keys()
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_damaged_rng_state_is_a_clear_error(tmp_path):
+    from dalle_fast.checkpoint import restore_rng, rng_tensors
+
+    good = rng_tensors()
+    for key, value in (("rng.cpu", good["rng.cpu"][:100]), ("rng.cpu", good["rng.cpu"].float())):
+        with pytest.raises(ValueError, match="damaged file"):
+            restore_rng({**good, key: value})
+
+
+@requires_file_permissions
+def test_an_unreadable_checkpoint_is_not_called_missing(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _tiny_checkpoint(path)
+    path.chmod(0)
+    with pytest.raises(PermissionError):
+        read_checkpoint(path)

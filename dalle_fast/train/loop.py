@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -19,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
-from ..atomic import remove_stale_temporaries
+from ..atomic import atomic_write, remove_stale_temporaries
 from ..checkpoint import load_checkpoint, read_info, rng_tensors, save_checkpoint
 from .progress import Progress, drop_metrics_after
 from .sampler import ResumableSampler
@@ -205,6 +206,8 @@ class TrainingRun:
         elapsed = 0.0  # training time before this invocation, for metrics.jsonl's time_s
         if self.ckpt.exists():
             self._check_kind(resume)  # before anything is moved or loaded
+        if not resume:
+            distributed.barrier()  # every process has read the checkpoint's kind before the main one moves it
         if resume and self.ckpt.exists():
             self._check_inputs()  # before anything is loaded
             # The checkpoint's parameter groups would bring back the old run's weight decay and
@@ -231,7 +234,7 @@ class TrainingRun:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first save
         if info.is_main:
             remove_stale_temporaries(self.ckpt)  # the writes of a run killed while saving
-            (self.out / "config.json").write_text(json.dumps(record, indent=2))
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         distributed.barrier()
         self.steps = steps
         self.stop = steps if not run_steps else min(steps, self.step + run_steps)
@@ -247,7 +250,14 @@ class TrainingRun:
         """A ValueError if OUT's checkpoint is of another kind of model than this run's (a dVAE's in
         a reranker run's --out): a fresh run would set it aside, a resumed one could not load it."""
         ours = self.meta.get("kind")
-        theirs = read_info(self.ckpt)["meta"].get("kind")
+        try:
+            theirs = read_info(self.ckpt)["meta"].get("kind")
+        except (ValueError, OSError) as exc:
+            if resume:
+                raise
+            # a damaged file (an interrupted copy): set aside like any other, not a reason to refuse the run
+            warnings.warn(f"{self.ckpt} cannot be read ({exc}); the fresh run sets it aside unchecked", stacklevel=3)
+            return
         if ours is not None and theirs is not None and theirs != ours:
             what = "resume it" if resume else "start there (it would set that run aside)"
             raise ValueError(f"{self.out} holds a {theirs} run's checkpoint: a {ours} run cannot {what}; "

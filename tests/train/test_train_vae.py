@@ -356,6 +356,36 @@ def test_a_run_refuses_a_folder_that_holds_another_kind_of_run(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_a_fresh_run_sets_a_damaged_checkpoint_aside(tmp_path):
+    # the kind check read it first, so a damaged file (an interrupted copy) refused the fresh run
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"half a copy")
+    model = torch.nn.Linear(2, 2)
+    make = lambda resume: TrainingRun(tmp_path, DistInfo(), modules={"model": model},
+                                      optimizer=torch.optim.AdamW(model.parameters()), generators={},
+                                      meta={"kind": "dvae"}, record={}, resume=resume, steps=3, run_steps=0,
+                                      desc="test")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        make(resume=True)  # a resume cannot go on from it
+    with pytest.warns(UserWarning, match="cannot be read .* sets it aside unchecked"):
+        make(resume=False)
+    assert (tmp_path / "checkpoint.previous.safetensors").read_bytes() == b"half a copy"
+
+
+def test_every_rank_reads_the_earlier_checkpoint_before_the_main_one_sets_it_aside(tmp_path):
+    # rank 1 checked the checkpoint's kind while rank 0 moved it: "no checkpoint at ...", and rank 0
+    # then waited at the barrier for a rank that had died
+    out = tmp_path / "run"
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(out / "checkpoint.safetensors", modules={"model": model}, meta={"kind": "prior"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "train" / "fresh_run_worker.py"), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 0: started" in result.stdout and "rank 1: started" in result.stdout
+    assert (out / "checkpoint.previous.safetensors").is_file()
+
+
 @pytest.mark.parametrize("options, message", [(dict(out=""), "--out must name a folder"),
                                               (dict(out="  "), "--out must name a folder"),
                                               (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\)"),
