@@ -324,6 +324,7 @@ class TrainingRun:
                                      f"{self.step}; {self._last_good()}")
         rank_rng = distributed.gather_to_all(rng_tensors(self.generators))  # each process's draws resume
         if self.info.is_main:
+            self.progress.sync()
             save_checkpoint(self.ckpt, modules=self.modules, optimizer=self.optimizer, step=self.step,
                             meta={**self.meta, "time_s": round(self.progress.elapsed(), 3)}, rank_rng=rank_rng)
         distributed.barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,17 @@ class Progress:
             record = {"step": step, "time_s": round(self.elapsed(), 3), **metrics}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        """Make the metrics lines written so far durable: a checkpoint saved after them must not
+        outlive them (a power cut), since a resume never writes the lines up to its step again."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        fd = os.open(self.metrics_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     bar_keys = ("loss", "psnr", "perplexity", "tau", "beta", "text_loss", "image_loss", "tokens_per_s")
 

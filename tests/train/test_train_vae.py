@@ -356,6 +356,28 @@ def test_a_run_refuses_a_folder_that_holds_another_kind_of_run(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_the_metrics_are_on_disk_before_the_checkpoint_that_follows_them(tmp_path, monkeypatch):
+    # metrics.jsonl was appended without an fsync and the checkpoint fsynced: after a power cut the
+    # checkpoint at step S could outlive the metrics lines up to S, which a resume never writes again
+    import dalle_fast.atomic as atomic
+    import dalle_fast.train.progress as progress
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(progress.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    train_vae(tiny(tmp_path, steps=2, save_every=1))
+    saves = [i for i, path in enumerate(synced) if ".checkpoint.safetensors." in path]
+    assert len(saves) == 2
+    for save in saves:
+        assert synced[save - 1] == str(tmp_path / "metrics.jsonl")
+
+
 def test_a_fresh_run_sets_a_damaged_checkpoint_aside(tmp_path):
     # the kind check read it first, so a damaged file (an interrupted copy) refused the fresh run
     (tmp_path / "checkpoint.safetensors").write_bytes(b"half a copy")
