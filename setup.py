@@ -19,16 +19,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
-
 # The extension links against this torch's C++ ABI, so it must be the torch that will import it.
-# pip's default build isolation installs a fresh torch (whatever the newest release is) into a
-# throwaway environment: the library would then fail to load beside the user's torch.
-if "pip-build-env" in torch.__file__ and not os.environ.get("DALLE_FAST_ALLOW_ISOLATED_BUILD"):
-    sys.exit("dalle_fast: the extension must be built against the torch you run it with, not the one pip's build "
-             f"isolation installed ({torch.__version__} in {os.path.dirname(torch.__file__)}): install torch first, "
-             "then `pip install --no-build-isolation .` (or set DALLE_FAST_ALLOW_ISOLATED_BUILD=1)")
+# pyproject.toml therefore asks for no torch: a build isolated from the installed packages (pip's
+# default, `python -m build`, uv) finds none here and stops at once, where it would otherwise have
+# compiled against a fresh torch (whatever the newest release is) that the user's cannot load.
+# Metadata and the sdist need no torch.
+try:
+    import torch  # noqa: E402
+    from torch.utils import cpp_extension  # noqa: E402
+except ImportError:
+    if not {"egg_info", "sdist"} & set(sys.argv[1:]):
+        sys.exit("dalle_fast: the extension is built against the torch you run it with, and this build sees none "
+                 "(a build isolated from the installed packages, pip's default): install torch (and ninja) "
+                 "first, then `pip install --no-build-isolation .`")
+    torch = None
 
 
 def _nvcc_cuda_version() -> str | None:
@@ -115,8 +119,8 @@ setup(
     package_data={"dalle_fast": ["assets/model/*.safetensors", "assets/model/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tokenizers", "pillow", "safetensors", "tqdm"],
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[extension()] if torch is not None else [],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)} if torch is not None else {},
     entry_points={"console_scripts": ["dalle-fast = dalle_fast.cli:main"]},
     zip_safe=False,
 )

@@ -243,7 +243,7 @@ def _library_identity(module: Any) -> dict | None:
 
 
 # Read by setup.py / scripts/dev.sh when building, not by the ops: the build info records what they did.
-BUILD_VARIABLES = ("DALLE_FAST_CUDA", "DALLE_FAST_ALLOW_ISOLATED_BUILD")
+BUILD_VARIABLES = ("DALLE_FAST_CUDA",)
 
 
 def dalle_fast_switches() -> dict[str, str]:

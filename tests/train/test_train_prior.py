@@ -306,6 +306,7 @@ def _plain_dvae(tmp_path) -> Path:
                            meta={"model_config": dataclasses.asdict(dvae.config), "kind": "dvae"})
 
 
+@pytest.mark.filterwarnings("ignore:.*caption lines are longer")
 def test_a_batch_larger_than_the_cache_leaves_an_earlier_run_alone(tmp_path, dvae_checkpoint):
     # batches() raised at the first batch, after TrainingRun had set OUT up as a fresh run.
     earlier = earlier_run(tmp_path / "run")
