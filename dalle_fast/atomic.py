@@ -76,11 +76,7 @@ def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Ite
                                                   dir=target.parent)
                 os.close(fd)
                 write(tmps[path])
-                fd = os.open(tmps[path], os.O_RDONLY)  # the data on disk before the rename makes it visible
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(tmps[path])  # the data on disk before the rename makes it visible
                 # after the fsync: a read-only target's mode (0444) would make the temporary unwritable
                 os.chmod(tmps[path], _target_mode(target))
             for path, tmp in tmps.items():
@@ -95,6 +91,15 @@ def atomic_write_all(files: dict[str | Path, Callable[[str], None]], remove: Ite
     for folder in {path.parent for path in real.values()} | {Path(path).parent for path in remove}:
         _sync_folder(folder)
     return list(files)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Make a file's data durable (opened read-only: a read-only file is synced too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_folder(folder: Path) -> None:

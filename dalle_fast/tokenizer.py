@@ -110,8 +110,9 @@ class TextTokenizer:
         above the BPE ids (a larger vocabulary also made the BPE trainer abort the process)."""
         top = _MAX_TEXT_IDS - text_len
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not _N_BYTES + 1 <= vocab_size <= top:
+            pads = f" with {text_len} pads" if text_len else ""
             raise ValueError(f"vocab_size must be an int in [{_N_BYTES + 1}, {top}] (256 byte symbols + BOS, up to "
-                             f"{_MAX_TEXT_IDS} text ids{f' with {text_len} pads' if text_len else ''}), got {vocab_size!r}")
+                             f"{_MAX_TEXT_IDS} text ids{pads}), got {vocab_size!r}")
 
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 16384, min_frequency: int = 2) -> "TextTokenizer":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, fsync_file
 
 
 class Progress:
@@ -37,13 +36,8 @@ class Progress:
     def sync(self) -> None:
         """Make the metrics lines written so far durable: a checkpoint saved after them must not
         outlive them (a power cut), since a resume never writes the lines up to its step again."""
-        if not self.enabled or not self.metrics_path.exists():
-            return
-        fd = os.open(self.metrics_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.enabled and self.metrics_path.exists():
+            fsync_file(self.metrics_path)
 
     bar_keys = ("loss", "psnr", "perplexity", "tau", "beta", "text_loss", "image_loss", "tokens_per_s")
 

@@ -728,7 +728,8 @@ void gumbel_nan_case(const Shape& s, std::mt19937& rng) {
     size_t wrong = 0;
     for (size_t pos = 0; pos < P; ++pos) wrong += i1[pos] != (poisoned[pos] ? first_nan[pos] : i0[pos]);
     const std::string name = "gumbel_nan " + std::string(type_name<T>()) + " " + s.str() + " argmax: ";
-    expect(wrong == 0, name + std::to_string(wrong) + " indices not the first NaN where there is one, or changed elsewhere");
+    expect(wrong == 0,
+           name + std::to_string(wrong) + " indices not the first NaN where there is one, or changed elsewhere");
   }
 }
 
