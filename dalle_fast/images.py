@@ -26,7 +26,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
         raise ValueError("image_grid needs at least one image, got an empty batch [0, 3, H, W]")
     if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 0):
         raise ValueError(f"nrow must be a positive int (or None / 0: about a square), got {nrow!r}")
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = min(nrow or math.ceil(math.sqrt(n)), n)  # no empty columns past the last image
     rows = math.ceil(n / nrow)
     canvas = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for i in range(n):
@@ -37,6 +37,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """image_grid's PNG at `path`, each pixel `scale` x `scale` pixels."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(images, nrow)

@@ -205,3 +205,15 @@ def test_image_grid_of_no_images_or_a_bad_row_length_is_a_clear_error():
         image_grid(torch.zeros(0, 3, 4, 4))
     with pytest.raises(ValueError, match="nrow"):
         image_grid(torch.zeros(2, 3, 4, 4), nrow=-1)
+    # a row longer than the images has no empty columns (3 images at nrow 8 were 8 columns wide)
+    assert image_grid(torch.zeros(3, 3, 4, 4), nrow=8).size == (2 + 3 * 6, 2 + 6)
+
+
+@pytest.mark.parametrize("scale", [0, -1, 1.5, 2.0, True])
+def test_save_grid_refuses_a_scale_that_is_not_a_positive_int(tmp_path, scale):
+    # 0 and -1 saved at 1x without a word, 2.0 was a TypeError from PIL
+    from dalle_fast.images import save_grid
+
+    with pytest.raises(ValueError, match="scale must be a positive int"):
+        save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "g.png", scale=scale)
+    assert not (tmp_path / "g.png").exists()
