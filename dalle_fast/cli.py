@@ -256,7 +256,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--num", type=int, default=16, help="candidates sampled, as one batch unless --batch "
                      "(default: 16)")
     gen.add_argument("--batch", type=int, default=None, help="sample the candidates this many at a time: less "
-                     "memory (a seed then draws other images than in one batch) (default: all at once)")
+                     "memory (the first batch draws what one batch would; the later ones other images) "
+                     "(default: all at once)")
     gen.add_argument("--keep", type=int, default=None, help="best candidates written out (default: 4, or --num if "
                      "fewer)")
     gen.add_argument("--out", default="samples", help="output folder for rank*.png and grid.png, replacing an earlier "

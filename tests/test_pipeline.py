@@ -98,6 +98,8 @@ def test_generate_in_batches_keeps_the_best_of_all_candidates(model_folder):
     assert chunked.tokens.shape == (3, 64) and chunked.num_sampled == 5
     assert sorted(chunked.order.tolist()) == chunked.order.tolist() == [0, 1, 2]  # no reranker: sampling order
     assert torch.equal(chunked.tokens, generate(models, "a red circle", num=5, keep=3, seed=2, batch=2).tokens)
+    # as --batch's help says: the first batch draws what the one batch drew first, the later ones others
+    assert torch.equal(chunked.tokens[:2], whole.tokens[:2]) and not torch.equal(chunked.tokens[2], whole.tokens[2])
 
 
 def test_exporting_the_same_checkpoints_twice_writes_the_same_bytes(tmp_path, model_folder):

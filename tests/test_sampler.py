@@ -256,6 +256,23 @@ def test_cuda_graph_sampling_equals_the_eager_loop(cond_scale):
     assert torch.equal(run(True), run(False))
 
 
+@requires_cuda
+def test_cuda_graph_batches_in_a_row_draw_fresh_noise_as_the_eager_loop():
+    # generate --batch samples batch after batch from one generator: a replayed graph must read the
+    # generator's advanced offset, not the one it was captured with
+    prior = make_prior(["row", "column", "conv", "causal"], dtype=torch.float32, device="cuda")
+    text, _ = tokens_for(prior.config, batch=2, device="cuda")
+
+    def two_batches(graph):
+        generator = torch.Generator(device="cuda").manual_seed(5)
+        config = SamplingConfig(cuda_graph=graph)
+        return [sample_image_tokens(prior, text, config=config, generator=generator) for _ in range(2)]
+
+    graph, eager = two_batches(True), two_batches(False)
+    assert not torch.equal(graph[0], graph[1])
+    assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_step_gives_the_eager_logits(device):
     torch._dynamo.reset()
