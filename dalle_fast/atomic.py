@@ -43,6 +43,14 @@ def unmade_on_failure(folders: Iterable[str | Path]) -> Iterator[None]:
         raise
 
 
+def set_aside(path: str | Path) -> Path:
+    """Rename `path` to NAME.previous.SUFFIX beside it (replacing one set aside before); returns the new path."""
+    path = Path(path)
+    previous = path.with_name(f"{path.stem}.previous{path.suffix}")
+    os.replace(path, previous)
+    return previous
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` to write a temporary file beside `path`, then make it `path`."""
     return atomic_write_all({path: write})[0]

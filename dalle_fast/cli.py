@@ -66,6 +66,7 @@ def _cmd_train_prior(args) -> int:
 def _cmd_train_tokenizer(args) -> int:
     import itertools
 
+    from .atomic import set_aside
     from .data import make_dataset
     from .tokenizer import TextTokenizer
 
@@ -87,9 +88,7 @@ def _cmd_train_tokenizer(args) -> int:
         raise ValueError(f"{args.data} holds no image-caption pairs")
     tokenizer = TextTokenizer.train(captions, vocab_size=args.vocab)
     if out.exists():  # as a training run sets the run before aside
-        previous = out.with_name(f"{out.stem}.previous{out.suffix}")
-        os.replace(out, previous)
-        print(f"the tokenizer that was at {out} is now {previous}")
+        print(f"the tokenizer that was at {out} is now {set_aside(out)}")
     tokenizer.save(out)
     print(f"tokenizer: {out} ({tokenizer.bpe_vocab_size} BPE ids from {len(captions)} captions)")
     return 0

@@ -151,13 +151,14 @@ class Reranker(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def _check_text(self, text_ids: torch.Tensor, name: str = "text_ids") -> None:
+    def _check_text(self, text_ids: torch.Tensor, name: str = "text_ids", values: bool = True) -> None:
+        """dtype and shape, and (`values`) the ids' range: a host synchronisation."""
         T, V = self.config.text_len, self.config.text_vocab
         if not isinstance(text_ids, torch.Tensor) or text_ids.dtype != torch.long:
             raise TypeError(f"{name} must be an int64 tensor, got {getattr(text_ids, 'dtype', type(text_ids))}")
         if text_ids.dim() != 2 or text_ids.shape[1] != T:
             raise ValueError(f"{name} must have shape [B, {T}], got {tuple(text_ids.shape)}")
-        if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= V):
+        if values and text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= V):
             raise ValueError(f"text ids must lie in [0, {V}), got [{int(text_ids.min())}, {int(text_ids.max())}]")
 
     def _check_images(self, images: torch.Tensor) -> None:
@@ -232,13 +233,14 @@ class Reranker(nn.Module):
         and logits [B, B + K] (image -> text).
         """
         # every input's own check first: a 1-D text_ids or a 3-D image read as a count mismatch
-        self._check_text(text_ids)
+        self._check_text(text_ids, values=False)
         if negatives is not None:
-            self._check_text(negatives, "negatives")
+            self._check_text(negatives, "negatives", values=False)
         self._check_images(images)
         if text_ids.shape[0] != images.shape[0] or images.shape[0] < 1:
             raise ValueError(f"need as many texts as images (>= 1), got {text_ids.shape[0]} and {images.shape[0]}")
         texts = text_ids if negatives is None else torch.cat([text_ids, negatives])
+        self._check_text(texts)  # the ids' range, once for captions and negatives (as before)
         t, i = self._text_features(texts), self._image_features(images)
         B = images.shape[0]
         same = (text_ids[:, None, :] == texts[None, :, :]).all(-1)  # [B, B + K]

@@ -63,11 +63,17 @@ def load_rgb(source: ImageSource) -> Image.Image:
     mean "paper" there, and black would read as an object in the shapes-style data).
     Any decoding failure is raised as `UnreadableImage`, so callers can skip one exception.
     """
-    return load_rgb_transparency(source)[0]
+    return _load(source, report=False)[0]
 
 
 def load_rgb_transparency(source: ImageSource) -> tuple[Image.Image, bool]:
     """load_rgb's image, and whether some pixel of it was (partly) transparent, composited on white."""
+    return _load(source, report=True)
+
+
+def _load(source: ImageSource, report: bool) -> tuple[Image.Image, bool]:
+    """load_rgb's image and, if `report` (an extra pass over the alpha the datasets skip), whether a
+    pixel was transparent."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -78,7 +84,7 @@ def load_rgb_transparency(source: ImageSource) -> tuple[Image.Image, bool]:
             except Exception:  # malformed EXIF (a PNG's or WebP's raises): the pixels are still readable
                 im.load()
                 oriented = im.copy()
-            return _to_rgb(oriented)
+            return _to_rgb(oriented, report)
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
 
@@ -99,12 +105,12 @@ def _scale_grey_transparency(im: Image.Image) -> None:
         im.info["transparency"] = transparent * 255 // (2 ** int(match.group(1)) - 1)
 
 
-def _to_rgb(im: Image.Image) -> tuple[Image.Image, bool]:
+def _to_rgb(im: Image.Image, report: bool) -> tuple[Image.Image, bool]:
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
-        transparent = im.getextrema()[3][0] < 255
+        transparent = report and im.getextrema()[3][0] < 255
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, im).convert("RGB"), transparent
     return (im.convert("RGB") if im.mode != "RGB" else im), False

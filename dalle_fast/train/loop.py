@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
-from ..atomic import atomic_write, remove_stale_temporaries
+from ..atomic import atomic_write, remove_stale_temporaries, set_aside
 from ..checkpoint import load_checkpoint, read_info, rng_tensors, save_checkpoint
 from .progress import Progress, drop_metrics_after
 from .sampler import ResumableSampler
@@ -228,7 +228,7 @@ class TrainingRun:
                 for name in ("checkpoint.safetensors", "metrics.jsonl", "config.json"):
                     path = self.out / name
                     if path.exists():
-                        os.replace(path, path.with_name(f"{path.stem}.previous{path.suffix}"))
+                        set_aside(path)
                 print(f"a fresh run (no --resume): the run before is now {self.out}/*.previous.* (its checkpoint, "
                       "metrics and config)", flush=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first save
